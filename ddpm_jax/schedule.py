@@ -119,7 +119,8 @@ class Schedule:
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         with np.errstate(divide="ignore"):
             posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-            second = posterior_variance[1] if betas.shape[0] > 1 else posterior_variance[0]
+            # With T = 1 there is no beta~_1 to borrow; beta_0 is the only sensible variance.
+            second = posterior_variance[1] if betas.shape[0] > 1 else betas[0]
             posterior_log_variance_clipped = np.log(np.append(second, posterior_variance[1:]))
             fixedlarge_variance = np.append(second, betas[1:])
             arrays = dict(
