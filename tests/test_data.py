@@ -1,0 +1,288 @@
+"""Tests for the TFDS builders and the grain input pipeline (CPU, tiny data, no TensorFlow)."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import grain
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from ddpm_jax import data, parallel
+from ddpm_jax.data import builders, pipeline
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return parallel.make_mesh()
+
+
+def digits_iterator(data_dir, mesh, split="train", **overrides):
+    kwargs = dict(global_batch_size=8, seed=0, image_size=8, channels=1, random_flip=True,
+                  mesh=mesh, data_dir=data_dir)
+    return data.make_input_iterator("digits", split, **{**kwargs, **overrides})
+
+
+def take(iterator, n):
+    return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
+
+
+def to_uint8(images):
+    return np.round((images + 1.0) * 127.5).astype(np.uint8)
+
+
+def test_digits_round_trip_against_sklearn(data_dir, mesh):
+    start = time.perf_counter()
+    data.prepare_dataset("digits", data_dir, image_size=8)
+    assert time.perf_counter() - start < 5.0  # well under a second alone; loose for shared CPUs
+    digits = load_digits()
+    # Derived independently of the builder: ink counts 0..16 -> 0..255, test = index % 5 == 0.
+    expected = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
+    is_test = np.arange(len(expected)) % 5 == 0
+    train = data.load_split_uint8("digits", "train", data_dir, image_size=8)
+    test = data.load_split_uint8("digits", "test", data_dir, image_size=8)
+    np.testing.assert_array_equal(train, expected[~is_test])
+    np.testing.assert_array_equal(test, expected[is_test])
+    assert data.num_examples("digits", "test", data_dir, image_size=8) == 360
+    assert pipeline.SplitReader("digits", "train", data_dir, 8, 1)._fast  # not TFDS's decoder
+    it = digits_iterator(data_dir, mesh, global_batch_size=360, split="test", shuffle=False,
+                         random_flip=False, num_epochs=1)
+    batch = take(it, 1)[0]
+    np.testing.assert_array_equal(batch["label"], digits.target[is_test])
+    np.testing.assert_array_equal(to_uint8(batch["image"]), expected[is_test])
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_batches_are_global_float_arrays_sharded_over_data(data_dir, mesh):
+    batch = next(digits_iterator(data_dir, mesh))
+    assert batch["image"].shape == (8, 8, 8, 1) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+    assert batch["image"].sharding == parallel.data_sharding(mesh)
+    image = np.asarray(batch["image"])
+    assert image.min() >= -1.0 and image.max() <= 1.0
+    np.testing.assert_allclose(image, to_uint8(image) / 127.5 - 1.0, atol=1e-6)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(data_dir, mesh):
+    a = take(digits_iterator(data_dir, mesh, seed=3), 3)
+    b = take(digits_iterator(data_dir, mesh, seed=3), 3)
+    c = take(digits_iterator(data_dir, mesh, seed=4), 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+def test_restored_state_gives_the_same_next_batches(data_dir, mesh):
+    it = digits_iterator(data_dir, mesh, seed=7)
+    take(it, 5)
+    state = it.get_state()
+    expected = take(it, 3)
+    restored = digits_iterator(data_dir, mesh, seed=7)
+    restored.set_state(state)
+    for x, y in zip(expected, take(restored, 3)):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    with pytest.raises(ValueError, match="seed"):
+        digits_iterator(data_dir, mesh, seed=8).set_state(state)
+
+
+def test_iterator_state_saves_in_an_orbax_checkpoint(data_dir, mesh, tmp_path):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    it = digits_iterator(data_dir, mesh, seed=1)
+    take(it, 4)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("step", "data")) as manager:
+        manager.save(4, args=ocp.args.Composite(
+            step=ocp.args.JsonSave({"step": 4}), data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    expected = take(it, 2)
+    restored = digits_iterator(data_dir, mesh, seed=1)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("step", "data")) as manager:
+        manager.restore(4, args=ocp.args.Composite(
+            step=ocp.args.JsonRestore(), data=grain.checkpoint.CheckpointRestore(restored)))
+    for x, y in zip(expected, take(restored, 2)):
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_each_epoch_is_its_own_permutation_and_the_end_is_padded_with_a_mask(data_dir, mesh):
+    stored = data.load_split_uint8("digits", "test", data_dir, image_size=8)
+    it = digits_iterator(data_dir, mesh, split="test", global_batch_size=64, random_flip=False,
+                         num_epochs=2, drop_remainder=False)
+    batches = take(it, 12)  # 720 examples padded to 768
+    with pytest.raises(StopIteration):
+        next(it)
+    images = to_uint8(np.concatenate([b["image"] for b in batches]))
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == 720 and not mask[720:].any() and not images[720:].any()
+    first, second = images[:360], images[360:720]
+    key = lambda x: sorted(map(bytes, x))  # noqa: E731
+    assert key(first) == key(stored) and key(second) == key(stored)  # each once per epoch
+    assert not np.array_equal(first, stored) and not np.array_equal(first, second)
+
+
+def test_flip_is_random_per_example(data_dir, mesh):
+    plain = take(digits_iterator(data_dir, mesh, global_batch_size=64, random_flip=False), 2)
+    flipped = take(digits_iterator(data_dir, mesh, global_batch_size=64, random_flip=True), 2)
+    was_flipped = []
+    for p, f in zip(plain, flipped):
+        for x, y in zip(p["image"], f["image"]):
+            mirror = x[:, ::-1]
+            assert np.array_equal(y, x) or np.array_equal(y, mirror)
+            if not np.array_equal(x, mirror):
+                was_flipped.append(np.array_equal(y, mirror))
+    assert 0.25 < np.mean(was_flipped) < 0.75, np.mean(was_flipped)
+
+
+def test_mock_data_drives_the_cifar10_path(mesh, monkeypatch):
+    monkeypatch.setattr(pipeline, "_is_prepared", lambda builder: True)
+    with tfds.testing.mock_data(num_examples=20):
+        batch = take(data.make_input_iterator(
+            "cifar10", "train", global_batch_size=8, seed=0, image_size=32, channels=3,
+            random_flip=True, mesh=mesh, data_dir="/nonexistent"), 1)[0]
+    assert batch["image"].shape == (8, 32, 32, 3)
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert ((batch["label"] >= 0) & (batch["label"] < 10)).all()
+
+
+def write_fake_cifar_archive(path, rng):
+    """A cifar-10-binary.tar.gz with 3 records per batch file; returns {split: (x, y)}."""
+    expected = {"train": ([], []), "test": ([], [])}
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+            images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+            labels = rng.integers(0, 10, 3, dtype=np.uint8)
+            # The official layout: one label byte, then the R, G and B planes, row-major.
+            raw = b"".join(bytes([y]) + x.transpose(2, 0, 1).tobytes()
+                           for x, y in zip(images, labels))
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+            split = expected["test" if name.startswith("test") else "train"]
+            split[0].append(images)
+            split[1].append(labels)
+    return {k: (np.concatenate(x), np.concatenate(y)) for k, (x, y) in expected.items()}
+
+
+def test_fake_cifar_archive_parses_and_prepares(tmp_path, monkeypatch):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    archive = manual / builders.CIFAR10_ARCHIVE
+    expected = write_fake_cifar_archive(archive, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=builders.CIFAR10_SHA256):
+        builders.read_cifar10_archive(archive)  # the official checksum rejects the fake
+    parsed = builders.read_cifar10_archive(archive, builders.sha256_of(archive))
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(parsed[split][0], expected[split][0])
+        np.testing.assert_array_equal(parsed[split][1], expected[split][1])
+    monkeypatch.setattr(builders, "CIFAR10_SHA256", builders.sha256_of(archive))
+    data.prepare_dataset("cifar10", tmp_path / "tfds", manual_dir=manual)
+    test = data.load_split_uint8("cifar10", "test", tmp_path / "tfds")
+    np.testing.assert_array_equal(test, expected["test"][0])
+    assert data.num_examples("cifar10", "train", tmp_path / "tfds") == 15
+    assert pipeline.SplitReader("cifar10", "train", tmp_path / "tfds", 32, 3)._fast
+
+
+def test_missing_data_fails_fast_naming_the_file(tmp_path, mesh):
+    start = time.perf_counter()
+    with pytest.raises(data.DataNotPreparedError) as error:
+        data.make_input_iterator("cifar10", "train", global_batch_size=8, seed=0,
+                                 image_size=32, channels=3, random_flip=True, mesh=mesh,
+                                 data_dir=tmp_path)
+    assert time.perf_counter() - start < 1.0
+    assert os.path.join(tmp_path, "downloads", "manual", "cifar-10-binary.tar.gz") in str(
+        error.value)
+
+
+def test_shape_disagreeing_with_the_config_fails_naming_both(data_dir, mesh):
+    with pytest.raises(ValueError, match=r"\(8, 8, 1\).*\(8, 8, 3\)"):
+        digits_iterator(data_dir, mesh, channels=3)
+    with pytest.raises(ValueError, match="image_size=28"):
+        digits_iterator(data_dir, mesh, image_size=28)
+
+
+def test_folder_of_images_is_center_cropped(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(0, 256, (30 + 10 * i, 50, 3), dtype=np.uint8) for i in range(3)]
+    for i, x in enumerate(sources):
+        Image.fromarray(x).save(folder / f"{i}.png")
+    data.prepare_dataset("folder", tmp_path / "tfds", manual_dir=folder, image_size=32)
+    images = data.load_split_uint8("folder", "train", tmp_path / "tfds", image_size=32)
+    assert images.shape == (3, 32, 32, 3)
+    assert pipeline.SplitReader("folder", "train", tmp_path / "tfds", 32, 3)._fast
+    for x, y in zip(sources, images):  # PNG is lossless: exactly the cropped source
+        expected = builders.center_crop_resize(Image.fromarray(x), 32)
+        np.testing.assert_array_equal(y, np.asarray(expected))
+
+
+def test_images_of_another_size_are_center_cropped_and_converted():
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    fitted = pipeline._fit(wide, 16, 3)
+    np.testing.assert_array_equal(
+        fitted, np.asarray(builders.center_crop_resize(Image.fromarray(wide), 16)))
+    gray = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+    rgb = pipeline._fit(gray, 16, 3)
+    assert rgb.shape == (16, 16, 3) and (rgb == gray).all()
+    square = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert pipeline._fit(square, 16, 3) is square
+
+
+_HOST_WORKER = """
+import sys
+import numpy as np
+from ddpm_jax import data, parallel
+port, process_id, data_dir, out = sys.argv[1:]
+parallel.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
+mesh = parallel.make_mesh()  # 2 hosts x 2 CPU devices
+try:
+    data.make_input_iterator("digits", "train", global_batch_size=6, seed=5, image_size=8,
+                             channels=1, random_flip=True, mesh=mesh, data_dir=data_dir)
+except ValueError as e:
+    assert "global_batch_size=6" in str(e) and "4 devices" in str(e), e
+else:
+    raise AssertionError("a batch of 6 over 4 devices was accepted")
+it = data.make_input_iterator("digits", "train", global_batch_size=8, seed=5, image_size=8,
+                              channels=1, random_flip=True, mesh=mesh, data_dir=data_dir)
+rows = []
+for _ in range(3):
+    shards = sorted(next(it)["image"].addressable_shards, key=lambda s: s.index[0].start)
+    rows.append(np.concatenate([np.asarray(s.data) for s in shards]))
+np.save(out, np.stack(rows))
+"""
+
+
+def test_each_of_two_hosts_reads_its_rows_of_the_same_global_batches(data_dir, mesh, tmp_path):
+    # Two local processes on 127.0.0.1 with 2 CPU devices each; their rows, stacked, must be
+    # the global batches that a single process reads.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = tmp_path / "worker.py"
+    worker.write_text(_HOST_WORKER)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), data_dir,
+                               str(tmp_path / f"rows{i}.npy")], env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+    it = digits_iterator(data_dir, mesh, seed=5)
+    expected = np.stack([np.asarray(next(it)["image"]) for _ in range(3)])
+    np.testing.assert_array_equal(np.load(tmp_path / "rows0.npy"), expected[:, :4])
+    np.testing.assert_array_equal(np.load(tmp_path / "rows1.npy"), expected[:, 4:])
