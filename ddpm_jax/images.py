@@ -1,0 +1,46 @@
+"""Model-space images to 8-bit pixels, and image grids on disk."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[..., H, W, C] floats in [-1, 1] -> uint8 in 0..255: round((x + 1) * 127.5), clipped.
+
+    Inverse of the data scaling x / 127.5 - 1, so `to_uint8(x / 127.5 - 1) == x` on uint8 x.
+    Accepts NumPy or JAX arrays (copied to host); returns a NumPy array.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tiles uint8 images [N, H, W, C] (C = 1 or 3) into one [rows*(H+p)+p, nrow*(W+p)+p, C]
+    array with `padding` black pixels between tiles; nrow (tiles per row) defaults to
+    ceil(sqrt(N))."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(f"Expected uint8 images [N, H, W, 1 or 3]; got {images.dtype} of shape "
+                         f"{images.shape}. Convert with to_uint8 first.")
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1; got {nrow!r}.")
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
+    for k in range(n):
+        top, left = padding + (k // nrow) * (h + padding), padding + (k % nrow) * (w + padding)
+        grid[top:top + h, left:left + w] = images[k]
+    return grid
+
+
+def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None,
+                    padding: int = 2) -> None:
+    """Writes uint8 images [N, H, W, C] as one PNG grid (see `image_grid`) to `path`."""
+    grid = image_grid(images, nrow=nrow, padding=padding)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.fspath(path))

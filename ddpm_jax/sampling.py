@@ -1,0 +1,362 @@
+"""Sampling the reverse process as one XLA program: ancestral (DDPM) and DDIM, on all T steps
+or on a respaced sub-sequence of S <= T steps, each a single `lax.scan` over the steps.
+
+Everything that varies per step (the original timestep fed to the model, the DDIM
+coefficients, the respaced schedule) is a `SamplingPlan` pytree passed to the compiled
+function as data, so a new schedule or a new `eta` is not a retrace; the chain compiles once
+per (model, batch shape, number of steps, static options).
+
+Indexing: `i` is the 0-based index into the (respaced) chain's schedule, run from S-1 down to
+0; `plan.timesteps[i]` is the original 0-based t the model is called with (with no respacing,
+i == t).
+
+Randomness (a contract: reference samplers and the multi-device tests rely on it). For the
+example at global index n (`example_offset + row`):
+    init_key, step_key = split(fold_in(key, n))
+    x_T[row]               = normal(init_key, [H, W, C])
+    z at chain index i     = normal(fold_in(step_key, i), [H, W, C])     (unused at i = 0)
+so a sample depends only on (key, n), never on the batch size or on how the batch is split
+over devices and hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ddpm_jax.diffusion import MEAN_TYPES, VAR_TYPES, DenoiseFn, p_mean_variance
+from ddpm_jax.parallel import DATA_AXIS
+from ddpm_jax.schedule import Schedule
+
+Array = jax.Array
+ApplyFn = Callable[[Any, Array, Array], Array]   # (params, x_t [B,H,W,C], t [B]) -> output
+
+SAMPLERS = ("ddpm", "ddim")
+PROGRESSIVE = ("pred_x0", "x_t")
+
+
+# ------------------------------------------------------------------------------- respacing
+
+def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int]) -> np.ndarray:
+    """The timesteps kept when respacing a T-step process (improved-diffusion's semantics).
+
+    section_counts:
+      * an int S, or [S]: S steps evenly spread over 0..T-1, round(linspace(0, T-1, S)); both
+        t = 0 and t = T-1 are kept.
+      * [S1, S2, ...] or "S1,S2,...": T is cut into equal sections, each spaced like the above.
+      * "ddimS": the DDIM paper's uniform stride, range(0, T, c) with the integer c that gives
+        exactly S steps (t = 0 kept, t = T-1 in general not).
+    Returns the kept timesteps: sorted, unique, 0-based int64 NumPy array.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            try:
+                desired = int(section_counts[len("ddim"):])
+            except ValueError:
+                raise ValueError(f"Bad steps {section_counts!r}: write 'ddimS' with an integer S, "
+                                 "e.g. 'ddim50'.") from None
+            for stride in range(1, num_timesteps + 1):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return np.arange(0, num_timesteps, stride, dtype=np.int64)
+            raise ValueError(f"No integer stride gives exactly {desired} of {num_timesteps} steps "
+                             f"for {section_counts!r}; pick another S or pass an int (linspace).")
+        try:
+            section_counts = [int(c) for c in section_counts.split(",")]
+        except ValueError:
+            raise ValueError(f"Bad steps {section_counts!r}: pass an int, 'ddimS' or a comma "
+                             "separated list of section counts such as '10,5'.") from None
+    if isinstance(section_counts, (int, np.integer)):
+        section_counts = [int(section_counts)]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, kept = 0, []
+    for k, count in enumerate(section_counts):
+        size = size_per + (1 if k < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"Cannot take {count} steps from a section of {size} of the "
+                             f"{num_timesteps} timesteps; each count must lie in 1..{size}.")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        kept += [start + round(j * stride) for j in range(count)]
+        start += size
+    return np.unique(np.asarray(kept, dtype=np.int64))
+
+
+def parse_steps(text: str | None) -> int | str | None:
+    """A command line's --steps: None stays None (all T), digits become an int S, anything else
+    ('ddimS', 'S1,S2,...') is passed on to `space_timesteps` as a string."""
+    if text is None:
+        return None
+    text = text.strip()
+    return int(text) if text.isdigit() else text
+
+
+def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> tuple[Schedule, np.ndarray]:
+    """Restricts a T-step schedule to the kept `timesteps` (0-based, any order, unique).
+
+    alphabar is kept at the chosen steps and the betas recomputed, in float64, as
+    beta_i = 1 - alphabar[kept_i] / alphabar[kept_{i-1}] with alphabar[kept_{-1}] := 1.
+    Returns (the S-step Schedule, timestep_map [S] int32: the original t of respaced index i,
+    which is what the model is called with). Needs a concrete schedule (call outside jit).
+    """
+    kept = np.unique(np.asarray(timesteps, dtype=np.int64))
+    num_timesteps = schedule.num_timesteps
+    if kept.size == 0 or kept[0] < 0 or kept[-1] >= num_timesteps:
+        raise ValueError(f"Kept timesteps must be a non-empty subset of 0..{num_timesteps - 1}; "
+                         f"got {np.asarray(timesteps).tolist()!r}.")
+    if kept.size == num_timesteps:
+        return schedule, kept.astype(np.int32)
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))[kept]
+    betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+    return Schedule.from_betas(betas), kept.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------- plans
+
+@flax.struct.dataclass
+class SamplingPlan:
+    """Per-step data of an S-step reverse chain; every array is indexed by the chain index i."""
+
+    schedule: Schedule       # the (respaced) S-step schedule
+    timesteps: Array         # [S] int32: original t fed to the model at index i
+    ddim_coef_x0: Array      # [S] float32: x_{i-1} mean = coef_x0 * x0_hat + coef_xt * x_t
+    ddim_coef_xt: Array      # [S] float32
+    ddim_sigma: Array        # [S] float32: DDIM noise scale, eta * sqrt(beta~_i)
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
+def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float = 0.0) -> SamplingPlan:
+    """Respaces `schedule` onto `steps` (None: all T; see `space_timesteps` for int / str) and
+    precomputes DDIM's per-step coefficients for `eta` in [0, 1] (float64, stored float32).
+
+    DDIM (Song et al. 2021, eq. 12), with abar_i and abar_{i-1} from the respaced schedule:
+        sigma_i = eta * sqrt((1 - abar_{i-1}) / (1 - abar_i)) * sqrt(1 - abar_i / abar_{i-1})
+        x_{i-1} = sqrt(abar_{i-1}) x0_hat + sqrt(1 - abar_{i-1} - sigma_i^2) eps_hat + sigma_i z
+    with eps_hat recomputed from the (clipped) x0_hat; written as coef_x0 x0_hat + coef_xt x_t.
+    eta = 1 gives sigma_i^2 = beta~_i and the posterior mean: DDPM with `fixedsmall`.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~ "
+                         f"variance); got {eta!r}.")
+    num_timesteps = schedule.num_timesteps
+    if steps is None:
+        kept = np.arange(num_timesteps)
+    else:
+        if isinstance(steps, (int, np.integer)) and not 1 <= steps <= num_timesteps:
+            raise ValueError(f"steps must lie in 1..{num_timesteps} (the schedule's T); got {steps!r}.")
+        kept = space_timesteps(num_timesteps, steps)
+    spaced, timestep_map = respace(schedule, kept)
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(spaced.betas, dtype=np.float64))
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    sigma = eta * np.sqrt((1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+                          * (1.0 - alphas_cumprod / alphas_cumprod_prev))
+    coef_xt = (np.sqrt(np.maximum(1.0 - alphas_cumprod_prev - sigma**2, 0.0))
+               / np.sqrt(1.0 - alphas_cumprod))
+    coef_x0 = np.sqrt(alphas_cumprod_prev) - coef_xt * np.sqrt(alphas_cumprod)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return SamplingPlan(schedule=spaced, timesteps=jnp.asarray(timestep_map, dtype=jnp.int32),
+                        ddim_coef_x0=f32(coef_x0), ddim_coef_xt=f32(coef_xt), ddim_sigma=f32(sigma))
+
+
+def progressive_indices(num_steps: int, return_every: int) -> np.ndarray:
+    """Chain indices recorded by progressive output, in chain order: ..., 2k, k, 0.
+
+    As the official `p_sample_loop_progressive`: slot s holds index s * k, so the last record
+    (index 0) is the final x0 prediction. Returns [K] int, K = ceil(S / k).
+    """
+    num_records = -(-num_steps // return_every)
+    return np.arange(num_records - 1, -1, -1) * return_every
+
+
+# ----------------------------------------------------------------------------- the chain
+
+def _constrain(x: Array, mesh: Mesh | None, spec: PartitionSpec) -> Array:
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
+                   example_offset: Array, *, shape: tuple[int, ...], sampler: str, mean_type: str,
+                   var_type: str, clip_denoised: bool, return_every: int | None,
+                   progressive: tuple[str, ...], unroll: int, mesh: Mesh | None) -> dict[str, Array]:
+    batch, image_shape = shape[0], shape[1:]
+    rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
+    keys = jax.vmap(lambda n: jax.random.split(jax.random.fold_in(key, n)))(rows)   # [B, 2]
+    init_keys, step_keys = keys[:, 0], keys[:, 1]
+    x_t = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(init_keys)
+    x_t = _constrain(x_t, mesh, PartitionSpec(DATA_AXIS))
+    records = {}
+    if return_every is not None:
+        num_records = len(progressive_indices(plan.num_steps, return_every))
+        records = {name: _constrain(jnp.zeros((num_records,) + shape, jnp.float32), mesh,
+                                    PartitionSpec(None, DATA_AXIS)) for name in progressive}
+
+    def step(carry, per_step):
+        x_t, records = carry
+        i = per_step["index"]
+        index = jnp.full((batch,), i, jnp.int32)
+        t = jnp.full((batch,), per_step["timestep"], jnp.int32)
+        out = p_mean_variance(plan.schedule, apply_fn(params, x_t, t), x_t, index,
+                              mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+        if sampler == "ddim":
+            mean = per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t
+            std = per_step["sigma"]
+        else:
+            mean, std = out["mean"], jnp.exp(0.5 * out["log_variance"])
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), image_shape,
+                                                     jnp.float32))(step_keys)
+        # No noise on the last step: the chain returns its final mean, as the official sampler.
+        x_prev = _constrain(mean + jnp.where(i > 0, std, 0.0) * noise, mesh,
+                            PartitionSpec(DATA_AXIS))
+        if records:
+            # Slot i // k is rewritten at every index of its block; the chain runs i downwards,
+            # so the value left is the one at i = slot * k, with no conditional.
+            values = dict(pred_x0=out["pred_x0"], x_t=x_t)
+            records = {name: jax.lax.dynamic_update_index_in_dim(buf, values[name],
+                                                                   i // return_every, 0)
+                       for name, buf in records.items()}
+        return (x_prev, records), None
+
+    per_step = dict(index=jnp.arange(plan.num_steps, dtype=jnp.int32), timestep=plan.timesteps,
+                    coef_x0=plan.ddim_coef_x0, coef_xt=plan.ddim_coef_xt, sigma=plan.ddim_sigma)
+    per_step = jax.tree.map(lambda a: jnp.flip(a, axis=0), per_step)
+    (images, records), _ = jax.lax.scan(step, (x_t, records), per_step, unroll=unroll)
+    result = dict(images=images)
+    result.update({name: jnp.flip(buf, axis=0) for name, buf in records.items()})
+    return result
+
+
+_STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "return_every",
+           "progressive", "unroll", "mesh")
+_chain_jit = jax.jit(_reverse_chain, static_argnums=0, static_argnames=_STATIC)
+
+
+def _check_options(shape: Sequence[int], sampler: str, mean_type: str, var_type: str,
+                   return_every: int | None, progressive: Sequence[str], unroll: int,
+                   mesh: Mesh | None) -> None:
+    for kind, value, allowed in (("sampler", sampler, SAMPLERS), ("mean_type", mean_type, MEAN_TYPES),
+                                 ("var_type", var_type, VAR_TYPES)):
+        if value not in allowed:
+            raise ValueError(f"Unknown {kind} {value!r}; choose one of {', '.join(allowed)}.")
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"shape must be [B, H, W, C] with positive sizes; got {tuple(shape)!r}.")
+    if return_every is not None and return_every < 1:
+        raise ValueError(f"return_every must be None or an int >= 1; got {return_every!r}.")
+    bad = [name for name in progressive if name not in PROGRESSIVE]
+    if bad or not progressive:
+        raise ValueError(f"progressive must name some of {', '.join(PROGRESSIVE)}; got "
+                         f"{tuple(progressive)!r}.")
+    if unroll < 1:
+        raise ValueError(f"unroll must be an int >= 1; got {unroll!r}.")
+    if mesh is not None:
+        if DATA_AXIS not in mesh.shape:
+            raise ValueError(f"The mesh needs a {DATA_AXIS!r} axis; it has {tuple(mesh.shape)}.")
+        if shape[0] % mesh.shape[DATA_AXIS]:
+            raise ValueError(f"Batch size {shape[0]} is not divisible by the {mesh.shape[DATA_AXIS]} "
+                             f"devices of the mesh's {DATA_AXIS!r} axis; pick a multiple.")
+
+
+# ------------------------------------------------------------------------------ public API
+
+@dataclasses.dataclass(frozen=True)
+class _DenoiseOnly:
+    """Adapts `denoise_fn(x_t, t)` to the (params, x_t, t) contract; hashed by the function."""
+
+    denoise_fn: DenoiseFn
+
+    def __call__(self, params: Any, x_t: Array, t: Array) -> Array:
+        del params
+        return self.denoise_fn(x_t, t)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelApply:
+    """`(params, x_t, t) -> model.apply({"params": params}, x_t, t, None, train=False)` for a
+    Flax model with the UNet's call signature (unconditional: y = None). Equal models give
+    equal, cache-sharing functions."""
+
+    model: Any
+
+    def __call__(self, params: Any, x_t: Array, t: Array) -> Array:
+        return self.model.apply({"params": params}, x_t, t, None, train=False)
+
+
+def model_denoise_fn(model: Any, params: Any, y: Array | None = None) -> DenoiseFn:
+    """`denoise_fn(x_t, t)` of a Flax model with bound `params` (and class labels y: [B])."""
+    return lambda x_t, t: model.apply({"params": params}, x_t, t, y, train=False)
+
+
+class Sampler:
+    """A compiled-once sampler: `sampler(params, key, example_offset=0) -> dict`.
+
+    Built by `make_sampler`. Calls with the same plan shapes reuse one executable; with a
+    mesh, params are replicated and every output is sharded over the batch ("data" axis).
+    """
+
+    def __init__(self, apply_fn: ApplyFn, plan: SamplingPlan, **static: Any):
+        self.apply_fn, self.plan, self.static = apply_fn, plan, static
+        mesh = static["mesh"]
+        self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        self.timesteps = (None if static["return_every"] is None else np.asarray(
+                plan.timesteps)[progressive_indices(plan.num_steps, static["return_every"])])
+
+    def __call__(self, params: Any, key: Array, example_offset: int | Array = 0) -> dict[str, Array]:
+        """params: the model's; key: PRNG key; example_offset: global index of row 0.
+
+        Returns images [B, H, W, C] (the final mean; in [-1, 1] when clip_denoised) and, with
+        return_every, `pred_x0` / `x_t` [K, B, H, W, C] in chain order plus
+        `progressive_timesteps` [K] (the original t of each record; the last is 0).
+        """
+        plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
+        if self._replicated is not None:
+            params, plan, key, offset = jax.device_put((params, plan, key, offset), self._replicated)
+        result = _chain_jit(self.apply_fn, params, plan, key, offset, **self.static)
+        if self.timesteps is not None:
+            result["progressive_timesteps"] = self.timesteps
+        return result
+
+
+def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
+                 sampler: str = "ddpm", steps: int | str | None = None, eta: float = 0.0,
+                 mean_type: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,
+                 return_every: int | None = None, progressive: Sequence[str] = ("pred_x0",),
+                 unroll: int = 1, mesh: Mesh | None = None) -> Sampler:
+    """Builds a sampler compiled once per (apply_fn, shape, number of steps, options).
+
+    apply_fn(params, x_t [B,H,W,C], t [B] int) -> model output (`ModelApply(model)` for a Flax
+    UNet); it must be hashable and stable, since it keys the compilation cache.
+    shape: [B, H, W, C]. sampler: "ddpm" (ancestral; `var_type` fixedlarge is the CIFAR-10
+    default, fixedsmall the 256px one) or "ddim" (`eta` in [0, 1]). steps: None (all T), an
+    int S (round(linspace(0, T-1, S))), "ddimS" (stride range(0, T, c)) or "S1,S2,..."; see
+    `space_timesteps`. clip_denoised clips x0_hat to [-1, 1]. return_every=k also records
+    `progressive` ("pred_x0" and/or "x_t") at chain indices ..., 2k, k, 0. unroll: lax.scan's.
+    mesh: a Mesh with a "data" axis to shard the batch over (B divisible by its size).
+    """
+    progressive = tuple(progressive)
+    _check_options(shape, sampler, mean_type, var_type, return_every, progressive, unroll, mesh)
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"eta={eta!r} only applies to sampler='ddim' (got {sampler!r}); for "
+                         "DDPM's beta~ variance use var_type='fixedsmall'.")
+    plan = make_plan(schedule, steps=steps, eta=eta)
+    return Sampler(apply_fn, plan, shape=tuple(int(s) for s in shape), sampler=sampler,
+                   mean_type=mean_type, var_type=var_type, clip_denoised=bool(clip_denoised),
+                   return_every=return_every, progressive=progressive, unroll=int(unroll), mesh=mesh)
+
+
+def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: Sequence[int], key: Array, *,
+           example_offset: int = 0, **options: Any) -> dict[str, Array]:
+    """Samples a batch from `denoise_fn(x_t, t) -> model output` (any test double or closure).
+
+    Same options and outputs as `make_sampler` / `Sampler.__call__`. The compiled chain is
+    cached on the denoise_fn object, so reuse one function object to avoid retracing; for a
+    Flax model prefer `make_sampler(ModelApply(model), ...)`, which passes params as data.
+    """
+    return make_sampler(_DenoiseOnly(denoise_fn), schedule, shape, **options)(
+            None, key, example_offset)

@@ -1,0 +1,172 @@
+"""Draws samples from a trained or converted DDPM and writes a PNG grid and an .npz of uint8.
+
+    python sample.py --workdir runs/digits --num_samples 64 --out samples.png
+    python sample.py --workdir runs/digits --weights=raw --sampler ddim --steps 50
+    python sample.py --diffusers_dir PATH --num_samples 16 --batch_size 16 --out cifar.png
+
+Unset sampler flags take the run's config.sampling (--workdir) or the paper's settings
+(--diffusers_dir). The chain is compiled once per (batch shape, steps) and reused for every
+batch; sample n is drawn from fold_in(seed key, n), so the images do not depend on
+--batch_size or on the number of devices. With several devices the batch is sharded over the
+training mesh's "data" axis.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from absl import app, flags, logging
+
+from ddpm_jax.diffusion import VAR_TYPES
+from ddpm_jax.sampling import SAMPLERS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training work dir; its latest checkpoint is sampled.")
+flags.DEFINE_string("diffusers_dir", None, "A diffusers UNet2DModel folder (config.json + "
+                    "weights, or a pipeline folder with unet/), e.g. google/ddpm-cifar10-32; "
+                    "sampled with the paper's schedule (linear 1e-4..0.02, T=1000, eps).")
+flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "With --workdir: EMA or raw weights.")
+flags.DEFINE_integer("num_samples", 64, "How many images to draw.", lower_bound=1)
+flags.DEFINE_integer("batch_size", None, "Images per compiled batch, a multiple of the device "
+                     "count (default config.sampling.batch_size, or 64).", lower_bound=1)
+flags.DEFINE_string("out", "samples.png", "Output PNG grid; the .npz (key 'images', uint8 "
+                    "[N, H, W, C]) goes beside it with the suffix .npz.")
+flags.DEFINE_enum("sampler", None, list(SAMPLERS), "ddpm: ancestral; ddim: Song et al. "
+                  "(default config.sampling.sampler, or ddpm).")
+flags.DEFINE_string("steps", None, "Reverse steps: an int S (evenly spaced, t=0 and t=T-1 "
+                    "kept), 'ddimS' (stride range(0, T, c)) or 'S1,S2,...' (default "
+                    "config.sampling.steps, or all T).")
+flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]: 0 deterministic, 1 DDPM's beta~ variance "
+                   "(default config.sampling.eta, or 0).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("var_type", None, list(VAR_TYPES), "Reverse variance of --sampler=ddpm "
+                  "(default: the run's; for --diffusers_dir fixedlarge below 64px, else "
+                  "fixedsmall, as the official scripts).")
+flags.DEFINE_boolean("clip_denoised", None, "Clip each x0 prediction to [-1, 1] (default "
+                     "config.sampling.clip_denoised, or true).")
+flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_integer("nrow", None, "Images per row of the grid (default ceil(sqrt(N))).",
+                     lower_bound=1)
+flags.mark_flags_as_mutual_exclusive(["workdir", "diffusers_dir"], required=True)
+
+
+def _check_flags() -> None:
+    """The checks that need no weights, before anything is loaded."""
+    if FLAGS.workdir is not None:
+        if not os.path.isdir(FLAGS.workdir):
+            raise app.UsageError(f"--workdir={FLAGS.workdir} does not exist; train into it with "
+                                 "train.py first, or pass --diffusers_dir for released weights.")
+        if not os.listdir(FLAGS.workdir):
+            raise app.UsageError(f"--workdir={FLAGS.workdir} is empty: it holds no checkpoint to "
+                                 "sample; train into it with train.py first.")
+    if not FLAGS.out.endswith(".png"):
+        raise app.UsageError(f"--out={FLAGS.out} must end in .png (the .npz goes beside it).")
+
+
+def _load() -> tuple[Any, Any, dict[str, Any], dict[str, Any], tuple[int, int, int]]:
+    """(model, params, diffusion settings, sampling defaults, image shape (H, W, C))."""
+    if FLAGS.workdir is not None:
+        from ddpm_jax import checkpoint
+        try:
+            config, model, params = checkpoint.load_for_sampling(FLAGS.workdir,
+                                                                 weights=FLAGS.weights)
+        except (FileNotFoundError, checkpoint.CheckpointError) as e:
+            raise app.UsageError(f"--workdir={FLAGS.workdir}: {e}") from None
+        diffusion = dict(config.diffusion)
+        defaults = dict(config.sampling)
+        if defaults.get("var_type") is None:
+            defaults["var_type"] = diffusion["var_type"]
+        size, channels = config.data.image_size, config.data.channels
+    else:
+        from ddpm_jax.convert import load_diffusers_unet, read_diffusers_config
+        try:
+            unet_config = read_diffusers_config(FLAGS.diffusers_dir)
+            model, params = load_diffusers_unet(FLAGS.diffusers_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(f"--diffusers_dir={FLAGS.diffusers_dir}: {e}") from None
+        size = unet_config["sample_size"]
+        size = size if isinstance(size, int) else size[0]
+        channels = unet_config["in_channels"]
+        diffusion = dict(schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                         mean_type="eps")
+        # The official sampling scripts: fixedlarge for CIFAR-10, fixedsmall for 256px.
+        defaults = dict(sampler="ddpm", steps=None, eta=0.0, clip_denoised=True, batch_size=64,
+                        var_type="fixedlarge" if size < 64 else "fixedsmall")
+    return model, params, diffusion, defaults, (size, size, channels)
+
+
+def _resolve(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Flags over the defaults; eta only where the sampler is DDIM."""
+    from ddpm_jax.sampling import parse_steps
+    chosen = dict(sampler=FLAGS.sampler, steps=parse_steps(FLAGS.steps), eta=FLAGS.eta,
+                  var_type=FLAGS.var_type, clip_denoised=FLAGS.clip_denoised,
+                  batch_size=FLAGS.batch_size)
+    options = {k: defaults.get(k) if v is None else v for k, v in chosen.items()}
+    if options["sampler"] != "ddim":
+        if FLAGS.eta:
+            raise app.UsageError(f"--eta={FLAGS.eta} only applies to --sampler=ddim.")
+        options["eta"] = 0.0
+    return options
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
+    _check_flags()
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from tqdm import tqdm
+
+    from ddpm_jax.images import save_image_grid, to_uint8
+    from ddpm_jax.sampling import ModelApply, make_sampler
+    from ddpm_jax.schedule import Schedule
+
+    model, params, diffusion, defaults, image_shape = _load()
+    options = _resolve(defaults)
+    schedule = Schedule.create(diffusion["schedule"], diffusion["timesteps"],
+                               beta_start=diffusion["beta_start"], beta_end=diffusion["beta_end"])
+    num_devices = jax.device_count()
+    if options["batch_size"] % num_devices:
+        raise app.UsageError(f"--batch_size={options['batch_size']} must be a multiple of the "
+                             f"{num_devices} devices.")
+    # No bigger a batch than the samples need (rounded up to whole devices).
+    batch_size = min(options["batch_size"], math.ceil(FLAGS.num_samples / num_devices) * num_devices)
+    mesh = None
+    if num_devices > 1:
+        from ddpm_jax.parallel import make_mesh
+        mesh = make_mesh()
+    try:  # NumPy only: bad values fail here, before any compile.
+        sampler = make_sampler(ModelApply(model), schedule, (batch_size, *image_shape),
+                               sampler=options["sampler"], steps=options["steps"],
+                               eta=options["eta"], mean_type=diffusion["mean_type"],
+                               var_type=options["var_type"],
+                               clip_denoised=options["clip_denoised"], mesh=mesh)
+    except ValueError as e:
+        raise app.UsageError(f"Bad sampling option (--sampler / --steps / --eta / --var_type): "
+                             f"{e}") from None
+    logging.info("Sampling %d images of %s: %s, %d steps, %s, batch %d.", FLAGS.num_samples,
+                 image_shape, options["sampler"], sampler.plan.num_steps,
+                 f"eta={options['eta']}" if options["sampler"] == "ddim" else options["var_type"],
+                 batch_size)
+    key = jax.random.key(FLAGS.seed)
+    batches = []
+    for b in tqdm(range(math.ceil(FLAGS.num_samples / batch_size)), desc="batches",
+                  disable=jax.process_index() != 0):
+        images = sampler(params, key, b * batch_size)["images"]
+        if jax.process_count() > 1:
+            images = multihost_utils.process_allgather(images, tiled=True)
+        batches.append(to_uint8(images))
+    images = np.concatenate(batches)[:FLAGS.num_samples]
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        save_image_grid(images, FLAGS.out, nrow=FLAGS.nrow)
+        npz_path = FLAGS.out[:-len(".png")] + ".npz"
+        np.savez(npz_path, images=images)
+        logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, images.shape)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,454 @@
+"""The one-scan samplers against independent references.
+
+Reference samplers below are plain Python loops written from REFERENCE.md's formulas with
+float64 NumPy coefficients; they share only the documented randomness contract of
+`ddpm_jax.sampling` (init_key, step_key = split(fold_in(key, n)); z_i = normal(fold_in(step_key, i))).
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import sampling
+from ddpm_jax.sampling import ModelApply, make_sampler, sample, space_timesteps
+from ddpm_jax.schedule import Schedule
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = 50
+SHAPE = (4, 4, 4, 2)
+
+
+def scaled_linear(num_timesteps: int) -> np.ndarray:
+    """The paper's 1e-4..0.02 linear schedule stretched to T steps (abar_T ~ 4e-5 at any T)."""
+    scale = 1000 / num_timesteps
+    return np.linspace(1e-4 * scale, 0.02 * scale, num_timesteps, dtype=np.float64)
+
+
+class TinyDenoiser(nn.Module):
+    """A test double: one 3x3 conv (the jaxpr test counts it), a time embedding, tanh."""
+
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train=False):
+        del y, train
+        temb = jnp.sin(t.astype(jnp.float32)[:, None] / jnp.array([[1.0, 3.0, 10.0, 30.0]]))
+        h = nn.Conv(8, (3, 3))(x) + nn.Dense(8)(temb)[:, None, None, :]
+        return 2.0 * jnp.tanh(nn.Dense(self.out_channels)(jnp.tanh(h)))
+
+
+@functools.cache
+def tiny(out_channels=SHAPE[-1]):
+    """(model, params); params drawn with NumPy from the init's shapes, so nothing compiles."""
+    model = TinyDenoiser(out_channels)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(SHAPE),
+                            jnp.zeros(SHAPE[:1], jnp.int32))["params"]
+    rng = np.random.default_rng(out_channels)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.5, jnp.float32), shapes)
+    return model, params
+
+
+# One compiled copy of the model for every reference loop: (model, params, x_t, t) -> output.
+reference_apply = jax.jit(lambda model, params, x_t, t: model.apply({"params": params}, x_t, t),
+                          static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def batch_noise(key, shape):
+    """x_T [B, H, W, C] and z [T, B, H, W, C] per the documented contract, for examples 0..B-1
+    (always T steps, so one compile serves every test; chains of S steps use z[:S])."""
+
+    def one_example(n):
+        init_key, step_key = jax.random.split(jax.random.fold_in(key, n))
+        z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(step_key, i), shape[1:]))(
+                jnp.arange(T))
+        return jax.random.normal(init_key, shape[1:]), z
+
+    x_T, z = jax.vmap(one_example)(jnp.arange(shape[0]))
+    return x_T, jnp.swapaxes(z, 0, 1)
+
+
+def reference_ancestral(eps_fn, betas, shape, key, var_type, record_every=None):
+    """Ho et al. Algorithm 2 with x0 clipping (the official p_sample), one Python step at a time.
+    Coefficients in float64, cast to float32 per step like the official code; x in float32."""
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+    large_logvar = np.log(np.append(post_var[1], betas[1:]))
+    f32 = np.float32
+    x, z = map(np.asarray, batch_noise(key, shape))
+    records = {}
+    for t in range(len(betas) - 1, -1, -1):
+        out = np.asarray(eps_fn(x, np.full(shape[:1], t, np.int32)))
+        eps, v = (out, None) if var_type in ("fixedlarge", "fixedsmall") else np.split(out, 2, -1)
+        x0 = np.clip(f32(np.sqrt(1 / abar[t])) * x - f32(np.sqrt(1 / abar[t] - 1)) * eps, -1, 1)
+        mean = (f32(np.sqrt(abar_prev[t]) * betas[t] / (1 - abar[t])) * x0
+                + f32(np.sqrt(alphas[t]) * (1 - abar_prev[t]) / (1 - abar[t])) * x)
+        if var_type == "fixedlarge":
+            logvar = f32(large_logvar[t])
+        elif var_type == "fixedsmall":
+            logvar = f32(post_logvar[t])
+        else:  # learned_range
+            frac = (v + 1) / 2
+            logvar = frac * f32(np.log(betas[t])) + (1 - frac) * f32(post_logvar[t])
+        if record_every and t % record_every == 0:
+            records[t] = x0
+        x = mean + (np.exp(0.5 * logvar) * z[t] if t > 0 else f32(0))
+    return x, records
+
+
+def reference_ddim(eps_fn, betas, kept, shape, key, eta):
+    """DDIM (Song et al. eq. 12) on the kept timesteps; eps re-derived from the clipped x0."""
+    abar_all = np.cumprod(1.0 - betas)
+    f32 = np.float32
+    x, z = map(np.asarray, batch_noise(key, shape))
+    for i in range(len(kept) - 1, -1, -1):
+        abar, abar_prev = abar_all[kept[i]], (abar_all[kept[i - 1]] if i > 0 else 1.0)
+        eps = np.asarray(eps_fn(x, np.full(shape[:1], kept[i], np.int32)))
+        x0 = np.clip((x - f32(np.sqrt(1 - abar)) * eps) / f32(np.sqrt(abar)), -1, 1)
+        eps = (x - f32(np.sqrt(abar)) * x0) / f32(np.sqrt(1 - abar))
+        sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        x = (f32(np.sqrt(abar_prev)) * x0 + f32(np.sqrt(1 - abar_prev - sigma**2)) * eps
+             + (f32(sigma) * z[i] if i > 0 else f32(0)))
+    return x
+
+
+# ------------------------------------------------------------------------------- respacing
+
+def test_space_timesteps_follow_improved_diffusion():
+    np.testing.assert_array_equal(space_timesteps(1000, "ddim10"), np.arange(0, 1000, 100))
+    np.testing.assert_array_equal(space_timesteps(1000, 4), [0, 333, 666, 999])
+    np.testing.assert_array_equal(space_timesteps(100, "3,2"), [0, 24, 49, 50, 99])
+    np.testing.assert_array_equal(space_timesteps(T, T), np.arange(T))
+    for bad in ("ddim7x", "ddim999", "a,b", [0], [T + 1]):
+        with pytest.raises(ValueError):
+            space_timesteps(T, bad)
+
+
+def test_respace_keeps_alphabar_and_maps_to_original_t():
+    betas = scaled_linear(T)
+    kept = np.array([0, 7, 19, 33, 49])
+    spaced, timestep_map = sampling.respace(Schedule.from_betas(betas), kept)
+    np.testing.assert_array_equal(timestep_map, kept)
+    np.testing.assert_allclose(spaced.alphas_cumprod, np.cumprod(1 - betas)[kept], rtol=2e-6)
+    assert spaced.num_timesteps == kept.size
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=T + 1), "steps must lie in 1..50"), (dict(sampler="ddim", eta=1.5), "eta must lie"),
+    (dict(eta=0.5), "only applies to sampler='ddim'"),
+    (dict(sampler="plms"), "Unknown sampler"), (dict(var_type="big"), "Unknown var_type"),
+    (dict(return_every=0), "return_every"), (dict(progressive=("eps",)), "progressive"),
+])
+def test_bad_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_sampler(ModelApply(TinyDenoiser(2)), Schedule.from_betas(scaled_linear(T)), SHAPE,
+                     **kwargs)
+
+
+# ------------------------------------------------------------------- structure, compilation
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' params."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("options, length", [
+    (dict(), T), (dict(sampler="ddim", steps=10), 10),
+    (dict(steps="ddim5", return_every=2, progressive=("pred_x0", "x_t")), 5),
+])
+def test_jaxpr_holds_one_scan_over_the_steps_with_one_model_copy(options, length):
+    model, params = tiny()
+    sampler = make_sampler(ModelApply(model), Schedule.from_betas(scaled_linear(T)), SHAPE,
+                           **options)
+    jaxpr = jax.make_jaxpr(lambda p, k: sampler(p, k))(params, jax.random.key(0)).jaxpr
+    eqns = list(_eqns(jaxpr))
+    loops = [e for e in eqns if e.primitive.name in ("scan", "while")]
+    assert [e.primitive.name for e in loops] == ["scan"]
+    assert loops[0].params["length"] == length
+    assert sum(e.primitive.name == "conv_general_dilated" for e in eqns) == 1
+    inside = list(_eqns(loops[0].params["jaxpr"].jaxpr))
+    assert sum(e.primitive.name == "conv_general_dilated" for e in inside) == 1
+
+
+def test_second_call_and_new_eta_do_not_retrace():
+    model, params = tiny()
+    traces = []
+
+    class CountingApply(ModelApply):
+        def __call__(self, params, x_t, t):
+            traces.append(1)
+            return super().__call__(params, x_t, t)
+
+    apply_fn = CountingApply(model)
+    schedule = Schedule.from_betas(scaled_linear(T))
+    first = make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=10, eta=0.0)
+    a = first(params, jax.random.key(0))["images"]
+    b = first(params, jax.random.key(1))["images"]
+    # A new eta is new plan data of the same shapes: same executable.
+    c = make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=10, eta=0.7)(
+            params, jax.random.key(0))["images"]
+    assert len(traces) == 1
+    assert not np.allclose(a, b) and not np.allclose(a, c)
+    jax.make_jaxpr(make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=11))(
+            params, jax.random.key(0))
+    assert len(traces) == 2  # a new number of steps is a new program
+
+
+# --------------------------------------------------------- equality with Python-loop references
+
+# Shared with the eta = 1 test below, so that both use one compiled program.
+ANCESTRAL_SMALL = dict(var_type="fixedsmall", return_every=7, unroll=3)
+
+
+@pytest.mark.parametrize("options", [dict(var_type="fixedlarge", return_every=7),
+                                     ANCESTRAL_SMALL,
+                                     dict(var_type="learned_range", return_every=7)])
+def test_ancestral_matches_python_loop_reference(options):
+    model, params = tiny(SHAPE[-1] * (2 if options["var_type"] == "learned_range" else 1))
+    betas, key = scaled_linear(T), jax.random.key(3)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, **options)(params, key)
+    expected, records = reference_ancestral(functools.partial(reference_apply, model, params),
+                                            betas, SHAPE, key, options["var_type"], record_every=7)
+    np.testing.assert_allclose(out["images"], expected, atol=1e-5)
+    assert float(np.abs(out["images"]).max()) <= 1.0  # the last mean is the clipped x0_hat
+    recorded = sorted(records, reverse=True)
+    np.testing.assert_array_equal(out["progressive_timesteps"], recorded)
+    # x0_hat multiplies float32 rounding in x_t by sqrt(1/abar_t) (up to ~160 here): relative.
+    np.testing.assert_allclose(out["pred_x0"], np.stack([records[t] for t in recorded]),
+                               rtol=1e-4, atol=1e-5)
+
+
+DDIM_CASES = [("ddim10", np.arange(0, T, 5), 0.0),
+              (7, np.round(np.linspace(0, T - 1, 7)).astype(int), 0.5)]
+
+
+@pytest.mark.parametrize("steps, kept, eta", DDIM_CASES)
+def test_ddim_matches_python_loop_reference(steps, kept, eta):
+    model, params = tiny()
+    betas, key = scaled_linear(T), jax.random.key(4)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, sampler="ddim",
+                       steps=steps, eta=eta)(params, key)
+    expected = reference_ddim(functools.partial(reference_apply, model, params), betas, kept,
+                              SHAPE, key, eta)
+    np.testing.assert_allclose(out["images"], expected, atol=1e-5)
+
+
+def test_ddim_eta_one_on_all_steps_is_ancestral_fixedsmall():
+    # With sigma^2 = beta~ the DDIM mean reduces algebraically to the posterior mean mu~, and
+    # both samplers draw the same z_i: the chains agree sample by sample, not just in law.
+    model, params = tiny()
+    schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(5)
+    ddim = make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim", eta=1.0)(params, key)
+    ddpm = make_sampler(ModelApply(model), schedule, SHAPE, **ANCESTRAL_SMALL)(params, key)
+    np.testing.assert_allclose(ddim["images"], ddpm["images"], atol=1e-5)
+    assert np.abs(ddim["images"] - make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim",
+                                                eta=0.0)(params, key)["images"]).max() > 0.01
+
+
+# --------------------------------------------------------------------- analytic denoisers
+
+X_STAR = np.linspace(-0.9, 0.9, 16, dtype=np.float32).reshape(1, 4, 4, 1)
+
+
+def point_mass_eps(schedule):
+    """The optimal eps for data = x*: (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t)."""
+
+    def eps_fn(x_t, t):
+        a = schedule.alphas_cumprod[t][:, None, None, None]
+        return (x_t - jnp.sqrt(a) * X_STAR) / jnp.sqrt(1 - a)
+    return eps_fn
+
+
+@pytest.mark.parametrize("options", [dict(var_type="fixedlarge"),
+                                     dict(sampler="ddim", steps=8, eta=0.3)])
+def test_point_mass_data_samples_land_on_the_point(options):
+    schedule = Schedule.from_betas(scaled_linear(T))
+    out = sample(point_mass_eps(schedule), schedule, (32, 4, 4, 1), jax.random.key(6), **options)
+    np.testing.assert_allclose(out["images"], np.broadcast_to(X_STAR, (32, 4, 4, 1)), atol=1e-4)
+
+
+def test_point_mass_marginals_are_the_forward_marginals():
+    # With x0_hat = x* exactly and beta~, each step samples q(x_{t-1} | x_t, x*), so x_t is
+    # distributed as q(x_t | x*) = N(sqrt(abar_t) x*, 1 - abar_t) along the whole chain.
+    schedule = Schedule.from_betas(scaled_linear(T))
+    abar = np.asarray(schedule.alphas_cumprod, np.float64)
+    out = sample(point_mass_eps(schedule), schedule, (256, 4, 4, 1), jax.random.key(7),
+                 var_type="fixedsmall", return_every=10, progressive=("x_t", "pred_x0"))
+    np.testing.assert_allclose(out["images"], np.broadcast_to(X_STAR, (256, 4, 4, 1)), atol=1e-4)
+    np.testing.assert_array_equal(out["progressive_timesteps"], [40, 30, 20, 10, 0])
+    for x_t, t in zip(np.asarray(out["x_t"], np.float64), out["progressive_timesteps"]):
+        if t == 0:
+            continue  # beta~_0 = 0 in q(x_0 | x_1, x*) but 1 - abar_0 > 0: not comparable
+        standardized = (x_t - np.sqrt(abar[t]) * X_STAR) / np.sqrt(1 - abar[t])
+        assert abs(standardized.mean()) < 0.05 and abs(standardized.std() - 1) < 0.05, t
+
+
+def _gaussian_chain_law(betas, kept, mu, s, sampler, eta=0.0):
+    """Exact mean and variance of the chain's output for data N(mu, s^2) with the optimal eps
+    and no clipping: every step is affine in x_t plus Gaussian noise, so iterate the moments."""
+    abar_all = np.cumprod(1.0 - betas)
+    mean, var = 0.0, 1.0
+    for i in range(len(kept) - 1, -1, -1):
+        abar, abar_prev = abar_all[kept[i]], (abar_all[kept[i - 1]] if i > 0 else 1.0)
+        # eps_hat = e1 x + e0 (E[eps | x_t] for Gaussian data); x0_hat = (x - sqrt(1-a) eps)/sqrt(a)
+        e1 = np.sqrt(1 - abar) / (abar * s**2 + 1 - abar)
+        e0 = -e1 * np.sqrt(abar) * mu
+        x0_1 = (1 - np.sqrt(1 - abar) * e1) / np.sqrt(abar)
+        x0_0 = -np.sqrt(1 - abar) * e0 / np.sqrt(abar)
+        beta = 1 - abar / abar_prev
+        if sampler == "ddpm":  # fixedsmall: posterior mean and beta~
+            c_x0 = np.sqrt(abar_prev) * beta / (1 - abar)
+            c_x = np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+            noise_var = (1 - abar_prev) / (1 - abar) * beta
+            a1, a0 = c_x0 * x0_1 + c_x, c_x0 * x0_0
+        else:
+            noise_var = eta**2 * (1 - abar_prev) / (1 - abar) * beta
+            k = np.sqrt(1 - abar_prev - noise_var)
+            a1 = np.sqrt(abar_prev) * x0_1 + k * e1
+            a0 = np.sqrt(abar_prev) * x0_0 + k * e0
+        mean, var = a1 * mean + a0, a1**2 * var + (noise_var if i > 0 else 0.0)
+    return mean, var
+
+
+@pytest.mark.parametrize("sampler, steps, kept, data_tol", [
+    ("ddpm", None, np.arange(1000), 0.005),
+    ("ddim", None, np.arange(1000), 0.005),
+    # 50 DDIM steps are visibly off for narrow data (std 0.176 for 0.2); the samples must
+    # follow the chain's law, not the data's.
+    ("ddim", "ddim50", np.arange(0, 1000, 20), 0.03)])
+def test_gaussian_data_samples_match_theory(sampler, steps, kept, data_tol):
+    mu, s = 0.3, 0.2
+    betas = scaled_linear(1000)
+    schedule = Schedule.from_betas(betas)
+
+    def eps_fn(x_t, t):  # E[eps | x_t] for x0 ~ N(mu, s^2)
+        a = schedule.alphas_cumprod[t][:, None, None, None]
+        return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / (a * s**2 + 1 - a)
+
+    options = dict(var_type="fixedsmall") if sampler == "ddpm" else dict(sampler="ddim")
+    out = sample(eps_fn, schedule, (512, 4, 4, 1), jax.random.key(8), steps=steps,
+                 clip_denoised=False, **options)
+    x = np.asarray(out["images"], np.float64).ravel()
+    mean, var = _gaussian_chain_law(betas, kept, mu, s, sampler)
+    # The chain's law is near the data's (exactly so as the steps grow) ...
+    assert abs(mean - mu) < data_tol and abs(np.sqrt(var) - s) < data_tol, (mean, np.sqrt(var))
+    # ... and the samples follow it: 8192 draws, 5 standard errors.
+    assert abs(x.mean() - mean) < 5 * np.sqrt(var / x.size), (x.mean(), mean)
+    assert abs(x.std() - np.sqrt(var)) < 5 * np.sqrt(var / (2 * x.size)), (x.std(), np.sqrt(var))
+
+
+# ------------------------------------------------------------------------------------ keys
+
+def test_keys_are_deterministic_and_per_example():
+    model, params = tiny()
+    schedule = Schedule.from_betas(scaled_linear(T))
+    steps, _, eta = DDIM_CASES[1]  # the whole batch reuses the DDIM reference's program
+    whole = make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim", steps=steps, eta=eta)
+    halves = make_sampler(ModelApply(model), schedule, (2,) + SHAPE[1:], sampler="ddim",
+                          steps=steps, eta=eta)
+    a = np.asarray(whole(params, jax.random.key(9))["images"])
+    np.testing.assert_array_equal(a, whole(params, jax.random.key(9))["images"])
+    assert np.abs(a - np.asarray(whole(params, jax.random.key(10))["images"])).max() > 0.1
+    assert np.abs(a[0] - a[1]).max() > 0.1  # rows of a batch differ
+    split = np.concatenate([halves(params, jax.random.key(9), 0)["images"],
+                            halves(params, jax.random.key(9), 2)["images"]])
+    np.testing.assert_allclose(split, a, atol=1e-6)
+
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    from ddpm_jax.sampling import make_sampler
+    from ddpm_jax.schedule import Schedule
+    assert jax.device_count() == 8, jax.devices()
+
+    def apply_fn(params, x_t, t):
+        return jnp.tanh(params["w"] * x_t + params["b"] * jnp.sin(t)[:, None, None, None])
+
+    params = dict(w=jnp.float32(1.3), b=jnp.float32(0.4))
+    schedule = Schedule.create("linear", 40, beta_start=0.0025, beta_end=0.5)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    shape = (16, 4, 4, 3)
+    # Ancestral on a respaced chain with both progressive buffers: every sharded piece at once.
+    opts = dict(steps=10, return_every=3, progressive=("pred_x0", "x_t"))
+    one = make_sampler(apply_fn, schedule, shape, **opts)(params, jax.random.key(0))
+    eight = make_sampler(apply_fn, schedule, shape, mesh=mesh, **opts)(params, jax.random.key(0))
+    assert eight["images"].sharding.shard_shape(shape) == (2, 4, 4, 3)
+    assert eight["x_t"].sharding.shard_shape(one["x_t"].shape) == (4, 2, 4, 4, 3)
+    for name in ("images", "pred_x0", "x_t"):
+        assert len(eight[name].sharding.device_set) == 8, name
+        np.testing.assert_allclose(np.asarray(eight[name]), np.asarray(one[name]), atol=1e-6)
+    print("OK")
+""")
+
+
+def test_batch_split_over_eight_devices_matches_one_device():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------- sample.py
+
+def run_sample_py(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d: [f"--workdir={d}/missing"], "--workdir=" ),
+    (lambda d: [f"--workdir={d}"], "is empty"),
+    (lambda d: [f"--workdir={d}", "--sampler=plms"], "--sampler"),
+    (lambda d: [f"--diffusers_dir={d}"], "no config.json"),
+    (lambda d: [], "workdir"),
+])
+def test_sample_py_rejects_bad_input_with_a_clear_message(tmp_path, make_args, message):
+    proc = run_sample_py(*make_args(tmp_path))
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sample_py_on_a_tiny_diffusers_folder(tmp_path):
+    """End to end: a random diffusers UNet2DModel in the google/ddpm-* layout -> PNG + .npz."""
+    pytest.importorskip("ddpm_jax.convert")
+    diffusers = pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    # The DDPM architecture in diffusers' terms (as google/ddpm-cifar10-32's config.json).
+    unet = diffusers.UNet2DModel(
+            sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 16),
+            layers_per_block=1, norm_num_groups=8, norm_eps=1e-6, attention_head_dim=None,
+            flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "unet")
+    out = tmp_path / "grid.png"
+    proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", "--num_samples=5",
+                         "--batch_size=4", "--sampler=ddim", "--steps=3", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = np.load(tmp_path / "grid.npz")["images"]
+    assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8
+    assert len(np.unique(images)) > 10  # not a constant image
+    assert out.stat().st_size > 0
+    # A bad --steps is a usage error that names the flag, raised before anything compiles.
+    proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", "--steps=ddim7x", f"--out={out}")
+    assert proc.returncode != 0 and "--steps" in proc.stderr, proc.stderr[-2000:]
