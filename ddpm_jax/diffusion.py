@@ -15,7 +15,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import ndtr
+from jax.scipy.special import log_ndtr, ndtr
 
 from ddpm_jax.schedule import Schedule
 
@@ -184,11 +184,15 @@ def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: A
     """
     centered = x - means
     inv_stdv = jnp.exp(-log_scales)
-    cdf_plus = ndtr(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = ndtr(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
-    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
-    log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+    plus_in = inv_stdv * (centered + 1.0 / 255.0)
+    min_in = inv_stdv * (centered - 1.0 / 255.0)
+    floor = math.log(1e-12)
+    # log_ndtr for the open edge bins and the mirrored difference in the upper tail keep float32
+    # from cancelling 1 - cdf to 0 when the mean is many standard deviations from the pixel.
+    log_cdf_plus = jnp.maximum(log_ndtr(plus_in), floor)
+    log_one_minus_cdf_min = jnp.maximum(log_ndtr(-min_in), floor)
+    cdf_delta = jnp.where(centered > 0, ndtr(-min_in) - ndtr(-plus_in), ndtr(plus_in) - ndtr(min_in))
+    log_cdf_delta = jnp.log(jnp.maximum(cdf_delta, 1e-12))
     return jnp.where(x < -0.999, log_cdf_plus,
                      jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
