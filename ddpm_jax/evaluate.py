@@ -1,0 +1,447 @@
+"""Evaluation of a trained DDPM with an explicit protocol: bits/dim, FID, IS and KID.
+
+    python evaluate.py --workdir runs/digits --metrics bpd,fid,is --num_samples 1000
+    python -m ddpm_jax.evaluate --workdir runs/cifar10 --metrics fid,is \
+        --feature_net inception --inception_weights pt_inception-2015-12-05-6726825d.pth
+
+* Bits/dim: the full variational bound (prior + decoder + every KL term, all T) of
+  `diffusion.calc_bpd` for every image of a split, vmapped per image and sharded over the
+  devices. Image n draws its noise from fold_in(key, n): the numbers do not depend on the batch
+  size or the device count. Reported: mean total, prior, decoder (t = 0) and KL sum, and the
+  per-t curve (.npz and .png).
+* FID / IS / KID of generated samples (`ddpm_jax.features`), each labelled with its feature
+  network, weights SHA-256, sample count, reference split, sampler and steps.
+Each run writes workdir/eval/report_<step>_<weights>_<what>.json and logs its protocol line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from ddpm_jax import diffusion, features, images, parallel, plots, sampling
+from ddpm_jax.schedule import Schedule
+
+Array = jax.Array
+ApplyFn = Callable[[Any, Array, Array], Array]   # (params, x_t [B,H,W,C], t [B]) -> output
+
+METRICS = ("bpd", "fid", "is", "kid")
+
+
+# ------------------------------------------------------------------------------ bits/dim
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "mean_type", "var_type", "clip_denoised"))
+def _bpd_batch(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array, indices: Array,
+               key: Array, *, mean_type: str, var_type: str,
+               clip_denoised: bool) -> dict[str, Array]:
+    def one(x: Array, index: Array) -> dict[str, Array]:
+        out = diffusion.calc_bpd(schedule, lambda x_t, t: apply_fn(params, x_t, t), x[None],
+                                 jax.random.fold_in(key, index), mean_type=mean_type,
+                                 var_type=var_type, clip_denoised=clip_denoised)
+        return jax.tree.map(lambda a: a[0], out)
+
+    return jax.vmap(one)(x0, indices)
+
+
+def _to_global(x: np.ndarray, mesh: jax.sharding.Mesh | None) -> Array | np.ndarray:
+    """Every process holds the whole batch x; returns it as a batch-sharded global array."""
+    if mesh is None:
+        return x
+    return jax.make_array_from_callback(x.shape, parallel.data_sharding(mesh), lambda i: x[i])
+
+
+def _fetch(tree: Any) -> Any:
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)),
+                        tree)
+
+
+def evaluate_bpd(apply_fn: ApplyFn, params: Any, schedule: Schedule, data: np.ndarray,
+                 key: Array, *, mean_type: str = "eps", var_type: str = "fixedlarge",
+                 clip_denoised: bool = True, batch_size: int = 64,
+                 mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict[str, Any]:
+    """The variational bound of every image of `data` (uint8 [N, H, W, C]) in bits/dim.
+
+    apply_fn(params, x_t, t) -> model output; hashable (e.g. `sampling.ModelApply(model)`),
+    it keys the compilation cache. Every process passes the same `data`; with a mesh the
+    batch (rounded up to a multiple of the device count) is sharded over its "data" axis.
+    Returns dict(total_bpd, prior_bpd, decoder_bpd: [N] float64; terms_bpd, x0_mse,
+    eps_mse: [T] means over the images; num_images).
+    """
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 4 or len(data) == 0:
+        raise ValueError(f"evaluate_bpd takes uint8 images [N, H, W, C] with N >= 1, got "
+                         f"{data.dtype} {data.shape}: the bound is defined on 8-bit data.")
+    devices = 1 if mesh is None else mesh.size
+    batch = -(-min(batch_size, len(data)) // devices) * devices
+    per_image = {k: [] for k in ("total_bpd", "prior_bpd", "decoder_bpd")}
+    sums: dict[str, np.ndarray] = {}
+    for start in tqdm(range(0, len(data), batch), desc="bits/dim", disable=not progress):
+        chunk = data[start:start + batch]
+        x0 = np.zeros((batch, *data.shape[1:]), np.float32)
+        # (x - 127.5) / 127.5, like the input pipeline: 0 and 255 map to exactly -1 and 1.
+        x0[:len(chunk)] = (chunk.astype(np.float32) - 127.5) / 127.5
+        indices = np.arange(start, start + batch, dtype=np.int32)
+        out = _fetch(_bpd_batch(apply_fn, params, schedule, _to_global(x0, mesh),
+                                _to_global(indices, mesh), key, mean_type=mean_type,
+                                var_type=var_type, clip_denoised=clip_denoised))
+        out = {k: v[:len(chunk)].astype(np.float64) for k, v in out.items()}
+        per_image["total_bpd"].append(out["total_bpd"])
+        per_image["prior_bpd"].append(out["prior_bpd"])
+        per_image["decoder_bpd"].append(out["terms_bpd"][:, 0])
+        for name in ("terms_bpd", "x0_mse", "eps_mse"):
+            sums[name] = sums.get(name, 0.0) + out[name].sum(axis=0)
+    result: dict[str, Any] = {k: np.concatenate(v) for k, v in per_image.items()}
+    result.update({k: v / len(data) for k, v in sums.items()})
+    result["num_images"] = len(data)
+    return result
+
+
+def bpd_summary(result: dict[str, Any]) -> dict[str, float]:
+    """Means over the images (bits/dim) of `evaluate_bpd`'s result: total (with its standard
+    error), prior, decoder (t = 0) and the sum of the KL terms t = 1..T-1."""
+    total = result["total_bpd"]
+    stderr = float(np.std(total, ddof=1) / math.sqrt(len(total))) if len(total) > 1 else 0.0
+    return dict(total=float(np.mean(total)), total_stderr=stderr,
+                prior=float(np.mean(result["prior_bpd"])),
+                decoder=float(np.mean(result["decoder_bpd"])),
+                kl_terms=float(np.sum(result["terms_bpd"][1:])),
+                num_images=int(result["num_images"]))
+
+
+# ------------------------------------------------------------------------------- samples
+
+def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, *, num_samples: int,
+                     image_shape: Sequence[int], batch_size: int, key: Array,
+                     mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                     **sampler_options: Any) -> np.ndarray:
+    """num_samples uint8 images [N, H, W, C] from `sampling.make_sampler` (sample n depends
+    only on (key, n)). sampler_options: sampler, steps, eta, mean_type, var_type, clip_denoised."""
+    devices = 1 if mesh is None else mesh.size
+    batch = -(-min(batch_size, num_samples) // devices) * devices
+    sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), mesh=mesh,
+                                    **sampler_options)
+    out = []
+    for b in tqdm(range(-(-num_samples // batch)), desc="sampling", disable=not progress):
+        out.append(images.to_uint8(_fetch(sampler(params, key, b * batch)["images"])))
+    return np.concatenate(out)[:num_samples]
+
+
+# ------------------------------------------------------------------------- the protocol
+
+@dataclasses.dataclass
+class EvalOptions:
+    """What to evaluate and how; `from_config` takes the defaults from config.eval/sampling."""
+
+    metrics: tuple[str, ...] = ("bpd", "fid", "is")
+    bpd_split: str = "test"
+    bpd_num_images: int | None = None        # None: the whole split
+    bpd_batch_size: int = 64
+    clip_denoised: bool = True
+    num_samples: int = 1000
+    sampler: str = "ddpm"
+    steps: int | str | None = None           # None: all T; see sampling.space_timesteps
+    eta: float = 0.0
+    var_type: str | None = None              # reverse variance of the sampler; None: trained
+    sample_batch_size: int = 256
+    reference_split: str = "train"
+    reference_num_images: int | None = None  # None: the whole split
+    feature_net: str = "digits"              # digits | inception
+    inception_weights: str | None = None
+    is_splits: int = 10
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0
+    cache_dir: str | None = None
+    save_samples: bool = True
+
+    def __post_init__(self):
+        self.metrics = tuple(self.metrics)
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad or not self.metrics:
+            raise ValueError(f"metrics={','.join(self.metrics)!r}: choose from {','.join(METRICS)}.")
+        if self.feature_net not in features.FEATURE_NETS:
+            raise ValueError(f"feature_net={self.feature_net!r}: choose one of "
+                             f"{features.FEATURE_NETS}.")
+        if self.num_samples < 2 and set(self.metrics) - {"bpd"}:
+            raise ValueError(f"num_samples={self.num_samples}: FID/IS/KID need >= 2 samples.")
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> EvalOptions:
+        e, s = config.eval, config.sampling
+        metrics = e.get("metrics", "bpd,fid,is")
+        defaults = dict(
+                metrics=tuple(metrics.split(",") if isinstance(metrics, str) else metrics),
+                bpd_split=e.bpd_split, bpd_num_images=e.bpd_num_images,
+                bpd_batch_size=e.bpd_batch_size, clip_denoised=s.clip_denoised,
+                num_samples=e.fid_num_samples, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                var_type=s.get("var_type"), sample_batch_size=e.fid_batch_size,
+                reference_split=e.fid_reference,
+                feature_net=e.get("feature_net") or (
+                        "digits" if config.data.dataset == "digits" else "inception"),
+                inception_weights=e.get("inception_weights"), seed=config.training.seed)
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**defaults)
+
+
+def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) -> str:
+    parts = [f"report_step{step}", weights]
+    if "bpd" in options.metrics:
+        parts.append(f"bpd-{options.bpd_split}")
+    if set(options.metrics) - {"bpd"}:
+        parts.append(f"{options.sampler}{num_steps}-n{options.num_samples}-{options.feature_net}")
+    return "_".join(parts)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions,
+                 schedule: Schedule, key: Array, mesh: jax.sharding.Mesh | None, progress: bool,
+                 stem: str, where: str, write: bool) -> tuple[dict[str, Any], str]:
+    """Bits/dim of the split: (summary, protocol line); writes the per-t .npz and .png."""
+    from ddpm_jax import data  # the TFDS import is slow: only when needed
+
+    d, data_cfg = config.diffusion, config.data
+    start = time.time()
+    split_images = data.load_split_uint8(data_cfg.dataset, options.bpd_split,
+                                         data_cfg.get("data_dir"), image_size=data_cfg.image_size,
+                                         channels=data_cfg.channels,
+                                         max_examples=options.bpd_num_images)
+    result = evaluate_bpd(apply_fn, params, schedule, split_images, key, mean_type=d.mean_type,
+                          var_type=d.var_type, clip_denoised=options.clip_denoised,
+                          batch_size=options.bpd_batch_size, mesh=mesh, progress=progress)
+    summary = bpd_summary(result)
+    summary.update(split=options.bpd_split, seconds=round(time.time() - start, 1),
+                   clip_denoised=options.clip_denoised, curve=stem + "_bpd_terms.npz")
+    line = (f"{options.bpd_split} bits/dim {summary['total']:.4f} (+- "
+            f"{summary['total_stderr']:.4f} s.e.; prior {summary['prior']:.4g}, decoder "
+            f"{summary['decoder']:.4f}, KL terms {summary['kl_terms']:.4f}): the full bound over "
+            f"all T={d.timesteps} steps, {summary['num_images']} images of "
+            f"{data_cfg.dataset}/{options.bpd_split}, {where}.")
+    if write:
+        np.savez(stem + "_bpd_terms.npz", **{k: v for k, v in result.items() if k != "num_images"})
+        plots.save_line_plot(stem + "_bpd_terms.png", result["terms_bpd"],
+                             title=f"L_t in bits/dim ({data_cfg.dataset}/{options.bpd_split}, "
+                                   f"{where}); total {summary['total']:.4f}",
+                             xlabel="t (0-based)", ylabel="bits/dim")
+    return summary, line
+
+
+def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions,
+                    schedule: Schedule, key: Array, mesh: jax.sharding.Mesh | None,
+                    progress: bool, stem: str, where: str,
+                    write: bool) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """FID / IS / KID of generated samples: (samples info, scores, protocol line)."""
+    d, data_cfg = config.diffusion, config.data
+    image_shape = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
+    net = features.make_feature_net(options.feature_net, image_size=data_cfg.image_size,
+                                    inception_weights=options.inception_weights,
+                                    cache_dir=options.cache_dir)
+    reference = features.reference_statistics(
+            net, dataset=data_cfg.dataset, split=options.reference_split,
+            image_size=data_cfg.image_size, channels=data_cfg.channels,
+            data_dir=data_cfg.get("data_dir"), cache_dir=options.cache_dir,
+            max_images=options.reference_num_images, progress=progress)
+    var_type = options.var_type or d.var_type
+    start = time.time()
+    samples = generate_samples(
+            apply_fn, params, schedule, num_samples=options.num_samples, image_shape=image_shape,
+            batch_size=options.sample_batch_size, key=key, mesh=mesh, progress=progress,
+            sampler=options.sampler, steps=options.steps, eta=options.eta,
+            mean_type=d.mean_type, var_type=var_type, clip_denoised=options.clip_denoised)
+    num_steps = sampling.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
+    info = dict(num_samples=options.num_samples, sampler=options.sampler, steps=num_steps,
+                eta=options.eta, var_type=var_type, seed=options.seed,
+                seconds=round(time.time() - start, 1))
+    scores = features.sample_quality(
+            net, samples, reference, scores=tuple(m for m in options.metrics if m != "bpd"),
+            is_splits=options.is_splits, kid_subsets=options.kid_subsets,
+            kid_subset_size=options.kid_subset_size, progress=progress)
+    values = [f"{e['label']} {e['value']:.4f}" if name == "fid" else
+              f"{e['label']} {e['mean']:.4g} +- {e['std']:.2g}" for name, e in scores.items()]
+    how = (f"eta {options.eta}" if options.sampler == "ddim" else f"{var_type} variance")
+    ref = reference["protocol"]
+    line = (f"{', '.join(values)}: {options.num_samples} samples ({options.sampler} sampler, "
+            f"{num_steps} steps, {how}, seed {options.seed}, {where}) vs {ref['num_images']} "
+            f"images of {ref['dataset']}/{ref['split']}; feature net {net.name} (sha256 "
+            f"{net.weights_sha256[:16]}...).")
+    if write and options.save_samples:
+        np.savez(stem + "_samples.npz", images=samples)
+        images.save_image_grid(samples[:64], stem + "_samples.png")
+    return info, scores, line
+
+
+def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions, *,
+                   workdir: str, step: int, weights: str = "ema",
+                   mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluates `params` of the run described by `config`; every process must call it.
+
+    Writes (process 0) workdir/eval/report_<...>.json; for bpd the per-t curve as .npz and
+    .png beside it; for sample scores the samples as .npz and a PNG grid
+    (options.save_samples). Returns the report: dict(checkpoint, dataset, diffusion, options,
+    bpd, samples, scores, protocol: one line per measurement, path).
+    """
+    d, data_cfg = config.diffusion, config.data
+    schedule = Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start,
+                               beta_end=d.beta_end)
+    num_steps = sampling.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
+    eval_dir = os.path.join(workdir, "eval")
+    stem = os.path.join(eval_dir, _report_name(step, weights, options, num_steps))
+    write = jax.process_index() == 0
+    if write:
+        os.makedirs(eval_dir, exist_ok=True)
+    where = f"{'EMA' if weights == 'ema' else weights} weights of step {step}"
+    report: dict[str, Any] = dict(
+            workdir=os.path.abspath(workdir), checkpoint=dict(step=step, weights=weights),
+            dataset=dict(name=data_cfg.dataset, image_size=data_cfg.image_size,
+                         channels=data_cfg.channels),
+            diffusion=dict(timesteps=d.timesteps, schedule=d.schedule, mean_type=d.mean_type,
+                           var_type=d.var_type), options=dataclasses.asdict(options),
+            protocol=[])
+    key = jax.random.key(options.seed)
+    common = dict(schedule=schedule, mesh=mesh, progress=progress, stem=stem, where=where,
+                  write=write)
+    if "bpd" in options.metrics:
+        report["bpd"], line = _bpd_section(config, apply_fn, params, options,
+                                           key=jax.random.fold_in(key, 1), **common)
+        report["protocol"].append(line)
+    if set(options.metrics) - {"bpd"}:
+        report["samples"], report["scores"], line = _scores_section(
+                config, apply_fn, params, options, key=jax.random.fold_in(key, 2), **common)
+        report["protocol"].append(line)
+    for line in report["protocol"]:
+        logging.info("%s", line)
+    if write:
+        report["path"] = stem + ".json"
+        _write_json(report["path"], report)
+    return report
+
+
+def scalars(report: dict[str, Any]) -> dict[str, float]:
+    """Flat {name: value} of a report for metric writers, e.g. eval/bpd, eval/digits-FID."""
+    out = {}
+    if "bpd" in report:
+        out["eval/bpd"] = report["bpd"]["total"]
+    for name, entry in report.get("scores", {}).items():
+        out[f"eval/{entry['label']}"] = entry["value"] if name == "fid" else entry["mean"]
+    return out
+
+
+def evaluate_in_training(config: Any, model: Any, params: Any, *, workdir: str, step: int,
+                         mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+    """The periodic evaluation of the training loop (every config.eval.every_steps): the
+    metrics of config.eval on the EMA `params`, a report in workdir/eval, scalars returned."""
+    options = EvalOptions.from_config(config)
+    report = run_evaluation(config, sampling.ModelApply(model), params, options, workdir=workdir,
+                            step=step, weights="ema", mesh=mesh, progress=False)
+    return scalars(report)
+
+
+# --------------------------------------------------------------------------- command line
+
+def define_flags() -> None:
+    """The command line's flags; defined on demand so that importing this module (as the
+    training loop does) adds no flags. Unset flags take the run's config.eval / sampling."""
+    flags.DEFINE_string("workdir", None, "Training work dir; its latest checkpoint (or --step) "
+                        "is evaluated and the report goes to WORKDIR/eval.", required=True)
+    flags.DEFINE_list("metrics", "bpd,fid,is", f"Comma-separated, from {','.join(METRICS)}.")
+    flags.DEFINE_integer("num_samples", None, "Generated images for FID / IS / KID "
+                         "(default config.eval.fid_num_samples).", lower_bound=2)
+    flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "ddpm (ancestral) | ddim "
+                      "(default config.sampling.sampler).")
+    flags.DEFINE_string("steps", None, "Reverse steps: an int S, 'ddimS' or 'S1,S2,...' "
+                        "(default config.sampling.steps).")
+    flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default config.sampling.eta).")
+    flags.DEFINE_integer("batch_size", None, "Images per sampler call (default "
+                         "config.eval.fid_batch_size).", lower_bound=1)
+    flags.DEFINE_enum("split", None, ["train", "test"], "Split for bits/dim (default "
+                      "config.eval.bpd_split).")
+    flags.DEFINE_integer("bpd_num_images", None, "First N images of the split (default: all).",
+                         lower_bound=1)
+    flags.DEFINE_integer("bpd_batch_size", None, "Images per bits/dim call (default "
+                         "config.eval.bpd_batch_size).", lower_bound=1)
+    flags.DEFINE_enum("reference_split", None, ["train", "test"], "Reference statistics for "
+                      "FID / KID (default config.eval.fid_reference; the paper uses train).")
+    flags.DEFINE_enum("feature_net", None, list(features.FEATURE_NETS), "digits: the project's "
+                      "digits classifier (digits-FID / digits-IS); inception: the FID "
+                      "InceptionV3 (needs --inception_weights). Default: digits for the "
+                      "digits data, else inception.")
+    flags.DEFINE_string("inception_weights", None, "Local pt_inception-2015-12-05-6726825d.pth "
+                        "(pytorch-fid's release) or its .npz export.")
+    flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA (as the paper) or raw parameters.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_integer("seed", None, "PRNG seed (default config.training.seed).")
+    flags.DEFINE_string("cache_dir", None, "Classifier weights and reference statistics "
+                        "(default $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
+    flags.DEFINE_boolean("save_samples", True, "Also write the samples (.npz and a PNG grid).")
+    flags.DEFINE_boolean("progress", True, "Progress bars.")
+
+
+def _parse_steps(steps: str | None) -> int | str | None:
+    if steps is None:
+        return None
+    return int(steps) if steps.strip().isdigit() else steps.strip()
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {list(argv[1:])}; every option is a --flag.")
+    FLAGS = flags.FLAGS
+    from ddpm_jax import checkpoint  # orbax: only for the command line
+
+    step = FLAGS.step
+    if step is None:
+        manager = checkpoint.make_manager(FLAGS.workdir, max_to_keep=1, read_only=True)
+        step = manager.latest_step()
+        manager.close()
+        if step is None:
+            raise app.UsageError(f"No checkpoint in {checkpoint.checkpoint_dir(FLAGS.workdir)}: "
+                                 f"train first (python train.py --workdir {FLAGS.workdir}).")
+    config, model, params = checkpoint.load_for_sampling(FLAGS.workdir, weights=FLAGS.weights,
+                                                         step=step)
+    try:
+        options = EvalOptions.from_config(
+                config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
+                sampler=FLAGS.sampler, steps=_parse_steps(FLAGS.steps), eta=FLAGS.eta,
+                sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
+                bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
+                reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
+                inception_weights=FLAGS.inception_weights, seed=FLAGS.seed,
+                cache_dir=FLAGS.cache_dir, save_samples=FLAGS.save_samples)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if options.eta and options.sampler != "ddim":
+        raise app.UsageError(f"--eta={options.eta} only applies to --sampler=ddim.")
+    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+    report = run_evaluation(config, sampling.ModelApply(model), params, options,
+                            workdir=FLAGS.workdir, step=step, weights=FLAGS.weights, mesh=mesh,
+                            progress=FLAGS.progress and jax.process_index() == 0)
+    if jax.process_index() == 0:
+        for line in report["protocol"]:
+            print(line)
+        print(f"Report: {report['path']}")
+
+
+def run() -> None:
+    """Entry point of `python evaluate.py` and `python -m ddpm_jax.evaluate`."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
