@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections): `--config configs/cifar10.py[:tiny]`."""

@@ -1,0 +1,134 @@
+"""Every knob once, with the official CIFAR-10 values; experiment files override a few fields.
+
+`config.model` holds exactly the keyword arguments of `ddpm_jax.models.unet.UNet` except `dtype`
+(from training.compute_dtype); `ddpm_jax.config.model_from_config` builds the module and fills
+`out_channels`. `ddpm_jax.config.validate` checks every value at start-up.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.model = dict(
+        ch=128,                       # base channels (stem conv, first level, time embedding dim)
+        ch_mult=(1, 2, 2, 2),         # channel multiplier per level; len - 1 stride-2 downsamples
+        num_res_blocks=2,             # ResBlocks per down level; up levels get one more
+        attn_resolutions=(16,),       # feature-map sizes with self-attention after every ResBlock
+        dropout=0.1,                  # inside every ResBlock, before its second conv
+        out_channels=placeholder(int),  # None: data.channels, doubled for learned variances
+        num_classes=placeholder(int),   # None: unconditional; N: labels 0..N-1 plus null label N
+        remat=False,                  # recompute block activations in the backward pass (memory)
+        resamp_with_conv=True,        # strided-conv down / conv-after-nearest up (else avg-pool / none)
+        num_groups=32,                # GroupNorm groups; every level's channels must divide by it
+    )
+
+    config.diffusion = dict(
+        timesteps=1000,               # T; arrays indexed by 0-based t in {0..T-1}
+        schedule="linear",            # linear | quad | const | jsd | warmup10 | warmup50 | cosine
+        beta_start=1e-4,              # first beta of the linear-type schedules
+        beta_end=0.02,                # last beta
+        mean_type="eps",              # what the network predicts: eps | xstart | xprev | v
+        var_type="fixedlarge",        # fixedlarge (beta_t) | fixedsmall (beta~_t) | learned | learned_range
+        loss_type="mse",              # mse (L_simple) | kl (the bound) | hybrid (mse + bound for variance)
+    )
+
+    config.data = dict(
+        dataset="cifar10",            # cifar10 | digits | celebahq | lsun_* | folder | tfds:<name>
+        image_size=32,                # H = W in pixels
+        channels=3,                   # C
+        random_flip=True,             # random horizontal flips during training
+        data_dir=placeholder(str),    # TFDS / data root; None: the library default
+    )
+
+    config.training = dict(
+        batch_size=128,               # global batch, split over all devices
+        lr=2e-4,                      # Adam learning rate after warmup
+        warmup_steps=5000,            # linear learning-rate warmup from 0
+        grad_clip=1.0,                # global-norm gradient clipping; None disables it
+        ema_decay=0.9999,             # EMA of the parameters, used for sampling and evaluation
+        num_steps=800_000,            # optimizer steps in total
+        adam_eps=1e-8,                # Adam epsilon
+        seed=0,                       # initialisation, noise and data-order seed
+        log_every=100,                # steps between metric writes
+        checkpoint_every=10_000,      # steps between checkpoints
+        keep_checkpoints=3,           # newest checkpoints kept on disk
+        keep_every=placeholder(int),  # also keep every checkpoint at a multiple of this step; None: no
+        sample_every=50_000,          # steps between sample grids (EMA weights)
+        num_sample_images=64,         # images in each sample grid
+        compute_dtype="float32",      # float32 | bfloat16 UNet compute; parameters stay float32
+        max_nonfinite_in_a_row=10,    # stop after this many consecutive non-finite losses
+        steps_per_dispatch=1,         # train steps fused into one jitted call
+    )
+
+    config.sampling = dict(
+        sampler="ddpm",               # ddpm (ancestral) | ddim
+        steps=1000,                   # reverse steps S <= T (fewer respaces), 'ddimS', or None: all T
+        eta=0.0,                      # DDIM noise: 0 deterministic, 1 matches DDPM's beta~
+        clip_denoised=True,           # clip the predicted x0 to [-1, 1], as the official sampler
+        var_type=placeholder(str),    # None: diffusion.var_type; else fixedlarge | fixedsmall
+        batch_size=256,               # images per sampling call
+    )
+
+    config.eval = dict(
+        metrics="bpd,fid,is",         # comma-separated, see ddpm_jax/evaluate.py
+        feature_net=placeholder(str),   # FID/IS features: digits | inception; None: digits for digits
+        inception_weights=placeholder(str),  # path of the Inception weights file (feature_net inception)
+        fid_num_samples=50_000,       # generated images for FID / IS (the paper's 50k)
+        fid_reference="train",        # statistics of this split; the paper compares to train
+        fid_batch_size=256,           # generated images per sampler call during evaluation
+        bpd_split="test",             # split for bits/dim
+        bpd_num_images=placeholder(int),  # None: the whole split
+        bpd_batch_size=64,            # images per bits/dim evaluation call (T network passes each)
+    )
+    return config
+
+
+def configure_256px(config: ml_collections.ConfigDict, dataset: str, num_steps: int) -> None:
+    """The official CelebA-HQ / LSUN 256x256 setup (Ho et al. 2020, Appendix B)."""
+    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.dropout = 0.0
+    config.diffusion.var_type = "fixedsmall"
+    config.data.dataset = dataset
+    config.data.image_size = 256
+    config.training.lr = 2e-5
+    config.training.batch_size = 64
+    config.training.num_steps = num_steps
+    config.sampling.batch_size = 64
+
+
+def with_variant(config: ml_collections.ConfigDict, variant: str | None,
+                 name: str) -> ml_collections.ConfigDict:
+    """Applies the variant after ':' in `--config configs/NAME.py:VARIANT` ('' or 'tiny')."""
+    if variant == "tiny":
+        make_tiny(config)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} for configs/{name}.py: use '' or 'tiny'.")
+    return config
+
+
+def make_tiny(config: ml_collections.ConfigDict) -> None:
+    """Shrinks any experiment to seconds on a CPU (tests, smoke runs): same dataset, <= 32px."""
+    num_levels = 2
+    config.data.image_size = min(config.data.image_size, 32)
+    config.model.ch = 16
+    config.model.num_groups = 8
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (config.data.image_size // 2 ** (num_levels - 1),)
+    config.training.batch_size = 8
+    config.training.warmup_steps = 2
+    config.training.num_steps = 10
+    config.training.log_every = 1
+    config.training.checkpoint_every = 5
+    config.training.sample_every = 5
+    config.training.num_sample_images = 4
+    config.sampling.sampler = "ddim"
+    config.sampling.steps = 10
+    config.sampling.batch_size = 4
+    config.eval.fid_num_samples = 16
+    config.eval.fid_batch_size = 8
+    config.eval.bpd_num_images = 4
+    config.eval.bpd_batch_size = 2

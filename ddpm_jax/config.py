@@ -1,0 +1,196 @@
+"""Start-up checks of an experiment config, and the config -> UNet mapping.
+
+`validate(config)` raises ValueError naming the field, its value and the fix, before anything
+expensive runs. Library code never reads a ConfigDict; only the command lines and the loop do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ddpm_jax.models.unet import UNet, check_architecture
+from ddpm_jax.sampling import SAMPLERS, space_timesteps
+from ddpm_jax.schedule import SCHEDULES
+
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval")
+MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_channels",
+                "num_classes", "remat", "resamp_with_conv", "num_groups")
+
+
+class _Checker:
+    """Checks the fields of one config section; every failure names `section.field`."""
+
+    def __init__(self, config: Any, section: str):
+        if section not in config:
+            raise ValueError(f"config has no `{section}` section: start from configs/base.py get_config().")
+        self.values: Mapping[str, Any] = config[section]
+        self.section = section
+
+    def get(self, field: str) -> Any:
+        if field not in self.values:
+            raise ValueError(f"config.{self.section} has no field `{field}`: add it (see configs/base.py).")
+        return self.values[field]
+
+    def fail(self, field: str, fix: str) -> ValueError:
+        return ValueError(f"config.{self.section}.{field}={self.values[field]!r}: {fix}.")
+
+    def choice(self, field: str, choices: Sequence[Any]) -> Any:
+        value = self.get(field)
+        if value not in choices:
+            raise self.fail(field, f"use one of {tuple(choices)}")
+        return value
+
+    def integer(self, field: str, minimum: int | None = None, optional: bool = False) -> int | None:
+        value = self.get(field)
+        if value is None and optional:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(field, "use an integer" + (" or None" if optional else ""))
+        if minimum is not None and value < minimum:
+            raise self.fail(field, f"use an integer >= {minimum}")
+        return value
+
+    def number(self, field: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+               optional: bool = False) -> float | None:
+        value = self.get(field)
+        if value is None and optional:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise self.fail(field, "use a number" + (" or None" if optional else ""))
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise self.fail(field, f"use a value in {interval}")
+        return float(value)
+
+    def boolean(self, field: str) -> bool:
+        value = self.get(field)
+        if not isinstance(value, bool):
+            raise self.fail(field, "use True or False")
+        return value
+
+    def int_tuple(self, field: str, minimum: int, nonempty: bool) -> tuple[int, ...]:
+        value = self.get(field)
+        if (not isinstance(value, (tuple, list)) or (nonempty and not value)
+                or any(not isinstance(v, int) or isinstance(v, bool) or v < minimum for v in value)):
+            raise self.fail(field, f"use a {'non-empty ' if nonempty else ''}tuple of integers >= {minimum}")
+        return tuple(value)
+
+
+def validate(config: Any) -> None:
+    """Raises ValueError for the first bad value in an experiment config (see configs/base.py)."""
+    inf = float("inf")
+    for section in SECTIONS:
+        _Checker(config, section)
+
+    data = _Checker(config, "data")
+    from ddpm_jax import data as data_lib  # here, not at the top: it imports TFDS (seconds)
+
+    dataset = data.get("dataset")
+    if not (dataset in data_lib.NAMES or (isinstance(dataset, str) and dataset.startswith("tfds:"))):
+        raise data.fail("dataset", f"use one of {data_lib.NAMES} or 'tfds:<name>'")
+    image_size = data.integer("image_size", 1)
+    channels = data.integer("channels", 1)
+    data.boolean("random_flip")
+    if data.get("data_dir") is not None and not isinstance(data.get("data_dir"), str):
+        raise data.fail("data_dir", "use a path string or None")
+
+    diffusion = _Checker(config, "diffusion")
+    timesteps = diffusion.integer("timesteps", 1)
+    diffusion.choice("schedule", SCHEDULES)
+    beta_start = diffusion.number("beta_start", 0.0, 1.0, low_open=True, high_open=True)
+    diffusion.number("beta_end", beta_start, 1.0, high_open=True)
+    diffusion.choice("mean_type", MEAN_TYPES)
+    var_type = diffusion.choice("var_type", VAR_TYPES)
+    loss_type = diffusion.choice("loss_type", LOSS_TYPES)
+    if loss_type == "mse" and var_type in LEARNED_VAR_TYPES:
+        # The official code asserts this too: L_simple gives the variance output no gradient.
+        raise diffusion.fail("var_type", "a learned variance needs loss_type='kl' or 'hybrid'; with "
+                             "loss_type='mse' use var_type='fixedlarge' or 'fixedsmall'")
+    if loss_type == "hybrid" and var_type not in LEARNED_VAR_TYPES:
+        raise diffusion.fail("loss_type", f"'hybrid' trains a learned variance: set diffusion.var_type "
+                             f"to one of {LEARNED_VAR_TYPES}, or use loss_type='mse'")
+
+    model = _Checker(config, "model")
+    unknown = sorted(set(model.values) - set(MODEL_FIELDS))
+    if unknown:
+        raise ValueError(f"config.model has unknown fields {unknown}: config.model holds exactly the UNet "
+                         f"arguments {MODEL_FIELDS}.")
+    ch = model.integer("ch", 1)
+    ch_mult = model.int_tuple("ch_mult", 1, nonempty=True)
+    model.integer("num_res_blocks", 1)
+    attn_resolutions = model.int_tuple("attn_resolutions", 1, nonempty=False)
+    model.number("dropout", 0.0, 1.0, high_open=True)
+    out_channels = model.integer("out_channels", 1, optional=True)
+    model.integer("num_classes", 1, optional=True)
+    model.boolean("remat")
+    model.boolean("resamp_with_conv")
+    num_groups = model.integer("num_groups", 1)
+    check_architecture(image_size, ch, ch_mult, attn_resolutions, num_groups)
+    needed = 2 * channels if var_type in LEARNED_VAR_TYPES else channels
+    if out_channels is not None and out_channels != needed:
+        raise model.fail("out_channels", f"diffusion.var_type={var_type!r} with data.channels={channels} "
+                         f"needs {needed} output channels: set it to {needed} or None")
+
+    training = _Checker(config, "training")
+    training.integer("batch_size", 1)
+    training.number("lr", 0.0, inf, low_open=True)
+    training.integer("warmup_steps", 0)
+    training.number("grad_clip", 0.0, inf, low_open=True, optional=True)
+    training.number("ema_decay", 0.0, 1.0, high_open=True)
+    training.integer("num_steps", 1)
+    training.number("adam_eps", 0.0, inf, low_open=True)
+    training.integer("seed")
+    training.integer("keep_every", 1, optional=True)
+    for field in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
+                  "max_nonfinite_in_a_row", "steps_per_dispatch"):
+        training.integer(field, 1)
+    training.integer("num_sample_images", 0)
+    training.choice("compute_dtype", tuple(COMPUTE_DTYPES))
+
+    sampling = _Checker(config, "sampling")
+    sampling.choice("sampler", SAMPLERS)
+    steps = sampling.get("steps")  # None: all T; an int S; or a respacing string such as 'ddim50'
+    if isinstance(steps, int) and not isinstance(steps, bool) and not 1 <= steps <= timesteps:
+        raise sampling.fail("steps", f"use 1 to diffusion.timesteps={timesteps} steps, or None for all")
+    if steps is not None:
+        try:
+            space_timesteps(timesteps, steps)
+        except (ValueError, TypeError) as err:
+            raise sampling.fail("steps", f"{err} Use None, an int S, or e.g. 'ddim50'") from None
+    sampling.number("eta", 0.0, 1.0)
+    sampling.boolean("clip_denoised")
+    sampling_var = sampling.get("var_type")
+    if sampling_var is not None:
+        sampling.choice("var_type", (None, "fixedlarge", "fixedsmall", var_type))
+    sampling.integer("batch_size", 1)
+
+    evaluation = _Checker(config, "eval")
+    if not isinstance(evaluation.get("metrics"), str) or not evaluation.get("metrics"):
+        raise evaluation.fail("metrics", "use a comma-separated string such as 'bpd,fid,is'")
+    for field in ("feature_net", "inception_weights"):
+        if evaluation.get(field) is not None and not isinstance(evaluation.get(field), str):
+            raise evaluation.fail(field, "use a string or None")
+    evaluation.integer("fid_num_samples", 1)
+    evaluation.choice("fid_reference", ("train", "test"))
+    evaluation.integer("fid_batch_size", 1)
+    evaluation.choice("bpd_split", ("train", "test"))
+    evaluation.integer("bpd_num_images", 1, optional=True)
+    evaluation.integer("bpd_batch_size", 1)
+
+
+def model_from_config(config: Any) -> UNet:
+    """The UNet of a (validated) config: out_channels from data.channels and diffusion.var_type,
+    dtype from training.compute_dtype."""
+    kwargs = dict(config.model)
+    kwargs["ch_mult"] = tuple(kwargs["ch_mult"])
+    kwargs["attn_resolutions"] = tuple(kwargs["attn_resolutions"])
+    if kwargs.get("out_channels") is None:
+        learned = config.diffusion.var_type in LEARNED_VAR_TYPES
+        kwargs["out_channels"] = config.data.channels * (2 if learned else 1)
+    return UNet(**kwargs, dtype=COMPUTE_DTYPES[config.training.compute_dtype])
