@@ -392,12 +392,6 @@ def define_flags() -> None:
     flags.DEFINE_boolean("progress", True, "Progress bars.")
 
 
-def _parse_steps(steps: str | None) -> int | str | None:
-    if steps is None:
-        return None
-    return int(steps) if steps.strip().isdigit() else steps.strip()
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {list(argv[1:])}; every option is a --flag.")
@@ -417,7 +411,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         options = EvalOptions.from_config(
                 config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
-                sampler=FLAGS.sampler, steps=_parse_steps(FLAGS.steps), eta=FLAGS.eta,
+                sampler=FLAGS.sampler, steps=sampling.parse_steps(FLAGS.steps), eta=FLAGS.eta,
                 sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
                 bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
                 reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
