@@ -1,0 +1,271 @@
+"""Orbax checkpoints of a training run: save, resume, preemption, and loading for sampling.
+
+A run's work dir holds `checkpoints/<step>/` with three items:
+  state   the whole `TrainState` (params, EMA, Adam, step, rng, non-finite counters);
+  data    the grain iterator's position (one JSON file per process), when the input has one;
+  config  the resolved config as JSON, checked on resume and used to rebuild the model.
+
+Saves are asynchronous: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it
+when complete, so a crash (even `kill -9`) mid-save leaves the previous checkpoint intact; the
+half-written directory is never listed as a step and is removed when the next manager opens.
+Preemption: with `jax.distributed` running, orbax's preemption sync point fires when a SIGTERM
+arrives (JAX catches SIGTERM itself: do not install a Python SIGTERM handler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from ddpm_jax import config as config_lib
+from ddpm_jax import parallel, training
+
+Array = jax.Array
+PyTree = Any
+
+CHECKPOINT_DIR = "checkpoints"
+STATE, DATA, CONFIG = "state", "data", "config"
+# Config sections that fix what a checkpoint's weights mean; a resume must not change them.
+# Compute-only knobs (the compute dtype, rematerialisation) may change between runs.
+COMPATIBILITY_SECTIONS = ("model", "diffusion")
+COMPATIBILITY_KEYS = ("data.image_size", "data.channels")
+COMPUTE_ONLY_KEYS = ("model.dtype", "model.remat")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: from another config, or unreadable. Nothing deleted."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def make_manager(workdir: str, *, max_to_keep: int, keep_period: int | None = None,
+                 async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+    """An orbax manager of workdir/checkpoints.
+
+    Keeps the latest `max_to_keep` checkpoints plus every multiple of `keep_period` steps (the
+    milestones; None or 0: none). When to save is decided by the caller (`save(..., step)`
+    always writes): the loop knows its steps per dispatch and the preemption sync point.
+    Leftover temporary directories of an interrupted save are removed on creation.
+    """
+    if max_to_keep < 1:
+        raise ValueError(f"max_to_keep={max_to_keep}: keep at least 1 checkpoint "
+                         "(config.training.checkpoint_max_to_keep).")
+    policies: list[Any] = [ocp_managers.LatestN(n=max_to_keep)]
+    if keep_period:
+        policies.append(ocp_managers.EveryNSteps(interval_steps=keep_period))
+    options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
+            preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def config_to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """The config as plain JSON types (tuples become lists), as saved in the checkpoint."""
+    if isinstance(config, ml_collections.ConfigDict):
+        return json.loads(config.to_json_best_effort(sort_keys=True))
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _compatibility_view(config: Mapping[str, Any]) -> dict[str, Any]:
+    flat = _flatten(config_to_dict(config))
+    keep = {k: v for k, v in flat.items()
+            if k.split(".")[0] in COMPATIBILITY_SECTIONS or k in COMPATIBILITY_KEYS}
+    return {k: v for k, v in keep.items() if k not in COMPUTE_ONLY_KEYS}
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Lines `key: saved X, now Y` for every compatibility key that differs (sorted)."""
+    old, new = _compatibility_view(saved), _compatibility_view(current)
+    missing = object()
+
+    def fmt(value: Any) -> str:
+        return "(absent)" if value is missing else json.dumps(value)
+
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            lines.append(f"{key}: saved {fmt(a)}, now {fmt(b)}")
+    return lines
+
+
+def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], *, step: int,
+                            directory: str) -> None:
+    """Raises CheckpointError naming the step and every differing key of model / diffusion /
+    data image shape between a checkpoint's config and the current one."""
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise CheckpointError(
+                f"The checkpoint at step {step} in {directory} was written by a different "
+                f"configuration ({len(diffs)} difference(s)):\n  " + "\n  ".join(diffs) +
+                "\nResume with the original config (saved as config.json in the work dir), or "
+                "start this config in a new --workdir. Nothing was deleted.")
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree, config: Mapping[str, Any], *,
+         data_iterator: Any | None = None) -> None:
+    """Starts an (async) save of step `step`; all processes call it. Returns once the arrays
+    are copied off the devices; `manager.wait_until_finished()` waits for the files."""
+    items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_to_dict(config))}
+    if data_iterator is not None:
+        items[DATA] = _grain_args(save=True)(data_iterator)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def _grain_args(*, save: bool) -> Any:
+    import grain.checkpoint
+    return grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The config saved with step `step` (plain JSON types)."""
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+    except Exception as e:
+        raise _unreadable(manager, step, "its config", e) from e
+    return restored[CONFIG]
+
+
+def _unreadable(manager: ocp.CheckpointManager, step: int, what: str, error: Exception) -> CheckpointError:
+    return CheckpointError(
+            f"Could not restore {what} from the checkpoint at step {step} in {manager.directory}: "
+            f"{type(error).__name__}: {error}\nThe checkpoint is incomplete or corrupt. Nothing "
+            f"was deleted: move {manager.directory / str(step)} aside to resume from the previous "
+            "checkpoint, or use a new --workdir.")
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
+            config: Mapping[str, Any], *, data_iterator: Any | None = None) -> PyTree:
+    """Restores the train state (and the data iterator, in place) of step `step`.
+
+    abstract_state: the state's tree of jax.ShapeDtypeStruct with the target shardings.
+    First checks that the saved config matches `config` (`check_config_compatible`). Raises
+    CheckpointError, naming the step, when the checkpoint cannot be read; nothing is deleted.
+    """
+    check_config_compatible(restore_config(manager, step), config, step=step,
+                            directory=str(manager.directory))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardRestore(abstract_state)}))
+    except Exception as e:
+        raise _unreadable(manager, step, "the train state", e) from e
+    if data_iterator is not None:
+        if not (manager.directory / str(step) / DATA).exists():
+            raise CheckpointError(
+                    f"The checkpoint at step {step} in {manager.directory} holds no data iterator "
+                    "state, but this run's input pipeline needs one. Nothing was deleted; use a "
+                    "new --workdir.")
+        try:
+            manager.restore(step, args=ocp.args.Composite(
+                    **{DATA: _grain_args(save=False)(data_iterator)}))
+        except Exception as e:
+            raise CheckpointError(
+                    f"Could not restore the data iterator from the checkpoint at step {step} in "
+                    f"{manager.directory}: {type(e).__name__}: {e}\nThe input settings (data set, "
+                    "batch size, seed, image shape) must match the run that wrote it. Nothing was "
+                    "deleted.") from e
+    return restored[STATE]
+
+
+# ------------------------------------------------------------------------------- sampling
+
+def load_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = None,
+                      sharding: jax.sharding.Sharding | None = None
+                      ) -> tuple[ml_collections.ConfigDict, Any, PyTree]:
+    """(config, model, params) of a run's checkpoint, for sampling and evaluation.
+
+    weights: "ema" (the paper evaluates the EMA) or "raw"; step: default the latest.
+    Only the requested parameters are read, placed with `sharding` (default: replicated over
+    every device). The model is rebuilt from the checkpoint's own config.
+    """
+    fields = {"ema": "ema_params", "raw": "params"}
+    if weights not in fields:
+        raise ValueError(f"weights={weights!r}: choose 'ema' (the EMA, used for the paper's "
+                         "samples) or 'raw' (the trained parameters).")
+    manager = make_manager(workdir, max_to_keep=1, read_only=True)
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {manager.directory}: train first "
+                                    f"(python train.py --workdir {workdir}).")
+    elif step not in manager.all_steps():
+        raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; it "
+                                f"holds steps {list(manager.all_steps())}.")
+    config = ml_collections.ConfigDict(restore_config(manager, step))
+    model = config_lib.model_from_config(config)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    shapes = jax.eval_shape(lambda rng: training.init_params(model, rng, image_shape),
+                            jax.random.PRNGKey(0))
+    if sharding is None:
+        sharding = parallel.replicated(parallel.make_mesh())
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            shapes)
+    field = fields[weights]
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    args = ocp.args.PyTreeRestore(item={field: abstract}, restore_args={field: restore_args},
+                                  partial_restore=True)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    except Exception as e:
+        raise _unreadable(manager, step, f"the {weights} parameters", e) from e
+    manager.close()
+    logging.info("Loaded the %s parameters of step %d from %s.", weights, step, manager.directory)
+    return config, model, restored[STATE][field]
+
+
+# ----------------------------------------------------------------------------- preemption
+
+def _free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_single_process_preemption_service() -> None:
+    """Starts `jax.distributed` for this one process on 127.0.0.1 (bound there only) so that
+    a SIGTERM reaches orbax's preemption sync point: the loop then saves and exits 0.
+
+    Call before any other JAX call, only when no multi-process run was initialised.
+    """
+    address = f"127.0.0.1:{_free_local_port()}"
+    jax.distributed.initialize(address, num_processes=1, process_id=0,
+                               coordinator_bind_address=address)
+    logging.info("Preemption service on %s: SIGTERM will checkpoint and exit 0.", address)
+
+
+def reached_preemption(manager: ocp.CheckpointManager, steps: Iterable[int]) -> bool:
+    """Whether the preemption sync point is among `steps`, every step since the last call.
+
+    JAX's sync point is the step after the fastest process's latest reported step, and only an
+    exact match fires; a loop running K steps per dispatch therefore reports all K.
+    """
+    reached = False
+    for step in steps:
+        reached |= manager.reached_preemption(step)
+    return reached

@@ -1,0 +1,296 @@
+"""The outer training loop: data -> jitted step -> metrics / checkpoints / sample grids.
+
+One `jax.jit` with explicit `NamedSharding`s over a 1-D "data" mesh of every device of every
+host: parameters, optimizer state and EMA replicated, batches split over "data", the state
+donated. No explicit collective: XLA inserts the gradient all-reduce (a mean over the global
+batch, so gradients do not scale with the device count).
+
+Resume: when the work dir holds a checkpoint, the latest complete one is restored (state and
+data iterator), after checking that its config is compatible. Preemption: a SIGTERM (with
+`jax.distributed` running) reaches orbax's sync point; the loop saves there and returns
+normally, so the process exits 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ddpm_jax import checkpoint, data, images, parallel, sampling, training
+from ddpm_jax import config as config_lib
+from ddpm_jax.schedule import Schedule
+from ddpm_jax.writers import MetricWriter
+
+Array = jax.Array
+ProgressFn = Callable[[int, "Mapping[str, float] | None"], None]
+
+CONFIG_FILE = "config.json"
+SAMPLES_DIR = "samples"
+# Metrics reported as their value at the log step; every other metric is averaged over the
+# steps since the previous log.
+LAST_VALUE_METRICS = ("lr", "nonfinite_in_a_row", "nonfinite_total")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped: too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _crossed(previous: int, current: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (previous, current]."""
+    return every > 0 and current // every > previous // every
+
+
+def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """workdir/config.json (process 0): the config after overrides, as plain JSON."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(checkpoint.config_to_dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
+    d = config.diffusion
+    return Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def step_kwargs(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
+    """The static keyword arguments of `training.train_step` for a config (all hashable)."""
+    t, d = config.training, config.diffusion
+    return dict(model=model, optimizer=make_optimizer(config), base_lr=t.lr,
+                warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, mean_type=d.mean_type,
+                var_type=d.var_type, loss_type=d.loss_type,
+                use_labels=config.model.num_classes is not None)
+
+
+@functools.cache
+def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., Any]:
+    """`training.train_step` (K = 1) or `train_steps` (K > 1) under one jit: the state and the
+    schedule replicated over the mesh, batches ([B, ...], or [K, B, ...]) split over "data", the
+    state donated. Call as f(state, batch, schedule, **step_kwargs(config, model)).
+
+    Cached per (mesh, K), and the static arguments are hashable, so runs in one process with
+    equal settings share one compilation.
+    """
+    replicated = parallel.replicated(mesh)
+    if steps_per_dispatch == 1:
+        fn, spec = training.train_step, PartitionSpec(parallel.DATA_AXIS)
+    else:
+        fn, spec = training.train_steps, PartitionSpec(None, parallel.DATA_AXIS)
+
+    # jit takes no keyword arguments together with in_shardings: the static keyword arguments
+    # travel as one hashable, positional tuple.
+    def positional(state, batch, schedule, static_items):
+        return fn(state, batch, schedule, **dict(static_items))
+    positional.__name__ = fn.__name__  # "jit_train_step" in profiles and compiler logs
+
+    jitted = jax.jit(positional, static_argnums=3,
+                     in_shardings=(replicated, NamedSharding(mesh, spec), replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+
+    def call(state, batch, schedule, **static):
+        return jitted(state, batch, schedule, tuple(sorted(static.items())))
+    call.jitted = jitted  # for tests: jitted._cache_size()
+    return call
+
+
+@functools.cache
+def jitted_create_train_state(mesh: Mesh) -> Callable[..., training.TrainState]:
+    """`training.create_train_state(model, optimizer, rng, image_shape)` with its outputs born
+    replicated over the mesh (model, optimizer and image_shape static)."""
+    return jax.jit(training.create_train_state, static_argnums=(0, 1),
+                   static_argnames=("image_shape",), out_shardings=parallel.replicated(mesh))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> Any:
+    return training.make_optimizer(grad_clip=config.training.grad_clip or 0.0,
+                                   adam_eps=config.training.adam_eps)
+
+
+def _image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+class _MetricAccumulator:
+    """Per-dispatch metrics kept on device until a log step fetches them in one transfer."""
+
+    def __init__(self):
+        self.pending: list[dict[str, Array]] = []
+
+    def add(self, metrics: dict[str, Array]) -> None:
+        self.pending.append(metrics)
+
+    def reduce(self) -> dict[str, float | int]:
+        fetched = jax.device_get(self.pending)
+        self.pending = []
+        out = {}
+        for name in fetched[-1]:
+            values = np.concatenate([np.ravel(m[name]) for m in fetched])
+            out[name] = (values[-1] if name in LAST_VALUE_METRICS else np.mean(values)).item()
+        return out
+
+
+def _check_nonfinite(metrics: Mapping[str, Array], step: int, limit: int,
+                     last_checkpoint: int | None) -> None:
+    """Raises NonFiniteError when the last `limit` (or more) steps were all non-finite."""
+    in_a_row = int(np.ravel(jax.device_get(metrics["nonfinite_in_a_row"]))[-1])
+    if in_a_row >= limit:
+        total = int(np.ravel(jax.device_get(metrics["nonfinite_total"]))[-1])
+        raise NonFiniteError(
+                f"Training stopped at step {step}: the loss or gradient norm was non-finite for "
+                f"{in_a_row} steps in a row ({total} in total). Those updates were skipped, so "
+                f"the parameters are those of step {step - in_a_row}. Lower training.lr, check "
+                "the data for NaN/inf, or raise training.max_nonfinite_in_a_row. Last checkpoint: "
+                f"{'none' if last_checkpoint is None else f'step {last_checkpoint}'}.")
+
+
+def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: Schedule,
+                      ema_params: Any, mesh: jax.sharding.Mesh, path: str) -> None:
+    """Samples config.training.num_sample_images images from the EMA weights (every process
+    takes part) and writes them as one PNG grid (process 0). Fixed noise: grids of successive
+    steps show the same starting points."""
+    count = config.training.num_sample_images
+    if count <= 0:
+        return
+    batch = -(-count // mesh.size) * mesh.size
+    s = config.sampling
+    sampler = sampling.make_sampler(
+            sampling.ModelApply(model), schedule, (batch, *_image_shape(config)),
+            sampler=s.sampler, steps=s.steps, eta=s.eta, mean_type=config.diffusion.mean_type,
+            var_type=s.var_type or config.diffusion.var_type, clip_denoised=s.clip_denoised,
+            mesh=mesh)
+    out = sampler(ema_params, jax.random.PRNGKey(config.training.seed + 1))["images"]
+    pixels = multihost_utils.process_allgather(out, tiled=True)[:count]
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        images.save_image_grid(images.to_uint8(pixels), path)
+        logging.info("Wrote %d samples to %s.", count, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress: ProgressFn | None = None) -> training.TrainState:
+    """Trains `config` in `workdir` until config.training.num_steps (resuming when the work dir
+    holds a checkpoint) and returns the final state. Every process calls it.
+
+    progress(step, scalars_or_None): called after every dispatch on process 0 (scalars at log
+    steps), for a progress bar.
+    """
+    config_lib.validate(config)
+    t = config.training
+    k = t.steps_per_dispatch
+    if t.checkpoint_every % k or t.log_every % k:
+        raise ValueError(f"training.steps_per_dispatch={k} must divide training.checkpoint_every="
+                         f"{t.checkpoint_every} and training.log_every={t.log_every}.")
+    if t.keep_every is not None and t.keep_every % t.checkpoint_every:
+        raise ValueError(f"training.keep_every={t.keep_every} keeps the checkpoints at its "
+                         "multiples, so it must be a multiple of training.checkpoint_every="
+                         f"{t.checkpoint_every}; or None to keep no milestones.")
+    is_main = jax.process_index() == 0
+    mesh = parallel.make_mesh()
+    replicated = parallel.replicated(mesh)
+    logging.info("Mesh: %d devices on %d processes.", mesh.size, jax.process_count())
+
+    model = config_lib.model_from_config(config)
+    # From host values, identical on every process, to one replicated global array per field.
+    schedule = jax.device_put(jax.tree.map(np.asarray, make_schedule(config)), replicated)
+    kwargs = step_kwargs(config, model)
+    create = functools.partial(jitted_create_train_state(mesh), model, kwargs["optimizer"],
+                               image_shape=_image_shape(config))
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                            jax.eval_shape(create, jax.random.PRNGKey(t.seed)))
+    iterator = data.make_input_iterator(
+            config.data.dataset, "train", global_batch_size=t.batch_size, seed=t.seed,
+            image_size=config.data.image_size, channels=config.data.channels,
+            random_flip=config.data.random_flip, mesh=mesh, data_dir=config.data.data_dir)
+
+    manager = checkpoint.make_manager(workdir, max_to_keep=t.keep_checkpoints,
+                                      keep_period=t.keep_every)
+    last_checkpoint = manager.latest_step()
+    if last_checkpoint is not None:
+        logging.info("Resuming from the checkpoint at step %d in %s.", last_checkpoint,
+                     manager.directory)
+        state = checkpoint.restore(manager, last_checkpoint, abstract, config,
+                                   data_iterator=iterator)
+    else:
+        state = create(jax.random.PRNGKey(t.seed))
+    # Only now: a refused resume must not overwrite the config of the run that owns the dir.
+    save_resolved_config(config, workdir)
+    step = int(jax.device_get(state.step))
+    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    logging.info("Model: %s parameters; starting at step %d of %d.", f"{num_params:,}", step,
+                 t.num_steps)
+
+    # Report the starting step to the preemption sync now: a SIGTERM during compilation then
+    # still has a step to sync on (JAX's protocol fails when no process has reported one).
+    checkpoint.reached_preemption(manager, [step])
+    step_fn = functools.partial(jitted_train_step(mesh, k), **kwargs)
+    stack = jax.jit(lambda *bs: jax.tree.map(lambda *x: jnp.stack(x), *bs),
+                    out_shardings=NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS)))
+
+    writer = MetricWriter(workdir)
+    accumulator = _MetricAccumulator()
+    previous_metrics = None
+    last_log_time, last_log_step = time.time(), step
+    samples_dir = os.path.join(workdir, SAMPLES_DIR)
+    try:
+        while step < t.num_steps:
+            k_now = min(k, t.num_steps - step)
+            batches = [next(iterator) for _ in range(k_now)]
+            if k == 1:
+                batch = batches[0]
+            else:
+                batch = stack(*batches)
+            state, metrics = step_fn(state, batch, schedule)
+            previous, step = step, step + k_now
+            accumulator.add(metrics)
+            # The counter of the previous dispatch is read after this one is queued, so the
+            # check does not stall the device.
+            if previous_metrics is not None:
+                _check_nonfinite(previous_metrics, previous, t.max_nonfinite_in_a_row,
+                                 manager.latest_step())
+            previous_metrics = metrics
+
+            scalars = None
+            if _crossed(previous, step, t.log_every) or step == t.num_steps:
+                scalars = accumulator.reduce()
+                now = time.time()
+                scalars["steps_per_sec"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                scalars["examples_per_sec"] = scalars["steps_per_sec"] * t.batch_size
+                last_log_time, last_log_step = now, step
+                writer.write_scalars(step, scalars)
+                _check_nonfinite(metrics, step, t.max_nonfinite_in_a_row, manager.latest_step())
+            if is_main and progress is not None:
+                progress(step, scalars)
+
+            preempted = checkpoint.reached_preemption(manager, range(previous + 1, step + 1))
+            if preempted or _crossed(previous, step, t.checkpoint_every) or step == t.num_steps:
+                checkpoint.save(manager, step, state, config, data_iterator=iterator)
+            if preempted:
+                manager.wait_until_finished()
+                logging.warning("Preempted: saved the checkpoint of step %d in %s; exiting.",
+                                step, manager.directory)
+                return state
+            if _crossed(previous, step, t.sample_every) or step == t.num_steps:
+                write_sample_grid(config, model, schedule, state.ema_params, mesh,
+                                  os.path.join(samples_dir, f"step_{step:08d}.png"))
+    finally:
+        # Whatever happened (an error, Ctrl-C), let a started save finish: never leave the
+        # newest checkpoint half written.
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    logging.info("Training finished at step %d.", step)
+    return state

@@ -1,0 +1,184 @@
+"""The train state and the train step, as pure functions (no I/O, no globals).
+
+The recipe is the official one (`diffusion_tf/diffusion_utils_2.py` + `scripts/run_cifar.py`):
+Adam (eps 1e-8) with a linear warmup `lr * min(1, step / warmup_steps)` (0 at step 0),
+global-norm gradient clipping before Adam, and an EMA of the parameters updated after every
+step from the new parameters, `ema = decay * ema + (1 - decay) * params` (no num_updates ramp).
+
+Every random number of step `s` comes from `fold_in(state.rng, s)`, drawn with global shapes
+inside the jitted step: results depend neither on how the loop is split into calls nor, under
+`jit` with `NamedSharding` (partitionable threefry), on the number of devices.
+
+`train_step` is jitted by the caller (`loop.py`) with shardings and donation; nothing here
+touches devices or files.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddpm_jax import diffusion
+from ddpm_jax.schedule import Schedule
+
+Array = jax.Array
+PyTree = Any
+Batch = dict[str, Array]
+Metrics = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; one pytree, saved whole by the checkpointer.
+
+    step: int32 []; number of optimizer steps taken (the next step's index).
+    params / ema_params: the model's parameters and their EMA, float32, separate buffers.
+    opt_state: Adam's moments (float32) and count, after gradient clipping.
+    rng: uint32 [2], the run's base key; step s uses fold_in(rng, s).
+    nonfinite_in_a_row / nonfinite_total: int32 []; steps whose loss or gradient norm was not
+        finite (those updates are skipped).
+    """
+
+    step: Array
+    params: PyTree
+    opt_state: optax.OptState
+    ema_params: PyTree
+    rng: Array
+    nonfinite_in_a_row: Array
+    nonfinite_total: Array
+
+
+def learning_rate(step: Array | int, *, base_lr: float, warmup_steps: int) -> Array:
+    """The official schedule: base_lr * min(1, step / warmup_steps); 0 at step 0. float32 []."""
+    step = jnp.asarray(step, jnp.float32)
+    if warmup_steps <= 0:
+        return jnp.full((), base_lr, jnp.float32)
+    return base_lr * jnp.minimum(1.0, step / warmup_steps)
+
+
+@functools.cache
+def make_optimizer(*, grad_clip: float, adam_b1: float = 0.9, adam_b2: float = 0.999,
+                   adam_eps: float = 1e-8) -> optax.GradientTransformation:
+    """Global-norm clipping (skipped when grad_clip <= 0) then Adam's direction, *unscaled*.
+
+    The learning rate is applied by `train_step` from `state.step`, so the schedule follows
+    the step count even when non-finite updates are skipped (Adam's own count, used for bias
+    correction, counts applied updates only). Memoised: equal arguments give the same object,
+    so a jitted step that takes the optimizer as a static argument is not recompiled.
+    """
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    parts.append(optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps))
+    return optax.chain(*parts)
+
+
+def init_params(model: nn.Module, rng: Array, image_shape: tuple[int, int, int]) -> PyTree:
+    """The model's parameters for images of shape (H, W, C), from an all-zero batch of 1."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    variables = model.init({"params": rng}, x, t, train=False)
+    return variables["params"]
+
+
+def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: Array,
+                       image_shape: tuple[int, int, int]) -> TrainState:
+    """A fresh state at step 0. rng: a raw uint32 [2] key (jax.random.PRNGKey(seed)).
+
+    Jit it with `out_shardings` to create the parameters directly where they live. The EMA
+    starts as an exact copy of the parameters, in its own buffers.
+    """
+    init_rng, run_rng = jax.random.split(rng)
+    params = init_params(model, init_rng, image_shape)
+    # A real copy: the jitted step donates the state, and two leaves sharing one buffer cannot
+    # both be donated.
+    ema_params = jax.tree.map(lambda p: p.copy(), params)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                      ema_params=ema_params, rng=run_rng, nonfinite_in_a_row=zero,
+                      nonfinite_total=zero)
+
+
+def _model_denoise_fn(model: nn.Module, params: PyTree, labels: Array | None,
+                      dropout_rng: Array) -> Callable[[Array, Array], Array]:
+    def denoise_fn(x_t: Array, t: Array) -> Array:
+        out = model.apply({"params": params}, x_t, t, labels, train=True,
+                          rngs={"dropout": dropout_rng})
+        # Losses in float32 whatever the compute dtype.
+        return out.astype(jnp.float32)
+    return denoise_fn
+
+
+def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn.Module,
+               optimizer: optax.GradientTransformation, base_lr: float, warmup_steps: int,
+               ema_decay: float, mean_type: str = "eps", var_type: str = "fixedlarge",
+               loss_type: str = "mse", hybrid_lambda: float = 1e-3,
+               use_labels: bool = False) -> tuple[TrainState, Metrics]:
+    """One optimizer step: (state, batch, schedule) -> (state, metrics).
+
+    The schedule is an argument (data), not a constant, so that jit's cache can be shared by
+    every run with equal static keyword arguments. batch["image"]: [B, H, W, C] float32 in [-1, 1] (the global batch); batch["label"]: [B] int,
+    read only when use_labels. t ~ U{0..T-1} and the noise are drawn here with global shapes.
+    When the loss or the gradient norm is not finite, params, opt_state and ema_params are kept,
+    and the non-finite counters go up; otherwise nonfinite_in_a_row resets to 0.
+    Metrics: a flat dict of float32 / int32 scalars (loss and its terms averaged over the batch,
+    grad_norm before clipping, lr, nonfinite counters).
+    """
+    x0 = batch["image"]
+    labels = batch["label"] if use_labels else None
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+    t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+
+    def loss_fn(params: PyTree) -> tuple[Array, dict[str, Array]]:
+        denoise_fn = _model_denoise_fn(model, params, labels, dropout_rng)
+        terms = diffusion.training_losses(schedule, denoise_fn, x0, t, noise, mean_type=mean_type,
+                                          var_type=var_type, loss_type=loss_type,
+                                          hybrid_lambda=hybrid_lambda)
+        terms = {name: jnp.mean(value) for name, value in terms.items()}
+        return terms["loss"], terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    lr = learning_rate(state.step, base_lr=base_lr, warmup_steps=warmup_steps)
+    direction, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
+    new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                           state.ema_params, new_params)
+
+    def keep_if_nonfinite(new: PyTree, old: PyTree) -> PyTree:
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    nonfinite = (~finite).astype(jnp.int32)
+    new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_nonfinite(new_params, state.params),
+            opt_state=keep_if_nonfinite(new_opt_state, state.opt_state),
+            ema_params=keep_if_nonfinite(new_ema, state.ema_params),
+            nonfinite_in_a_row=(state.nonfinite_in_a_row + 1) * nonfinite,
+            nonfinite_total=state.nonfinite_total + nonfinite,
+    )
+    metrics = dict(terms, grad_norm=grad_norm, lr=lr,
+                   nonfinite_in_a_row=new_state.nonfinite_in_a_row,
+                   nonfinite_total=new_state.nonfinite_total)
+    return new_state, metrics
+
+
+def train_steps(state: TrainState, batches: Batch, schedule: Schedule,
+                **step_kwargs: Any) -> tuple[TrainState, Metrics]:
+    """K optimizer steps in one call: batches hold a leading axis of K batches, [K, B, ...].
+
+    Exactly K applications of `train_step` (a `lax.scan`), so the result equals K separate
+    calls. Returns the final state and each metric stacked over the K steps: [K].
+    """
+    def body(carry: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        return train_step(carry, batch, schedule, **step_kwargs)
+    return jax.lax.scan(body, state, batches)

@@ -1,0 +1,133 @@
+"""Checkpoints: config checks, corrupt and half-written checkpoints, kill -9 mid-save."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpoint
+
+CONFIG = {"model": {"ch": 16, "ch_mult": [1, 2], "remat": False},
+          "diffusion": {"timesteps": 1000, "schedule": "linear"},
+          "data": {"image_size": 8, "channels": 1, "random_flip": False},
+          "training": {"lr": 1e-3, "batch_size": 8}}
+
+
+def _with(**changes):
+    """A copy of CONFIG with dotted keys changed: _with(**{"model.ch": 32})."""
+    config = {section: dict(values) for section, values in CONFIG.items()}
+    for key, value in changes.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def _state(scale):
+    return {"params": {"w": jnp.full((3, 4), scale, jnp.float32)},
+            "step": jnp.asarray(int(scale), jnp.int32)}
+
+
+def _abstract():
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0.0))
+
+
+def test_config_differences_name_every_changed_key_and_ignore_the_rest():
+    current = _with(**{"model.ch": 32, "diffusion.schedule": "cosine", "data.image_size": 16,
+                       "training.lr": 5e-4, "training.batch_size": 64, "model.remat": True,
+                       "data.random_flip": True})
+    assert checkpoint.config_differences(CONFIG, current) == [
+        "data.image_size: saved 8, now 16",
+        'diffusion.schedule: saved "linear", now "cosine"',
+        "model.ch: saved 16, now 32",
+    ]
+    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)step 1200 .*model\.ch: saved 16, now 32"):
+        checkpoint.check_config_compatible(CONFIG, current, step=1200, directory="somewhere")
+    checkpoint.check_config_compatible(CONFIG, _with(**{"training.lr": 1.0}), step=1, directory="x")
+
+
+def test_restore_refuses_other_config_and_corrupt_checkpoint_deleting_nothing(tmp_path):
+    workdir = str(tmp_path)
+    manager = checkpoint.make_manager(workdir, max_to_keep=5)
+    for step in (1, 2):
+        checkpoint.save(manager, step, _state(float(step)), CONFIG)
+    manager.wait_until_finished()
+    manager.close()
+
+    manager = checkpoint.make_manager(workdir, max_to_keep=5)
+    restored = checkpoint.restore(manager, 2, _abstract(), CONFIG)
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 4), 2.0))
+    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)step 2 .*model\.ch_mult: saved \[1, 2\]"):
+        checkpoint.restore(manager, 2, _abstract(), _with(**{"model.ch_mult": [1, 2, 2]}))
+
+    # Corrupt step 2's array data: restoring it fails naming the step; nothing is deleted.
+    step_dir = os.path.join(checkpoint.checkpoint_dir(workdir), "2")
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            if not name.startswith("_") and "metadata" not in name:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)step 2 .*corrupt.*Nothing was deleted"):
+        checkpoint.restore(manager, 2, _abstract(), CONFIG)
+    manager.close()
+    manager = checkpoint.make_manager(workdir, max_to_keep=5)
+    assert list(manager.all_steps()) == [1, 2] and os.path.isdir(step_dir)
+    restored = checkpoint.restore(manager, 1, _abstract(), CONFIG)
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 4), 1.0))
+    manager.close()
+
+
+_KILLED_MID_SAVE = textwrap.dedent("""
+    import glob, os, signal, sys, time
+    import jax.numpy as jnp
+    from ddpm_jax import checkpoint
+    workdir = sys.argv[1]
+    config = {"model": {"ch": 16}}
+    manager = checkpoint.make_manager(workdir, max_to_keep=3)
+    checkpoint.save(manager, 1, {"w": jnp.full((4,), 1.0)}, config)
+    manager.wait_until_finished()
+    big = jnp.asarray(__import__("numpy").random.default_rng(0).standard_normal(48_000_000,
+                                                                              dtype="float32"))
+    checkpoint.save(manager, 2, {"w": big}, config)      # async: returns while writing
+    tmp = os.path.join(checkpoint.checkpoint_dir(workdir), "2.orbax-checkpoint-tmp*")
+    deadline = time.time() + 30
+    while not glob.glob(tmp) and time.time() < deadline:
+        time.sleep(0.01)
+    print("tmp dirs:", glob.glob(tmp), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_kill_9_during_async_save_leaves_previous_checkpoint_restorable(tmp_path):
+    workdir = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, workdir], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ckpt_dir = checkpoint.checkpoint_dir(workdir)
+    leftovers = [name for name in os.listdir(ckpt_dir) if "tmp" in name]
+    assert leftovers, f"the save finished before the kill; nothing tested: {proc.stdout}"
+    assert not os.path.exists(os.path.join(ckpt_dir, "2"))
+
+    manager = checkpoint.make_manager(workdir, max_to_keep=3)
+    assert list(manager.all_steps()) == [1]
+    restored = checkpoint.restore(manager, 1, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)},
+                                  {"model": {"ch": 16}})
+    np.testing.assert_array_equal(restored["w"], np.ones(4))
+    manager.wait_until_finished()
+    manager.close()
+    assert not [name for name in os.listdir(ckpt_dir) if "tmp" in name], "half-written dir kept"
+
+
+def test_keeps_the_latest_n_plus_milestones(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=2, keep_period=4,
+                                      async_save=False)
+    for step in range(1, 10):
+        checkpoint.save(manager, step, _state(float(step)), CONFIG)
+    manager.wait_until_finished()
+    assert list(manager.all_steps()) == [4, 8, 9]  # milestones 4, 8; latest two 8, 9
+    manager.close()

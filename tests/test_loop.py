@@ -1,0 +1,248 @@
+"""The training loop end to end on digits with a tiny UNet (8x8, ch 16, 1 res block).
+
+Costly parts run concurrently: an 8-device run and a two-process run start (as train.py
+subprocesses) when the first test asks for them, are sent SIGTERM once they pass step 3, and
+are compared with one-device runs in this process at the step they saved. The in-process runs
+share one compilation (the jitted step is cached per mesh).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
+
+from configs import digits
+from ddpm_jax import checkpoint, data, loop, parallel, writers
+from ddpm_jax import config as config_lib
+
+# The tiny setting, as command-line overrides and as config changes.
+TINY = {"data.image_size": 8, "model.attn_resolutions": (4,), "training.batch_size": 16,
+        "training.num_sample_images": 0, "training.checkpoint_every": 3}
+LONG_RUN = {"training.num_steps": 100_000, "training.checkpoint_every": 100_000}
+PREEMPT_AFTER_STEP = 3
+
+
+def tiny_config(data_dir: str, **changes):
+    config = digits.get_config("tiny")
+    for key, value in {**TINY, "data.data_dir": data_dir, **changes}.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def train_command(data_dir: str, workdir: str, **changes) -> list[str]:
+    overrides = {**TINY, "data.data_dir": data_dir, **changes}
+    return [sys.executable, str(REPO / "train.py"), "--config", f"{REPO}/configs/digits.py:tiny",
+            "--workdir", workdir, "--progress_bar=false",
+            *[f"--config.{k}={v}" for k, v in overrides.items()]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _last_logged_step(workdir: str) -> int:
+    path = os.path.join(workdir, writers.METRICS_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+class PreemptedRun:
+    """train.py process(es) for LONG_RUN steps; SIGTERM to process 0 once past the step."""
+
+    def __init__(self, name, tmp, data_dir, num_processes=1, devices_per_process=1):
+        self.workdir = str(tmp / name)
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+            f"--xla_force_host_platform_device_count={devices_per_process} "
+            "--xla_backend_optimization_level=0"))
+        command = train_command(data_dir, self.workdir, **LONG_RUN)
+        if num_processes > 1:
+            port = _free_port()
+            self.coordinator = f"127.0.0.1:{port}"
+            command += [f"--coordinator_address={self.coordinator}",
+                        f"--num_processes={num_processes}", "--library_logs"]
+        self.logs, self.procs = [], []
+        for i in range(num_processes):
+            log = open(tmp / f"{name}_{i}.log", "w+")
+            extra = [f"--process_id={i}"] if num_processes > 1 else []
+            self.procs.append(subprocess.Popen(command + extra, cwd=REPO, env=env, stdout=log,
+                                               stderr=subprocess.STDOUT))
+            self.logs.append(log)
+        self.signalled_at = None
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def _watch(self):
+        deadline = time.time() + 400
+        while time.time() < deadline and self.procs[0].poll() is None:
+            if _last_logged_step(self.workdir) >= PREEMPT_AFTER_STEP:
+                self.signalled_at = _last_logged_step(self.workdir)
+                self.procs[0].send_signal(signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    def wait(self):
+        """(return codes, the joined logs) once every process exited."""
+        codes = [proc.wait(timeout=500) for proc in self.procs]
+        text = []
+        for log in self.logs:
+            log.seek(0)
+            text.append(log.read())
+        return codes, "\n".join(text)
+
+    def kill(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare_dataset("digits", path, image_size=8)
+    return path
+
+
+@pytest.fixture(scope="module")
+def preempted_runs(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("preempted")
+    runs = {"8_devices": PreemptedRun("eight", tmp, data_dir, devices_per_process=8),
+            "2_processes": PreemptedRun("two", tmp, data_dir, num_processes=2)}
+    yield runs
+    for run in runs.values():
+        run.kill()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir):
+    """6 steps in one go: (workdir, final state)."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    state = loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": 6}), workdir)
+    return workdir, state
+
+
+def _params_close(state, workdir, step, atol):
+    for weights, params in (("raw", state.params), ("ema", state.ema_params)):
+        _, _, loaded = checkpoint.load_for_sampling(workdir, weights, step=step)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=atol),
+                     loaded, params)
+
+
+# ----------------------------------------------------------------------------------- tests
+
+def test_loss_falls_on_digits_and_sample_grid_is_written(tmp_path, data_dir, preempted_runs):
+    workdir = str(tmp_path)
+    # Two steps per dispatch here (one lax.scan): the other runs cover one.
+    config = tiny_config(data_dir, **{"training.num_steps": 300, "training.log_every": 10,
+                                      "training.checkpoint_every": 300,
+                                      "training.sample_every": 300,
+                                      "training.num_sample_images": 4,
+                                      "training.steps_per_dispatch": 2})
+    loop.train_and_evaluate(config, workdir)
+    records = writers.read_metrics(workdir)
+    assert [r["step"] for r in records] == list(range(10, 301, 10))
+    losses = np.array([r["loss"] for r in records])
+    assert losses[0] > 0.8, losses  # the zero-initialised output predicts eps = 0: loss ~ 1
+    assert losses[-5:].mean() < 0.35, losses
+    for key in ("grad_norm", "lr", "nonfinite_total", "steps_per_sec", "examples_per_sec"):
+        assert key in records[-1]
+    assert records[-1]["nonfinite_total"] == 0
+    grid = os.path.join(workdir, loop.SAMPLES_DIR, "step_00000300.png")
+    assert sorted(os.listdir(os.path.dirname(grid))) == [os.path.basename(grid)]
+    with open(os.path.join(workdir, loop.CONFIG_FILE)) as f:
+        assert json.load(f)["training"]["num_steps"] == 300
+
+
+def test_stop_and_resume_is_bit_identical_and_compiles_once(tmp_path, data_dir, straight_run):
+    _, straight = straight_run
+    workdir = str(tmp_path)
+    loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": 3}), workdir)
+    resumed = loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": 6}), workdir)
+    assert int(resumed.step) == 6
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+    assert loop.jitted_train_step(parallel.make_mesh(), 1).jitted._cache_size() == 1
+
+
+def test_load_for_sampling_returns_the_saved_weights_and_model(data_dir, straight_run):
+    workdir, state = straight_run
+    config, model, ema = checkpoint.load_for_sampling(workdir)
+    assert model == config_lib.model_from_config(tiny_config(data_dir))
+    assert config.model.ch == 16
+    jax.tree.map(np.testing.assert_array_equal, ema, state.ema_params)
+    _params_close(state, workdir, 6, atol=0)
+
+
+def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, data_dir, straight_run):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(straight_run[0], workdir)
+    before = sorted(os.listdir(checkpoint.checkpoint_dir(workdir)))
+    config_json = Path(workdir, loop.CONFIG_FILE).read_text()
+    other = tiny_config(data_dir, **{"training.num_steps": 9, "model.ch": 32})
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"(?s)step 6 .*model\.ch: saved 16, now 32.*Nothing was deleted"):
+        loop.train_and_evaluate(other, workdir)
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == before
+    assert Path(workdir, loop.CONFIG_FILE).read_text() == config_json
+
+
+def test_nonfinite_losses_stop_training_with_a_clear_message(tmp_path, data_dir, monkeypatch):
+    real = data.make_input_iterator
+
+    def poisoned(*args, **kwargs):
+        iterator = real(*args, **kwargs)
+
+        class Poisoned:
+            def __next__(self):
+                batch = next(iterator)
+                return dict(batch, image=batch["image"] * np.nan)
+        return Poisoned()
+
+    monkeypatch.setattr(data, "make_input_iterator", poisoned)
+    workdir = str(tmp_path)
+    config = tiny_config(data_dir, **{"training.num_steps": 50,
+                                      "training.max_nonfinite_in_a_row": 3})
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite for 3 steps in a row"):
+        loop.train_and_evaluate(config, workdir)
+    records = writers.read_metrics(workdir)
+    assert [r["nonfinite_total"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] == "nan" for r in records)
+
+
+@pytest.mark.parametrize("name,mesh_line", [("8_devices", "Mesh: 8 devices on 1 processes"),
+                                            ("2_processes", "Mesh: 2 devices on 2 processes")])
+def test_sigterm_saves_and_exits_0_and_runs_agree_with_one_device(
+        tmp_path, data_dir, preempted_runs, name, mesh_line):
+    run = preempted_runs[name]
+    codes, log = run.wait()
+    assert run.signalled_at is not None, f"never reached step {PREEMPT_AFTER_STEP}:\n{log[-3000:]}"
+    assert codes == [0] * len(codes), log[-5000:]
+    assert mesh_line in log and "Preempted: saved the checkpoint of step" in log
+    if len(codes) > 1:  # the coordinator listens on the address given, not on every interface
+        assert f"Starting JAX distributed service on {run.coordinator}" in log, log[-5000:]
+    manager = checkpoint.make_manager(run.workdir, max_to_keep=1, read_only=True)
+    step = manager.latest_step()
+    manager.close()
+    assert PREEMPT_AFTER_STEP <= step < 100, step
+    # The same number of steps on this process's single device.
+    state = loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": step}),
+                                    str(tmp_path))
+    _params_close(state, run.workdir, step, atol=1e-5)

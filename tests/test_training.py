@@ -1,0 +1,153 @@
+"""The train step against the official recipe, written out independently in NumPy.
+
+A one-parameter-pair toy network keeps compilation to a second; the step is model-agnostic.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import training
+from ddpm_jax.schedule import Schedule
+
+T = 50
+
+
+class Toy(nn.Module):
+    """eps_theta(x_t, t) = w * x_t + b (per channel), computed in `dtype`."""
+
+    dtype: jnp.dtype = jnp.float32
+    num_classes: int | None = None
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train):
+        w = self.param("w", nn.initializers.constant(0.3), (x.shape[-1],))
+        b = self.param("b", nn.initializers.constant(-0.1), (x.shape[-1],))
+        x = nn.Dropout(0.0, deterministic=not train)(x)
+        w, b = (p.astype(self.dtype).reshape(1, 1, 1, -1) for p in (w, b))
+        return x.astype(self.dtype) * w + b
+
+
+def _setup(model=None, grad_clip=1.0, **overrides):
+    model = model or Toy()
+    optimizer = training.make_optimizer(grad_clip=grad_clip)
+    state = training.create_train_state(model, optimizer, jax.random.PRNGKey(0), (4, 4, 2))
+    kwargs = dict(model=model, optimizer=optimizer, base_lr=0.1, warmup_steps=3, ema_decay=0.9)
+    kwargs.update(overrides)
+    step = jax.jit(functools.partial(training.train_step, **kwargs))
+    step.kwargs = kwargs
+    return state, step
+
+
+def _batch(seed=1):
+    image = jax.random.uniform(jax.random.PRNGKey(seed), (8, 4, 4, 2), minval=-1, maxval=1)
+    return {"image": image, "label": jnp.zeros((8,), jnp.int32)}
+
+
+def test_learning_rate_is_linear_warmup_from_zero():
+    lr = functools.partial(training.learning_rate, base_lr=2e-4, warmup_steps=5000)
+    np.testing.assert_allclose([lr(0), lr(2500), lr(5000), lr(10**6)], [0.0, 1e-4, 2e-4, 2e-4],
+                               rtol=1e-6)
+    assert float(training.learning_rate(0, base_lr=1e-3, warmup_steps=0)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("grad_clip", [0.05, 100.0])  # clipping active / inactive
+def test_three_steps_match_the_official_recipe_in_numpy(grad_clip):
+    schedule = Schedule.create("linear", T)
+    state, step = _setup(grad_clip=grad_clip)
+    batch = _batch()
+    x0 = np.asarray(batch["image"], np.float64)
+    abar = np.asarray(schedule.alphas_cumprod, np.float64)
+    w, b = (np.asarray(state.params[k], np.float64) for k in ("w", "b"))
+    ema_w, ema_b = w.copy(), b.copy()
+    m = [np.zeros_like(w), np.zeros_like(b)]
+    v = [np.zeros_like(w), np.zeros_like(b)]
+    for s in range(3):
+        # The keys of step s: fold_in(rng, s), split into (t, noise, dropout).
+        t_key, noise_key, _ = jax.random.split(jax.random.fold_in(state.rng, s), 3)
+        t = np.asarray(jax.random.randint(t_key, (8,), 0, T))
+        noise = np.asarray(jax.random.normal(noise_key, x0.shape), np.float64)
+        a = abar[t][:, None, None, None]
+        x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+        # L_simple = mean((eps - (w x_t + b))^2); its gradient by hand.
+        resid = noise - (w * x_t + b)
+        n = resid.size
+        grads = [-2 * np.sum(resid * x_t, axis=(0, 1, 2)) / n, -2 * np.sum(resid, axis=(0, 1, 2)) / n]
+        norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+        grads = [g * min(1.0, grad_clip / norm) for g in grads]
+        lr = 0.1 * min(1.0, s / 3)
+        updates = []
+        for i, g in enumerate(grads):
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = 0.999 * v[i] + 0.001 * g**2
+            m_hat, v_hat = m[i] / (1 - 0.9 ** (s + 1)), v[i] / (1 - 0.999 ** (s + 1))
+            updates.append(m_hat / (np.sqrt(v_hat) + 1e-8))
+        w, b = w - lr * updates[0], b - lr * updates[1]
+        ema_w, ema_b = 0.9 * ema_w + 0.1 * w, 0.9 * ema_b + 0.1 * b
+
+        state, metrics = step(state, batch, schedule)
+        np.testing.assert_allclose(metrics["loss"], np.mean(resid**2), rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+        np.testing.assert_allclose(metrics["lr"], lr, rtol=1e-6)
+    assert int(state.step) == 3
+    np.testing.assert_allclose(state.params["w"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.params["b"], b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.ema_params["w"], ema_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.ema_params["b"], ema_b, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_batch_is_skipped_and_counted():
+    schedule = Schedule.create("linear", T)
+    state, step = _setup()
+    state, _ = step(state, _batch(1), schedule)
+    state, _ = step(state, _batch(2), schedule)
+    before = jax.tree.map(np.asarray, state)
+    poisoned = dict(_batch(3), image=_batch(3)["image"].at[0, 0, 0, 0].set(jnp.nan))
+    for expected in (1, 2):
+        state, metrics = step(state, poisoned, schedule)
+        assert not np.isfinite(float(metrics["loss"]))
+        assert int(metrics["nonfinite_in_a_row"]) == expected
+        assert int(metrics["nonfinite_total"]) == expected
+    for name in ("params", "opt_state", "ema_params"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(state, name), getattr(before, name))
+    assert int(state.step) == int(before.step) + 2  # the step (and so the keys) move on
+    state, metrics = step(state, _batch(4), schedule)
+    assert int(metrics["nonfinite_in_a_row"]) == 0 and int(metrics["nonfinite_total"]) == 2
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_scan_of_k_steps_equals_k_steps():
+    schedule = Schedule.create("linear", T)
+    state, step = _setup()
+    batches = [_batch(seed) for seed in range(3)]
+    one_by_one = state
+    for batch in batches:
+        one_by_one, _ = step(one_by_one, batch, schedule)
+    kwargs = step.kwargs
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+    fused, metrics = jax.jit(functools.partial(training.train_steps, **kwargs))(state, stacked, schedule)
+    assert metrics["loss"].shape == (3,)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+                 fused, one_by_one)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_optimizer():
+    schedule = Schedule.create("linear", T)
+    state, step = _setup(model=Toy(dtype=jnp.bfloat16))
+    state, metrics = step(state, _batch(), schedule)
+    state, metrics = step(state, _batch(), schedule)
+    assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
+    for leaf in jax.tree.leaves((state.params, state.ema_params, state.opt_state)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32
+
+
+def test_ema_is_a_copy_in_its_own_buffers():
+    state, _ = _setup()
+    for p, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
+        np.testing.assert_array_equal(p, e)
+        assert p.unsafe_buffer_pointer() != e.unsafe_buffer_pointer()

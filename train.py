@@ -1,0 +1,111 @@
+"""Trains a DDPM: `python train.py --config configs/digits.py --workdir runs/digits`.
+
+Override any config field on the command line, e.g. `--config.training.batch_size=64`;
+`--config configs/cifar10.py:tiny` picks a variant. Rerunning with the same --workdir resumes
+from its latest checkpoint. Multi-host: run the same command on every host with
+--coordinator_address=HOST0:PORT --num_processes=N --process_id=I (or let a launcher's
+environment, e.g. Slurm or Cloud TPU, provide them).
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+_CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(_HERE, "configs", "digits.py"),
+        "Experiment config file (ml_collections), optionally with a variant: path.py:tiny.",
+        lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples; "
+                               "an existing one is resumed.", required=True)
+_COORDINATOR = flags.DEFINE_string(
+        "coordinator_address", None, "HOST:PORT of process 0's coordinator (multi-host). The "
+        "coordinator binds to this address only.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_PREEMPTION = flags.DEFINE_boolean(
+        "preemption_service", True, "In a single-process run, start jax.distributed on "
+        "127.0.0.1 so that SIGTERM saves a checkpoint and exits 0 (multi-process runs always "
+        "have it).")
+_PROGRESS = flags.DEFINE_boolean("progress_bar", True, "Show a progress bar (process 0).")
+_LIBRARY_LOGS = flags.DEFINE_boolean(
+        "library_logs", False, "Also show the INFO logs of libraries (orbax, jax, tfds); by "
+        "default only their warnings and errors are shown.")
+
+
+class _OwnInfoOnly(std_logging.Filter):
+    """Passes warnings and errors, and INFO records from this project only."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        own = "ddpm_jax" in record.pathname or record.pathname == os.path.abspath(__file__)
+        return record.levelno >= std_logging.WARNING or own
+
+
+class _ProgressBar:
+    """tqdm bar with step, loss (the last logged), steps/s and ETA.
+
+    Created at the first report, after the first dispatch: a resumed run starts at its step,
+    and the rate leaves out compilation.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+        self.step = 0
+
+    def __call__(self, step: int, scalars: dict | None) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True)
+        else:
+            self.bar.update(step - self.step)
+        self.step = step
+        if scalars is not None:
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; overrides look like "
+                             "--config.training.lr=1e-4.")
+    if not _LIBRARY_LOGS.value:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    # jax.distributed must start before any other JAX call.
+    from ddpm_jax import checkpoint, parallel
+    if _COORDINATOR.value is not None:
+        # Bind the coordinator service to the given address, not every interface.
+        os.environ.setdefault("JAX_COORDINATOR_BIND_ADDRESS", _COORDINATOR.value)
+    distributed = parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                                  _PROCESS_ID.value)
+    if not distributed and _PREEMPTION.value:
+        checkpoint.start_single_process_preemption_service()
+
+    import jax
+
+    from ddpm_jax import loop
+
+    config = _CONFIG.value
+    logging.info("Config:\n%s", config)
+    progress = None
+    if _PROGRESS.value and jax.process_index() == 0:
+        progress = _ProgressBar(config.training.num_steps)
+    try:
+        loop.train_and_evaluate(config, _WORKDIR.value, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, _HERE)  # configs/*.py import `configs.base`
+    app.run(main)
