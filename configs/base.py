@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     config.eval = dict(
+        every_steps=0,                # evaluate the EMA weights during training every N steps; 0: never
         metrics="bpd,fid,is",         # comma-separated, see ddpm_jax/evaluate.py
         feature_net=placeholder(str),   # FID/IS features: digits | inception; None: digits for digits
         inception_weights=placeholder(str),  # path of the Inception weights file (feature_net inception)

@@ -171,6 +171,7 @@ def validate(config: Any) -> None:
     sampling.integer("batch_size", 1)
 
     evaluation = _Checker(config, "eval")
+    evaluation.integer("every_steps", 0)
     if not isinstance(evaluation.get("metrics"), str) or not evaluation.get("metrics"):
         raise evaluation.fail("metrics", "use a comma-separated string such as 'bpd,fid,is'")
     for field in ("feature_net", "inception_weights"):

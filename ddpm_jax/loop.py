@@ -286,6 +286,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if _crossed(previous, step, t.sample_every) or step == t.num_steps:
                 write_sample_grid(config, model, schedule, state.ema_params, mesh,
                                   os.path.join(samples_dir, f"step_{step:08d}.png"))
+            every = config.eval.get("every_steps", 0)
+            if every and (_crossed(previous, step, every) or step == t.num_steps):
+                from ddpm_jax import evaluate  # feature networks: loaded only when asked for
+                eval_scalars = evaluate.evaluate_in_training(config, model, state.ema_params,
+                                                             workdir=workdir, step=step, mesh=mesh)
+                writer.write_scalars(step, eval_scalars)
     finally:
         # Whatever happened (an error, Ctrl-C), let a started save finish: never leave the
         # newest checkpoint half written.

@@ -172,6 +172,21 @@ def test_loss_falls_on_digits_and_sample_grid_is_written(tmp_path, data_dir, pre
         assert json.load(f)["training"]["num_steps"] == 300
 
 
+def test_periodic_evaluation_writes_a_report_and_eval_scalars(tmp_path, data_dir):
+    workdir = str(tmp_path)
+    config = tiny_config(data_dir, **{"training.num_steps": 2, "training.checkpoint_every": 2,
+                                      "eval.every_steps": 2, "eval.metrics": "bpd",
+                                      "eval.bpd_num_images": 2, "eval.bpd_batch_size": 2})
+    loop.train_and_evaluate(config, workdir)
+    reports = [f for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".json")]
+    assert len(reports) == 1, reports
+    with open(os.path.join(workdir, "eval", reports[0])) as f:
+        assert json.load(f)["bpd"]["total"] > 0
+    eval_records = [r for r in writers.read_metrics(workdir) if "eval/bpd" in r]
+    assert [r["step"] for r in eval_records] == [2]
+    assert np.isfinite(eval_records[0]["eval/bpd"]) and eval_records[0]["eval/bpd"] > 0
+
+
 def test_stop_and_resume_is_bit_identical_and_compiles_once(tmp_path, data_dir, straight_run):
     _, straight = straight_run
     workdir = str(tmp_path)

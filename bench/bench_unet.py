@@ -1,0 +1,318 @@
+"""Speed of ddpm-jax against the diffusers peer, side by side in one run, and against the FLOP
+limit of this machine measured in the same run.
+
+    python bench/bench_unet.py --config small --batch_forward 8 --batch_train 32
+    python bench/bench_unet.py --config cifar10 --sample_steps 20
+
+Measures (fp32 unless --dtype bfloat16 for ours):
+  * the practical peak: a large matmul (jax) and a 3x3 conv at UNet shapes (XLA and oneDNN);
+  * forward images/s (train=False) and train-step images/s (Adam + clip + EMA for ours, Adam +
+    clip for the peer), alternating ours / peer for --rounds rounds, medians reported;
+  * compile time of ours, separately;
+  * sampling: ours as one lax.scan over --sample_steps ancestral steps vs the peer's
+    DDPMScheduler Python loop; per-step cost is extrapolated to 1000 steps (stated in the
+    output) unless --sample_steps 1000;
+  * XLA cost-analysis FLOPs per image, achieved FLOP/s, and XLA's temp memory of the train step.
+Prints one JSON line per measurement and a table at the end. Never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from ddpm_jax import sampling  # noqa: E402
+from ddpm_jax import training  # noqa: E402
+from ddpm_jax.models.unet import UNet, count_params  # noqa: E402
+from ddpm_jax.schedule import Schedule  # noqa: E402
+
+CONFIGS = {
+    # The paper's CIFAR-10 model (35.7M parameters).
+    "cifar10": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,)),
+    # Block channels 32/64/64/64, one res block per level, attention at 16x16.
+    "small": dict(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,)),
+}
+
+
+def timeit(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `repeats` calls of fn (which must block until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+# ----------------------------------------------------------------------------- FLOP limit
+
+def measure_peak(repeats: int) -> dict[str, float]:
+    out = {}
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    sec = timeit(lambda: matmul(a).block_until_ready(), repeats)
+    out["matmul_gflops"] = 2 * n**3 / sec / 1e9
+
+    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 128), jnp.float32)
+    w = jax.random.normal(jax.random.key(2), (3, 3, 128, 128), jnp.float32)
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    conv(x, w).block_until_ready()
+    sec = timeit(lambda: conv(x, w).block_until_ready(), repeats)
+    conv_flops = 2 * 8 * 32 * 32 * 128 * 128 * 9
+    out["xla_conv_gflops"] = conv_flops / sec / 1e9
+    try:
+        import torch
+        xt = torch.randn(8, 128, 32, 32)
+        wt = torch.randn(128, 128, 3, 3)
+        with torch.no_grad():
+            torch.nn.functional.conv2d(xt, wt, padding=1)
+            sec = timeit(lambda: torch.nn.functional.conv2d(xt, wt, padding=1), repeats)
+        out["onednn_conv_gflops"] = conv_flops / sec / 1e9
+    except ImportError:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------- ours
+
+class Ours:
+    def __init__(self, kwargs: dict[str, Any], image_size: int, dtype: Any):
+        self.model = UNet(**kwargs, dropout=0.1, dtype=dtype)
+        self.shape = (image_size, image_size, 3)
+        self.schedule = Schedule.create("linear", 1000)
+        self.optimizer = training.make_optimizer(grad_clip=1.0)
+        self.state = jax.jit(lambda key: training.create_train_state(
+            self.model, self.optimizer, key, self.shape))(jax.random.PRNGKey(0))
+        self.num_params = count_params(self.state.params)
+
+    def forward_fn(self, batch: int):
+        x = jax.random.normal(jax.random.key(3), (batch, *self.shape))
+        t = jnp.arange(batch, dtype=jnp.int32) * 7 % 1000
+        fwd = jax.jit(lambda p, x, t: self.model.apply({"params": p}, x, t, train=False))
+        start = time.perf_counter()
+        compiled = fwd.lower(self.state.params, x, t).compile()
+        compile_s = time.perf_counter() - start
+        flops = compiled.cost_analysis()
+        flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
+        run = lambda: compiled(self.state.params, x, t).block_until_ready()  # noqa: E731
+        run()
+        return run, compile_s, flops / batch
+
+    def train_fn(self, batch: int):
+        step = jax.jit(lambda s, b: training.train_step(
+            s, b, model=self.model, schedule=self.schedule, optimizer=self.optimizer, base_lr=2e-4,
+            warmup_steps=5000, ema_decay=0.9999), donate_argnums=0)
+        images = jax.random.uniform(jax.random.key(4), (batch, *self.shape), minval=-1, maxval=1)
+        b = {"image": images, "label": jnp.zeros((batch,), jnp.int32)}
+        start = time.perf_counter()
+        compiled = step.lower(self.state, b).compile()
+        compile_s = time.perf_counter() - start
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        mem = compiled.memory_analysis()
+        temp_bytes = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
+        # The step donates its input; keep self.state (its params serve the sampler) intact.
+        holder = {"state": jax.tree.map(jnp.copy, self.state)}
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], b)
+            metrics["loss"].block_until_ready()
+        run()
+        self._holder = holder
+        return run, compile_s, cost.get("flops", float("nan")) / batch, temp_bytes
+
+    def sample_fn(self, batch: int, steps: int):
+        """Ancestral sampling over `steps` respaced steps: the same per-step work as the full
+        1000-step chain (one network call + one update), in one lax.scan."""
+        sampler = sampling.make_sampler(sampling.ModelApply(self.model), self.schedule,
+                                        (batch, *self.shape), sampler="ddpm", steps=steps,
+                                        var_type="fixedlarge")
+        params = self.state.params
+        return lambda key: sampler(params, key)["images"]
+
+
+# ------------------------------------------------------------------------------------- peer
+
+def diffusers_unet(kwargs: dict[str, Any], image_size: int):
+    from diffusers import UNet2DModel
+    levels = len(kwargs["ch_mult"])
+    res = [image_size // 2**i for i in range(levels)]
+    down = tuple("AttnDownBlock2D" if r in kwargs["attn_resolutions"] else "DownBlock2D" for r in res)
+    up = tuple("AttnUpBlock2D" if r in kwargs["attn_resolutions"] else "UpBlock2D" for r in reversed(res))
+    return UNet2DModel(
+        sample_size=image_size, in_channels=3, out_channels=3,
+        block_out_channels=tuple(kwargs["ch"] * m for m in kwargs["ch_mult"]),
+        layers_per_block=kwargs["num_res_blocks"], down_block_types=down, up_block_types=up,
+        norm_eps=1e-6, norm_num_groups=32, downsample_padding=0, flip_sin_to_cos=False,
+        freq_shift=1, attention_head_dim=None, dropout=0.1, act_fn="silu")
+
+
+class Peer:
+    def __init__(self, kwargs: dict[str, Any], image_size: int, threads: int):
+        import torch
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = diffusers_unet(kwargs, image_size)
+        self.shape = (3, image_size, image_size)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+
+    def forward_fn(self, batch: int):
+        torch = self.torch
+        x = torch.randn(batch, *self.shape)
+        t = torch.arange(batch) * 7 % 1000
+        self.model.eval()
+
+        def run():
+            with torch.no_grad():
+                self.model(x, t)
+        run()
+        return run
+
+    def train_fn(self, batch: int):
+        torch = self.torch
+        self.model.train()
+        opt = torch.optim.Adam(self.model.parameters(), lr=2e-4, eps=1e-8)
+        x0 = torch.rand(batch, *self.shape) * 2 - 1
+
+        def run():
+            t = torch.randint(0, 1000, (batch,))
+            noise = torch.randn_like(x0)
+            x_t = x0 + 0.1 * noise  # the cost is the network; the exact q_sample is irrelevant here
+            loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            opt.step()
+        run()
+        return run
+
+    def sample_fn(self, batch: int, steps: int):
+        torch = self.torch
+        from diffusers import DDPMScheduler
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                  variance_type="fixed_large", clip_sample=True)
+        scheduler.set_timesteps(1000)
+        self.model.eval()
+
+        def run():
+            x = torch.randn(batch, *self.shape)
+            with torch.no_grad():
+                for t in scheduler.timesteps[:steps]:
+                    eps = self.model(x, t).sample
+                    x = scheduler.step(eps, t, x).prev_sample
+        return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--batch_forward", type=int, default=8)
+    parser.add_argument("--batch_train", type=int, default=32)
+    parser.add_argument("--batch_sample", type=int, default=16)
+    parser.add_argument("--sample_steps", type=int, default=50,
+                        help="reverse steps actually run; per-step time is extrapolated to 1000")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating ours/peer rounds")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per round")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--no_peer", action="store_true")
+    parser.add_argument("--skip", default="", help="comma list of forward,train,sample to skip")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    threads = os.cpu_count() or 1
+    info = dict(config=args.config, devices=str(jax.devices()), jax=jax.__version__,
+                cpu_count=threads, dtype=args.dtype)
+    emit(dict(kind="machine", **info))
+
+    peak = measure_peak(args.repeats)
+    emit(dict(kind="peak", **peak))
+    limit = max(v for v in peak.values())
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    ours = Ours(CONFIGS[args.config], args.image_size, dtype)
+    peer = None if args.no_peer else Peer(CONFIGS[args.config], args.image_size, threads)
+    emit(dict(kind="params", ours=ours.num_params, peer=peer.num_params if peer else None))
+
+    rows = []
+
+    def compare(name: str, batch: int, ours_run, peer_run, flops_per_image: float, extra: dict):
+        t_ours, t_peer = [], []
+        for _ in range(args.rounds):
+            t_ours.append(timeit(ours_run, args.repeats))
+            if peer_run is not None:
+                t_peer.append(timeit(peer_run, args.repeats))
+        ours_ips = batch / statistics.median(t_ours)
+        peer_ips = batch / statistics.median(t_peer) if t_peer else float("nan")
+        achieved = ours_ips * flops_per_image / 1e9
+        row = dict(kind=name, batch=batch, ours_img_s=ours_ips, peer_img_s=peer_ips,
+                   ratio=ours_ips / peer_ips, gflop_per_img=flops_per_image / 1e9,
+                   ours_gflops=achieved, pct_of_limit=100 * achieved / limit, **extra)
+        emit(row)
+        rows.append(row)
+
+    if "forward" not in skip:
+        run, compile_s, flops = ours.forward_fn(args.batch_forward)
+        compare("forward", args.batch_forward, run,
+                peer.forward_fn(args.batch_forward) if peer else None, flops,
+                dict(compile_s=compile_s))
+    if "train" not in skip:
+        run, compile_s, flops, temp = ours.train_fn(args.batch_train)
+        compare("train_step", args.batch_train, run,
+                peer.train_fn(args.batch_train) if peer else None, flops,
+                dict(compile_s=compile_s, xla_temp_mib=temp / 2**20))
+    if "sample" not in skip:
+        fn = ours.sample_fn(args.batch_sample, args.sample_steps)
+        start = time.perf_counter()
+        fn(jax.random.key(0)).block_until_ready()
+        compile_s = time.perf_counter() - start
+        ours_run = lambda: fn(jax.random.key(1)).block_until_ready()  # noqa: E731
+        peer_run = peer.sample_fn(args.batch_sample, args.sample_steps) if peer else None
+        t_ours, t_peer = [], []
+        for _ in range(args.rounds):
+            t_ours.append(timeit(ours_run, 1))
+            if peer_run is not None:
+                t_peer.append(timeit(peer_run, 1))
+        scale = 1000 / args.sample_steps
+        row = dict(kind="sample_1000_steps", batch=args.batch_sample, steps_run=args.sample_steps,
+                   extrapolated=args.sample_steps != 1000,
+                   ours_s=statistics.median(t_ours) * scale,
+                   peer_s=statistics.median(t_peer) * scale if t_peer else float("nan"),
+                   first_call_s=compile_s)
+        row["ratio"] = row["peer_s"] / row["ours_s"]
+        emit(row)
+        rows.append(row)
+
+    print(f"\n{args.config} ({ours.num_params:,} params), {info['devices']}, jax {jax.__version__}, "
+          f"{threads} threads; FLOP limit {limit:.0f} GFLOP/s "
+          + ", ".join(f"{k}={v:.0f}" for k, v in peak.items()))
+    for row in rows:
+        if row["kind"] == "sample_1000_steps":
+            note = " (extrapolated from %d steps)" % row["steps_run"] if row["extrapolated"] else ""
+            print(f"  sample 1000 steps x{row['batch']}: ours {row['ours_s']:.1f} s, peer "
+                  f"{row['peer_s']:.1f} s, ours/peer speed {row['ratio']:.2f}x{note}")
+        else:
+            print(f"  {row['kind']:<10} batch {row['batch']:>3}: ours {row['ours_img_s']:.2f} img/s, "
+                  f"peer {row['peer_img_s']:.2f} img/s, ratio {row['ratio']:.2f}x, "
+                  f"{row['ours_gflops']:.0f} GFLOP/s = {row['pct_of_limit']:.0f}% of limit")
+
+
+if __name__ == "__main__":
+    main()
