@@ -206,6 +206,22 @@ def test_load_for_sampling_returns_the_saved_weights_and_model(data_dir, straigh
     _params_close(state, workdir, 6, atol=0)
 
 
+def test_sample_py_draws_from_a_trained_workdir(tmp_path, straight_run):
+    workdir, _ = straight_run
+    out = tmp_path / "grid.png"
+    for weights in ("ema", "raw"):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "sample.py"), "--workdir", workdir, "--num_samples", "3",
+             "--batch_size", "3", "--steps", "5", f"--weights={weights}", "--out", str(out)],
+            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        images = np.load(out.with_suffix(".npz"))["images"]
+        assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+        assert out.stat().st_size > 0
+        assert images.std() > 0  # not a blank image
+
+
 def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, data_dir, straight_run):
     workdir = str(tmp_path / "copy")
     shutil.copytree(straight_run[0], workdir)
