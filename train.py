@@ -82,9 +82,6 @@ def main(argv: list[str]) -> None:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     # jax.distributed must start before any other JAX call.
     from ddpm_jax import checkpoint, parallel
-    if _COORDINATOR.value is not None:
-        # Bind the coordinator service to the given address, not every interface.
-        os.environ.setdefault("JAX_COORDINATOR_BIND_ADDRESS", _COORDINATOR.value)
     distributed = parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                                   _PROCESS_ID.value)
     if not distributed and _PREEMPTION.value:

@@ -87,7 +87,9 @@ def initialize_distributed(
     if coordinator_address is None:
         jax.distributed.initialize()
     else:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        # Bind the coordinator service to the given address only, not every interface ([::]).
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   coordinator_bind_address=coordinator_address)
     logging.info("jax.distributed: process %d of %d, %d local of %d devices.",
                  jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
