@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import textwrap
 import time
 
 import grain
@@ -286,3 +287,26 @@ def test_each_of_two_hosts_reads_its_rows_of_the_same_global_batches(data_dir, m
     expected = np.stack([np.asarray(next(it)["image"]) for _ in range(3)])
     np.testing.assert_array_equal(np.load(tmp_path / "rows0.npy"), expected[:, :4])
     np.testing.assert_array_equal(np.load(tmp_path / "rows1.npy"), expected[:, 4:])
+
+
+def test_batch_not_divisible_by_devices_fails_naming_both(data_dir):
+    # 8 simulated devices need their own process: the device count is fixed at JAX start-up.
+    code = textwrap.dedent(f"""
+        import time
+        from ddpm_jax import data, parallel
+        start = time.perf_counter()
+        try:
+            data.make_input_iterator("digits", "train", global_batch_size=12, seed=0,
+                                     image_size=16, channels=1, random_flip=False,
+                                     mesh=parallel.make_mesh(), data_dir={data_dir!r})
+        except ValueError as err:
+            print("ERROR", err, "SECONDS", time.perf_counter() - start)
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "ERROR" in out.stdout, out.stderr[-2000:]
+    message = out.stdout.split("ERROR", 1)[1]
+    assert "global_batch_size=12" in message and "8 devices" in message
+    assert float(message.rsplit("SECONDS", 1)[1]) < 1.0
