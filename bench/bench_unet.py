@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ddpm_jax import sampling  # noqa: E402
 from ddpm_jax import training  # noqa: E402
+from ddpm_jax import xla_cpu  # noqa: E402
 from ddpm_jax.models.unet import UNet, count_params  # noqa: E402
 from ddpm_jax.schedule import Schedule  # noqa: E402
 
@@ -72,12 +73,18 @@ def measure_peak(repeats: int) -> dict[str, float]:
 
     x = jax.random.normal(jax.random.key(1), (8, 32, 32, 128), jnp.float32)
     w = jax.random.normal(jax.random.key(2), (3, 3, 128, 128), jnp.float32)
-    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    conv(x, w).block_until_ready()
-    sec = timeit(lambda: conv(x, w).block_until_ready(), repeats)
+    conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     conv_flops = 2 * 8 * 32 * 32 * 128 * 128 * 9
-    out["xla_conv_gflops"] = conv_flops / sec / 1e9
+    # XLA's default CPU convolution (YNNPACK in jaxlib 0.10) and the one ddpm_jax's presets pick.
+    for name, options in (("xla_conv_gflops", None),
+                          ("xla_conv_preset_gflops", xla_cpu.compiler_options("inference"))):
+        if name != "xla_conv_gflops" and options is None:
+            continue
+        fn = jax.jit(conv, compiler_options=options)
+        fn(x, w).block_until_ready()
+        sec = timeit(lambda: fn(x, w).block_until_ready(), repeats)
+        out[name] = conv_flops / sec / 1e9
     try:
         import torch
         xt = torch.randn(8, 128, 32, 32)
@@ -106,7 +113,8 @@ class Ours:
     def forward_fn(self, batch: int):
         x = jax.random.normal(jax.random.key(3), (batch, *self.shape))
         t = jnp.arange(batch, dtype=jnp.int32) * 7 % 1000
-        fwd = jax.jit(lambda p, x, t: self.model.apply({"params": p}, x, t, train=False))
+        fwd = jax.jit(lambda p, x, t: self.model.apply({"params": p}, x, t, train=False),
+                      compiler_options=xla_cpu.compiler_options("inference"))
         start = time.perf_counter()
         compiled = fwd.lower(self.state.params, x, t).compile()
         compile_s = time.perf_counter() - start
@@ -119,7 +127,8 @@ class Ours:
     def train_fn(self, batch: int):
         step = jax.jit(lambda s, b: training.train_step(
             s, b, model=self.model, schedule=self.schedule, optimizer=self.optimizer, base_lr=2e-4,
-            warmup_steps=5000, ema_decay=0.9999), donate_argnums=0)
+            warmup_steps=5000, ema_decay=0.9999), donate_argnums=0,
+            compiler_options=xla_cpu.compiler_options("train"))
         images = jax.random.uniform(jax.random.key(4), (batch, *self.shape), minval=-1, maxval=1)
         b = {"image": images, "label": jnp.zeros((batch,), jnp.int32)}
         start = time.perf_counter()
@@ -235,11 +244,15 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no_peer", action="store_true")
     parser.add_argument("--skip", default="", help="comma list of forward,train,sample to skip")
+    parser.add_argument("--xla_options", choices=xla_cpu.MODES, default="tuned",
+                        help="ours under ddpm_jax.xla_cpu's CPU presets (tuned) or XLA's defaults")
     args = parser.parse_args()
+    os.environ[xla_cpu.ENV_VAR] = args.xla_options
     skip = set(filter(None, args.skip.split(",")))
     threads = os.cpu_count() or 1
     info = dict(config=args.config, devices=str(jax.devices()), jax=jax.__version__,
-                cpu_count=threads, dtype=args.dtype)
+                cpu_count=threads, dtype=args.dtype, xla_options=args.xla_options,
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
     emit(dict(kind="machine", **info))
 
     peak = measure_peak(args.repeats)

@@ -24,6 +24,15 @@ CANDIDATES = {
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "fast_math": "--xla_cpu_enable_fast_math=true",
     "no_thunk_runtime": "--xla_cpu_use_thunk_runtime=false",
+    # YNNPACK fusions (jaxlib 0.10's default for convolutions, dots, reductions, elementwise).
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    "ynn_no_conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    "ynn_no_conv_no_dot": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,"
+                          "-individual_dot,-dot",
+    "ynn_reduce_eltwise": "--xla_cpu_experimental_ynn_fusion_type=reduce,eltwise",
+    "ynn_dot_only": "--xla_cpu_experimental_ynn_fusion_type=dot,individual_dot",
+    "xnn_dot_no_ynn": "--xla_cpu_experimental_ynn_fusion_type= "
+                      "--xla_cpu_experimental_xnn_fusion_type=dot,individual_dot",
 }
 
 CHILD = r"""
@@ -64,7 +73,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {n: [] for n in names}
     for round_index in range(args.rounds):
         for name in names:
-            env = dict(os.environ, XLA_FLAGS=CANDIDATES[name], JAX_PLATFORMS="cpu")
+            # DDPM_JAX_XLA_CPU_OPTIONS=xla: each candidate alone, without ddpm_jax's own presets.
+            env = dict(os.environ, XLA_FLAGS=CANDIDATES[name], JAX_PLATFORMS="cpu",
+                       DDPM_JAX_XLA_CPU_OPTIONS="xla")
             proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                   text=True, timeout=1800)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

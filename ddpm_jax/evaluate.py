@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from ddpm_jax import diffusion, features, images, parallel, plots, sampling
+from ddpm_jax import diffusion, features, images, parallel, plots, sampling, xla_cpu
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -42,8 +42,7 @@ METRICS = ("bpd", "fid", "is", "kid")
 
 # ------------------------------------------------------------------------------ bits/dim
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "mean_type", "var_type", "clip_denoised"))
-def _bpd_batch(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array, indices: Array,
+def _bpd_batch_fn(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array, indices: Array,
                key: Array, *, mean_type: str, var_type: str,
                clip_denoised: bool) -> dict[str, Array]:
     def one(x: Array, index: Array) -> dict[str, Array]:
@@ -53,6 +52,13 @@ def _bpd_batch(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array, in
         return jax.tree.map(lambda a: a[0], out)
 
     return jax.vmap(one)(x0, indices)
+
+
+@functools.cache
+def _bpd_batch() -> Callable[..., dict[str, Array]]:
+    """The jitted `_bpd_batch_fn`, built on first use so that the backend's options are known."""
+    return jax.jit(_bpd_batch_fn, static_argnames=("apply_fn", "mean_type", "var_type", "clip_denoised"),
+                   compiler_options=xla_cpu.compiler_options("inference"))
 
 
 def _to_global(x: np.ndarray, mesh: jax.sharding.Mesh | None) -> Array | np.ndarray:
@@ -93,7 +99,7 @@ def evaluate_bpd(apply_fn: ApplyFn, params: Any, schedule: Schedule, data: np.nd
         # (x - 127.5) / 127.5, like the input pipeline: 0 and 255 map to exactly -1 and 1.
         x0[:len(chunk)] = (chunk.astype(np.float32) - 127.5) / 127.5
         indices = np.arange(start, start + batch, dtype=np.int32)
-        out = _fetch(_bpd_batch(apply_fn, params, schedule, _to_global(x0, mesh),
+        out = _fetch(_bpd_batch()(apply_fn, params, schedule, _to_global(x0, mesh),
                                 _to_global(indices, mesh), key, mean_type=mean_type,
                                 var_type=var_type, clip_denoised=clip_denoised))
         out = {k: v[:len(chunk)].astype(np.float64) for k, v in out.items()}

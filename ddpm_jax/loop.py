@@ -28,7 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import checkpoint, data, images, parallel, sampling, training
+from ddpm_jax import checkpoint, data, images, parallel, sampling, training, xla_cpu
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.writers import MetricWriter
@@ -99,7 +99,8 @@ def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., 
 
     jitted = jax.jit(positional, static_argnums=3,
                      in_shardings=(replicated, NamedSharding(mesh, spec), replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+                     out_shardings=(replicated, replicated), donate_argnums=0,
+                     compiler_options=xla_cpu.compiler_options("train"))
 
     def call(state, batch, schedule, **static):
         return jitted(state, batch, schedule, tuple(sorted(static.items())))

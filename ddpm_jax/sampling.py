@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddpm_jax.diffusion import MEAN_TYPES, VAR_TYPES, DenoiseFn, p_mean_variance
 from ddpm_jax.parallel import DATA_AXIS
+from ddpm_jax import xla_cpu
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -235,7 +236,15 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
 
 _STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "return_every",
            "progressive", "unroll", "mesh")
-_chain_jit = jax.jit(_reverse_chain, static_argnums=0, static_argnames=_STATIC)
+
+
+@functools.cache
+def _chain_jit(top_level: bool) -> Callable[..., dict[str, Array]]:
+    """The jitted chain, built on first use so that the backend's compiler options are known.
+    jax accepts compiler options only on a top-level jit: a chain traced inside the caller's own
+    jit (top_level=False) compiles with the caller's program and its options."""
+    options = xla_cpu.compiler_options("inference") if top_level else None
+    return jax.jit(_reverse_chain, static_argnums=0, static_argnames=_STATIC, compiler_options=options)
 
 
 def _check_options(shape: Sequence[int], sampler: str, mean_type: str, var_type: str,
@@ -317,7 +326,14 @@ class Sampler:
         plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
         if self._replicated is not None:
             params, plan, key, offset = jax.device_put((params, plan, key, offset), self._replicated)
-        result = _chain_jit(self.apply_fn, params, plan, key, offset, **self.static)
+        args = (self.apply_fn, params, plan, key, offset)
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
+        try:
+            result = _chain_jit(not traced)(*args, **self.static)
+        except ValueError as error:  # inside the caller's jit with only concrete inputs
+            if "compiler_options" not in str(error):
+                raise
+            result = _chain_jit(False)(*args, **self.static)
         if self.timesteps is not None:
             result["progressive_timesteps"] = self.timesteps
         return result
