@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import xla_cpu
-from ddpm_jax.models.unet import Conv, GroupNorm, conv_same
+from ddpm_jax.models.unet import Conv, GroupNorm
 
 
 def _np_group_norm(x, scale, bias, groups, eps):
@@ -88,21 +88,21 @@ def test_conv_parameters_match_flax():
         assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, ref)
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, "SAME"), (3, 2, ((0, 1), (0, 1)))])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_conv_same_gradients_match_autodiff_of_xla_conv(dtype):
-    """The hand-written input gradient (a flipped-kernel convolution) equals autodiff's."""
-    x = jax.random.normal(jax.random.key(0), (2, 7, 5, 6)).astype(dtype)
-    k = jax.random.normal(jax.random.key(1), (3, 3, 6, 4)).astype(dtype)
-    dy = jax.random.normal(jax.random.key(2), (2, 7, 5, 4)).astype(dtype)
-    plain = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
-        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours_out, ours_vjp = jax.vjp(conv_same, x, k)
-    ref_out, ref_vjp = jax.vjp(plain, x, k)
+def test_conv_gradients_match_flax(kernel, stride, padding, dtype):
+    """The 1x1 matmul path and the strided path differentiate like nn.Conv, in both dtypes."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
+    ref = nn.Conv(7, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype)
+    params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape),
+                          ref.init(jax.random.key(1), x))
+    ours = Conv(7, kernel, stride, padding, dtype=dtype)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))  # noqa: E731
+    assert ours.apply(params, x).dtype == ref.apply(params, x).dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
-    np.testing.assert_allclose(ours_out.astype(np.float32), ref_out.astype(np.float32), atol=tol)
-    for a, b in zip(ours_vjp(dy), ref_vjp(dy)):
-        assert a.dtype == b.dtype == dtype
-        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=tol * 10, rtol=tol)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                    jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x))):
+        np.testing.assert_allclose(a, b, atol=tol * 10, rtol=tol)
 
 
 def test_xla_cpu_presets(monkeypatch):

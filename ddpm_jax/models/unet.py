@@ -79,8 +79,8 @@ class GroupNorm(nn.Module):
 
     The statistics are summed per channel over the spatial positions first and then within each
     group. That is the same two-pass mean and variance as `nn.GroupNorm(use_fast_variance=False)`
-    up to float32 summation order, and XLA's CPU backend runs it about 4x faster forward and
-    backward than one reduction over (H, W, C/G) (bench/bench_unet.py, BENCHMARKS.md).
+    up to float32 summation order; XLA's CPU backend runs it up to 4x faster than one reduction
+    over (H, W, C/G) at the UNet's 32-96 channel shapes (bench/bench_layers.py, BENCHMARKS.md).
     """
 
     num_groups: int
@@ -117,40 +117,12 @@ def group_norm(x: Array, num_groups: int, dtype: Any, name: str) -> Array:
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv_same(x: Array, kernel: Array) -> Array:
-    """Stride-1 "SAME" convolution, x: [B, H, W, C_in], kernel: [k, k, C_in, C_out] (k odd)."""
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC)
-
-
-@jax.custom_vjp
-def conv_same(x: Array, kernel: Array) -> Array:
-    """`_conv_same` whose input gradient is written as a plain forward convolution of dy with the
-    flipped, in/out-swapped kernel. The gradient is the same; XLA's CPU backend runs this form up
-    to 1.7x faster than the one autodiff emits (bench/conv_grads.py). The kernel gradient is
-    autodiff's."""
-    return _conv_same(x, kernel)
-
-
-def _conv_same_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _conv_same(x, kernel), (x, kernel)
-
-
-def _conv_same_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
-    x, kernel = residuals
-    dx = _conv_same(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3)).astype(x.dtype)
-    dkernel = jax.vjp(lambda k: _conv_same(x, k), kernel)[1](dy)[0]
-    return dx, dkernel
-
-
-conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
-
-
 class Conv(nn.Module):
     """A k x k convolution with bias over [B, H, W, C]; parameters `kernel` [k, k, C_in, C_out] and
     `bias` [C_out], float32, named and shaped as flax's `nn.Conv` (checkpoints interchange).
 
-    1x1 kernels run as one matmul; stride-1 "SAME" ones through `conv_same`; the rest (the
-    stride-2 downsample) through XLA's convolution.
+    1x1 kernels (the ResBlock shortcuts) run as one matmul over the channels, which needs no
+    layout change in either gradient; the rest through XLA's convolution.
     """
 
     features: int
@@ -169,8 +141,6 @@ class Conv(nn.Module):
         x = x.astype(self.dtype)
         if self.kernel == 1 and self.strides == 1:
             y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
-        elif self.strides == 1 and self.padding == "SAME" and self.kernel % 2:
-            y = conv_same(x, kernel)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), self.padding,
                                              dimension_numbers=_NHWC)

@@ -1,0 +1,132 @@
+"""The UNet's layers one by one on the CPU: what each formulation and each XLA CPU preset costs,
+beside PyTorch's oneDNN kernels, all in one run. This is where the choices in
+`ddpm_jax/models/unet.py` (GroupNorm, Conv) and `ddpm_jax/xla_cpu.py` (presets) come from.
+
+    python bench/bench_layers.py                 # all shapes of the small and CIFAR-10 UNets
+    python bench/bench_layers.py --only groupnorm
+
+Measures, at batch 32 and UNet shapes:
+  * groupnorm: flax's nn.GroupNorm vs ours, forward and forward+backward (ms), under XLA's
+    defaults and under the train / inference presets;
+  * conv_dw: the kernel gradient under XLA's defaults (YNNPACK) and the train preset (Eigen),
+    and PyTorch's conv2d_weight (oneDNN), GFLOP/s.
+Prints one JSON line per measurement and a table. Never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from ddpm_jax import xla_cpu  # noqa: E402
+from ddpm_jax.models.unet import NORM_EPS, GroupNorm  # noqa: E402
+
+BATCH = 32
+# (H, C_in, C_out) of the 3x3 convs / GroupNorms that dominate the two benchmark UNets.
+SHAPES = [(32, 32, 32), (32, 96, 32), (32, 64, 64), (16, 64, 64), (32, 128, 128), (16, 256, 256)]
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _plain_conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=_DN)
+
+
+def presets() -> dict[str, dict[str, str] | None]:
+    os.environ[xla_cpu.ENV_VAR] = "tuned"
+    return {"xla_default": None, "train_preset": xla_cpu.compiler_options("train"),
+            "inference_preset": xla_cpu.compiler_options("inference")}
+
+
+def bench_groupnorm(repeats: int, emit) -> None:
+    for height, channels, _ in SHAPES:
+        x = jax.random.normal(jax.random.key(0), (BATCH, height, height, channels))
+        dy = jax.random.normal(jax.random.key(1), x.shape)
+        modules = {"flax": nn.GroupNorm(num_groups=32, epsilon=NORM_EPS, use_fast_variance=False),
+                   "ours": GroupNorm(32)}
+        params = modules["flax"].init(jax.random.key(2), x)
+        for preset, options in presets().items():
+            for name, module in modules.items():
+                fwd = jax.jit(lambda p, x, m=module: nn.swish(m.apply(p, x)), compiler_options=options)
+                both = jax.jit(lambda p, x, m=module: jax.vjp(lambda p, x: nn.swish(m.apply(p, x)), p, x)[1](dy),
+                               compiler_options=options)
+                emit(dict(kind="groupnorm", shape=[BATCH, height, height, channels], preset=preset, impl=name,
+                          forward_ms=median_ms(lambda: fwd(params, x), repeats),
+                          fwd_bwd_ms=median_ms(lambda: both(params, x), repeats)))
+
+
+def bench_conv_grads(repeats: int, emit) -> None:
+    options = presets()
+    for height, c_in, c_out in SHAPES:
+        keys = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(keys[0], (BATCH, height, height, c_in))
+        k = 0.05 * jax.random.normal(keys[1], (3, 3, c_in, c_out))
+        dy = jax.random.normal(keys[2], (BATCH, height, height, c_out))
+        gflop = 2 * BATCH * height * height * c_in * c_out * 9 / 1e9
+        shape = [BATCH, height, height, c_in, c_out]
+        for preset in ("xla_default", "train_preset"):
+            dw = jax.jit(lambda x, k: jax.vjp(lambda k: _plain_conv(x, k), k)[1](dy)[0],
+                         compiler_options=options[preset])
+            emit(dict(kind="conv_dw", shape=shape, impl="xla", preset=preset,
+                      gflops=gflop / median_ms(lambda: dw(x, k), repeats) * 1e3))
+        try:
+            import torch
+        except ImportError:
+            continue
+        torch.set_num_threads(os.cpu_count() or 1)
+        xt, dyt = torch.randn(BATCH, c_in, height, height), torch.randn(BATCH, c_out, height, height)
+        ms = median_ms(lambda: torch.nn.grad.conv2d_weight(xt, (c_out, c_in, 3, 3), dyt, padding=1), repeats)
+        emit(dict(kind="conv_dw", shape=shape, impl="torch_onednn", preset="-", gflops=gflop / ms * 1e3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", choices=["groupnorm", "conv"], default=None)
+    args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+
+    def emit(record: dict[str, Any]) -> None:
+        print(json.dumps(record), flush=True)
+        rows.append(record)
+
+    print(json.dumps(dict(kind="machine", jax=jax.__version__, devices=str(jax.devices()),
+                          cpu_count=os.cpu_count())), flush=True)
+    if args.only in (None, "groupnorm"):
+        bench_groupnorm(args.repeats, emit)
+    if args.only in (None, "conv"):
+        bench_conv_grads(args.repeats, emit)
+
+    print()
+    for row in rows:
+        shape = "x".join(map(str, row["shape"]))
+        if row["kind"] == "groupnorm":
+            print(f"groupnorm+swish {shape:<16} {row['preset']:<17} {row['impl']:<5} "
+                  f"forward {row['forward_ms']:6.2f} ms  fwd+bwd {row['fwd_bwd_ms']:6.2f} ms")
+        else:
+            print(f"{row['kind']:<15} {shape:<16} {row['preset']:<17} {row['impl']:<12} "
+                  f"{row['gflops']:6.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
