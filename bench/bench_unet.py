@@ -244,6 +244,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no_peer", action="store_true")
     parser.add_argument("--skip", default="", help="comma list of forward,train,sample to skip")
+    parser.add_argument("--settle_s", type=float, default=1.0,
+                        help="pause before each timed block so the other side's threads go idle")
     parser.add_argument("--xla_options", choices=xla_cpu.MODES, default="tuned",
                         help="ours under ddpm_jax.xla_cpu's CPU presets (tuned) or XLA's defaults")
     args = parser.parse_args()
@@ -266,17 +268,29 @@ def main() -> None:
 
     rows = []
 
+    def settle() -> None:
+        """Both runtimes keep worker threads spinning for a while after their last kernel
+        (OpenMP for the peer, the Eigen pool for XLA); on 2 cores those spinners slow whichever
+        side runs next. A pause before each timed block lets them go idle."""
+        time.sleep(args.settle_s)
+
     def compare(name: str, batch: int, ours_run, peer_run, flops_per_image: float, extra: dict):
         t_ours, t_peer = [], []
         for _ in range(args.rounds):
+            settle()
             t_ours.append(timeit(ours_run, args.repeats))
             if peer_run is not None:
+                settle()
                 t_peer.append(timeit(peer_run, args.repeats))
         ours_ips = batch / statistics.median(t_ours)
         peer_ips = batch / statistics.median(t_peer) if t_peer else float("nan")
         achieved = ours_ips * flops_per_image / 1e9
+        # Ours and the peer alternate, so each round's ratio sees the same machine load; the
+        # median of those is the figure to quote, their spread says how noisy the machine was.
+        round_ratios = [p / o for o, p in zip(t_ours, t_peer)]
         row = dict(kind=name, batch=batch, ours_img_s=ours_ips, peer_img_s=peer_ips,
-                   ratio=ours_ips / peer_ips, gflop_per_img=flops_per_image / 1e9,
+                   ratio=statistics.median(round_ratios) if round_ratios else float("nan"),
+                   round_ratios=round_ratios, gflop_per_img=flops_per_image / 1e9,
                    ours_gflops=achieved, pct_of_limit=100 * achieved / limit, **extra)
         emit(row)
         rows.append(row)
@@ -300,8 +314,10 @@ def main() -> None:
         peer_run = peer.sample_fn(args.batch_sample, args.sample_steps) if peer else None
         t_ours, t_peer = [], []
         for _ in range(args.rounds):
+            settle()
             t_ours.append(timeit(ours_run, 1))
             if peer_run is not None:
+                settle()
                 t_peer.append(timeit(peer_run, 1))
         scale = 1000 / args.sample_steps
         row = dict(kind="sample_1000_steps", batch=args.batch_sample, steps_run=args.sample_steps,
@@ -309,9 +325,14 @@ def main() -> None:
                    ours_s=statistics.median(t_ours) * scale,
                    peer_s=statistics.median(t_peer) * scale if t_peer else float("nan"),
                    first_call_s=compile_s)
-        row["ratio"] = row["peer_s"] / row["ours_s"]
+        row["round_ratios"] = [p / o for o, p in zip(t_ours, t_peer)]
+        row["ratio"] = statistics.median(row["round_ratios"]) if t_peer else float("nan")
         emit(row)
         rows.append(row)
+
+    def spread(row: dict[str, Any]) -> str:
+        ratios = row.get("round_ratios") or []
+        return f" (rounds {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
 
     print(f"\n{args.config} ({ours.num_params:,} params), {info['devices']}, jax {jax.__version__}, "
           f"{threads} threads; FLOP limit {limit:.0f} GFLOP/s "
@@ -320,10 +341,10 @@ def main() -> None:
         if row["kind"] == "sample_1000_steps":
             note = " (extrapolated from %d steps)" % row["steps_run"] if row["extrapolated"] else ""
             print(f"  sample 1000 steps x{row['batch']}: ours {row['ours_s']:.1f} s, peer "
-                  f"{row['peer_s']:.1f} s, ours/peer speed {row['ratio']:.2f}x{note}")
+                  f"{row['peer_s']:.1f} s, ours/peer speed {row['ratio']:.2f}x{spread(row)}{note}")
         else:
             print(f"  {row['kind']:<10} batch {row['batch']:>3}: ours {row['ours_img_s']:.2f} img/s, "
-                  f"peer {row['peer_img_s']:.2f} img/s, ratio {row['ratio']:.2f}x, "
+                  f"peer {row['peer_img_s']:.2f} img/s, ratio {row['ratio']:.2f}x{spread(row)}, "
                   f"{row['ours_gflops']:.0f} GFLOP/s = {row['pct_of_limit']:.0f}% of limit")
 
 
