@@ -9,7 +9,8 @@ Measures, at batch 32 and UNet shapes:
   * groupnorm: flax's nn.GroupNorm vs ours, forward and forward+backward (ms), under XLA's
     defaults and under the train / inference presets;
   * conv_dw: the kernel gradient under XLA's defaults (YNNPACK) and the train preset (Eigen),
-    and PyTorch's conv2d_weight (oneDNN), GFLOP/s.
+    and PyTorch's conv2d_weight (oneDNN), GFLOP/s;
+  * conv_dtype: a 3x3 conv forward in float32 and bfloat16 under each preset, GFLOP/s.
 Prints one JSON line per measurement and a table. Never run by CI.
 """
 
@@ -99,10 +100,23 @@ def bench_conv_grads(repeats: int, emit) -> None:
         emit(dict(kind="conv_dw", shape=shape, impl="torch_onednn", preset="-", gflops=gflop / ms * 1e3))
 
 
+def bench_conv_dtype(repeats: int, emit) -> None:
+    for height, c_in, c_out in ((32, 32, 32), (32, 128, 128)):
+        x = jax.random.normal(jax.random.key(0), (BATCH, height, height, c_in))
+        k = jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out))
+        gflop = 2 * BATCH * height * height * c_in * c_out * 9 / 1e9
+        for preset, options in presets().items():
+            for dtype in (jnp.float32, jnp.bfloat16):
+                fn = jax.jit(_plain_conv, compiler_options=options)
+                xd, kd = x.astype(dtype), k.astype(dtype)
+                emit(dict(kind="conv_dtype", shape=[BATCH, height, height, c_in, c_out], preset=preset,
+                          impl=jnp.dtype(dtype).name, gflops=gflop / median_ms(lambda: fn(xd, kd), repeats) * 1e3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--only", choices=["groupnorm", "conv"], default=None)
+    parser.add_argument("--only", choices=["groupnorm", "conv", "conv_dtype"], default=None)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
 
@@ -116,6 +130,8 @@ def main() -> None:
         bench_groupnorm(args.repeats, emit)
     if args.only in (None, "conv"):
         bench_conv_grads(args.repeats, emit)
+    if args.only in (None, "conv_dtype"):
+        bench_conv_dtype(args.repeats, emit)
 
     print()
     for row in rows:
