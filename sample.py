@@ -117,11 +117,9 @@ def main(argv: list[str]) -> None:
 
     import jax
     import numpy as np
-    from jax.experimental import multihost_utils
-    from tqdm import tqdm
 
-    from ddpm_jax.images import save_image_grid, to_uint8
-    from ddpm_jax.sampling import ModelApply, make_sampler
+    from ddpm_jax.images import save_image_grid
+    from ddpm_jax.sampling import ModelApply, draw_images, make_sampler
     from ddpm_jax.schedule import Schedule
 
     model, params, diffusion, defaults, image_shape = _load()
@@ -151,15 +149,8 @@ def main(argv: list[str]) -> None:
                  image_shape, options["sampler"], sampler.plan.num_steps,
                  f"eta={options['eta']}" if options["sampler"] == "ddim" else options["var_type"],
                  batch_size)
-    key = jax.random.key(FLAGS.seed)
-    batches = []
-    for b in tqdm(range(math.ceil(FLAGS.num_samples / batch_size)), desc="batches",
-                  disable=jax.process_index() != 0):
-        images = sampler(params, key, b * batch_size)["images"]
-        if jax.process_count() > 1:
-            images = multihost_utils.process_allgather(images, tiled=True)
-        batches.append(to_uint8(images))
-    images = np.concatenate(batches)[:FLAGS.num_samples]
+    images = draw_images(sampler, params, jax.random.key(FLAGS.seed), FLAGS.num_samples,
+                         desc="batches")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         save_image_grid(images, FLAGS.out, nrow=FLAGS.nrow)

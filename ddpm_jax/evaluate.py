@@ -138,10 +138,7 @@ def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, *, num_
     batch = -(-min(batch_size, num_samples) // devices) * devices
     sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), mesh=mesh,
                                     **sampler_options)
-    out = []
-    for b in tqdm(range(-(-num_samples // batch)), desc="sampling", disable=not progress):
-        out.append(images.to_uint8(_fetch(sampler(params, key, b * batch)["images"])))
-    return np.concatenate(out)[:num_samples]
+    return sampling.draw_images(sampler, params, key, num_samples, progress=progress)
 
 
 # ------------------------------------------------------------------------- the protocol

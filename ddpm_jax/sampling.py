@@ -339,6 +339,25 @@ class Sampler:
         return result
 
 
+def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,
+                progress: bool = True, desc: str = "sampling") -> np.ndarray:
+    """num_samples images as uint8 [N, H, W, C] on every process, by calling `sampler` on
+    consecutive batches (image n depends only on (key, n), whatever the batch size or device
+    count); a tqdm bar counts batches on process 0 when progress is set."""
+    from jax.experimental import multihost_utils
+    from tqdm import tqdm
+
+    from ddpm_jax.images import to_uint8
+
+    batch = sampler.static["shape"][0]
+    out = []
+    for b in tqdm(range(-(-num_samples // batch)), desc=desc,
+                  disable=not progress or jax.process_index() != 0):
+        images = sampler(params, key, b * batch)["images"]
+        out.append(to_uint8(np.asarray(multihost_utils.process_allgather(images, tiled=True))))
+    return np.concatenate(out)[:num_samples]
+
+
 def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                  sampler: str = "ddpm", steps: int | str | None = None, eta: float = 0.0,
                  mean_type: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,

@@ -1,7 +1,6 @@
 """The UNet's own GroupNorm and Conv layers against float64 NumPy derivations, their gradients
 against autodiff of the plain XLA formulation, and the CPU compiler presets of ddpm_jax.xla_cpu."""
 
-import os
 
 import flax.linen as nn
 import jax
