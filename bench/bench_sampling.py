@@ -1,17 +1,19 @@
-"""The one-scan sampler against the same chain dispatched one jitted step at a time from Python.
+"""The one-scan sampler against the same chain as one lax.fori_loop and as one jitted step at a
+time from Python.
 
     python bench/bench_sampling.py --model digits --batch 16 --steps 100
     python bench/bench_sampling.py --model tiny --batch 16 --steps 1000 --unroll 1,4
 
-Both variants run the identical ancestral step (model + p_mean_variance + noise) on the same
-respaced schedule; the loop variant is what peers do (one XLA call per step, the step compiled
-once). Reports compile seconds, median seconds per reverse step over --repeats chains, and the
+All variants run the identical ancestral step (model + p_mean_variance + noise) on the same
+respaced schedule, compiled with the same options; the Python loop is what peers do (one XLA
+call per step, the step compiled once), fori_loop is one program with a while loop. Reports compile seconds, median seconds per reverse step over --repeats chains, and the
 ratio loop / variant (> 1: faster than the loop). Prints one JSON line per measurement. Never run by CI.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.bench_unet import CONFIGS  # noqa: E402
-from ddpm_jax import sampling  # noqa: E402
+from ddpm_jax import sampling, xla_cpu  # noqa: E402
 from ddpm_jax.diffusion import p_mean_variance  # noqa: E402
 from ddpm_jax.models.unet import UNet  # noqa: E402
 from ddpm_jax.schedule import Schedule  # noqa: E402
@@ -67,15 +69,20 @@ def main() -> None:
     # The same step, one jitted call per step from Python.
     plan = sampling.make_plan(schedule, steps=args.steps)
 
-    @jax.jit
-    def step(params, x_t, i, t, key):
+    # Every variant compiles under the sampler's own options (ddpm_jax.xla_cpu), so that only
+    # the loop structure differs between them.
+    options = xla_cpu.compiler_options("inference")
+
+    def step_fn(params, x_t, i, t, key):
         index = jnp.full((args.batch,), i, jnp.int32)
         out = p_mean_variance(plan.schedule, apply_fn(params, x_t, jnp.full((args.batch,), t)),
                               x_t, index, mean_type="eps", var_type="fixedlarge")
         noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape)
         return out["mean"] + jnp.where(i > 0, jnp.exp(0.5 * out["log_variance"]), 0.0) * noise
 
+    step = jax.jit(step_fn, compiler_options=options)
     timesteps = [int(t) for t in plan.timesteps]
+    timestep_array = jnp.asarray(plan.timesteps)
 
     def loop():
         x = jax.random.normal(jax.random.key(3), shape)
@@ -83,11 +90,20 @@ def main() -> None:
             x = step(params, x, i, timesteps[i], jax.random.key(4))
         return x
 
+    # The same step in one lax.fori_loop: one program, but a while loop instead of a scan.
+    @functools.partial(jax.jit, compiler_options=options)
+    def fori(params, key):
+        def body(j, x):
+            i = args.steps - 1 - j
+            return step_fn(params, x, i, timestep_array[i], key)
+        return jax.lax.fori_loop(0, args.steps, body, jax.random.normal(jax.random.key(3), shape))
+
     # One lax.scan over the whole chain, per unroll factor.
     variants = {}
     for unroll in (int(u) for u in args.unroll.split(",")):
         sampler = sampling.make_sampler(apply_fn, schedule, shape, steps=args.steps, unroll=unroll)
         variants[f"scan_unroll{unroll}"] = lambda sampler=sampler: sampler(params, jax.random.key(2))
+    variants["fori_loop"] = lambda: fori(params, jax.random.key(4))
     variants["python_loop"] = loop
     first_call = {name: once(fn) for name, fn in variants.items()}  # compile + one chain
     # Rounds alternate between the variants so that a shared machine's load hits all alike.
