@@ -31,6 +31,12 @@ CANDIDATES = {
                           "-individual_dot,-dot",
     "ynn_reduce_eltwise": "--xla_cpu_experimental_ynn_fusion_type=reduce,eltwise",
     "ynn_dot_only": "--xla_cpu_experimental_ynn_fusion_type=dot,individual_dot",
+    # ddpm_jax.xla_cpu's train preset, alone and with further options on top.
+    "train_preset": "--xla_cpu_experimental_ynn_fusion_type=reduce",
+    "train_preset_vec512": "--xla_cpu_experimental_ynn_fusion_type=reduce "
+                           "--xla_cpu_prefer_vector_width=512",
+    "train_preset_conc_sched": "--xla_cpu_experimental_ynn_fusion_type=reduce "
+                               "--xla_cpu_enable_concurrency_optimized_scheduler=true",
     "xnn_dot_no_ynn": "--xla_cpu_experimental_ynn_fusion_type= "
                       "--xla_cpu_experimental_xnn_fusion_type=dot,individual_dot",
 }
