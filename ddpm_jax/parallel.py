@@ -96,6 +96,25 @@ def initialize_distributed(
     return True
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf as a jax.Array replicated over the mesh (params, keys, schedules).
+
+    With one process this is device_put. With several, each process passes the same host-local
+    values and they become one global array (device_put accepts only addressable shardings);
+    leaves that are global arrays already are returned as they are.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, replicated(mesh))
+    from jax.experimental import multihost_utils
+
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf
+        return multihost_utils.host_local_array_to_global_array(leaf, mesh, P())
+
+    return jax.tree.map(one, tree)
+
+
 def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
     """Joins each host's rows into global arrays sharded over "data".
 

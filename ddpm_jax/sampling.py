@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddpm_jax.diffusion import MEAN_TYPES, VAR_TYPES, DenoiseFn, p_mean_variance
-from ddpm_jax.parallel import DATA_AXIS
+from ddpm_jax.parallel import DATA_AXIS, replicate
 from ddpm_jax import xla_cpu
 from ddpm_jax.schedule import Schedule
 
@@ -302,22 +302,6 @@ def model_denoise_fn(model: Any, params: Any, y: Array | None = None) -> Denoise
     return lambda x_t, t: model.apply({"params": params}, x_t, t, y, train=False)
 
 
-def _replicate(tree: Any, sharding: NamedSharding) -> Any:
-    """Every leaf as an array replicated over the sharding's mesh. With several processes each
-    passes the same host-local values, which become one global array (device_put takes only
-    addressable shardings); leaves that are global arrays already are left as they are."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-    from jax.experimental import multihost_utils
-
-    def one(leaf: Any) -> Any:
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return leaf
-        return multihost_utils.host_local_array_to_global_array(leaf, sharding.mesh, PartitionSpec())
-
-    return jax.tree.map(one, tree)
-
-
 class Sampler:
     """A compiled-once sampler: `sampler(params, key, example_offset=0) -> dict`.
 
@@ -341,7 +325,7 @@ class Sampler:
         """
         plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
         if self._replicated is not None:
-            params, plan, key, offset = _replicate((params, plan, key, offset), self._replicated)
+            params, plan, key, offset = replicate((params, plan, key, offset), self._replicated.mesh)
         args = (self.apply_fn, params, plan, key, offset)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
         try:

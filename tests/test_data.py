@@ -2,7 +2,6 @@
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -18,6 +17,7 @@ from sklearn.datasets import load_digits
 
 from ddpm_jax import data, parallel
 from ddpm_jax.data import builders, pipeline
+from multihost import run_on_two_hosts
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +244,10 @@ def test_images_of_another_size_are_center_cropped_and_converted():
 
 
 _HOST_WORKER = """
-import sys
 import numpy as np
-from ddpm_jax import data, parallel
-port, process_id, data_dir, out = sys.argv[1:]
-parallel.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
-mesh = parallel.make_mesh()  # 2 hosts x 2 CPU devices
+from ddpm_jax import data
+data_dir, = args
+assert mesh.size == 4  # 2 hosts x 2 CPU devices
 try:
     data.make_input_iterator("digits", "train", global_batch_size=6, seed=5, image_size=8,
                              channels=1, random_flip=True, mesh=mesh, data_dir=data_dir)
@@ -270,23 +268,13 @@ np.save(out, np.stack(rows))
 def test_each_of_two_hosts_reads_its_rows_of_the_same_global_batches(data_dir, mesh, tmp_path):
     # Two local processes on 127.0.0.1 with 2 CPU devices each; their rows, stacked, must be
     # the global batches that a single process reads.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = tmp_path / "worker.py"
-    worker.write_text(_HOST_WORKER)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), data_dir,
-                               str(tmp_path / f"rows{i}.npy")], env=env,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
+    # The single-process reference first: it also prepares the data set, which the two hosts
+    # must not race to do (README: prepare once).
     it = digits_iterator(data_dir, mesh, seed=5)
     expected = np.stack([np.asarray(next(it)["image"]) for _ in range(3)])
-    np.testing.assert_array_equal(np.load(tmp_path / "rows0.npy"), expected[:, :4])
-    np.testing.assert_array_equal(np.load(tmp_path / "rows1.npy"), expected[:, 4:])
+    outs = run_on_two_hosts(_HOST_WORKER, tmp_path, data_dir, timeout=120)
+    np.testing.assert_array_equal(np.load(outs[0]), expected[:, :4])
+    np.testing.assert_array_equal(np.load(outs[1]), expected[:, 4:])
 
 
 def test_batch_not_divisible_by_devices_fails_naming_both(data_dir):

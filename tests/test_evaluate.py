@@ -18,6 +18,7 @@ from ddpm_jax import evaluate, features, metrics, plots
 from ddpm_jax.data import builders
 from ddpm_jax.models import classifier, inception
 from ddpm_jax.schedule import Schedule, get_beta_schedule
+from multihost import run_on_two_hosts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,6 +138,39 @@ def test_bpd_sharded_over_8_devices_equals_single_device():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             timeout=300, cwd=REPO, check=False)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+_BPD_HOST = """
+import jax.numpy as jnp, numpy as np
+from ddpm_jax import evaluate
+from ddpm_jax.schedule import Schedule
+assert mesh.size == 4  # 2 hosts x 2 CPU devices
+def apply(params, x_t, t):
+    return params[t].reshape(-1, 1, 1, 1) * x_t
+schedule = Schedule.create("linear", 5, beta_start=0.01, beta_end=0.3)
+data = np.random.RandomState(0).randint(0, 256, (10, 4, 4, 1)).astype(np.uint8)
+result = evaluate.evaluate_bpd(apply, jnp.linspace(0.1, 0.5, 5), schedule, data, jax.random.key(0),
+                               batch_size=4, mesh=mesh, progress=False)
+np.save(out, result["total_bpd"])
+"""
+
+
+def test_bpd_on_two_hosts_equals_single_process(tmp_path):
+    """Two jax.distributed processes on 127.0.0.1, 2 CPU devices each: every host gets the
+    bound of all 10 images, equal to one process's."""
+    outs = run_on_two_hosts(_BPD_HOST, tmp_path)
+
+    def apply(params, x_t, t):
+        return params[t].reshape(-1, 1, 1, 1) * x_t
+
+    schedule = Schedule.create("linear", 5, beta_start=0.01, beta_end=0.3)
+    data = np.random.RandomState(0).randint(0, 256, (10, 4, 4, 1)).astype(np.uint8)
+    expected = evaluate.evaluate_bpd(apply, jnp.linspace(0.1, 0.5, 5), schedule, data, jax.random.key(0),
+                                     batch_size=3, progress=False)["total_bpd"]
+    hosts = [np.load(out) for out in outs]
+    assert hosts[0].shape == (10,)
+    np.testing.assert_array_equal(hosts[0], hosts[1])
+    np.testing.assert_allclose(hosts[0], expected, rtol=1e-6)
 
 
 def test_per_t_curve_plot_is_written(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 from ddpm_jax import sampling
 from ddpm_jax.sampling import ModelApply, make_sampler, sample, space_timesteps
 from ddpm_jax.schedule import Schedule
+from multihost import run_on_two_hosts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 50
@@ -472,14 +473,10 @@ def test_draw_images_does_not_depend_on_the_batch_size():
 
 
 _SAMPLING_HOST = """
-import sys
-import jax, jax.numpy as jnp, numpy as np
-from ddpm_jax import parallel, sampling
+import jax.numpy as jnp, numpy as np
+from ddpm_jax import sampling
 from ddpm_jax.schedule import Schedule
-port, process_id, out = sys.argv[1:]
-parallel.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
-mesh = parallel.make_mesh()  # 2 hosts x 2 CPU devices
-assert mesh.size == 4 and jax.process_count() == 2
+assert mesh.size == 4  # 2 hosts x 2 CPU devices
 
 def apply_fn(params, x, t):
     return params * x
@@ -493,25 +490,14 @@ np.save(out, sampling.draw_images(sampler, jnp.float32(0.5), jax.random.key(7), 
 def test_draw_images_on_two_hosts_gives_every_host_all_images(tmp_path):
     """Two jax.distributed processes on 127.0.0.1 with 2 CPU devices each: the batch is sharded
     over all 4 devices, and each host gets all 6 images, equal to a single process's."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = tmp_path / "worker.py"
-    worker.write_text(_SAMPLING_HOST)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(tmp_path / f"img{i}.npy")],
-                              env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err[-3000:]
+    outs = run_on_two_hosts(_SAMPLING_HOST, tmp_path)
 
     def apply_fn(params, x, t):
         return params * x
 
     single = make_sampler(apply_fn, Schedule.create("linear", 10), (4, 4, 4, 3), sampler="ddpm", steps=4)
     expected = sampling.draw_images(single, jnp.float32(0.5), jax.random.key(7), 6, progress=False)
-    hosts = [np.load(tmp_path / f"img{i}.npy") for i in range(2)]
+    hosts = [np.load(out) for out in outs]
     assert hosts[0].shape == (6, 4, 4, 3)
     np.testing.assert_array_equal(hosts[0], hosts[1])
     assert np.abs(hosts[0].astype(int) - expected.astype(int)).max() <= 1
