@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ddpm_jax import diffusion, features, images, parallel, plots, sampling, xla_cpu
@@ -68,11 +67,6 @@ def _to_global(x: np.ndarray, mesh: jax.sharding.Mesh | None) -> Array | np.ndar
     return jax.make_array_from_callback(x.shape, parallel.data_sharding(mesh), lambda i: x[i])
 
 
-def _fetch(tree: Any) -> Any:
-    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)),
-                        tree)
-
-
 def evaluate_bpd(apply_fn: ApplyFn, params: Any, schedule: Schedule, data: np.ndarray,
                  key: Array, *, mean_type: str = "eps", var_type: str = "fixedlarge",
                  clip_denoised: bool = True, batch_size: int = 64,
@@ -99,7 +93,7 @@ def evaluate_bpd(apply_fn: ApplyFn, params: Any, schedule: Schedule, data: np.nd
         # (x - 127.5) / 127.5, like the input pipeline: 0 and 255 map to exactly -1 and 1.
         x0[:len(chunk)] = (chunk.astype(np.float32) - 127.5) / 127.5
         indices = np.arange(start, start + batch, dtype=np.int32)
-        out = _fetch(_bpd_batch()(apply_fn, params, schedule, _to_global(x0, mesh),
+        out = parallel.gather_to_host(_bpd_batch()(apply_fn, params, schedule, _to_global(x0, mesh),
                                 _to_global(indices, mesh), key, mean_type=mean_type,
                                 var_type=var_type, clip_denoised=clip_denoised))
         out = {k: v[:len(chunk)].astype(np.float64) for k, v in out.items()}

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddpm_jax import checkpoint, data, images, parallel, sampling, training, xla_cpu
@@ -173,11 +172,11 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: S
             sampler=s.sampler, steps=s.steps, eta=s.eta, mean_type=config.diffusion.mean_type,
             var_type=s.var_type or config.diffusion.var_type, clip_denoised=s.clip_denoised,
             mesh=mesh)
-    out = sampler(ema_params, jax.random.PRNGKey(config.training.seed + 1))["images"]
-    pixels = multihost_utils.process_allgather(out, tiled=True)[:count]
+    pixels = sampling.draw_images(sampler, ema_params, jax.random.PRNGKey(config.training.seed + 1),
+                                  count, progress=False)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        images.save_image_grid(images.to_uint8(pixels), path)
+        images.save_image_grid(pixels, path)
         logging.info("Wrote %d samples to %s.", count, path)
 
 

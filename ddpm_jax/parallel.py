@@ -115,6 +115,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, tree)
 
 
+def gather_to_host(tree: Any) -> Any:
+    """Every leaf (a global array, e.g. sharded over "data") as a whole numpy array on every
+    process; with one process, the device-to-host copy."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+
+
 def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
     """Joins each host's rows into global arrays sharded over "data".
 

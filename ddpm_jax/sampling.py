@@ -30,10 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
-from ddpm_jax.diffusion import MEAN_TYPES, VAR_TYPES, DenoiseFn, p_mean_variance
-from ddpm_jax.parallel import DATA_AXIS, replicate
 from ddpm_jax import xla_cpu
+from ddpm_jax.diffusion import MEAN_TYPES, VAR_TYPES, DenoiseFn, p_mean_variance
+from ddpm_jax.images import to_uint8
+from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -311,8 +313,6 @@ class Sampler:
 
     def __init__(self, apply_fn: ApplyFn, plan: SamplingPlan, **static: Any):
         self.apply_fn, self.plan, self.static = apply_fn, plan, static
-        mesh = static["mesh"]
-        self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self.timesteps = (None if static["return_every"] is None else np.asarray(
                 plan.timesteps)[progressive_indices(plan.num_steps, static["return_every"])])
 
@@ -324,8 +324,8 @@ class Sampler:
         `progressive_timesteps` [K] (the original t of each record; the last is 0).
         """
         plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
-        if self._replicated is not None:
-            params, plan, key, offset = replicate((params, plan, key, offset), self._replicated.mesh)
+        if self.static["mesh"] is not None:
+            params, plan, key, offset = replicate((params, plan, key, offset), self.static["mesh"])
         args = (self.apply_fn, params, plan, key, offset)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
         try:
@@ -344,17 +344,11 @@ def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,
     """num_samples images as uint8 [N, H, W, C] on every process, by calling `sampler` on
     consecutive batches (image n depends only on (key, n), whatever the batch size or device
     count); a tqdm bar counts batches on process 0 when progress is set."""
-    from jax.experimental import multihost_utils
-    from tqdm import tqdm
-
-    from ddpm_jax.images import to_uint8
-
     batch = sampler.static["shape"][0]
     out = []
     for b in tqdm(range(-(-num_samples // batch)), desc=desc,
                   disable=not progress or jax.process_index() != 0):
-        images = sampler(params, key, b * batch)["images"]
-        out.append(to_uint8(np.asarray(multihost_utils.process_allgather(images, tiled=True))))
+        out.append(to_uint8(gather_to_host(sampler(params, key, b * batch)["images"])))
     return np.concatenate(out)[:num_samples]
 
 
