@@ -243,6 +243,49 @@ def test_images_of_another_size_are_center_cropped_and_converted():
     assert pipeline._fit(square, 16, 3) is square
 
 
+
+_PREPARE_WORKER = """
+import os, sys, time
+from absl import logging
+from ddpm_jax.data import pipeline
+data_dir, me, other = sys.argv[1:]
+logging.set_verbosity(logging.INFO)
+real = pipeline._is_prepared
+def is_prepared_then_wait(builder, _first=[True]):
+    # Both processes look before either prepares (the hosts of one run starting together).
+    found = real(builder)
+    if _first.pop() if _first else False:
+        open(os.path.join(data_dir, me), "w").close()
+        while not os.path.exists(os.path.join(data_dir, other)):
+            time.sleep(0.005)
+    return found
+pipeline._is_prepared = is_prepared_then_wait
+print("PREPARED", pipeline.prepare_dataset("digits", data_dir, image_size=8))
+"""
+
+
+def test_processes_preparing_one_data_dir_at_once_all_get_the_set(tmp_path):
+    # TFDS renames its finished folder into place; a second process's rename then fails. Both
+    # must come back with the prepared set, and no incomplete folder may be left behind.
+    data_dir = str(tmp_path / "tfds")
+    os.makedirs(data_dir)
+    worker = tmp_path / "prepare.py"
+    worker.write_text(_PREPARE_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(worker), data_dir, me, other],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for me, other in (("a", "b"), ("b", "a"))]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    prepared = {line.split("PREPARED ", 1)[1] for out in outs for line in out.splitlines()
+                if line.startswith("PREPARED ")}
+    assert len(prepared) == 1, outs
+    # The race really happened: one of the two lost the rename and used the winner's set.
+    assert sum("by another process meanwhile" in out for out in outs) == 1, outs
+    leftovers = [n for n in os.listdir(os.path.dirname(prepared.pop())) if "incomplete" in n]
+    assert not leftovers
+    assert data.num_examples("digits", "test", data_dir, image_size=8) == 360
+
 _HOST_WORKER = """
 import numpy as np
 from ddpm_jax import data
@@ -268,8 +311,8 @@ np.save(out, np.stack(rows))
 def test_each_of_two_hosts_reads_its_rows_of_the_same_global_batches(data_dir, mesh, tmp_path):
     # Two local processes on 127.0.0.1 with 2 CPU devices each; their rows, stacked, must be
     # the global batches that a single process reads.
-    # The single-process reference first: it also prepares the data set, which the two hosts
-    # must not race to do (README: prepare once).
+    # The single-process reference first (it also prepares the set; preparing from both hosts
+    # at once is its own test above).
     it = digits_iterator(data_dir, mesh, seed=5)
     expected = np.stack([np.asarray(next(it)["image"]) for _ in range(3)])
     outs = run_on_two_hosts(_HOST_WORKER, tmp_path, data_dir, timeout=120)

@@ -127,7 +127,8 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
 
     manual_dir holds the source files (default data_dir/downloads/manual; for "folder", the
     folder of images). Raises DataNotPreparedError, naming the file to place, when it lacks
-    them. Returns the prepared directory.
+    them. Safe to call from several processes at once on a shared data_dir (one prepares, the
+    others use its result). Returns the prepared directory.
     """
     data_dir = default_data_dir(data_dir)
     builder = _builder(name, data_dir, image_size)
@@ -138,9 +139,19 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     if not _has_source(name, builder, manual_dir):
         raise DataNotPreparedError(_missing_message(name, builder, data_dir, manual_dir))
     logging.info("Preparing %s from %s into %s.", name, manual_dir, builder.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, try_download_gcs=False,
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, try_download_gcs=False,
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    except FileExistsError:
+        # TFDS writes into a private incomplete.* folder and renames it at the end; when several
+        # processes (the hosts of one run, on a shared data dir) prepare at once, every rename
+        # but the first fails. The set is then prepared, by the winner: use it.
+        builder = _builder(name, data_dir, image_size)
+        if not _is_prepared(builder):
+            raise
+        logging.info("%s was prepared in %s by another process meanwhile; using it.", name,
+                     builder.data_dir)
     return os.fspath(builder.data_dir)
 
 
