@@ -9,9 +9,14 @@ Measures (fp32 unless --dtype bfloat16 for ours):
   * forward images/s (train=False) and train-step images/s (Adam + clip + EMA for ours, Adam +
     clip for the peer), alternating ours / peer for --rounds rounds, medians reported;
   * compile time of ours, separately;
+  * the train step is timed as the training loop runs it: --train_steps_per_call steps queued
+    back to back, then one wait (loop.py keeps the next step queued while it reads the last
+    one's metrics); the peer runs the same number of steps per call;
   * sampling: ours as one lax.scan over --sample_steps ancestral steps vs the peer's
     DDPMScheduler Python loop; per-step cost is extrapolated to 1000 steps (stated in the
-    output) unless --sample_steps 1000;
+    output) unless --sample_steps 1000; and a whole --ddim_steps DDIM chain (eta 0, no
+    extrapolation) vs the peer's DDIMScheduler;
+  * the peer's FLOP/s too: its images/s times our XLA FLOPs per image (the same network);
   * XLA cost-analysis FLOPs per image, achieved FLOP/s, and XLA's temp memory of the train step.
 Prints one JSON line per measurement and a table at the end. Never run by CI.
 """
@@ -123,7 +128,7 @@ class Ours:
         run()
         return run, compile_s, flops / batch
 
-    def train_fn(self, batch: int):
+    def train_fn(self, batch: int, steps_per_call: int = 1):
         step = jax.jit(lambda s, b: training.train_step(
             s, b, model=self.model, schedule=self.schedule, optimizer=self.optimizer, base_lr=2e-4,
             warmup_steps=5000, ema_decay=0.9999), donate_argnums=0,
@@ -141,17 +146,19 @@ class Ours:
         holder = {"state": jax.tree.map(jnp.copy, self.state)}
 
         def run():
-            holder["state"], metrics = compiled(holder["state"], b)
+            for _ in range(steps_per_call):  # queued back to back, one wait: as loop.py runs
+                holder["state"], metrics = compiled(holder["state"], b)
             metrics["loss"].block_until_ready()
+            jax.block_until_ready(holder["state"])
         run()
         self._holder = holder
         return run, compile_s, cost.get("flops", float("nan")) / batch, temp_bytes
 
-    def sample_fn(self, batch: int, steps: int):
-        """Ancestral sampling over `steps` respaced steps: the same per-step work as the full
-        1000-step chain (one network call + one update), in one lax.scan."""
+    def sample_fn(self, batch: int, steps: int, sampler: str = "ddpm"):
+        """`steps` respaced steps of ancestral sampling (the same per-step work as the full
+        1000-step chain: one network call + one update) or of DDIM (eta 0), in one lax.scan."""
         sampler = sampling.make_sampler(sampling.ModelApply(self.model), self.schedule,
-                                        (batch, *self.shape), sampler="ddpm", steps=steps,
+                                        (batch, *self.shape), sampler=sampler, steps=steps,
                                         var_type="fixedlarge")
         params = self.state.params
         return lambda key: sampler(params, key)["images"]
@@ -194,36 +201,46 @@ class Peer:
         run()
         return run
 
-    def train_fn(self, batch: int):
+    def train_fn(self, batch: int, steps_per_call: int = 1):
         torch = self.torch
         self.model.train()
         opt = torch.optim.Adam(self.model.parameters(), lr=2e-4, eps=1e-8)
         x0 = torch.rand(batch, *self.shape) * 2 - 1
 
         def run():
-            t = torch.randint(0, 1000, (batch,))
-            noise = torch.randn_like(x0)
-            x_t = x0 + 0.1 * noise  # the cost is the network; the exact q_sample is irrelevant here
-            loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            opt.step()
+            for _ in range(steps_per_call):
+                t = torch.randint(0, 1000, (batch,))
+                noise = torch.randn_like(x0)
+                x_t = x0 + 0.1 * noise  # the cost is the network; the exact q_sample is moot
+                loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, noise)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                opt.step()
         run()
         return run
 
-    def sample_fn(self, batch: int, steps: int):
+    def sample_fn(self, batch: int, steps: int, sampler: str = "ddpm"):
+        """The first `steps` of the 1000-step DDPMScheduler chain, or a whole `steps`-step
+        DDIMScheduler chain (eta 0; its own "leading" spacing, the same cost as ours)."""
         torch = self.torch
-        from diffusers import DDPMScheduler
-        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                  variance_type="fixed_large", clip_sample=True)
-        scheduler.set_timesteps(1000)
+        from diffusers import DDIMScheduler, DDPMScheduler
+        if sampler == "ddim":
+            scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                      clip_sample=True)
+            scheduler.set_timesteps(steps)
+        else:
+            scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                      variance_type="fixed_large", clip_sample=True)
+            scheduler.set_timesteps(1000)
+        timesteps = scheduler.timesteps[:steps]
+        assert len(timesteps) == steps
         self.model.eval()
 
         def run():
             x = torch.randn(batch, *self.shape)
             with torch.no_grad():
-                for t in scheduler.timesteps[:steps]:
+                for t in timesteps:
                     eps = self.model(x, t).sample
                     x = scheduler.step(eps, t, x).prev_sample
         return run
@@ -238,11 +255,14 @@ def main() -> None:
     parser.add_argument("--batch_sample", type=int, default=16)
     parser.add_argument("--sample_steps", type=int, default=50,
                         help="reverse steps actually run; per-step time is extrapolated to 1000")
+    parser.add_argument("--ddim_steps", type=int, default=50, help="steps of the DDIM chain")
+    parser.add_argument("--train_steps_per_call", type=int, default=2,
+                        help="train steps queued back to back per timed call (one wait)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating ours/peer rounds")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per round")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no_peer", action="store_true")
-    parser.add_argument("--skip", default="", help="comma list of forward,train,sample to skip")
+    parser.add_argument("--skip", default="", help="comma list of forward,train,sample,ddim to skip")
     parser.add_argument("--settle_s", type=float, default=1.0,
                         help="pause before each timed block so the other side's threads go idle")
     parser.add_argument("--xla_options", choices=xla_cpu.MODES, default="tuned",
@@ -274,6 +294,7 @@ def main() -> None:
         time.sleep(args.settle_s)
 
     def compare(name: str, batch: int, ours_run, peer_run, flops_per_image: float, extra: dict):
+        """Images/s of ours and the peer, alternating; `batch` images per call."""
         t_ours, t_peer = [], []
         for _ in range(args.rounds):
             settle()
@@ -290,20 +311,25 @@ def main() -> None:
         row = dict(kind=name, batch=batch, ours_img_s=ours_ips, peer_img_s=peer_ips,
                    ratio=statistics.median(round_ratios) if round_ratios else float("nan"),
                    round_ratios=round_ratios, gflop_per_img=flops_per_image / 1e9,
-                   ours_gflops=achieved, pct_of_limit=100 * achieved / limit, **extra)
+                   ours_gflops=achieved, pct_of_limit=100 * achieved / limit,
+                   peer_pct_of_limit=100 * peer_ips * flops_per_image / 1e9 / limit, **extra)
         emit(row)
         rows.append(row)
 
+    forward_flops = float("nan")
     if "forward" not in skip:
         run, compile_s, flops = ours.forward_fn(args.batch_forward)
+        forward_flops = flops
         compare("forward", args.batch_forward, run,
                 peer.forward_fn(args.batch_forward) if peer else None, flops,
                 dict(compile_s=compile_s))
     if "train" not in skip:
-        run, compile_s, flops, temp = ours.train_fn(args.batch_train)
-        compare("train_step", args.batch_train, run,
-                peer.train_fn(args.batch_train) if peer else None, flops,
-                dict(compile_s=compile_s, xla_temp_mib=temp / 2**20))
+        k = args.train_steps_per_call
+        run, compile_s, flops, temp = ours.train_fn(args.batch_train, k)
+        compare("train_step", args.batch_train * k, run,
+                peer.train_fn(args.batch_train, k) if peer else None, flops,
+                dict(compile_s=compile_s, xla_temp_mib=temp / 2**20, batch_per_step=args.batch_train,
+                     steps_per_call=k))
     if "sample" not in skip:
         fn = ours.sample_fn(args.batch_sample, args.sample_steps)
         start = time.perf_counter()
@@ -328,6 +354,16 @@ def main() -> None:
         row["ratio"] = statistics.median(row["round_ratios"]) if t_peer else float("nan")
         emit(row)
         rows.append(row)
+    if "ddim" not in skip:
+        fn = ours.sample_fn(args.batch_sample, args.ddim_steps, "ddim")
+        start = time.perf_counter()
+        fn(jax.random.key(0)).block_until_ready()
+        compile_s = time.perf_counter() - start
+        # One whole chain per call: images/s of finished samples; FLOPs = steps x forward.
+        compare(f"ddim_{args.ddim_steps}", args.batch_sample,
+                lambda: fn(jax.random.key(1)).block_until_ready(),
+                peer.sample_fn(args.batch_sample, args.ddim_steps, "ddim") if peer else None,
+                args.ddim_steps * forward_flops, dict(first_call_s=compile_s))
 
     def spread(row: dict[str, Any]) -> str:
         ratios = row.get("round_ratios") or []
@@ -342,9 +378,12 @@ def main() -> None:
             print(f"  sample 1000 steps x{row['batch']}: ours {row['ours_s']:.1f} s, peer "
                   f"{row['peer_s']:.1f} s, ours/peer speed {row['ratio']:.2f}x{spread(row)}{note}")
         else:
-            print(f"  {row['kind']:<10} batch {row['batch']:>3}: ours {row['ours_img_s']:.2f} img/s, "
-                  f"peer {row['peer_img_s']:.2f} img/s, ratio {row['ratio']:.2f}x{spread(row)}, "
-                  f"{row['ours_gflops']:.0f} GFLOP/s = {row['pct_of_limit']:.0f}% of limit")
+            batch = (f"{row['steps_per_call']} x batch {row['batch_per_step']}"
+                     if "steps_per_call" in row else f"batch {row['batch']}")
+            print(f"  {row['kind']:<10} {batch}: ours {row['ours_img_s']:.2f} img/s, "
+                  f"peer {row['peer_img_s']:.2f} img/s, ratio {row['ratio']:.2f}x{spread(row)}; "
+                  f"ours {row['ours_gflops']:.0f} GFLOP/s = {row['pct_of_limit']:.0f}% of limit, "
+                  f"peer {row['peer_pct_of_limit']:.0f}%")
 
 
 if __name__ == "__main__":
