@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -77,10 +78,14 @@ class GroupNorm(nn.Module):
     """GroupNorm with float32 statistics and a float32 affine: parameters `scale` and `bias`, [C]
     each, exactly as flax's `nn.GroupNorm` names and shapes them (checkpoints interchange).
 
-    The statistics are summed per channel over the spatial positions first and then within each
-    group. That is the same two-pass mean and variance as `nn.GroupNorm(use_fast_variance=False)`
-    up to float32 summation order; XLA's CPU backend runs it up to 4x faster than one reduction
-    over (H, W, C/G) at the UNet's 32-96 channel shapes (bench/bench_layers.py, BENCHMARKS.md).
+    The statistics are summed per channel over the spatial positions first, then within each
+    group, and the group values go back to their channels, all as [B, C] arrays; the only work at
+    full size is then two per-channel sums and one `x * a[b, c] + d[b, c]`. That is the same
+    two-pass mean and variance as `nn.GroupNorm(use_fast_variance=False)` up to float32
+    summation order. Group sums and the spread back to channels are tiny float32 matmuls with
+    the [G, C] group-membership matrix: written as reshapes and repeats, XLA's CPU backend fuses
+    them into the full-size passes (one reduction over (H, W, C/G), a per-element group index)
+    and runs 2-4x slower (bench/bench_layers.py, BENCHMARKS.md).
     """
 
     num_groups: int
@@ -98,15 +103,18 @@ class GroupNorm(nn.Module):
         batch, per_group = x.shape[0], channels // self.num_groups
         flat = x.astype(jnp.float32).reshape(batch, -1, channels)            # [B, N, C]
         count = flat.shape[1] * per_group
+        member = np.repeat(np.eye(self.num_groups, dtype=np.float32), per_group, axis=1)  # [G, C]
 
         def group_mean(per_channel_sum: Array) -> Array:                     # [B, C] -> [B, C]
-            grouped = per_channel_sum.reshape(batch, self.num_groups, per_group).sum(-1) / count
-            return jnp.repeat(grouped, per_group, axis=1)
+            exact = jax.lax.Precision.HIGHEST  # float32 sums on every backend (TPU: not bf16)
+            grouped = jnp.dot(per_channel_sum, member.T, precision=exact) / count   # [B, G]
+            return jnp.dot(grouped, member, precision=exact)
 
-        centred = flat - group_mean(flat.sum(1))[:, None, :]
-        inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred).sum(1)) + self.epsilon)
-        out = centred * (inv_std * scale[None, :])[:, None, :] + bias[None, None, :]
-        return out.reshape(x.shape)
+        mean = group_mean(flat.sum(1))                                       # [B, C]
+        var = group_mean(jnp.square(flat - mean[:, None, :]).sum(1))
+        a = jax.lax.rsqrt(var + self.epsilon) * scale[None, :]
+        d = bias[None, :] - mean * a
+        return (flat * a[:, None, :] + d[:, None, :]).reshape(x.shape)
 
 
 def group_norm(x: Array, num_groups: int, dtype: Any, name: str) -> Array:
