@@ -256,6 +256,7 @@ def main() -> None:
     parser.add_argument("--sample_steps", type=int, default=50,
                         help="reverse steps actually run; per-step time is extrapolated to 1000")
     parser.add_argument("--ddim_steps", type=int, default=50, help="steps of the DDIM chain")
+    parser.add_argument("--batch_ddim", type=int, default=None, help="default: --batch_sample")
     parser.add_argument("--train_steps_per_call", type=int, default=2,
                         help="train steps queued back to back per timed call (one wait)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating ours/peer rounds")
@@ -355,14 +356,15 @@ def main() -> None:
         emit(row)
         rows.append(row)
     if "ddim" not in skip:
-        fn = ours.sample_fn(args.batch_sample, args.ddim_steps, "ddim")
+        batch_ddim = args.batch_ddim or args.batch_sample
+        fn = ours.sample_fn(batch_ddim, args.ddim_steps, "ddim")
         start = time.perf_counter()
         fn(jax.random.key(0)).block_until_ready()
         compile_s = time.perf_counter() - start
         # One whole chain per call: images/s of finished samples; FLOPs = steps x forward.
-        compare(f"ddim_{args.ddim_steps}", args.batch_sample,
+        compare(f"ddim_{args.ddim_steps}", batch_ddim,
                 lambda: fn(jax.random.key(1)).block_until_ready(),
-                peer.sample_fn(args.batch_sample, args.ddim_steps, "ddim") if peer else None,
+                peer.sample_fn(batch_ddim, args.ddim_steps, "ddim") if peer else None,
                 args.ddim_steps * forward_flops, dict(first_call_s=compile_s))
 
     def spread(row: dict[str, Any]) -> str:
