@@ -356,6 +356,8 @@ def main() -> None:
         emit(row)
         rows.append(row)
     if "ddim" not in skip:
+        if forward_flops != forward_flops:  # forward skipped: still count its FLOPs (no timing)
+            forward_flops = ours.forward_fn(1)[2]
         batch_ddim = args.batch_ddim or args.batch_sample
         fn = ours.sample_fn(batch_ddim, args.ddim_steps, "ddim")
         start = time.perf_counter()
