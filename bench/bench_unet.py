@@ -17,7 +17,8 @@ Measures (fp32 unless --dtype bfloat16 for ours):
     output) unless --sample_steps 1000; and a whole --ddim_steps DDIM chain (eta 0, no
     extrapolation) vs the peer's DDIMScheduler;
   * the peer's FLOP/s too: its images/s times our XLA FLOPs per image (the same network);
-  * XLA cost-analysis FLOPs per image, achieved FLOP/s, and XLA's temp memory of the train step.
+  * XLA cost-analysis FLOPs per image, achieved FLOP/s, and XLA's temp memory (the program's
+    peak working memory beyond its arguments and outputs) of every program of ours.
 Prints one JSON line per measurement and a table at the end. Never run by CI.
 """
 
@@ -62,6 +63,13 @@ def timeit(fn: Callable[[], Any], repeats: int) -> float:
 
 def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
+
+
+def temp_mib(compiled: Any) -> float:
+    """XLA's temporary buffer size of a compiled program (its peak working memory beyond the
+    arguments and outputs), MiB; nan where the backend does not report it."""
+    mem = compiled.memory_analysis()
+    return getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20 if mem is not None else float("nan")
 
 
 # ----------------------------------------------------------------------------- FLOP limit
@@ -126,7 +134,7 @@ class Ours:
         flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
         run = lambda: compiled(self.state.params, x, t).block_until_ready()  # noqa: E731
         run()
-        return run, compile_s, flops / batch
+        return run, compile_s, flops / batch, temp_mib(compiled)
 
     def train_fn(self, batch: int, steps_per_call: int = 1):
         step = jax.jit(lambda s, b: training.train_step(
@@ -140,8 +148,6 @@ class Ours:
         compile_s = time.perf_counter() - start
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        mem = compiled.memory_analysis()
-        temp_bytes = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
         # The step donates its input; keep self.state (its params serve the sampler) intact.
         holder = {"state": jax.tree.map(jnp.copy, self.state)}
 
@@ -152,7 +158,7 @@ class Ours:
             jax.block_until_ready(holder["state"])
         run()
         self._holder = holder
-        return run, compile_s, cost.get("flops", float("nan")) / batch, temp_bytes
+        return run, compile_s, cost.get("flops", float("nan")) / batch, temp_mib(compiled)
 
     def sample_fn(self, batch: int, steps: int, sampler: str = "ddpm"):
         """`steps` respaced steps of ancestral sampling (the same per-step work as the full
@@ -161,7 +167,11 @@ class Ours:
                                         (batch, *self.shape), sampler=sampler, steps=steps,
                                         var_type="fixedlarge")
         params = self.state.params
-        return lambda key: sampler(params, key)["images"]
+        # The same executable the sampler runs, compiled once more for XLA's memory analysis.
+        compiled = sampling._chain_jit(True).lower(
+            sampler.apply_fn, params, sampler.plan, jax.random.key(0), jnp.int32(0),
+            **sampler.static).compile()
+        return (lambda key: sampler(params, key)["images"]), temp_mib(compiled)
 
 
 # ------------------------------------------------------------------------------------- peer
@@ -319,20 +329,20 @@ def main() -> None:
 
     forward_flops = float("nan")
     if "forward" not in skip:
-        run, compile_s, flops = ours.forward_fn(args.batch_forward)
+        run, compile_s, flops, temp = ours.forward_fn(args.batch_forward)
         forward_flops = flops
         compare("forward", args.batch_forward, run,
                 peer.forward_fn(args.batch_forward) if peer else None, flops,
-                dict(compile_s=compile_s))
+                dict(compile_s=compile_s, xla_temp_mib=temp))
     if "train" not in skip:
         k = args.train_steps_per_call
         run, compile_s, flops, temp = ours.train_fn(args.batch_train, k)
         compare("train_step", args.batch_train * k, run,
                 peer.train_fn(args.batch_train, k) if peer else None, flops,
-                dict(compile_s=compile_s, xla_temp_mib=temp / 2**20, batch_per_step=args.batch_train,
+                dict(compile_s=compile_s, xla_temp_mib=temp, batch_per_step=args.batch_train,
                      steps_per_call=k))
     if "sample" not in skip:
-        fn = ours.sample_fn(args.batch_sample, args.sample_steps)
+        fn, temp = ours.sample_fn(args.batch_sample, args.sample_steps)
         start = time.perf_counter()
         fn(jax.random.key(0)).block_until_ready()
         compile_s = time.perf_counter() - start
@@ -350,7 +360,7 @@ def main() -> None:
                    extrapolated=args.sample_steps != 1000,
                    ours_s=statistics.median(t_ours) * scale,
                    peer_s=statistics.median(t_peer) * scale if t_peer else float("nan"),
-                   first_call_s=compile_s)
+                   first_call_s=compile_s, xla_temp_mib=temp)
         row["round_ratios"] = [p / o for o, p in zip(t_ours, t_peer)]
         row["ratio"] = statistics.median(row["round_ratios"]) if t_peer else float("nan")
         emit(row)
@@ -359,7 +369,7 @@ def main() -> None:
         if forward_flops != forward_flops:  # forward skipped: still count its FLOPs (no timing)
             forward_flops = ours.forward_fn(1)[2]
         batch_ddim = args.batch_ddim or args.batch_sample
-        fn = ours.sample_fn(batch_ddim, args.ddim_steps, "ddim")
+        fn, temp = ours.sample_fn(batch_ddim, args.ddim_steps, "ddim")
         start = time.perf_counter()
         fn(jax.random.key(0)).block_until_ready()
         compile_s = time.perf_counter() - start
@@ -367,7 +377,7 @@ def main() -> None:
         compare(f"ddim_{args.ddim_steps}", batch_ddim,
                 lambda: fn(jax.random.key(1)).block_until_ready(),
                 peer.sample_fn(batch_ddim, args.ddim_steps, "ddim") if peer else None,
-                args.ddim_steps * forward_flops, dict(first_call_s=compile_s))
+                args.ddim_steps * forward_flops, dict(first_call_s=compile_s, xla_temp_mib=temp))
 
     def spread(row: dict[str, Any]) -> str:
         ratios = row.get("round_ratios") or []
@@ -380,14 +390,15 @@ def main() -> None:
         if row["kind"] == "sample_1000_steps":
             note = " (extrapolated from %d steps)" % row["steps_run"] if row["extrapolated"] else ""
             print(f"  sample 1000 steps x{row['batch']}: ours {row['ours_s']:.1f} s, peer "
-                  f"{row['peer_s']:.1f} s, ours/peer speed {row['ratio']:.2f}x{spread(row)}{note}")
+                  f"{row['peer_s']:.1f} s, ours/peer speed {row['ratio']:.2f}x{spread(row)}{note}; "
+                  f"XLA temp {row['xla_temp_mib']:.0f} MiB")
         else:
             batch = (f"{row['steps_per_call']} x batch {row['batch_per_step']}"
                      if "steps_per_call" in row else f"batch {row['batch']}")
             print(f"  {row['kind']:<10} {batch}: ours {row['ours_img_s']:.2f} img/s, "
                   f"peer {row['peer_img_s']:.2f} img/s, ratio {row['ratio']:.2f}x{spread(row)}; "
                   f"ours {row['ours_gflops']:.0f} GFLOP/s = {row['pct_of_limit']:.0f}% of limit, "
-                  f"peer {row['peer_pct_of_limit']:.0f}%")
+                  f"peer {row['peer_pct_of_limit']:.0f}%; XLA temp {row['xla_temp_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
 conv(x, w).block_until_ready()
 sec = timeit(lambda: conv(x, w).block_until_ready(), {repeats})
 out["conv_gflops"] = 2 * 8 * 32 * 32 * 128 * 128 * 9 / sec / 1e9
-run, _, _ = ours.forward_fn({batch_forward})
+run, *_ = ours.forward_fn({batch_forward})
 out["forward_img_s"] = {batch_forward} / timeit(run, {repeats})
-run, _, _, _ = ours.train_fn({batch_train})
+run, *_ = ours.train_fn({batch_train})
 out["train_img_s"] = {batch_train} / timeit(run, {repeats})
 print("RESULT " + json.dumps(out))
 """
