@@ -143,6 +143,18 @@ class _MetricAccumulator:
         return out
 
 
+def warn_if_remat_cannot_save_memory(config: ml_collections.ConfigDict) -> bool:
+    """Logs a warning (and returns True) when model.remat is on but the backend is the CPU:
+    XLA's CPU compiler drops the optimization barriers that keep jax.checkpoint's recomputation
+    apart, so remat there costs time and saves no memory (bench/bench_memory.py)."""
+    if not config.model.get("remat", False) or jax.default_backend() != "cpu":
+        return False
+    logging.warning("model.remat=True saves no memory on the CPU backend (XLA's CPU compiler "
+                    "removes the rematerialisation barriers) and only adds recomputation; set "
+                    "model.remat=False here. It does save memory on GPUs and TPUs.")
+    return True
+
+
 def _check_nonfinite(metrics: Mapping[str, Array], step: int, limit: int,
                      last_checkpoint: int | None) -> None:
     """Raises NonFiniteError when the last `limit` (or more) steps were all non-finite."""
@@ -199,6 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          "multiples, so it must be a multiple of training.checkpoint_every="
                          f"{t.checkpoint_every}; or None to keep no milestones.")
     is_main = jax.process_index() == 0
+    warn_if_remat_cannot_save_memory(config)
     mesh = parallel.make_mesh()
     replicated = parallel.replicated(mesh)
     logging.info("Mesh: %d devices on %d processes.", mesh.size, jax.process_count())

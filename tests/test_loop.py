@@ -277,3 +277,31 @@ def test_sigterm_saves_and_exits_0_and_runs_agree_with_one_device(
     state = loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": step}),
                                     str(tmp_path))
     _params_close(state, run.workdir, step, atol=1e-5)
+
+
+def test_remat_on_the_cpu_is_warned_about_because_it_saves_no_memory(caplog):
+    config = digits.get_config()
+    config.model.remat = False
+    assert not loop.warn_if_remat_cannot_save_memory(config)
+    config.model.remat = True
+    with caplog.at_level("WARNING"):
+        assert loop.warn_if_remat_cannot_save_memory(config)
+    assert "model.remat=False" in caplog.text
+    # The premise, so that this warning goes when a jaxlib starts keeping the barriers: on the
+    # CPU, jax.checkpoint leaves XLA's temporary memory of a gradient no smaller.
+
+    def loss(ws, x, block):
+        for w in ws:
+            x = block(x, w)
+        return (x ** 2).sum()
+
+    def layer(x, w):
+        for _ in range(4):
+            x = jax.numpy.tanh(x @ w)
+        return x
+
+    ws, x = [np.full((64, 64), 0.01, np.float32)] * 6, np.ones((512, 64), np.float32)
+    temp = {name: jax.jit(jax.grad(lambda ws, x, b=block: loss(ws, x, b))).lower(ws, x).compile()
+            .memory_analysis().temp_size_in_bytes
+            for name, block in (("plain", layer), ("remat", jax.checkpoint(layer)))}
+    assert temp["remat"] >= temp["plain"], temp
