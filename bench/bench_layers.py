@@ -6,9 +6,10 @@ beside PyTorch's oneDNN kernels, all in one run. This is where the choices in
     python bench/bench_layers.py --only groupnorm
 
 Measures, at batch 32 and UNet shapes:
-  * groupnorm (+ swish): flax's nn.GroupNorm, the reshape-and-repeat formulation ours used
-    before (`GroupNormRepeat` below) and ours, forward and forward+backward (ms), under XLA's
-    defaults and the train / inference presets; and PyTorch's group_norm + silu;
+  * groupnorm (+ swish): flax's nn.GroupNorm and ours with group_matmul=False ("repeat",
+    reshape + jnp.repeat: the default off the CPU) and True ("ours": the CPU default), forward
+    and forward+backward (ms), under XLA's defaults and the train / inference presets; and
+    PyTorch's group_norm + silu;
   * conv_dw: the kernel gradient under XLA's defaults (YNNPACK) and the train preset (Eigen),
     and PyTorch's conv2d_weight (oneDNN), GFLOP/s;
   * conv_dtype: a 3x3 conv forward in float32 and bfloat16 under each preset, GFLOP/s.
@@ -60,36 +61,13 @@ def presets() -> dict[str, dict[str, str] | None]:
             "inference_preset": xla_cpu.compiler_options("inference")}
 
 
-class GroupNormRepeat(nn.Module):
-    """Ours before: group statistics by reshape + sum and back to channels by jnp.repeat, which
-    XLA's CPU backend fuses into the full-size passes (kept here as the baseline)."""
-
-    num_groups: int
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        batch, per_group = x.shape[0], channels // self.num_groups
-        flat = x.reshape(batch, -1, channels)
-        count = flat.shape[1] * per_group
-
-        def group_mean(per_channel_sum):
-            grouped = per_channel_sum.reshape(batch, self.num_groups, per_group).sum(-1) / count
-            return jnp.repeat(grouped, per_group, axis=1)
-
-        centred = flat - group_mean(flat.sum(1))[:, None, :]
-        inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred).sum(1)) + NORM_EPS)
-        return (centred * (inv_std * scale)[:, None, :] + bias).reshape(x.shape)
-
-
 def bench_groupnorm(repeats: int, emit) -> None:
     for height, channels, _ in SHAPES:
         x = jax.random.normal(jax.random.key(0), (BATCH, height, height, channels))
         dy = jax.random.normal(jax.random.key(1), x.shape)
         modules = {"flax": nn.GroupNorm(num_groups=32, epsilon=NORM_EPS, use_fast_variance=False),
-                   "repeat": GroupNormRepeat(32), "ours": GroupNorm(32)}
+                   "repeat": GroupNorm(32, group_matmul=False),
+                   "ours": GroupNorm(32, group_matmul=True)}
         params = modules["flax"].init(jax.random.key(2), x)
         for preset, options in presets().items():
             for name, module in modules.items():

@@ -35,22 +35,26 @@ def _np_conv(x, kernel, stride, pad):
     return out
 
 
+@pytest.mark.parametrize("group_matmul", [None, True, False])
 @pytest.mark.parametrize("groups,channels", [(32, 64), (8, 16), (1, 6)])
-def test_group_norm_matches_float64_reference(groups, channels):
+def test_group_norm_matches_float64_reference(groups, channels, group_matmul):
     rng = np.random.default_rng(0)
     x = (3 * rng.standard_normal((3, 5, 4, channels)) + 2).astype(np.float32)
     scale = rng.standard_normal(channels).astype(np.float32)
     bias = rng.standard_normal(channels).astype(np.float32)
     params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
-    out = GroupNorm(groups, epsilon=1e-6).apply(params, jnp.asarray(x))
+    out = GroupNorm(groups, epsilon=1e-6, group_matmul=group_matmul).apply(params, jnp.asarray(x))
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, _np_group_norm(x, scale, bias, groups, 1e-6), atol=2e-5, rtol=1e-5)
 
 
-def test_group_norm_parameters_and_gradients_match_flax():
-    """Same parameter tree as nn.GroupNorm (checkpoints interchange) and the same gradients."""
+@pytest.mark.parametrize("group_matmul", [True, False])
+def test_group_norm_parameters_and_gradients_match_flax(group_matmul):
+    """Same parameter tree as nn.GroupNorm (checkpoints interchange) and the same gradients,
+    with either way of moving between channels and groups."""
     x = 2 * jax.random.normal(jax.random.key(0), (2, 4, 4, 32)) + 1
-    ours, ref = GroupNorm(8), nn.GroupNorm(num_groups=8, epsilon=1e-6, use_fast_variance=False)
+    ours = GroupNorm(8, group_matmul=group_matmul)
+    ref = nn.GroupNorm(num_groups=8, epsilon=1e-6, use_fast_variance=False)
     ref_params = ref.init(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, ref_params)
     params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), ref_params)
@@ -59,6 +63,18 @@ def test_group_norm_parameters_and_gradients_match_flax():
     ref_grads = jax.grad(loss(ref), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_group_norm_uses_matmuls_by_default_on_the_cpu_only_when_asked_elsewhere():
+    x = jnp.ones((2, 4, 4, 16))
+    params = GroupNorm(4).init(jax.random.key(0), x)
+
+    def lowered(**kwargs):
+        return jax.jit(lambda p, x: GroupNorm(4, **kwargs).apply(p, x)).lower(params, x).as_text()
+
+    assert jax.default_backend() == "cpu"
+    assert "dot_general" in lowered() and "dot_general" in lowered(group_matmul=True)
+    assert "dot_general" not in lowered(group_matmul=False)
 
 
 def test_group_norm_rejects_indivisible_channels():

@@ -79,17 +79,21 @@ class GroupNorm(nn.Module):
     each, exactly as flax's `nn.GroupNorm` names and shapes them (checkpoints interchange).
 
     The statistics are summed per channel over the spatial positions first, then within each
-    group, and the group values go back to their channels, all as [B, C] arrays; the only work at
-    full size is then two per-channel sums and one `x * a[b, c] + d[b, c]`. That is the same
-    two-pass mean and variance as `nn.GroupNorm(use_fast_variance=False)` up to float32
-    summation order. Group sums and the spread back to channels are tiny float32 matmuls with
-    the [G, C] group-membership matrix: written as reshapes and repeats, XLA's CPU backend fuses
-    them into the full-size passes (one reduction over (H, W, C/G), a per-element group index)
-    and runs 2-4x slower (bench/bench_layers.py, BENCHMARKS.md).
+    group, and the group values go back to their channels as [B, C] arrays; the only work at full
+    size is two per-channel sums and one `x * a[b, c] + d[b, c]`. That is the same two-pass mean
+    and variance as `nn.GroupNorm(use_fast_variance=False)` up to float32 summation order.
+
+    group_matmul: how the [B, C] <-> [B, G] steps are written. True: tiny float32 matmuls with
+    the [G, C] group-membership matrix. False: reshape + sum and jnp.repeat, which XLA's CPU
+    backend folds into the full-size passes (one reduction over (H, W, C/G), a per-element group
+    index) and runs 1.5-2x slower there (bench/bench_layers.py, BENCHMARKS.md); on GPUs and TPUs
+    those are plain fused reductions and broadcasts, while each matmul is a kernel of its own.
+    None (default): True on the CPU backend, False elsewhere.
     """
 
     num_groups: int
     epsilon: float = NORM_EPS
+    group_matmul: bool | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -103,9 +107,13 @@ class GroupNorm(nn.Module):
         batch, per_group = x.shape[0], channels // self.num_groups
         flat = x.astype(jnp.float32).reshape(batch, -1, channels)            # [B, N, C]
         count = flat.shape[1] * per_group
+        matmul = (jax.default_backend() == "cpu") if self.group_matmul is None else self.group_matmul
         member = np.repeat(np.eye(self.num_groups, dtype=np.float32), per_group, axis=1)  # [G, C]
 
         def group_mean(per_channel_sum: Array) -> Array:                     # [B, C] -> [B, C]
+            if not matmul:
+                grouped = per_channel_sum.reshape(batch, self.num_groups, per_group).sum(-1)
+                return jnp.repeat(grouped / count, per_group, axis=1)
             exact = jax.lax.Precision.HIGHEST  # float32 sums on every backend (TPU: not bf16)
             grouped = jnp.dot(per_channel_sum, member.T, precision=exact) / count   # [B, G]
             return jnp.dot(grouped, member, precision=exact)
