@@ -65,7 +65,7 @@ def test_group_norm_parameters_and_gradients_match_flax(group_matmul):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
 
 
-def test_group_norm_uses_matmuls_by_default_on_the_cpu_only_when_asked_elsewhere():
+def test_group_norm_default_on_the_cpu_is_the_matmul_form():
     x = jnp.ones((2, 4, 4, 16))
     params = GroupNorm(4).init(jax.random.key(0), x)
 
