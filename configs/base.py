@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
         keep_every=placeholder(int),  # also keep every checkpoint at a multiple of this step; None: no
         sample_every=50_000,          # steps between sample grids (EMA weights)
         num_sample_images=64,         # images in each sample grid
+        label_dropout=0.1,            # class-conditional models: share of labels set to the null
+                                      # label, which then learns the unconditional model that
+                                      # sample grids, sample.py and evaluation draw from
         compute_dtype="float32",      # float32 | bfloat16 UNet compute; parameters stay float32
         max_nonfinite_in_a_row=10,    # stop after this many consecutive non-finite losses
         steps_per_dispatch=1,         # train steps fused into one jitted call

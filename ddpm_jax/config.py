@@ -151,6 +151,7 @@ def validate(config: Any) -> None:
                   "max_nonfinite_in_a_row", "steps_per_dispatch"):
         training.integer(field, 1)
     training.integer("num_sample_images", 0)
+    training.number("label_dropout", 0.0, 1.0)
     training.choice("compute_dtype", tuple(COMPUTE_DTYPES))
 
     sampling = _Checker(config, "sampling")

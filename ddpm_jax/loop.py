@@ -72,7 +72,8 @@ def step_kwargs(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]
     return dict(model=model, optimizer=make_optimizer(config), base_lr=t.lr,
                 warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, mean_type=d.mean_type,
                 var_type=d.var_type, loss_type=d.loss_type,
-                use_labels=config.model.num_classes is not None)
+                use_labels=config.model.num_classes is not None,
+                label_dropout=t.label_dropout if config.model.num_classes is not None else 0.0)
 
 
 @functools.cache
@@ -212,6 +213,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          f"{t.checkpoint_every}; or None to keep no milestones.")
     is_main = jax.process_index() == 0
     warn_if_remat_cannot_save_memory(config)
+    if config.model.num_classes is not None and t.label_dropout == 0.0:
+        logging.warning("model.num_classes=%d with training.label_dropout=0: the null label is "
+                        "never trained, yet the sample grids, sample.py and evaluation draw with "
+                        "it (unconditional). Set training.label_dropout > 0 (0.1 is usual).",
+                        config.model.num_classes)
     mesh = parallel.make_mesh()
     replicated = parallel.replicated(mesh)
     logging.info("Mesh: %d devices on %d processes.", mesh.size, jax.process_count())

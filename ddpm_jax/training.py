@@ -114,25 +114,38 @@ def _model_denoise_fn(model: nn.Module, params: PyTree, labels: Array | None,
     return denoise_fn
 
 
+def drop_labels(labels: Array, key: Array, rate: float, null_label: int) -> Array:
+    """labels: [B] int -> [B] int with each label replaced by `null_label` with probability
+    `rate` (classifier-free guidance's label dropout: the null label learns the unconditional
+    model)."""
+    if rate <= 0.0:
+        return labels
+    return jnp.where(jax.random.bernoulli(key, rate, labels.shape), null_label, labels)
+
+
 def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn.Module,
                optimizer: optax.GradientTransformation, base_lr: float, warmup_steps: int,
                ema_decay: float, mean_type: str = "eps", var_type: str = "fixedlarge",
                loss_type: str = "mse", hybrid_lambda: float = 1e-3,
-               use_labels: bool = False) -> tuple[TrainState, Metrics]:
+               use_labels: bool = False, label_dropout: float = 0.0) -> tuple[TrainState, Metrics]:
     """One optimizer step: (state, batch, schedule) -> (state, metrics).
 
     The schedule is an argument (data), not a constant, so that jit's cache can be shared by
     every run with equal static keyword arguments. batch["image"]: [B, H, W, C] float32 in [-1, 1] (the global batch); batch["label"]: [B] int,
-    read only when use_labels. t ~ U{0..T-1} and the noise are drawn here with global shapes.
+    read only when use_labels; then each is replaced by the model's null label (model.num_classes)
+    with probability label_dropout. t ~ U{0..T-1} and the noise are drawn here with global shapes.
     When the loss or the gradient norm is not finite, params, opt_state and ema_params are kept,
     and the non-finite counters go up; otherwise nonfinite_in_a_row resets to 0.
     Metrics: a flat dict of float32 / int32 scalars (loss and its terms averaged over the batch,
     grad_norm before clipping, lr, nonfinite counters).
     """
     x0 = batch["image"]
-    labels = batch["label"] if use_labels else None
     step_rng = jax.random.fold_in(state.rng, state.step)
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+    labels = None
+    if use_labels:
+        labels = drop_labels(batch["label"], jax.random.fold_in(step_rng, 3), label_dropout,
+                             model.num_classes)
     t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
 

@@ -501,3 +501,35 @@ def test_draw_images_on_two_hosts_gives_every_host_all_images(tmp_path):
     assert hosts[0].shape == (6, 4, 4, 3)
     np.testing.assert_array_equal(hosts[0], hosts[1])
     assert np.abs(hosts[0].astype(int) - expected.astype(int)).max() <= 1
+
+
+class _ClassShift(nn.Module):
+    """eps(x_t, t, y) = 0.1 x_t + e[y], with y=None meaning the null label (as in the UNet)."""
+
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train):
+        e = self.param("e", lambda key, shape: jnp.linspace(-0.5, 0.5, shape[0])[:, None] *
+                       jnp.ones(shape), (self.num_classes + 1, x.shape[-1]))
+        if y is None:
+            y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+        return 0.1 * x + e[y][:, None, None, :]
+
+
+def test_class_conditional_samples_through_model_denoise_fn_and_null_label_through_model_apply():
+    model = _ClassShift()
+    x = jnp.zeros((2, 4, 4, 1))
+    params = model.init(jax.random.key(0), x, jnp.zeros((2,), jnp.int32), train=False)["params"]
+    schedule = Schedule.create("linear", 20)
+    key = jax.random.key(5)
+
+    def images(y):
+        fn = sampling.model_denoise_fn(model, params, y)
+        return np.asarray(sample(fn, schedule, (2, 4, 4, 1), key, sampler="ddim", steps=5)["images"])
+
+    first, second = images(jnp.zeros((2,), jnp.int32)), images(jnp.ones((2,), jnp.int32))
+    null = images(jnp.full((2,), 2, jnp.int32))
+    assert np.abs(first - second).max() > 1e-3  # the label reaches the chain
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), sampler="ddim", steps=5)
+    np.testing.assert_allclose(np.asarray(sampler(params, key)["images"]), null, atol=1e-6)

@@ -151,3 +151,45 @@ def test_ema_is_a_copy_in_its_own_buffers():
     for p, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
         np.testing.assert_array_equal(p, e)
         assert p.unsafe_buffer_pointer() != e.unsafe_buffer_pointer()
+
+
+class LabelToy(nn.Module):
+    """eps_theta(x_t, t, y) = w * x_t + e[y] (per channel), e: one row per class plus the null
+    label num_classes, which y=None selects (as the UNet does)."""
+
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train):
+        w = self.param("w", nn.initializers.constant(0.3), (x.shape[-1],))
+        e = self.param("e", nn.initializers.normal(1.0), (self.num_classes + 1, x.shape[-1]))
+        if y is None:
+            y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+        return x * w[None, None, None, :] + e[y][:, None, None, :]
+
+
+def test_label_dropout_replaces_the_given_share_of_labels_by_the_null_label():
+    labels = jnp.arange(20_000, dtype=jnp.int32) % 3
+    key = jax.random.PRNGKey(4)
+    assert training.drop_labels(labels, key, 0.0, 3) is labels
+    assert (np.asarray(training.drop_labels(labels, key, 1.0, 3)) == 3).all()
+    dropped = np.asarray(training.drop_labels(labels, key, 0.3, 3))
+    is_null = dropped == 3
+    assert abs(is_null.mean() - 0.3) < 0.015  # binomial sd 0.0032
+    np.testing.assert_array_equal(dropped[~is_null], np.asarray(labels)[~is_null])
+
+
+def test_full_label_dropout_trains_exactly_the_unconditional_null_label_model():
+    schedule = Schedule.create("linear", T)
+    batch = dict(_batch(), label=jnp.arange(8, dtype=jnp.int32) % 3)
+    runs = {}
+    for name, overrides in (("dropped", dict(use_labels=True, label_dropout=1.0)),
+                            ("unconditional", dict(use_labels=False)),
+                            ("labelled", dict(use_labels=True, label_dropout=0.0))):
+        state, step = _setup(LabelToy(), **overrides)
+        state, metrics = step(state, batch, schedule)
+        runs[name] = (state.params, float(metrics["loss"]))
+    for a, b in zip(jax.tree.leaves(runs["dropped"][0]), jax.tree.leaves(runs["unconditional"][0])):
+        np.testing.assert_array_equal(a, b)
+    assert runs["dropped"][1] == runs["unconditional"][1]
+    assert runs["labelled"][1] != runs["unconditional"][1]  # the labels do reach the model

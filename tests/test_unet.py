@@ -255,6 +255,7 @@ def _set(path: str, value):
     (_set("eval.fid_reference", "val"), r"config.eval.fid_reference='val'"),
     (_set("eval.metrics", ""), r"config.eval.metrics='': use a comma-separated string"),
     (_set("training.keep_every", 0), r"config.training.keep_every=0: use an integer >= 1"),
+    (_set("training.label_dropout", 1.5), r"config.training.label_dropout=1.5: use a value in \[0.0, 1.0\]"),
 ])
 def test_validate_rejects_with_field_and_fix(mutate, match):
     config = cifar10.get_config()
