@@ -22,20 +22,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_unet import CONFIGS  # noqa: E402
-from ddpm_jax import sampling, training, xla_cpu  # noqa: E402
+from bench_unet import CONFIGS, forward_jit, lower_sampler, memory_mib, train_step_jit  # noqa: E402
+from ddpm_jax import sampling, training  # noqa: E402
 from ddpm_jax.models.unet import UNet  # noqa: E402
 from ddpm_jax.schedule import Schedule  # noqa: E402
-
-MIB = 2**20
-
-
-def sizes(compiled) -> dict[str, float]:
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return dict(arguments_mib=float("nan"), outputs_mib=float("nan"), temp_mib=float("nan"))
-    return dict(arguments_mib=mem.argument_size_in_bytes / MIB,
-                outputs_mib=mem.output_size_in_bytes / MIB, temp_mib=mem.temp_size_in_bytes / MIB)
 
 
 def main() -> None:
@@ -59,27 +49,20 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         programs = {}
         if "train" not in skip:
-            step = jax.jit(lambda s, b: training.train_step(
-                s, b, model=model, schedule=schedule, optimizer=optimizer, base_lr=2e-4,
-                warmup_steps=5000, ema_decay=0.9999), donate_argnums=0,
-                compiler_options=xla_cpu.compiler_options("train"))
             data = {"image": jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
                     "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-            programs["train_step"] = step.lower(state, data)
+            programs["train_step"] = train_step_jit(model, schedule, optimizer).lower(state, data)
         if "forward" not in skip:
-            fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False),
-                          compiler_options=xla_cpu.compiler_options("inference"))
-            programs["forward"] = fwd.lower(state.params, jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
-                                            jax.ShapeDtypeStruct((batch,), jnp.int32))
+            programs["forward"] = forward_jit(model).lower(
+                state.params, jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
+                jax.ShapeDtypeStruct((batch,), jnp.int32))
         if "sample" not in skip:
             sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (batch, *shape),
                                             sampler="ddpm", var_type="fixedlarge")
-            programs["sample_1000_steps"] = sampling._chain_jit(True).lower(
-                sampler.apply_fn, state.params, sampler.plan, jax.random.key(0), jnp.int32(0),
-                **sampler.static)
+            programs["sample_1000_steps"] = lower_sampler(sampler, state.params)
         for name, lowered in programs.items():
             row = dict(kind=name, config=args.config, batch=batch, dtype=args.dtype, remat=args.remat,
-                       backend=jax.default_backend(), **sizes(lowered.compile()))
+                       backend=jax.default_backend(), **memory_mib(lowered.compile()))
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\n{args.config}, {args.dtype}{', remat' if args.remat else ''}, {jax.default_backend()} "

@@ -65,11 +65,34 @@ def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
 
-def temp_mib(compiled: Any) -> float:
-    """XLA's temporary buffer size of a compiled program (its peak working memory beyond the
-    arguments and outputs), MiB; nan where the backend does not report it."""
+def memory_mib(compiled: Any) -> dict[str, float]:
+    """XLA's memory analysis of a compiled program, MiB: arguments, outputs and temporaries (the
+    working memory beyond both); nan where the backend does not report it."""
     mem = compiled.memory_analysis()
-    return getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20 if mem is not None else float("nan")
+    fields = dict(arguments_mib="argument_size_in_bytes", outputs_mib="output_size_in_bytes",
+                  temp_mib="temp_size_in_bytes")
+    return {k: getattr(mem, v, float("nan")) / 2**20 if mem is not None else float("nan")
+            for k, v in fields.items()}
+
+
+def forward_jit(model: Any) -> Any:
+    """The forward pass (train=False) as this package's inference programs compile it."""
+    return jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False),
+                   compiler_options=xla_cpu.compiler_options("inference"))
+
+
+def train_step_jit(model: Any, schedule: Schedule, optimizer: Any) -> Any:
+    """The train step (Adam, clip, EMA; the state donated) under the train preset."""
+    return jax.jit(lambda s, b: training.train_step(
+        s, b, model=model, schedule=schedule, optimizer=optimizer, base_lr=2e-4,
+        warmup_steps=5000, ema_decay=0.9999), donate_argnums=0,
+        compiler_options=xla_cpu.compiler_options("train"))
+
+
+def lower_sampler(sampler: sampling.Sampler, params: Any) -> Any:
+    """The executable `sampler(params, key)` runs, lowered (for XLA's cost and memory analysis)."""
+    return sampling._chain_jit(True).lower(sampler.apply_fn, params, sampler.plan,
+                                           jax.random.key(0), jnp.int32(0), **sampler.static)
 
 
 # ----------------------------------------------------------------------------- FLOP limit
@@ -129,22 +152,17 @@ class Ours:
     def forward_fn(self, batch: int):
         x = jax.random.normal(jax.random.key(3), (batch, *self.shape))
         t = jnp.arange(batch, dtype=jnp.int32) * 7 % 1000
-        fwd = jax.jit(lambda p, x, t: self.model.apply({"params": p}, x, t, train=False),
-                      compiler_options=xla_cpu.compiler_options("inference"))
         start = time.perf_counter()
-        compiled = fwd.lower(self.state.params, x, t).compile()
+        compiled = forward_jit(self.model).lower(self.state.params, x, t).compile()
         compile_s = time.perf_counter() - start
         flops = compiled.cost_analysis()
         flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
         run = lambda: compiled(self.state.params, x, t).block_until_ready()  # noqa: E731
         run()
-        return run, compile_s, flops / batch, temp_mib(compiled)
+        return run, compile_s, flops / batch, memory_mib(compiled)["temp_mib"]
 
     def train_fn(self, batch: int, steps_per_call: int = 1):
-        step = jax.jit(lambda s, b: training.train_step(
-            s, b, model=self.model, schedule=self.schedule, optimizer=self.optimizer, base_lr=2e-4,
-            warmup_steps=5000, ema_decay=0.9999), donate_argnums=0,
-            compiler_options=xla_cpu.compiler_options("train"))
+        step = train_step_jit(self.model, self.schedule, self.optimizer)
         images = jax.random.uniform(jax.random.key(4), (batch, *self.shape), minval=-1, maxval=1)
         b = {"image": images, "label": jnp.zeros((batch,), jnp.int32)}
         start = time.perf_counter()
@@ -162,7 +180,7 @@ class Ours:
             jax.block_until_ready(holder["state"])
         run()
         self._holder = holder
-        return run, compile_s, cost.get("flops", float("nan")) / batch, temp_mib(compiled)
+        return run, compile_s, cost.get("flops", float("nan")) / batch, memory_mib(compiled)["temp_mib"]
 
     def sample_fn(self, batch: int, steps: int, sampler: str = "ddpm"):
         """`steps` respaced steps of ancestral sampling (the same per-step work as the full
@@ -172,10 +190,8 @@ class Ours:
                                         var_type="fixedlarge")
         params = self.state.params
         # The same executable the sampler runs, compiled once more for XLA's memory analysis.
-        compiled = sampling._chain_jit(True).lower(
-            sampler.apply_fn, params, sampler.plan, jax.random.key(0), jnp.int32(0),
-            **sampler.static).compile()
-        return (lambda key: sampler(params, key)["images"]), temp_mib(compiled)
+        temp = memory_mib(lower_sampler(sampler, params).compile())["temp_mib"]
+        return (lambda key: sampler(params, key)["images"]), temp
 
 
 # ------------------------------------------------------------------------------------- peer
