@@ -42,8 +42,8 @@ METRICS = ("bpd", "fid", "is", "kid")
 # ------------------------------------------------------------------------------ bits/dim
 
 def _bpd_batch_fn(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array, indices: Array,
-               key: Array, *, mean_type: str, var_type: str,
-               clip_denoised: bool) -> dict[str, Array]:
+                  key: Array, *, mean_type: str, var_type: str,
+                  clip_denoised: bool) -> dict[str, Array]:
     def one(x: Array, index: Array) -> dict[str, Array]:
         out = diffusion.calc_bpd(schedule, lambda x_t, t: apply_fn(params, x_t, t), x[None],
                                  jax.random.fold_in(key, index), mean_type=mean_type,
@@ -93,9 +93,9 @@ def evaluate_bpd(apply_fn: ApplyFn, params: Any, schedule: Schedule, data: np.nd
         # (x - 127.5) / 127.5, like the input pipeline: 0 and 255 map to exactly -1 and 1.
         x0[:len(chunk)] = (chunk.astype(np.float32) - 127.5) / 127.5
         indices = np.arange(start, start + batch, dtype=np.int32)
-        out = parallel.gather_to_host(_bpd_batch()(apply_fn, params, schedule, _to_global(x0, mesh),
-                                _to_global(indices, mesh), key, mean_type=mean_type,
-                                var_type=var_type, clip_denoised=clip_denoised))
+        out = parallel.gather_to_host(_bpd_batch()(
+            apply_fn, params, schedule, _to_global(x0, mesh), _to_global(indices, mesh), key,
+            mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised))
         out = {k: v[:len(chunk)].astype(np.float64) for k, v in out.items()}
         per_image["total_bpd"].append(out["total_bpd"])
         per_image["prior_bpd"].append(out["prior_bpd"])

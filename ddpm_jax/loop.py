@@ -72,8 +72,7 @@ def step_kwargs(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]
     return dict(model=model, optimizer=make_optimizer(config), base_lr=t.lr,
                 warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, mean_type=d.mean_type,
                 var_type=d.var_type, loss_type=d.loss_type,
-                use_labels=config.model.num_classes is not None,
-                label_dropout=t.label_dropout if config.model.num_classes is not None else 0.0)
+                use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout)
 
 
 @functools.cache

@@ -108,12 +108,12 @@ class GroupNorm(nn.Module):
         flat = x.astype(jnp.float32).reshape(batch, -1, channels)            # [B, N, C]
         count = flat.shape[1] * per_group
         matmul = (jax.default_backend() == "cpu") if self.group_matmul is None else self.group_matmul
-        member = np.repeat(np.eye(self.num_groups, dtype=np.float32), per_group, axis=1)  # [G, C]
 
         def group_mean(per_channel_sum: Array) -> Array:                     # [B, C] -> [B, C]
             if not matmul:
                 grouped = per_channel_sum.reshape(batch, self.num_groups, per_group).sum(-1)
                 return jnp.repeat(grouped / count, per_group, axis=1)
+            member = np.repeat(np.eye(self.num_groups, dtype=np.float32), per_group, axis=1)  # [G, C]
             exact = jax.lax.Precision.HIGHEST  # float32 sums on every backend (TPU: not bf16)
             grouped = jnp.dot(per_channel_sum, member.T, precision=exact) / count   # [B, G]
             return jnp.dot(grouped, member, precision=exact)
