@@ -251,10 +251,12 @@ from ddpm_jax.data import pipeline
 data_dir, me, other = sys.argv[1:]
 logging.set_verbosity(logging.INFO)
 real = pipeline._is_prepared
-def is_prepared_then_wait(builder, _first=[True]):
+looked = []
+def is_prepared_then_wait(builder):
     # Both processes look before either prepares (the hosts of one run starting together).
     found = real(builder)
-    if _first.pop() if _first else False:
+    if not looked:
+        looked.append(True)
         open(os.path.join(data_dir, me), "w").close()
         while not os.path.exists(os.path.join(data_dir, other)):
             time.sleep(0.005)
