@@ -3,6 +3,7 @@
     python sample.py --workdir runs/digits --num_samples 64 --out samples.png
     python sample.py --workdir runs/digits --weights=raw --sampler ddim --steps 50
     python sample.py --diffusers_dir PATH --num_samples 16 --batch_size 16 --out cifar.png
+    python sample.py --workdir runs/digits_cond --labels all --guidance 1.0   # num_classes runs
 
 Unset sampler flags take the run's config.sampling (--workdir) or the paper's settings
 (--diffusers_dir). The chain is compiled once per (batch shape, steps) and reused for every
@@ -32,7 +33,8 @@ flags.DEFINE_integer("num_samples", 64, "How many images to draw.", lower_bound=
 flags.DEFINE_integer("batch_size", None, "Images per compiled batch, a multiple of the device "
                      "count (default config.sampling.batch_size, or 64).", lower_bound=1)
 flags.DEFINE_string("out", "samples.png", "Output PNG grid; the .npz (key 'images', uint8 "
-                    "[N, H, W, C]) goes beside it with the suffix .npz.")
+                    "[N, H, W, C]; with --labels also 'labels', int32 [N]) goes beside it with "
+                    "the suffix .npz.")
 flags.DEFINE_enum("sampler", None, list(SAMPLERS), "ddpm: ancestral; ddim: Song et al. "
                   "(default config.sampling.sampler, or ddpm).")
 flags.DEFINE_string("steps", None, "Reverse steps: an int S (evenly spaced, t=0 and t=T-1 "
@@ -45,6 +47,13 @@ flags.DEFINE_enum("var_type", None, list(VAR_TYPES), "Reverse variance of --samp
                   "fixedsmall, as the official scripts).")
 flags.DEFINE_boolean("clip_denoised", None, "Clip each x0 prediction to [-1, 1] (default "
                      "config.sampling.clip_denoised, or true).")
+flags.DEFINE_string("labels", None, "Class-conditional runs (model.num_classes): the classes "
+                    "to draw, 'all' (sample n is class n mod num_classes) or a comma-separated "
+                    "list cycled over the samples ('3' draws only 3s). Default: the null label, "
+                    "i.e. the unconditional model that label dropout trained.")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 with --labels: "
+                   "(1 + w) eps(x, y) - w eps(x, null); two model calls per step.",
+                   lower_bound=0.0)
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("nrow", None, "Images per row of the grid (default ceil(sqrt(N))).",
                      lower_bound=1)
@@ -62,6 +71,39 @@ def _check_flags() -> None:
                                  "sample; train into it with train.py first.")
     if not FLAGS.out.endswith(".png"):
         raise app.UsageError(f"--out={FLAGS.out} must end in .png (the .npz goes beside it).")
+    if FLAGS.guidance is not None and FLAGS.labels is None:
+        raise app.UsageError("--guidance needs --labels: the classes to guide towards.")
+    if FLAGS.labels is not None and FLAGS.labels.strip() != "all":
+        try:
+            _parse_labels(FLAGS.labels)
+        except ValueError as e:
+            raise app.UsageError(f"--labels={FLAGS.labels}: {e}") from None
+
+
+def _parse_labels(text: str) -> list[int]:
+    """'3,1,4' -> [3, 1, 4] (no range check: that needs the model)."""
+    try:
+        labels = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError("write 'all' or comma-separated class numbers, e.g. '0,1,2'.") from None
+    if min(labels) < 0:
+        raise ValueError("class numbers are >= 0.")
+    return labels
+
+
+def _sample_labels(num_classes: int | None) -> Any:
+    """The class of each of the --num_samples images ([N] int), or None without --labels."""
+    if FLAGS.labels is None:
+        return None
+    if num_classes is None:
+        raise app.UsageError(f"--labels={FLAGS.labels}: this model is unconditional "
+                             "(model.num_classes unset); drop --labels and --guidance.")
+    import numpy as np
+    text = FLAGS.labels.strip()
+    classes = list(range(num_classes)) if text == "all" else _parse_labels(text)
+    if max(classes) >= num_classes:
+        raise app.UsageError(f"--labels={FLAGS.labels}: this model has classes 0..{num_classes - 1}.")
+    return np.resize(np.asarray(classes, dtype=np.int32), FLAGS.num_samples)
 
 
 def _load() -> tuple[Any, Any, dict[str, Any], dict[str, Any], tuple[int, int, int]]:
@@ -124,6 +166,7 @@ def main(argv: list[str]) -> None:
 
     model, params, diffusion, defaults, image_shape = _load()
     options = _resolve(defaults)
+    labels = _sample_labels(getattr(model, "num_classes", None))
     schedule = Schedule.create(diffusion["schedule"], diffusion["timesteps"],
                                beta_start=diffusion["beta_start"], beta_end=diffusion["beta_end"])
     num_devices = jax.device_count()
@@ -141,21 +184,24 @@ def main(argv: list[str]) -> None:
                                sampler=options["sampler"], steps=options["steps"],
                                eta=options["eta"], mean_type=diffusion["mean_type"],
                                var_type=options["var_type"],
-                               clip_denoised=options["clip_denoised"], mesh=mesh)
+                               clip_denoised=options["clip_denoised"], guidance=FLAGS.guidance,
+                               mesh=mesh)
     except ValueError as e:
         raise app.UsageError(f"Bad sampling option (--sampler / --steps / --eta / --var_type): "
                              f"{e}") from None
-    logging.info("Sampling %d images of %s: %s, %d steps, %s, batch %d.", FLAGS.num_samples,
+    logging.info("Sampling %d images of %s: %s, %d steps, %s, batch %d%s.", FLAGS.num_samples,
                  image_shape, options["sampler"], sampler.plan.num_steps,
                  f"eta={options['eta']}" if options["sampler"] == "ddim" else options["var_type"],
-                 batch_size)
+                 batch_size, "" if labels is None else
+                 f", labels {FLAGS.labels}" + (f", guidance {FLAGS.guidance}"
+                                               if FLAGS.guidance is not None else ""))
     images = draw_images(sampler, params, jax.random.key(FLAGS.seed), FLAGS.num_samples,
-                         desc="batches")
+                         labels=labels, desc="batches")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         save_image_grid(images, FLAGS.out, nrow=FLAGS.nrow)
         npz_path = FLAGS.out[:-len(".png")] + ".npz"
-        np.savez(npz_path, images=images)
+        np.savez(npz_path, images=images, **({} if labels is None else {"labels": labels}))
         logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, images.shape)
 
 

@@ -92,7 +92,8 @@ def train_step_jit(model: Any, schedule: Schedule, optimizer: Any) -> Any:
 def lower_sampler(sampler: sampling.Sampler, params: Any) -> Any:
     """The executable `sampler(params, key)` runs, lowered (for XLA's cost and memory analysis)."""
     return sampling._chain_jit(True).lower(sampler.apply_fn, params, sampler.plan,
-                                           jax.random.key(0), jnp.int32(0), **sampler.static)
+                                           jax.random.key(0), jnp.int32(0), None,
+                                           jnp.float32(sampler.guidance), **sampler.static)
 
 
 # ----------------------------------------------------------------------------- FLOP limit

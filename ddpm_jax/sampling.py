@@ -17,6 +17,12 @@ example at global index n (`example_offset + row`):
     z at chain index i     = normal(fold_in(step_key, i), [H, W, C])     (unused at i = 0)
 so a sample depends only on (key, n), never on the batch size or on how the batch is split
 over devices and hosts.
+
+Class-conditional models: `Sampler(params, key, offset, labels=y)` passes y [B] to the model as
+data (one program for every choice of labels); with `make_sampler(..., guidance=w)` each step
+also runs the null label and uses classifier-free guidance (Ho & Salimans 2022, eq. 6),
+    out = (1 + w) * model(x_t, t, y) - w * model(x_t, t, null)
+on the first C output channels (eps, x0 or mean; a learned variance is the conditional one).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
-ApplyFn = Callable[[Any, Array, Array], Array]   # (params, x_t [B,H,W,C], t [B]) -> output
+ApplyFn = Callable[..., Array]   # (params, x_t [B,H,W,C], t [B][, y [B]]) -> output
 
 SAMPLERS = ("ddpm", "ddim")
 PROGRESSIVE = ("pred_x0", "x_t")
@@ -186,10 +192,27 @@ def _constrain(x: Array, mesh: Mesh | None, spec: PartitionSpec) -> Array:
 
 
 def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
-                   example_offset: Array, *, shape: tuple[int, ...], sampler: str, mean_type: str,
-                   var_type: str, clip_denoised: bool, return_every: int | None,
-                   progressive: tuple[str, ...], unroll: int, mesh: Mesh | None) -> dict[str, Array]:
+                   example_offset: Array, labels: Array | None, guidance: Array, *,
+                   shape: tuple[int, ...], sampler: str, mean_type: str, var_type: str,
+                   clip_denoised: bool, return_every: int | None, progressive: tuple[str, ...],
+                   unroll: int, guided: bool, mesh: Mesh | None) -> dict[str, Array]:
     batch, image_shape = shape[0], shape[1:]
+    channels = image_shape[-1]
+    if labels is not None:
+        labels = _constrain(labels, mesh, PartitionSpec(DATA_AXIS))
+        null = jnp.full_like(labels, apply_fn.null_label) if guided else None
+
+    def model_out(x_t: Array, t: Array) -> Array:
+        if labels is None:
+            return apply_fn(params, x_t, t)
+        cond = apply_fn(params, x_t, t, labels)
+        if not guided:
+            return cond
+        # Two calls of B rows, not one of 2B: no batch concatenation to reshard over the mesh.
+        uncond = apply_fn(params, x_t, t, null)
+        mixed = cond[..., :channels] + guidance * (cond[..., :channels] - uncond[..., :channels])
+        return jnp.concatenate([mixed, cond[..., channels:]], axis=-1)
+
     rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
     keys = jax.vmap(lambda n: jax.random.split(jax.random.fold_in(key, n)))(rows)   # [B, 2]
     init_keys, step_keys = keys[:, 0], keys[:, 1]
@@ -206,7 +229,7 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         i = per_step["index"]
         index = jnp.full((batch,), i, jnp.int32)
         t = jnp.full((batch,), per_step["timestep"], jnp.int32)
-        out = p_mean_variance(plan.schedule, apply_fn(params, x_t, t), x_t, index,
+        out = p_mean_variance(plan.schedule, model_out(x_t, t), x_t, index,
                               mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
         if sampler == "ddim":
             mean = per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t
@@ -237,7 +260,7 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
 
 
 _STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "return_every",
-           "progressive", "unroll", "mesh")
+           "progressive", "unroll", "guided", "mesh")
 
 
 @functools.cache
@@ -289,14 +312,19 @@ class _DenoiseOnly:
 
 @dataclasses.dataclass(frozen=True)
 class ModelApply:
-    """`(params, x_t, t) -> model.apply({"params": params}, x_t, t, None, train=False)` for a
-    Flax model with the UNet's call signature (unconditional: y = None). Equal models give
-    equal, cache-sharing functions."""
+    """`(params, x_t, t, y=None) -> model.apply({"params": params}, x_t, t, y, train=False)` for
+    a Flax model with the UNet's call signature (y: [B] class labels; None: the null label of a
+    class-conditional model). Equal models give equal, cache-sharing functions."""
 
     model: Any
 
-    def __call__(self, params: Any, x_t: Array, t: Array) -> Array:
-        return self.model.apply({"params": params}, x_t, t, None, train=False)
+    def __call__(self, params: Any, x_t: Array, t: Array, y: Array | None = None) -> Array:
+        return self.model.apply({"params": params}, x_t, t, y, train=False)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label that means "no class" (= model.num_classes); None: unconditional model."""
+        return getattr(self.model, "num_classes", None)
 
 
 def model_denoise_fn(model: Any, params: Any, y: Array | None = None) -> DenoiseFn:
@@ -311,22 +339,29 @@ class Sampler:
     mesh, params are replicated and every output is sharded over the batch ("data" axis).
     """
 
-    def __init__(self, apply_fn: ApplyFn, plan: SamplingPlan, **static: Any):
+    def __init__(self, apply_fn: ApplyFn, plan: SamplingPlan, guidance: float = 0.0, **static: Any):
         self.apply_fn, self.plan, self.static = apply_fn, plan, static
+        self.guidance = float(guidance)
         self.timesteps = (None if static["return_every"] is None else np.asarray(
                 plan.timesteps)[progressive_indices(plan.num_steps, static["return_every"])])
 
-    def __call__(self, params: Any, key: Array, example_offset: int | Array = 0) -> dict[str, Array]:
-        """params: the model's; key: PRNG key; example_offset: global index of row 0.
+    def __call__(self, params: Any, key: Array, example_offset: int | Array = 0,
+                 labels: Array | np.ndarray | None = None) -> dict[str, Array]:
+        """params: the model's; key: PRNG key; example_offset: global index of row 0; labels:
+        [B] int class labels of the rows (a class-conditional apply_fn such as `ModelApply` of
+        a UNet with num_classes; None: the unconditional call, the null label).
 
         Returns images [B, H, W, C] (the final mean; in [-1, 1] when clip_denoised) and, with
         return_every, `pred_x0` / `x_t` [K, B, H, W, C] in chain order plus
         `progressive_timesteps` [K] (the original t of each record; the last is 0).
         """
+        labels = self._check_labels(labels)
         plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
+        guidance = jnp.float32(self.guidance)
         if self.static["mesh"] is not None:
-            params, plan, key, offset = replicate((params, plan, key, offset), self.static["mesh"])
-        args = (self.apply_fn, params, plan, key, offset)
+            params, plan, key, offset, labels, guidance = replicate(
+                    (params, plan, key, offset, labels, guidance), self.static["mesh"])
+        args = (self.apply_fn, params, plan, key, offset, labels, guidance)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
         try:
             result = _chain_jit(not traced)(*args, **self.static)
@@ -338,17 +373,52 @@ class Sampler:
             result["progressive_timesteps"] = self.timesteps
         return result
 
+    def _check_labels(self, labels: Any) -> Array | None:
+        """labels as int32 [B], after the checks that can name the problem."""
+        null = getattr(self.apply_fn, "null_label", None)
+        if labels is None:
+            if self.static["guided"]:
+                raise ValueError("This sampler was built with guidance: pass labels [B], the "
+                                 "classes to guide towards.")
+            return None
+        batch = self.static["shape"][0]
+        if isinstance(labels, jax.core.Tracer):
+            if labels.shape != (batch,):
+                raise ValueError(f"labels must have shape [{batch}] (one per row); got {labels.shape}.")
+            return labels.astype(jnp.int32)
+        values = np.asarray(labels)
+        if values.shape != (batch,) or not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"labels must be {batch} integers (one per row); got "
+                             f"{values.dtype} {values.shape}.")
+        if isinstance(self.apply_fn, ModelApply) and null is None:
+            raise ValueError("Got labels, but the model is unconditional (num_classes=None); sample "
+                             "without labels, or train with model.num_classes set.")
+        if null is not None and (values.min() < 0 or values.max() > null):
+            raise ValueError(f"labels must lie in 0..{null - 1} (or {null}, the null label); got "
+                             f"{values.min()}..{values.max()}.")
+        return jnp.asarray(values, dtype=jnp.int32)
+
 
 def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,
-                progress: bool = True, desc: str = "sampling") -> np.ndarray:
+                labels: Sequence[int] | np.ndarray | None = None, progress: bool = True,
+                desc: str = "sampling") -> np.ndarray:
     """num_samples images as uint8 [N, H, W, C] on every process, by calling `sampler` on
-    consecutive batches (image n depends only on (key, n), whatever the batch size or device
-    count); a tqdm bar counts batches on process 0 when progress is set."""
+    consecutive batches (image n depends only on (key, n) and labels[n], whatever the batch size
+    or device count); labels: [N] class of each image (class-conditional samplers; every process
+    passes the same). A tqdm bar counts batches on process 0 when progress is set."""
     batch = sampler.static["shape"][0]
+    num_batches = -(-num_samples // batch)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (num_samples,):
+            raise ValueError(f"labels must hold one class per image, shape [{num_samples}]; got "
+                             f"{labels.shape}.")
+        # The last batch's spare rows repeat the last label; their images are dropped.
+        labels = np.concatenate([labels, np.full(num_batches * batch - num_samples, labels[-1])])
     out = []
-    for b in tqdm(range(-(-num_samples // batch)), desc=desc,
-                  disable=not progress or jax.process_index() != 0):
-        out.append(to_uint8(gather_to_host(sampler(params, key, b * batch)["images"])))
+    for b in tqdm(range(num_batches), desc=desc, disable=not progress or jax.process_index() != 0):
+        rows = None if labels is None else labels[b * batch:(b + 1) * batch]
+        out.append(to_uint8(gather_to_host(sampler(params, key, b * batch, rows)["images"])))
     return np.concatenate(out)[:num_samples]
 
 
@@ -356,7 +426,7 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                  sampler: str = "ddpm", steps: int | str | None = None, eta: float = 0.0,
                  mean_type: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,
                  return_every: int | None = None, progressive: Sequence[str] = ("pred_x0",),
-                 unroll: int = 1, mesh: Mesh | None = None) -> Sampler:
+                 unroll: int = 1, guidance: float | None = None, mesh: Mesh | None = None) -> Sampler:
     """Builds a sampler compiled once per (apply_fn, shape, number of steps, options).
 
     apply_fn(params, x_t [B,H,W,C], t [B] int) -> model output (`ModelApply(model)` for a Flax
@@ -366,17 +436,29 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     int S (round(linspace(0, T-1, S))), "ddimS" (stride range(0, T, c)) or "S1,S2,..."; see
     `space_timesteps`. clip_denoised clips x0_hat to [-1, 1]. return_every=k also records
     `progressive` ("pred_x0" and/or "x_t") at chain indices ..., 2k, k, 0. unroll: lax.scan's.
+    guidance: classifier-free guidance weight w >= 0 for a class-conditional apply_fn with a
+    `null_label` (`ModelApply` of a UNet with num_classes); every call then needs labels and
+    runs the model twice per step. None: no guidance (labels, if given, condition directly).
     mesh: a Mesh with a "data" axis to shard the batch over (B divisible by its size).
     """
     progressive = tuple(progressive)
+    if guidance is not None:
+        if not guidance >= 0.0:
+            raise ValueError(f"guidance must be a weight >= 0 (0: plain conditional sampling); "
+                             f"got {guidance!r}.")
+        if getattr(apply_fn, "null_label", None) is None:
+            raise ValueError("guidance needs a class-conditional model: an apply_fn with a "
+                             "null_label, e.g. ModelApply of a UNet with num_classes set.")
     _check_options(shape, sampler, mean_type, var_type, return_every, progressive, unroll, mesh)
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta={eta!r} only applies to sampler='ddim' (got {sampler!r}); for "
                          "DDPM's beta~ variance use var_type='fixedsmall'.")
     plan = make_plan(schedule, steps=steps, eta=eta)
-    return Sampler(apply_fn, plan, shape=tuple(int(s) for s in shape), sampler=sampler,
-                   mean_type=mean_type, var_type=var_type, clip_denoised=bool(clip_denoised),
-                   return_every=return_every, progressive=progressive, unroll=int(unroll), mesh=mesh)
+    return Sampler(apply_fn, plan, guidance or 0.0, shape=tuple(int(s) for s in shape),
+                   sampler=sampler, mean_type=mean_type, var_type=var_type,
+                   clip_denoised=bool(clip_denoised), return_every=return_every,
+                   progressive=progressive, unroll=int(unroll), guided=guidance is not None,
+                   mesh=mesh)
 
 
 def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: Sequence[int], key: Array, *,

@@ -222,6 +222,31 @@ def test_sample_py_draws_from_a_trained_workdir(tmp_path, straight_run):
         assert images.std() > 0  # not a blank image
 
 
+def _sample_py(*args):
+    return subprocess.run([sys.executable, str(REPO / "sample.py"), *args], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir, straight_run):
+    workdir = str(tmp_path / "conditional")
+    loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": 2,
+                                                     "model.num_classes": 10}), workdir)
+    out = tmp_path / "grid.png"
+    proc = _sample_py("--workdir", workdir, "--num_samples", "5", "--batch_size", "4", "--steps",
+                      "3", "--labels", "3,7", "--guidance", "1.5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = np.load(out.with_suffix(".npz"))
+    assert saved["images"].shape == (5, 8, 8, 1) and saved["images"].dtype == np.uint8
+    np.testing.assert_array_equal(saved["labels"], [3, 7, 3, 7, 3])
+    for args, message in ((["--labels", "10"], "this model has classes 0..9"),
+                          (["--labels", "3,x"], "comma-separated class numbers"),
+                          (["--guidance", "1"], "--guidance needs --labels")):
+        proc = _sample_py("--workdir", workdir, *args, "--out", str(out))
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    proc = _sample_py("--workdir", straight_run[0], "--labels", "1", "--out", str(out))
+    assert proc.returncode != 0 and "this model is unconditional" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, data_dir, straight_run):
     workdir = str(tmp_path / "copy")
     shutil.copytree(straight_run[0], workdir)

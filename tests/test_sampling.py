@@ -396,6 +396,18 @@ EIGHT_DEVICES = textwrap.dedent("""
     for name in ("images", "pred_x0", "x_t"):
         assert len(eight[name].sharding.device_set) == 8, name
         np.testing.assert_allclose(np.asarray(eight[name]), np.asarray(one[name]), atol=1e-6)
+
+    class Shift:  # class-conditional: the label (3: null) shifts the output
+        null_label = 3
+        def __call__(self, params, x_t, t, y=None):
+            y = jnp.full(x_t.shape[:1], 3) if y is None else y
+            return apply_fn(params, x_t, t) + 0.1 * y.astype(jnp.float32)[:, None, None, None]
+
+    labels = np.arange(16) % 3
+    one, eight = (make_sampler(Shift(), schedule, shape, steps=10, guidance=2.0, mesh=m)(
+                      params, jax.random.key(1), 0, labels)["images"] for m in (None, mesh))
+    assert len(eight.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(eight), np.asarray(one), atol=1e-6)
     print("OK")
 """)
 
@@ -481,46 +493,80 @@ assert mesh.size == 4  # 2 hosts x 2 CPU devices
 def apply_fn(params, x, t):
     return params * x
 
-sampler = sampling.make_sampler(apply_fn, Schedule.create("linear", 10), (4, 4, 4, 3),
-                                sampler="ddpm", steps=4, mesh=mesh)
-np.save(out, sampling.draw_images(sampler, jnp.float32(0.5), jax.random.key(7), 6, progress=False))
+class Shift:  # class-conditional: the label (3: null) shifts the output
+    null_label = 3
+    def __call__(self, params, x, t, y=None):
+        y = jnp.full(x.shape[:1], 3) if y is None else y
+        return params * x + 0.2 * y.astype(jnp.float32)[:, None, None, None]
+
+schedule = Schedule.create("linear", 10)
+plain = sampling.make_sampler(apply_fn, schedule, (4, 4, 4, 3), sampler="ddpm", steps=4, mesh=mesh)
+guided = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3), steps=4, guidance=1.5, mesh=mesh)
+key = jax.random.key(7)
+np.save(out, np.stack([sampling.draw_images(plain, jnp.float32(0.5), key, 6, progress=False),
+                       sampling.draw_images(guided, jnp.float32(0.5), key, 6, progress=False,
+                                            labels=[0, 1, 2, 0, 1, 2])]))
 """
 
 
 def test_draw_images_on_two_hosts_gives_every_host_all_images(tmp_path):
     """Two jax.distributed processes on 127.0.0.1 with 2 CPU devices each: the batch is sharded
-    over all 4 devices, and each host gets all 6 images, equal to a single process's."""
+    over all 4 devices, and each host gets all 6 images, equal to a single process's; also with
+    class labels and guidance (the labels replicated, then sharded with the rows)."""
     outs = run_on_two_hosts(_SAMPLING_HOST, tmp_path)
 
     def apply_fn(params, x, t):
         return params * x
 
-    single = make_sampler(apply_fn, Schedule.create("linear", 10), (4, 4, 4, 3), sampler="ddpm", steps=4)
-    expected = sampling.draw_images(single, jnp.float32(0.5), jax.random.key(7), 6, progress=False)
+    # The same guided chain written out: (1 + w)(p x + 0.2 y) - w (p x + 0.2 * 3).
+    guided_fn = lambda y: lambda x, t: 0.5 * x + 0.2 * (2.5 * y - 1.5 * 3.0)  # noqa: E731
+    schedule, key = Schedule.create("linear", 10), jax.random.key(7)
+    single = make_sampler(apply_fn, schedule, (4, 4, 4, 3), sampler="ddpm", steps=4)
+    expected = sampling.draw_images(single, jnp.float32(0.5), key, 6, progress=False)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    expected_guided = np.concatenate([
+        np.asarray(sampling.to_uint8(sample(guided_fn(labels[n]), schedule, (1, 4, 4, 3), key,
+                                            steps=4, example_offset=n)["images"]))
+        for n in range(6)])
     hosts = [np.load(out) for out in outs]
-    assert hosts[0].shape == (6, 4, 4, 3)
+    assert hosts[0].shape == (2, 6, 4, 4, 3)
     np.testing.assert_array_equal(hosts[0], hosts[1])
-    assert np.abs(hosts[0].astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(hosts[0][0].astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(hosts[0][1].astype(int) - expected_guided.astype(int)).max() <= 1
+    assert np.abs(hosts[0][1].astype(int) - hosts[0][0].astype(int)).max() > 5
 
 
 class _ClassShift(nn.Module):
-    """eps(x_t, t, y) = 0.1 x_t + e[y], with y=None meaning the null label (as in the UNet)."""
+    """eps(x_t, t, y) = 0.1 x_t + e[y], with y=None meaning the null label (as in the UNet); with
+    learned_var also a per-class variance output v[y] (C more channels)."""
 
     num_classes: int = 2
+    learned_var: bool = False
 
     @nn.compact
     def __call__(self, x, t, y=None, *, train):
-        e = self.param("e", lambda key, shape: jnp.linspace(-0.5, 0.5, shape[0])[:, None] *
-                       jnp.ones(shape), (self.num_classes + 1, x.shape[-1]))
+        spread = lambda lo, hi: (lambda key, shape: jnp.linspace(lo, hi, shape[0])[:, None]  # noqa: E731
+                                 * jnp.ones(shape))
+        shape = (self.num_classes + 1, x.shape[-1])
+        e = self.param("e", spread(-0.5, 0.5), shape)
         if y is None:
             y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
-        return 0.1 * x + e[y][:, None, None, :]
+        eps = 0.1 * x + e[y][:, None, None, :]
+        if not self.learned_var:
+            return eps
+        v = self.param("v", spread(-0.8, 0.6), shape)
+        return jnp.concatenate([eps, jnp.broadcast_to(v[y][:, None, None, :], x.shape)], -1)
+
+
+def _class_shift(learned_var=False, shape=(2, 4, 4, 1)):
+    model = _ClassShift(learned_var=learned_var)
+    params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32),
+                        train=False)["params"]
+    return model, params
 
 
 def test_class_conditional_samples_through_model_denoise_fn_and_null_label_through_model_apply():
-    model = _ClassShift()
-    x = jnp.zeros((2, 4, 4, 1))
-    params = model.init(jax.random.key(0), x, jnp.zeros((2,), jnp.int32), train=False)["params"]
+    model, params = _class_shift()
     schedule = Schedule.create("linear", 20)
     key = jax.random.key(5)
 
@@ -533,3 +579,82 @@ def test_class_conditional_samples_through_model_denoise_fn_and_null_label_throu
     assert np.abs(first - second).max() > 1e-3  # the label reaches the chain
     sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), sampler="ddim", steps=5)
     np.testing.assert_allclose(np.asarray(sampler(params, key)["images"]), null, atol=1e-6)
+
+
+def test_labels_as_data_match_the_closure_and_do_not_retrace():
+    model, params = _class_shift()
+    schedule = Schedule.create("linear", 20)
+    key, labels = jax.random.key(5), np.array([1, 0], np.int32)
+    closure = sample(sampling.model_denoise_fn(model, params, jnp.asarray(labels)), schedule,
+                     (2, 4, 4, 1), key, steps=5)["images"]
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), steps=5)
+    np.testing.assert_allclose(np.asarray(sampler(params, key, labels=labels)["images"]),
+                               np.asarray(closure), atol=1e-6)
+    cached = sampling._chain_jit(True)._cache_size()
+    sampler(params, key, labels=np.array([0, 0]))  # new labels: new data for the same program
+    assert sampling._chain_jit(True)._cache_size() == cached
+
+
+@pytest.mark.parametrize("learned_var", [False, True])
+@pytest.mark.parametrize("w", [0.0, 1.5])
+def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w):
+    """(1 + w) eps(y) - w eps(null) of the class-shift model is the class-shift model with offsets
+    (1 + w) e[y] - w e[null] (the 0.1 x_t terms mix to themselves); a learned variance must stay
+    the conditional one, so v is left as it is."""
+    model, params = _class_shift(learned_var)
+    e = np.asarray(params["e"], np.float64)
+    guided = dict(params, e=jnp.asarray((1 + w) * e - w * e[-1:], jnp.float32))
+    schedule = Schedule.create("linear", 20)
+    key, labels = jax.random.key(8), np.array([0, 1], np.int32)
+    options = dict(steps=6, var_type="learned_range" if learned_var else "fixedlarge")
+    reference = sample(sampling.model_denoise_fn(model, guided, jnp.asarray(labels)), schedule,
+                       (2, 4, 4, 1), key, **options)["images"]
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), guidance=w, **options)
+    out = np.asarray(sampler(params, key, labels=labels)["images"])
+    np.testing.assert_allclose(out, np.asarray(reference), atol=1e-5)
+    if w:
+        plain = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), **options)
+        assert np.abs(out - np.asarray(plain(params, key, labels=labels)["images"])).max() > 1e-3
+
+
+def test_bad_labels_and_guidance_are_named():
+    model, params = _class_shift()
+    schedule = Schedule.create("linear", 20)
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), steps=3)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"labels must be 2 integers"):
+        sampler(params, key, labels=np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"labels must be 2 integers"):
+        sampler(params, key, labels=np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1 \(or 2, the null label\)"):
+        sampler(params, key, labels=np.array([0, 3]))
+    with pytest.raises(ValueError, match=r"guidance must be a weight >= 0"):
+        make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), guidance=-1.0)
+    guided = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), steps=3, guidance=1.0)
+    with pytest.raises(ValueError, match=r"built with guidance: pass labels"):
+        guided(params, key)
+    unconditional, uparams = tiny()
+    with pytest.raises(ValueError, match=r"guidance needs a class-conditional model"):
+        make_sampler(ModelApply(unconditional), schedule, SHAPE, guidance=1.0)
+    with pytest.raises(ValueError, match=r"guidance needs a class-conditional model"):
+        make_sampler(lambda p, x, t: x, schedule, SHAPE, guidance=1.0)
+    plain = make_sampler(ModelApply(unconditional), schedule, SHAPE, steps=3)
+    with pytest.raises(ValueError, match=r"the model is unconditional"):
+        plain(uparams, key, labels=np.zeros(SHAPE[0], np.int32))
+    with pytest.raises(ValueError, match=r"one class per image, shape \[3\]"):
+        sampling.draw_images(sampler, params, key, 3, labels=[0, 1], progress=False)
+
+
+def test_draw_images_with_labels_does_not_depend_on_the_batch_size():
+    model, params = _class_shift()
+    schedule = Schedule.create("linear", 20)
+    labels = np.array([0, 1, 1, 0, 1])
+    key = jax.random.key(3)
+    small, large = (make_sampler(ModelApply(model), schedule, (b, 4, 4, 1), steps=4, guidance=0.5)
+                    for b in (2, 8))
+    a = sampling.draw_images(small, params, key, 5, labels=labels, progress=False)
+    b = sampling.draw_images(large, params, key, 5, labels=labels, progress=False)
+    assert a.shape == (5, 4, 4, 1)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    other = sampling.draw_images(small, params, key, 5, labels=1 - labels, progress=False)
+    assert np.abs(a.astype(int) - other.astype(int)).max() > 5  # the labels reach the images
