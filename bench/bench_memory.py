@@ -3,6 +3,7 @@ so it runs anywhere (the numbers are per device; a data-parallel mesh splits the
 
     python bench/bench_memory.py --config cifar10 --batches 32,128
     python bench/bench_memory.py --config cifar10 --batches 128 --dtype bfloat16 --remat
+    python bench/bench_memory.py --config cifar10 --batches 128 --microbatches 1,4 --skip forward,sample
 
 For the train step (Adam, clip, EMA; state donated), the forward pass and the 1000-step
 ancestral sampler (one lax.scan), prints per batch size: the arguments, the outputs and XLA's
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--batches", default="32,128", help="comma list of batch sizes")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--remat", action="store_true", help="rematerialise every block")
+    parser.add_argument("--microbatches", default="1",
+                        help="comma list: train step gradient-accumulation slices")
     parser.add_argument("--skip", default="", help="comma list of train,forward,sample to skip")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -51,7 +54,9 @@ def main() -> None:
         if "train" not in skip:
             data = {"image": jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
                     "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-            programs["train_step"] = train_step_jit(model, schedule, optimizer).lower(state, data)
+            for m in (int(m) for m in args.microbatches.split(",")):
+                name = "train_step" + (f" M={m}" if m > 1 else "")
+                programs[name] = train_step_jit(model, schedule, optimizer, m).lower(state, data)
         if "forward" not in skip:
             programs["forward"] = forward_jit(model).lower(
                 state.params, jax.ShapeDtypeStruct((batch, *shape), jnp.float32),

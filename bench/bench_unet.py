@@ -11,7 +11,8 @@ Measures (fp32 unless --dtype bfloat16 for ours):
   * compile time of ours, separately;
   * the train step is timed as the training loop runs it: --train_steps_per_call steps queued
     back to back, then one wait (loop.py keeps the next step queued while it reads the last
-    one's metrics); the peer runs the same number of steps per call;
+    one's metrics); the peer runs the same number of steps per call; --microbatches M runs each
+    step's batch in M slices (gradient accumulation) in both;
   * sampling: ours as one lax.scan over --sample_steps ancestral steps vs the peer's
     DDPMScheduler Python loop; per-step cost is extrapolated to 1000 steps (stated in the
     output) unless --sample_steps 1000; and a whole --ddim_steps DDIM chain (eta 0, no
@@ -81,11 +82,12 @@ def forward_jit(model: Any) -> Any:
                    compiler_options=xla_cpu.compiler_options("inference"))
 
 
-def train_step_jit(model: Any, schedule: Schedule, optimizer: Any) -> Any:
-    """The train step (Adam, clip, EMA; the state donated) under the train preset."""
+def train_step_jit(model: Any, schedule: Schedule, optimizer: Any, microbatches: int = 1) -> Any:
+    """The train step (Adam, clip, EMA; the state donated; the batch in `microbatches` slices)
+    under the train preset."""
     return jax.jit(lambda s, b: training.train_step(
         s, b, model=model, schedule=schedule, optimizer=optimizer, base_lr=2e-4,
-        warmup_steps=5000, ema_decay=0.9999), donate_argnums=0,
+        warmup_steps=5000, ema_decay=0.9999, microbatches=microbatches), donate_argnums=0,
         compiler_options=xla_cpu.compiler_options("train"))
 
 
@@ -162,8 +164,8 @@ class Ours:
         run()
         return run, compile_s, flops / batch, memory_mib(compiled)["temp_mib"]
 
-    def train_fn(self, batch: int, steps_per_call: int = 1):
-        step = train_step_jit(self.model, self.schedule, self.optimizer)
+    def train_fn(self, batch: int, steps_per_call: int = 1, microbatches: int = 1):
+        step = train_step_jit(self.model, self.schedule, self.optimizer, microbatches)
         images = jax.random.uniform(jax.random.key(4), (batch, *self.shape), minval=-1, maxval=1)
         b = {"image": images, "label": jnp.zeros((batch,), jnp.int32)}
         start = time.perf_counter()
@@ -232,7 +234,9 @@ class Peer:
         run()
         return run
 
-    def train_fn(self, batch: int, steps_per_call: int = 1):
+    def train_fn(self, batch: int, steps_per_call: int = 1, microbatches: int = 1):
+        """Adam steps on `batch` images, each step's backward in `microbatches` slices (the
+        gradients accumulate in .grad, as ours)."""
         torch = self.torch
         self.model.train()
         opt = torch.optim.Adam(self.model.parameters(), lr=2e-4, eps=1e-8)
@@ -243,9 +247,11 @@ class Peer:
                 t = torch.randint(0, 1000, (batch,))
                 noise = torch.randn_like(x0)
                 x_t = x0 + 0.1 * noise  # the cost is the network; the exact q_sample is moot
-                loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, noise)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                for xs, ts, ns in zip(x_t.chunk(microbatches), t.chunk(microbatches),
+                                      noise.chunk(microbatches)):
+                    loss = torch.nn.functional.mse_loss(self.model(xs, ts).sample, ns)
+                    (loss / microbatches).backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 opt.step()
         run()
@@ -290,6 +296,8 @@ def main() -> None:
     parser.add_argument("--batch_ddim", type=int, default=None, help="default: --batch_sample")
     parser.add_argument("--train_steps_per_call", type=int, default=2,
                         help="train steps queued back to back per timed call (one wait)")
+    parser.add_argument("--microbatches", type=int, default=1,
+                        help="both: each train step's batch in this many slices (gradient accumulation)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating ours/peer rounds")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per round")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -357,11 +365,11 @@ def main() -> None:
                 dict(compile_s=compile_s, xla_temp_mib=temp))
     if "train" not in skip:
         k = args.train_steps_per_call
-        run, compile_s, flops, temp = ours.train_fn(args.batch_train, k)
+        run, compile_s, flops, temp = ours.train_fn(args.batch_train, k, args.microbatches)
         compare("train_step", args.batch_train * k, run,
-                peer.train_fn(args.batch_train, k) if peer else None, flops,
+                peer.train_fn(args.batch_train, k, args.microbatches) if peer else None, flops,
                 dict(compile_s=compile_s, xla_temp_mib=temp, batch_per_step=args.batch_train,
-                     steps_per_call=k))
+                     steps_per_call=k, microbatches=args.microbatches))
     if "sample" not in skip:
         fn, temp = ours.sample_fn(args.batch_sample, args.sample_steps)
         start = time.perf_counter()
@@ -416,6 +424,8 @@ def main() -> None:
         else:
             batch = (f"{row['steps_per_call']} x batch {row['batch_per_step']}"
                      if "steps_per_call" in row else f"batch {row['batch']}")
+            if row.get("microbatches", 1) > 1:
+                batch += f" in {row['microbatches']} microbatches"
             print(f"  {row['kind']:<10} {batch}: ours {row['ours_img_s']:.2f} img/s, "
                   f"peer {row['peer_img_s']:.2f} img/s, ratio {row['ratio']:.2f}x{spread(row)}; "
                   f"ours {row['ours_gflops']:.0f} GFLOP/s = {row['pct_of_limit']:.0f}% of limit, "

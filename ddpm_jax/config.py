@@ -138,7 +138,7 @@ def validate(config: Any) -> None:
                          f"needs {needed} output channels: set it to {needed} or None")
 
     training = _Checker(config, "training")
-    training.integer("batch_size", 1)
+    batch_size = training.integer("batch_size", 1)
     training.number("lr", 0.0, inf, low_open=True)
     training.integer("warmup_steps", 0)
     training.number("grad_clip", 0.0, inf, low_open=True, optional=True)
@@ -152,6 +152,10 @@ def validate(config: Any) -> None:
         training.integer(field, 1)
     training.integer("num_sample_images", 0)
     training.number("label_dropout", 0.0, 1.0)
+    microbatches = training.integer("microbatches", 1)
+    if batch_size % microbatches:
+        raise training.fail("microbatches", f"it must divide training.batch_size={batch_size} into "
+                            "equal slices: pick a divisor of the batch, or 1 for no accumulation")
     training.choice("compute_dtype", tuple(COMPUTE_DTYPES))
 
     sampling = _Checker(config, "sampling")

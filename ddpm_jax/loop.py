@@ -72,7 +72,8 @@ def step_kwargs(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]
     return dict(model=model, optimizer=make_optimizer(config), base_lr=t.lr,
                 warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, mean_type=d.mean_type,
                 var_type=d.var_type, loss_type=d.loss_type,
-                use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout)
+                use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,
+                microbatches=t.microbatches)
 
 
 @functools.cache
@@ -220,6 +221,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh = parallel.make_mesh()
     replicated = parallel.replicated(mesh)
     logging.info("Mesh: %d devices on %d processes.", mesh.size, jax.process_count())
+    if (t.batch_size // t.microbatches) % mesh.size:
+        raise ValueError(f"training.microbatches={t.microbatches} slices the batch of "
+                         f"{t.batch_size} into {t.batch_size // t.microbatches} rows, which do not "
+                         f"split over the {mesh.size} devices: use microbatches such that "
+                         f"batch_size / microbatches is a multiple of {mesh.size}.")
 
     model = config_lib.model_from_config(config)
     # From host values, identical on every process, to one replicated global array per field.

@@ -123,17 +123,62 @@ def drop_labels(labels: Array, key: Array, rate: float, null_label: int) -> Arra
     return jnp.where(jax.random.bernoulli(key, rate, labels.shape), null_label, labels)
 
 
+def _accumulate(grad_fn: Callable[..., Any], params: PyTree, data: tuple[Any, ...],
+                dropout_rng: Array, microbatches: int, unroll: bool) -> Any:
+    """grad_fn over `microbatches` equal slices of the batch, averaged: ((loss, terms), grads) of
+    the whole batch, to float rounding. Slice i holds rows i, i + M, i + 2M, ... so that, with
+    the batch split over devices in contiguous blocks, every slice is spread over every device.
+    Dropout in slice i: fold_in(dropout_rng, i).
+
+    unroll=False: one lax.scan over the slices, so the backward pass holds the activations of
+    one slice at a time. unroll=True: the slices one after another in the program, which XLA
+    may schedule as it likes (for XLA's CPU backend, see `train_step`)."""
+    batch = data[0].shape[0]
+    if batch % microbatches:
+        raise ValueError(f"The batch of {batch} does not split into {microbatches} equal "
+                         "microbatches; pick a divisor.")
+
+    def split(a: Array) -> Array:                                    # [B, ...] -> [M, B/M, ...]
+        return a.reshape(batch // microbatches, microbatches, *a.shape[1:]).swapaxes(0, 1)
+
+    def one(i: Array | int, slices: tuple[Any, ...]) -> Any:
+        return grad_fn(params, *slices, jax.random.fold_in(dropout_rng, i))
+
+    slices = jax.tree.map(split, data)
+    if unroll:
+        outs = [one(i, jax.tree.map(lambda a, i=i: a[i], slices)) for i in range(microbatches)]
+        total = jax.tree.map(lambda *v: sum(v[1:], v[0]), *outs)
+    else:
+        def body(total: Any, xs: tuple[Array, tuple[Any, ...]]) -> tuple[Any, None]:
+            return jax.tree.map(jnp.add, total, one(*xs)), None
+
+        first = jax.eval_shape(one, 0, jax.tree.map(lambda a: a[0], slices))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), slices))
+    return jax.tree.map(lambda v: v / microbatches, total)
+
+
 def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn.Module,
                optimizer: optax.GradientTransformation, base_lr: float, warmup_steps: int,
                ema_decay: float, mean_type: str = "eps", var_type: str = "fixedlarge",
                loss_type: str = "mse", hybrid_lambda: float = 1e-3,
-               use_labels: bool = False, label_dropout: float = 0.0) -> tuple[TrainState, Metrics]:
+               use_labels: bool = False, label_dropout: float = 0.0,
+               microbatches: int = 1,
+               unroll_microbatches: bool | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer step: (state, batch, schedule) -> (state, metrics).
 
     The schedule is an argument (data), not a constant, so that jit's cache can be shared by
-    every run with equal static keyword arguments. batch["image"]: [B, H, W, C] float32 in [-1, 1] (the global batch); batch["label"]: [B] int,
-    read only when use_labels; then each is replaced by the model's null label (model.num_classes)
-    with probability label_dropout. t ~ U{0..T-1} and the noise are drawn here with global shapes.
+    every run with equal static keyword arguments. batch["image"]: [B, H, W, C] float32 in
+    [-1, 1] (the global batch); batch["label"]: [B] int, read only when use_labels; then each is
+    replaced by the model's null label (model.num_classes) with probability label_dropout.
+    t ~ U{0..T-1} and the noise are drawn here with global shapes. microbatches=M > 1 runs the
+    forward and backward pass over M equal slices of the batch in turn and averages the
+    gradients (`_accumulate`): the same update up to float rounding (model dropout aside, which
+    draws per slice). The slices run in one lax.scan, with the activation memory of B/M rows,
+    except on XLA's CPU backend (unroll_microbatches=None picks by backend): there convolution
+    gradients inside a loop body compile to naive loops, about 10x slower (jax-ml/jax#12868), so
+    the slices are unrolled; that saves no memory on the CPU but runs faster than one pass
+    (smaller convolutions suit the caches; see BENCHMARKS.md).
     When the loss or the gradient norm is not finite, params, opt_state and ema_params are kept,
     and the non-finite counters go up; otherwise nonfinite_in_a_row resets to 0.
     Metrics: a flat dict of float32 / int32 scalars (loss and its terms averaged over the batch,
@@ -149,7 +194,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
 
-    def loss_fn(params: PyTree) -> tuple[Array, dict[str, Array]]:
+    def loss_fn(params: PyTree, x0: Array, t: Array, noise: Array, labels: Array | None,
+                dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
         denoise_fn = _model_denoise_fn(model, params, labels, dropout_rng)
         terms = diffusion.training_losses(schedule, denoise_fn, x0, t, noise, mean_type=mean_type,
                                           var_type=var_type, loss_type=loss_type,
@@ -157,7 +203,14 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
         terms = {name: jnp.mean(value) for name, value in terms.items()}
         return terms["loss"], terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss, terms), grads = grad_fn(state.params, x0, t, noise, labels, dropout_rng)
+    else:
+        unroll = (jax.default_backend() == "cpu" if unroll_microbatches is None
+                  else unroll_microbatches)
+        (loss, terms), grads = _accumulate(grad_fn, state.params, (x0, t, noise, labels),
+                                           dropout_rng, microbatches, unroll)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

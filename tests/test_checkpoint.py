@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,11 @@ def test_kill_9_during_async_save_leaves_previous_checkpoint_restorable(tmp_path
     np.testing.assert_array_equal(restored["w"], np.ones(4))
     manager.wait_until_finished()
     manager.close()
+    # orbax removes the half-written dir in a background thread started when the manager opens
+    # (awaited only by its next save), so give that thread a moment.
+    deadline = time.time() + 20
+    while [name for name in os.listdir(ckpt_dir) if "tmp" in name] and time.time() < deadline:
+        time.sleep(0.05)
     assert not [name for name in os.listdir(ckpt_dir) if "tmp" in name], "half-written dir kept"
 
 

@@ -65,3 +65,49 @@ def test_local_rows_of_a_single_device_mesh_is_the_whole_batch():
     assert parallel.local_rows(parallel.make_mesh(), 8) == (0, 8)
     assert np.asarray(parallel.host_local_to_global(
         np.ones((4, 2)), parallel.make_mesh())).shape == (4, 2)
+
+
+def test_microbatches_keep_every_slice_on_every_device_and_match_one_pass():
+    # Slice i of a batch split over 8 devices is rows i, i+M, ...: one row per device here, so
+    # the compiled step gathers no batch rows; the update equals the one-pass update.
+    out = run_with_devices("""
+        import jax, jax.numpy as jnp, numpy as np, flax.linen as nn, pytest
+        from ddpm_jax import loop, parallel, training
+        from ddpm_jax.schedule import Schedule
+        from configs import digits
+
+        class Toy(nn.Module):
+            @nn.compact
+            def __call__(self, x, t, y=None, *, train):
+                w = self.param("w", nn.initializers.constant(0.3), (x.shape[-1],))
+                return nn.Conv(x.shape[-1], (3, 3))(x) * w
+
+        mesh = parallel.make_mesh()
+        model, opt = Toy(), training.make_optimizer(grad_clip=1.0)
+        schedule = jax.device_put(Schedule.create("linear", 50), parallel.replicated(mesh))
+        image = jax.random.uniform(jax.random.PRNGKey(1), (32, 4, 4, 2), minval=-1, maxval=1)
+        batch = jax.device_put({"image": image, "label": jnp.zeros((32,), jnp.int32)},
+                               parallel.data_sharding(mesh))
+        step, states = loop.jitted_train_step(mesh), {}
+        for m, unroll in ((1, None), (4, False), (4, True)):
+            state = loop.jitted_create_train_state(mesh)(model, opt, jax.random.PRNGKey(0),
+                                                         image_shape=(4, 4, 2))
+            kw = dict(model=model, optimizer=opt, base_lr=0.1, warmup_steps=3, ema_decay=0.9,
+                      microbatches=m, unroll_microbatches=unroll)
+            hlo = step.jitted.lower(state, batch, schedule, tuple(sorted(kw.items()))).compile()
+            assert "all-gather" not in hlo.as_text() and "all-to-all" not in hlo.as_text()
+            for _ in range(2):
+                state, _ = step(state, batch, schedule, **kw)
+            states[m, unroll] = state
+        for key in ((4, False), (4, True)):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         states[key], states[1, None])
+
+        config = digits.get_config("tiny")
+        config.training.batch_size, config.training.microbatches = 16, 4
+        with pytest.raises(ValueError, match="slices the batch of 16 into 4 rows, which do not "
+                                             "split over the 8 devices"):
+            loop.train_and_evaluate(config, "/nonexistent/never-created")
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")

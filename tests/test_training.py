@@ -4,6 +4,7 @@ A one-parameter-pair toy network keeps compilation to a second; the step is mode
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -193,3 +194,55 @@ def test_full_label_dropout_trains_exactly_the_unconditional_null_label_model():
         np.testing.assert_array_equal(a, b)
     assert runs["dropped"][1] == runs["unconditional"][1]
     assert runs["labelled"][1] != runs["unconditional"][1]  # the labels do reach the model
+
+
+@pytest.mark.parametrize("unroll", [False, True])  # lax.scan (accelerators) / unrolled (CPU)
+@pytest.mark.parametrize("model, overrides", [
+    (Toy(), {}),
+    (LabelToy(), dict(use_labels=True, label_dropout=0.5)),
+])
+def test_microbatches_give_the_update_of_the_whole_batch(model, overrides, unroll):
+    # Every row's gradient differs (different x0, t, noise, labels), so a slice that dropped or
+    # repeated a row, or a wrong average, would move the parameters elsewhere.
+    schedule = Schedule.create("linear", T)
+    batches = [dict(_batch(seed), label=(jnp.arange(8, dtype=jnp.int32) + seed) % 3)
+               for seed in range(3)]
+    runs = {}
+    for m in (1, 2, 8):
+        state, step = _setup(model, microbatches=m, unroll_microbatches=unroll, **overrides)
+        for batch in batches:
+            state, metrics = step(state, batch, schedule)
+        runs[m] = (state, metrics)
+    for m in (2, 8):
+        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+                     runs[m][0], runs[1][0])
+        for name in ("loss", "mse", "grad_norm"):
+            np.testing.assert_allclose(runs[m][1][name], runs[1][1][name], rtol=1e-5)
+    assert float(runs[1][1]["grad_norm"]) > 0
+
+
+def test_microbatches_that_do_not_divide_the_batch_are_refused():
+    state, step = _setup(microbatches=3)
+    with pytest.raises(ValueError, match="batch of 8 does not split into 3 equal microbatches"):
+        step(state, _batch(), Schedule.create("linear", T))
+
+
+class ConvToy(nn.Module):
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train):
+        return nn.Conv(x.shape[-1], (3, 3))(nn.Conv(8, (3, 3))(x))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a premise about XLA's CPU backend")
+def test_cpu_unrolls_microbatches_because_its_loop_bodies_get_naive_convolutions():
+    # XLA's CPU backend hands convolutions in the canonical layout (b01f_01io->b01f) to its fast
+    # kernels; inside a loop body the gradient convolutions keep other layouts and compile to
+    # naive loops (jax-ml/jax#12868). If the second assertion fails, a newer jaxlib fixed that:
+    # re-measure the scan on the CPU (bench/bench_unet.py --microbatches) and drop the unroll.
+    def dim_labels(unroll):
+        state, step = _setup(ConvToy(), microbatches=2, unroll_microbatches=unroll)
+        hlo = step.lower(state, _batch(), Schedule.create("linear", T)).compile().as_text()
+        return set(re.findall(r"dim_labels=([\w>-]+)", hlo))
+
+    assert dim_labels(None) == {"b01f_01io->b01f"}  # the CPU default: unrolled
+    assert dim_labels(False) - {"b01f_01io->b01f"}, "XLA now canonicalises loop-body convolutions"
