@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
         fid_num_samples=50_000,       # generated images for FID / IS (the paper's 50k)
         fid_reference="train",        # statistics of this split; the paper compares to train
         fid_batch_size=256,           # generated images per sampler call during evaluation
+        labels="none",                # class-conditional runs: none (null label) | balanced (n mod N)
+        guidance=placeholder(float),  # classifier-free guidance weight for labels=balanced; None: none
         bpd_split="test",             # split for bits/dim
         bpd_num_images=placeholder(int),  # None: the whole split
         bpd_batch_size=64,            # images per bits/dim evaluation call (T network passes each)

@@ -185,6 +185,14 @@ def validate(config: Any) -> None:
     evaluation.integer("fid_num_samples", 1)
     evaluation.choice("fid_reference", ("train", "test"))
     evaluation.integer("fid_batch_size", 1)
+    if evaluation.choice("labels", ("none", "balanced")) == "balanced" and \
+            config.model.num_classes is None:
+        raise evaluation.fail("labels", "'balanced' samples each class of a class-conditional "
+                              "model: set model.num_classes, or use 'none'")
+    if evaluation.number("guidance", 0.0, inf, optional=True) is not None and \
+            evaluation.get("labels") != "balanced":
+        raise evaluation.fail("guidance", "guidance steers samples towards their class: set "
+                              "eval.labels='balanced', or guidance None")
     evaluation.choice("bpd_split", ("train", "test"))
     evaluation.integer("bpd_num_images", 1, optional=True)
     evaluation.integer("bpd_batch_size", 1)

@@ -10,7 +10,9 @@
   size or the device count. Reported: mean total, prior, decoder (t = 0) and KL sum, and the
   per-t curve (.npz and .png).
 * FID / IS / KID of generated samples (`ddpm_jax.features`), each labelled with its feature
-  network, weights SHA-256, sample count, reference split, sampler and steps.
+  network, weights SHA-256, sample count, reference split, sampler and steps. Class-conditional
+  models draw with the null label (unconditional) by default; labels="balanced" gives sample n
+  class n mod N, optionally with classifier-free guidance (`--labels balanced --guidance w`).
 Each run writes workdir/eval/report_<step>_<weights>_<what>.json and logs its protocol line.
 """
 
@@ -37,6 +39,7 @@ Array = jax.Array
 ApplyFn = Callable[[Any, Array, Array], Array]   # (params, x_t [B,H,W,C], t [B]) -> output
 
 METRICS = ("bpd", "fid", "is", "kid")
+LABELS = ("none", "balanced")  # samples of a class-conditional model: null label / n mod N
 
 
 # ------------------------------------------------------------------------------ bits/dim
@@ -125,14 +128,27 @@ def bpd_summary(result: dict[str, Any]) -> dict[str, float]:
 def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, *, num_samples: int,
                      image_shape: Sequence[int], batch_size: int, key: Array,
                      mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-                     **sampler_options: Any) -> np.ndarray:
+                     labels: np.ndarray | None = None, **sampler_options: Any) -> np.ndarray:
     """num_samples uint8 images [N, H, W, C] from `sampling.make_sampler` (sample n depends
-    only on (key, n)). sampler_options: sampler, steps, eta, mean_type, var_type, clip_denoised."""
+    only on (key, n) and labels[n]). labels: [N] classes for a class-conditional apply_fn, or
+    None. sampler_options: sampler, steps, eta, mean_type, var_type, clip_denoised, guidance."""
     devices = 1 if mesh is None else mesh.size
     batch = -(-min(batch_size, num_samples) // devices) * devices
     sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), mesh=mesh,
                                     **sampler_options)
-    return sampling.draw_images(sampler, params, key, num_samples, progress=progress)
+    return sampling.draw_images(sampler, params, key, num_samples, labels=labels,
+                                progress=progress)
+
+
+def balanced_labels(apply_fn: ApplyFn, num_samples: int) -> np.ndarray:
+    """[num_samples] int32 classes n mod N of a class-conditional apply_fn (N classes, the
+    null label N excluded); ValueError for an unconditional one."""
+    num_classes = getattr(apply_fn, "null_label", None)
+    if num_classes is None:
+        raise ValueError("labels='balanced' needs a class-conditional model (trained with "
+                         "config.model.num_classes); this one has no class input: use "
+                         "labels='none'.")
+    return np.arange(num_samples, dtype=np.int32) % num_classes
 
 
 # ------------------------------------------------------------------------- the protocol
@@ -159,6 +175,8 @@ class EvalOptions:
     is_splits: int = 10
     kid_subsets: int = 100
     kid_subset_size: int = 1000
+    labels: str = "none"                     # none (the null label) | balanced (n mod N)
+    guidance: float | None = None           # classifier-free guidance weight (labels=balanced)
     seed: int = 0
     cache_dir: str | None = None
     save_samples: bool = True
@@ -173,6 +191,14 @@ class EvalOptions:
                              f"{features.FEATURE_NETS}.")
         if self.num_samples < 2 and set(self.metrics) - {"bpd"}:
             raise ValueError(f"num_samples={self.num_samples}: FID/IS/KID need >= 2 samples.")
+        if self.labels not in LABELS:
+            raise ValueError(f"labels={self.labels!r}: choose one of {LABELS}.")
+        if self.guidance is not None:
+            if not self.guidance >= 0:
+                raise ValueError(f"guidance={self.guidance}: use a weight >= 0.")
+            if self.labels != "balanced":
+                raise ValueError(f"guidance={self.guidance} steers samples towards their class: "
+                                 "it needs labels='balanced' (--labels=balanced).")
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> EvalOptions:
@@ -187,7 +213,8 @@ class EvalOptions:
                 reference_split=e.fid_reference,
                 feature_net=e.get("feature_net") or (
                         "digits" if config.data.dataset == "digits" else "inception"),
-                inception_weights=e.get("inception_weights"), seed=config.training.seed)
+                inception_weights=e.get("inception_weights"), labels=e.get("labels", "none"),
+                guidance=e.get("guidance"), seed=config.training.seed)
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**defaults)
 
@@ -198,6 +225,9 @@ def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) 
         parts.append(f"bpd-{options.bpd_split}")
     if set(options.metrics) - {"bpd"}:
         parts.append(f"{options.sampler}{num_steps}-n{options.num_samples}-{options.feature_net}")
+        if options.labels != "none":
+            parts.append(options.labels + ("" if options.guidance is None
+                                           else f"-w{options.guidance:g}"))
     return "_".join(parts)
 
 
@@ -229,7 +259,9 @@ def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptio
             f"{summary['total_stderr']:.4f} s.e.; prior {summary['prior']:.4g}, decoder "
             f"{summary['decoder']:.4f}, KL terms {summary['kl_terms']:.4f}): the full bound over "
             f"all T={d.timesteps} steps, {summary['num_images']} images of "
-            f"{data_cfg.dataset}/{options.bpd_split}, {where}.")
+            f"{data_cfg.dataset}/{options.bpd_split}, {where}"
+            + (", null label (the unconditional model)"
+               if getattr(apply_fn, "null_label", None) is not None else "") + ".")
     if write:
         np.savez(stem + "_bpd_terms.npz", **{k: v for k, v in result.items() if k != "num_images"})
         plots.save_line_plot(stem + "_bpd_terms.png", result["terms_bpd"],
@@ -255,15 +287,19 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             data_dir=data_cfg.get("data_dir"), cache_dir=options.cache_dir,
             max_images=options.reference_num_images, progress=progress)
     var_type = options.var_type or d.var_type
+    labels = (balanced_labels(apply_fn, options.num_samples) if options.labels == "balanced"
+              else None)
     start = time.time()
     samples = generate_samples(
             apply_fn, params, schedule, num_samples=options.num_samples, image_shape=image_shape,
             batch_size=options.sample_batch_size, key=key, mesh=mesh, progress=progress,
-            sampler=options.sampler, steps=options.steps, eta=options.eta,
-            mean_type=d.mean_type, var_type=var_type, clip_denoised=options.clip_denoised)
+            labels=labels, sampler=options.sampler, steps=options.steps, eta=options.eta,
+            mean_type=d.mean_type, var_type=var_type, clip_denoised=options.clip_denoised,
+            guidance=options.guidance)
     num_steps = sampling.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
     info = dict(num_samples=options.num_samples, sampler=options.sampler, steps=num_steps,
-                eta=options.eta, var_type=var_type, seed=options.seed,
+                eta=options.eta, var_type=var_type, labels=options.labels,
+                guidance=options.guidance, seed=options.seed,
                 seconds=round(time.time() - start, 1))
     scores = features.sample_quality(
             net, samples, reference, scores=tuple(m for m in options.metrics if m != "bpd"),
@@ -272,13 +308,19 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
     values = [f"{e['label']} {e['value']:.4f}" if name == "fid" else
               f"{e['label']} {e['mean']:.4g} +- {e['std']:.2g}" for name, e in scores.items()]
     how = (f"eta {options.eta}" if options.sampler == "ddim" else f"{var_type} variance")
+    if labels is not None:
+        how += (f", classes n mod {apply_fn.null_label}"
+                + ("" if options.guidance is None else f", guidance w={options.guidance:g}"))
+    elif getattr(apply_fn, "null_label", None) is not None:
+        how += ", unconditional (null label)"
     ref = reference["protocol"]
     line = (f"{', '.join(values)}: {options.num_samples} samples ({options.sampler} sampler, "
             f"{num_steps} steps, {how}, seed {options.seed}, {where}) vs {ref['num_images']} "
             f"images of {ref['dataset']}/{ref['split']}; feature net {net.name} (sha256 "
             f"{net.weights_sha256[:16]}...).")
     if write and options.save_samples:
-        np.savez(stem + "_samples.npz", images=samples)
+        np.savez(stem + "_samples.npz", images=samples,
+                 **({} if labels is None else {"labels": labels}))
         images.save_image_grid(samples[:64], stem + "_samples.png")
     return info, scores, line
 
@@ -382,6 +424,11 @@ def define_flags() -> None:
                         "(pytorch-fid's release) or its .npz export.")
     flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA (as the paper) or raw parameters.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_enum("labels", None, list(LABELS), "Class-conditional models: none draws "
+                      "with the null label (unconditional); balanced gives sample n class n mod N "
+                      "(default config.eval.labels).")
+    flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (needs "
+                       "--labels=balanced; default config.eval.guidance).")
     flags.DEFINE_integer("seed", None, "PRNG seed (default config.training.seed).")
     flags.DEFINE_string("cache_dir", None, "Classifier weights and reference statistics "
                         "(default $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
@@ -413,9 +460,13 @@ def main(argv: Sequence[str]) -> None:
                 bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
                 reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
                 inception_weights=FLAGS.inception_weights, seed=FLAGS.seed,
-                cache_dir=FLAGS.cache_dir, save_samples=FLAGS.save_samples)
+                cache_dir=FLAGS.cache_dir, save_samples=FLAGS.save_samples, labels=FLAGS.labels,
+                guidance=FLAGS.guidance)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    if options.labels != "none" and model.num_classes is None:
+        raise app.UsageError(f"--labels={options.labels} needs a class-conditional model; the "
+                             f"one in {FLAGS.workdir} was trained without model.num_classes.")
     if options.eta and options.sampler != "ddim":
         raise app.UsageError(f"--eta={options.eta} only applies to --sampler=ddim.")
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None

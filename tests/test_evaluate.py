@@ -387,6 +387,75 @@ def test_run_evaluation_writes_a_report_that_states_its_protocol(tmp_path, cache
     assert len(cached) == 1 and "digits-16px-train-all" in cached[0]
 
 
+class _ClassApply:
+    """A class-conditional double: out = a[t] x_t + b[t] + c[y]; y=None is the null label 3."""
+
+    null_label = 3
+
+    def __call__(self, params, x_t, t, y=None):
+        if y is None:
+            y = jnp.full(x_t.shape[:1], self.null_label)
+        return _linear_apply(params, x_t, t) + params["c"][y].reshape(-1, 1, 1, 1)
+
+
+_CLASS_APPLY = _ClassApply()  # one instance: it keys the sampler's compilation cache
+
+
+def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, digits_net):
+    from configs import digits as digits_config
+    from ddpm_jax import sampling
+
+    config = digits_config.get_config("tiny")
+    config.diffusion.timesteps = 5
+    config.data.data_dir = str(tmp_path / "tfds")
+    params = {"a": jnp.linspace(0.1, 0.5, 5), "b": jnp.zeros(5),
+              "c": jnp.array([0.4, -0.3, 0.1, 0.0])}
+    schedule = Schedule.create("linear", 5)
+    reports = {}
+    for labels, guidance in (("balanced", 2.0), ("none", None)):
+        options = evaluate.EvalOptions.from_config(
+                config, metrics=("fid",), num_samples=7, sample_batch_size=4,
+                cache_dir=cache_dir, labels=labels, guidance=guidance)
+        options.steps = 5
+        reports[labels] = evaluate.run_evaluation(config, _CLASS_APPLY, params, options,
+                                                  workdir=str(tmp_path / "run"), step=7,
+                                                  progress=False)
+    guided = reports["balanced"]
+    assert guided["path"].endswith("report_step7_ema_ddim5-n7-digits_balanced-w2.json")
+    assert "classes n mod 3, guidance w=2" in guided["protocol"][0]
+    assert "unconditional (null label)" in reports["none"]["protocol"][0]
+    assert guided["samples"]["labels"] == "balanced" and guided["samples"]["guidance"] == 2.0
+    saved = np.load(guided["path"][:-len(".json")] + "_samples.npz")
+    np.testing.assert_array_equal(saved["labels"], np.arange(7) % 3)
+    # The same images as the sampler gives for those classes (in one batch of 8: the batch
+    # size does not matter), with the key the protocol documents for samples.
+    sampler = sampling.make_sampler(_CLASS_APPLY, schedule, (8, 16, 16, 1), sampler="ddim",
+                                    steps=5, eta=0.0, var_type="fixedlarge", guidance=2.0)
+    expected = sampling.draw_images(sampler, params, jax.random.fold_in(jax.random.key(0), 2), 7,
+                                    labels=np.arange(7) % 3, progress=False)
+    np.testing.assert_array_equal(saved["images"], expected)
+    unconditional = np.load(reports["none"]["path"][:-len(".json")] + "_samples.npz")
+    assert "labels" not in unconditional and (unconditional["images"] != expected).any()
+
+
+def test_class_options_are_checked():
+    from configs import digits as digits_config
+
+    config = digits_config.get_config("tiny")
+    config.eval.labels, config.eval.guidance = "balanced", 1.5  # what periodic evaluation reads
+    options = evaluate.EvalOptions.from_config(config)
+    assert (options.labels, options.guidance) == ("balanced", 1.5)
+    assert evaluate.EvalOptions.from_config(config, guidance=3.0).guidance == 3.0
+    with pytest.raises(ValueError, match="it needs labels='balanced'"):
+        evaluate.EvalOptions(guidance=1.0)
+    with pytest.raises(ValueError, match="labels='perclass': choose one of"):
+        evaluate.EvalOptions(labels="perclass")
+    with pytest.raises(ValueError, match="guidance=-1.0: use a weight >= 0"):
+        evaluate.EvalOptions(labels="balanced", guidance=-1.0)
+    with pytest.raises(ValueError, match="needs a class-conditional model.*use labels='none'"):
+        evaluate.balanced_labels(_linear_apply, 4)
+
+
 def _tiny_checkpoint(workdir, data_dir, step=3):
     """A checkpoint of the tiny digits UNet (T = 10), saved like the loop. Its arrays are
     zeros (shapes from eval_shape: no compile); the network then predicts eps = 0."""
@@ -428,3 +497,11 @@ def test_evaluate_command_line_on_a_tiny_checkpoint(tmp_path):
     assert report["checkpoint"] == {"step": 3, "weights": "ema"}
     assert report["bpd"]["num_images"] == 2 and np.isfinite(report["bpd"]["total"])
     assert report["path"].endswith("report_step3_ema_bpd-test.json")
+
+    refused = subprocess.run(
+            [sys.executable, "evaluate.py", f"--workdir={workdir}", "--metrics=fid",
+             "--labels=balanced", "--noprogress"],
+            cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+            timeout=300, check=False)
+    assert refused.returncode != 0
+    assert "--labels=balanced needs a class-conditional model" in refused.stderr
