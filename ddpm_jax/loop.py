@@ -174,19 +174,23 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: S
                       ema_params: Any, mesh: jax.sharding.Mesh, path: str) -> None:
     """Samples config.training.num_sample_images images from the EMA weights (every process
     takes part) and writes them as one PNG grid (process 0). Fixed noise: grids of successive
-    steps show the same starting points."""
+    steps show the same starting points. Class-conditional models follow config.eval.labels
+    and config.eval.guidance, as evaluation does: the null label, or image n of class n mod N."""
     count = config.training.num_sample_images
     if count <= 0:
         return
     batch = -(-count // mesh.size) * mesh.size
     s = config.sampling
+    labels = None
+    if model.num_classes is not None and config.eval.get("labels", "none") == "balanced":
+        labels = np.arange(count, dtype=np.int32) % model.num_classes
     sampler = sampling.make_sampler(
             sampling.ModelApply(model), schedule, (batch, *_image_shape(config)),
             sampler=s.sampler, steps=s.steps, eta=s.eta, mean_type=config.diffusion.mean_type,
             var_type=s.var_type or config.diffusion.var_type, clip_denoised=s.clip_denoised,
-            mesh=mesh)
+            guidance=None if labels is None else config.eval.get("guidance"), mesh=mesh)
     pixels = sampling.draw_images(sampler, ema_params, jax.random.PRNGKey(config.training.seed + 1),
-                                  count, progress=False)
+                                  count, labels=labels, progress=False)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         images.save_image_grid(pixels, path)

@@ -20,12 +20,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 
 from configs import digits
-from ddpm_jax import checkpoint, data, loop, parallel, writers
+from ddpm_jax import checkpoint, data, images, loop, parallel, sampling, writers
 from ddpm_jax import config as config_lib
 
 # The tiny setting, as command-line overrides and as config changes.
@@ -245,6 +246,30 @@ def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir,
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     proc = _sample_py("--workdir", straight_run[0], "--labels", "1", "--out", str(out))
     assert proc.returncode != 0 and "this model is unconditional" in proc.stderr, proc.stderr[-2000:]
+
+    # Sample grids follow config.eval.labels / guidance: image n of class n mod 10, guided.
+    config, model, params = checkpoint.load_for_sampling(workdir, "ema")
+    # Two steps leave the zero-initialised output conv near zero, so the output would not depend
+    # on the label: perturb every weight so that it does.
+    leaves, treedef = jax.tree.flatten(params)
+    params = jax.tree.unflatten(treedef, [
+            leaf + 0.2 * jax.random.normal(jax.random.PRNGKey(i), leaf.shape, leaf.dtype)
+            for i, leaf in enumerate(leaves)])
+    config.training.num_sample_images, config.sampling.steps = 5, 3
+    config.eval.labels, config.eval.guidance = "balanced", 1.5
+    mesh, schedule = parallel.make_mesh(), loop.make_schedule(config)
+    loop.write_sample_grid(config, model, schedule, params, mesh, str(tmp_path / "loop.png"))
+    sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (5, 8, 8, 1),
+                                    sampler=config.sampling.sampler, steps=3,
+                                    var_type=config.diffusion.var_type, guidance=1.5)
+    expected = sampling.draw_images(sampler, params, jax.random.PRNGKey(config.training.seed + 1),
+                                    5, labels=np.arange(5) % 10, progress=False)
+    images.save_image_grid(expected, str(tmp_path / "expected.png"))
+    loop_grid = np.asarray(Image.open(tmp_path / "loop.png"))
+    np.testing.assert_array_equal(loop_grid, np.asarray(Image.open(tmp_path / "expected.png")))
+    config.eval.labels, config.eval.guidance = "none", None  # the null label: other images
+    loop.write_sample_grid(config, model, schedule, params, mesh, str(tmp_path / "null.png"))
+    assert (np.asarray(Image.open(tmp_path / "null.png")) != loop_grid).any()
 
 
 def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, data_dir, straight_run):
