@@ -121,7 +121,8 @@ def test_nonfinite_batch_is_skipped_and_counted():
     assert np.isfinite(float(metrics["loss"]))
 
 
-def test_scan_of_k_steps_equals_k_steps():
+@pytest.mark.parametrize("unroll", [False, True])  # lax.scan (accelerators) / unrolled (CPU)
+def test_k_steps_in_one_call_equal_k_steps(unroll):
     schedule = Schedule.create("linear", T)
     state, step = _setup()
     batches = [_batch(seed) for seed in range(3)]
@@ -130,7 +131,8 @@ def test_scan_of_k_steps_equals_k_steps():
         one_by_one, _ = step(one_by_one, batch, schedule)
     kwargs = step.kwargs
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
-    fused, metrics = jax.jit(functools.partial(training.train_steps, **kwargs))(state, stacked, schedule)
+    fused, metrics = jax.jit(functools.partial(training.train_steps, unroll=unroll, **kwargs))(
+            state, stacked, schedule)
     assert metrics["loss"].shape == (3,)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
                  fused, one_by_one)
@@ -246,3 +248,9 @@ def test_cpu_unrolls_microbatches_because_its_loop_bodies_get_naive_convolutions
 
     assert dim_labels(None) == {"b01f_01io->b01f"}  # the CPU default: unrolled
     assert dim_labels(False) - {"b01f_01io->b01f"}, "XLA now canonicalises loop-body convolutions"
+    # The same for K steps per call (train_steps).
+    state, step = _setup(ConvToy())
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), _batch(1), _batch(2))
+    steps = jax.jit(functools.partial(training.train_steps, **step.kwargs))
+    hlo = steps.lower(state, stacked, Schedule.create("linear", T)).compile().as_text()
+    assert set(re.findall(r"dim_labels=([\w>-]+)", hlo)) == {"b01f_01io->b01f"}
