@@ -89,9 +89,14 @@ def main(argv: list[str]) -> None:
 
     import jax
 
+    from ddpm_jax import config as config_lib
     from ddpm_jax import loop
 
     config = _CONFIG.value
+    try:
+        config_lib.validate(config)  # a wrong value: its one-line message, no traceback
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     logging.info("Config:\n%s", config)
     progress = None
     if _PROGRESS.value and jax.process_index() == 0:

@@ -272,6 +272,16 @@ def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir,
     assert (np.asarray(Image.open(tmp_path / "null.png")) != loop_grid).any()
 
 
+def test_train_py_refuses_a_wrong_config_value_in_one_line_and_creates_nothing(tmp_path, data_dir):
+    workdir = tmp_path / "never"
+    proc = subprocess.run(train_command(data_dir, str(workdir), **{"training.microbatches": 3}),
+                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "config.training.microbatches=3: it must divide training.batch_size=16" in proc.stderr
+    assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
 def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, data_dir, straight_run):
     workdir = str(tmp_path / "copy")
     shutil.copytree(straight_run[0], workdir)
