@@ -123,6 +123,15 @@ def drop_labels(labels: Array, key: Array, rate: float, null_label: int) -> Arra
     return jnp.where(jax.random.bernoulli(key, rate, labels.shape), null_label, labels)
 
 
+def _unroll_loops(unroll: bool | None) -> bool:
+    """Whether a lax.scan whose body takes gradients of convolutions should be unrolled
+    (unroll=None: on XLA's CPU backend only). Inside a loop body that backend keeps the gradient
+    convolutions in non-canonical layouts and compiles them to naive loops, 10-20x slower
+    (jax-ml/jax#12868); unrolled, they reach its fast kernels. Elsewhere the loop stays rolled,
+    which keeps one iteration's buffers live at a time."""
+    return jax.default_backend() == "cpu" if unroll is None else unroll
+
+
 def _accumulate(grad_fn: Callable[..., Any], params: PyTree, data: tuple[Any, ...],
                 dropout_rng: Array, microbatches: int, unroll: bool) -> Any:
     """grad_fn over `microbatches` equal slices of the batch, averaged: ((loss, terms), grads) of
@@ -130,9 +139,8 @@ def _accumulate(grad_fn: Callable[..., Any], params: PyTree, data: tuple[Any, ..
     the batch split over devices in contiguous blocks, every slice is spread over every device.
     Dropout in slice i: fold_in(dropout_rng, i).
 
-    unroll=False: one lax.scan over the slices, so the backward pass holds the activations of
-    one slice at a time. unroll=True: the slices one after another in the program, which XLA
-    may schedule as it likes (for XLA's CPU backend, see `train_step`)."""
+    One lax.scan over the slices: rolled, the backward pass holds the activations of one slice
+    at a time; unrolled (`_unroll_loops`), XLA may schedule the slices as it likes."""
     batch = data[0].shape[0]
     if batch % microbatches:
         raise ValueError(f"The batch of {batch} does not split into {microbatches} equal "
@@ -144,17 +152,13 @@ def _accumulate(grad_fn: Callable[..., Any], params: PyTree, data: tuple[Any, ..
     def one(i: Array | int, slices: tuple[Any, ...]) -> Any:
         return grad_fn(params, *slices, jax.random.fold_in(dropout_rng, i))
 
-    slices = jax.tree.map(split, data)
-    if unroll:
-        outs = [one(i, jax.tree.map(lambda a, i=i: a[i], slices)) for i in range(microbatches)]
-        total = jax.tree.map(lambda *v: sum(v[1:], v[0]), *outs)
-    else:
-        def body(total: Any, xs: tuple[Array, tuple[Any, ...]]) -> tuple[Any, None]:
-            return jax.tree.map(jnp.add, total, one(*xs)), None
+    def body(total: Any, xs: tuple[Array, tuple[Any, ...]]) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, total, one(*xs)), None
 
-        first = jax.eval_shape(one, 0, jax.tree.map(lambda a: a[0], slices))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
-        total, _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), slices))
+    slices = jax.tree.map(split, data)
+    first = jax.eval_shape(one, 0, jax.tree.map(lambda a: a[0], slices))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), slices), unroll=unroll)
     return jax.tree.map(lambda v: v / microbatches, total)
 
 
@@ -175,9 +179,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     forward and backward pass over M equal slices of the batch in turn and averages the
     gradients (`_accumulate`): the same update up to float rounding (model dropout aside, which
     draws per slice). The slices run in one lax.scan, with the activation memory of B/M rows,
-    except on XLA's CPU backend (unroll_microbatches=None picks by backend): there convolution
-    gradients inside a loop body compile to naive loops, about 10x slower (jax-ml/jax#12868), so
-    the slices are unrolled; that saves no memory on the CPU but runs faster than one pass
+    except on XLA's CPU backend (unroll_microbatches=None picks by backend, `_unroll_loops`),
+    where the scan is unrolled; that saves no memory on the CPU but runs faster than one pass
     (smaller convolutions suit the caches; see BENCHMARKS.md).
     When the loss or the gradient norm is not finite, params, opt_state and ema_params are kept,
     and the non-finite counters go up; otherwise nonfinite_in_a_row resets to 0.
@@ -207,10 +210,9 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     if microbatches == 1:
         (loss, terms), grads = grad_fn(state.params, x0, t, noise, labels, dropout_rng)
     else:
-        unroll = (jax.default_backend() == "cpu" if unroll_microbatches is None
-                  else unroll_microbatches)
         (loss, terms), grads = _accumulate(grad_fn, state.params, (x0, t, noise, labels),
-                                           dropout_rng, microbatches, unroll)
+                                           dropout_rng, microbatches,
+                                           _unroll_loops(unroll_microbatches))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -242,22 +244,11 @@ def train_steps(state: TrainState, batches: Batch, schedule: Schedule, *,
                 unroll: bool | None = None, **step_kwargs: Any) -> tuple[TrainState, Metrics]:
     """K optimizer steps in one call: batches hold a leading axis of K batches, [K, B, ...].
 
-    Exactly K applications of `train_step`, so the result equals K separate calls: a
-    `lax.scan`, or (unroll=True; None picks it on XLA's CPU backend, whose loop bodies get
-    naive gradient convolutions, ~20x slower: see `train_step`) K copies of the step in one
-    program. Returns the final state and each metric stacked over the K steps: [K].
+    Exactly K applications of `train_step` in one lax.scan, so the result equals K separate
+    calls; unrolled (K copies of the step in one program) where `_unroll_loops(unroll)` says so,
+    i.e. by default on XLA's CPU backend. Returns the final state and each metric stacked over
+    the K steps: [K].
     """
-    if unroll is None:
-        unroll = jax.default_backend() == "cpu"
-    if unroll:
-        num_steps = jax.tree.leaves(batches)[0].shape[0]
-        all_metrics = []
-        for k in range(num_steps):
-            state, metrics = train_step(state, jax.tree.map(lambda a, k=k: a[k], batches),
-                                        schedule, **step_kwargs)
-            all_metrics.append(metrics)
-        return state, jax.tree.map(lambda *v: jnp.stack(v), *all_metrics)
-
     def body(carry: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         return train_step(carry, batch, schedule, **step_kwargs)
-    return jax.lax.scan(body, state, batches)
+    return jax.lax.scan(body, state, batches, unroll=_unroll_loops(unroll))
