@@ -140,17 +140,6 @@ def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, *, num_
                                 progress=progress)
 
 
-def balanced_labels(apply_fn: ApplyFn, num_samples: int) -> np.ndarray:
-    """[num_samples] int32 classes n mod N of a class-conditional apply_fn (N classes, the
-    null label N excluded); ValueError for an unconditional one."""
-    num_classes = getattr(apply_fn, "null_label", None)
-    if num_classes is None:
-        raise ValueError("labels='balanced' needs a class-conditional model (trained with "
-                         "config.model.num_classes); this one has no class input: use "
-                         "labels='none'.")
-    return np.arange(num_samples, dtype=np.int32) % num_classes
-
-
 # ------------------------------------------------------------------------- the protocol
 
 @dataclasses.dataclass
@@ -287,8 +276,8 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             data_dir=data_cfg.get("data_dir"), cache_dir=options.cache_dir,
             max_images=options.reference_num_images, progress=progress)
     var_type = options.var_type or d.var_type
-    labels = (balanced_labels(apply_fn, options.num_samples) if options.labels == "balanced"
-              else None)
+    labels = (sampling.balanced_labels(apply_fn, options.num_samples)
+              if options.labels == "balanced" else None)
     start = time.time()
     samples = generate_samples(
             apply_fn, params, schedule, num_samples=options.num_samples, image_shape=image_shape,

@@ -181,14 +181,15 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: S
         return
     batch = -(-count // mesh.size) * mesh.size
     s = config.sampling
+    apply_fn = sampling.ModelApply(model)
     labels = None
-    if model.num_classes is not None and config.eval.get("labels", "none") == "balanced":
-        labels = np.arange(count, dtype=np.int32) % model.num_classes
+    if config.eval.labels == "balanced":  # validate: only for class-conditional models
+        labels = sampling.balanced_labels(apply_fn, count)
     sampler = sampling.make_sampler(
-            sampling.ModelApply(model), schedule, (batch, *_image_shape(config)),
+            apply_fn, schedule, (batch, *_image_shape(config)),
             sampler=s.sampler, steps=s.steps, eta=s.eta, mean_type=config.diffusion.mean_type,
             var_type=s.var_type or config.diffusion.var_type, clip_denoised=s.clip_denoised,
-            guidance=None if labels is None else config.eval.get("guidance"), mesh=mesh)
+            guidance=config.eval.guidance, mesh=mesh)
     pixels = sampling.draw_images(sampler, ema_params, jax.random.PRNGKey(config.training.seed + 1),
                                   count, labels=labels, progress=False)
     if jax.process_index() == 0:

@@ -399,6 +399,17 @@ class Sampler:
         return jnp.asarray(values, dtype=jnp.int32)
 
 
+def balanced_labels(apply_fn: ApplyFn, num_samples: int) -> np.ndarray:
+    """[num_samples] int32 classes n mod N of a class-conditional apply_fn (N classes, the
+    null label N excluded); ValueError for an unconditional one."""
+    num_classes = getattr(apply_fn, "null_label", None)
+    if num_classes is None:
+        raise ValueError("labels='balanced' needs a class-conditional model (trained with "
+                         "config.model.num_classes); this one has no class input: use "
+                         "labels='none'.")
+    return np.arange(num_samples, dtype=np.int32) % num_classes
+
+
 def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,
                 labels: Sequence[int] | np.ndarray | None = None, progress: bool = True,
                 desc: str = "sampling") -> np.ndarray:

@@ -440,6 +440,7 @@ def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, dig
 
 def test_class_options_are_checked():
     from configs import digits as digits_config
+    from ddpm_jax import sampling
 
     config = digits_config.get_config("tiny")
     config.eval.labels, config.eval.guidance = "balanced", 1.5  # what periodic evaluation reads
@@ -453,7 +454,7 @@ def test_class_options_are_checked():
     with pytest.raises(ValueError, match="guidance=-1.0: use a weight >= 0"):
         evaluate.EvalOptions(labels="balanced", guidance=-1.0)
     with pytest.raises(ValueError, match="needs a class-conditional model.*use labels='none'"):
-        evaluate.balanced_labels(_linear_apply, 4)
+        sampling.balanced_labels(_linear_apply, 4)
 
 
 def _tiny_checkpoint(workdir, data_dir, step=3):
