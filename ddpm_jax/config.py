@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.models.unet import UNet, check_architecture
-from ddpm_jax.sampling import SAMPLERS, space_timesteps
+from ddpm_jax.sampling import LABEL_MODES, SAMPLERS, space_timesteps
 from ddpm_jax.schedule import SCHEDULES
 
 LEARNED_VAR_TYPES = ("learned", "learned_range")
@@ -185,7 +185,7 @@ def validate(config: Any) -> None:
     evaluation.integer("fid_num_samples", 1)
     evaluation.choice("fid_reference", ("train", "test"))
     evaluation.integer("fid_batch_size", 1)
-    if evaluation.choice("labels", ("none", "balanced")) == "balanced" and \
+    if evaluation.choice("labels", LABEL_MODES) == "balanced" and \
             config.model.num_classes is None:
         raise evaluation.fail("labels", "'balanced' samples each class of a class-conditional "
                               "model: set model.num_classes, or use 'none'")

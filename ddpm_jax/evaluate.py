@@ -39,7 +39,6 @@ Array = jax.Array
 ApplyFn = Callable[[Any, Array, Array], Array]   # (params, x_t [B,H,W,C], t [B]) -> output
 
 METRICS = ("bpd", "fid", "is", "kid")
-LABELS = ("none", "balanced")  # samples of a class-conditional model: null label / n mod N
 
 
 # ------------------------------------------------------------------------------ bits/dim
@@ -180,8 +179,8 @@ class EvalOptions:
                              f"{features.FEATURE_NETS}.")
         if self.num_samples < 2 and set(self.metrics) - {"bpd"}:
             raise ValueError(f"num_samples={self.num_samples}: FID/IS/KID need >= 2 samples.")
-        if self.labels not in LABELS:
-            raise ValueError(f"labels={self.labels!r}: choose one of {LABELS}.")
+        if self.labels not in sampling.LABEL_MODES:
+            raise ValueError(f"labels={self.labels!r}: choose one of {sampling.LABEL_MODES}.")
         if self.guidance is not None:
             if not self.guidance >= 0:
                 raise ValueError(f"guidance={self.guidance}: use a weight >= 0.")
@@ -267,6 +266,9 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
     """FID / IS / KID of generated samples: (samples info, scores, protocol line)."""
     d, data_cfg = config.diffusion, config.data
     image_shape = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
+    # Before the reference statistics: an unconditional model fails here, not minutes later.
+    labels = (sampling.balanced_labels(apply_fn, options.num_samples)
+              if options.labels == "balanced" else None)
     net = features.make_feature_net(options.feature_net, image_size=data_cfg.image_size,
                                     inception_weights=options.inception_weights,
                                     cache_dir=options.cache_dir)
@@ -276,8 +278,6 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             data_dir=data_cfg.get("data_dir"), cache_dir=options.cache_dir,
             max_images=options.reference_num_images, progress=progress)
     var_type = options.var_type or d.var_type
-    labels = (sampling.balanced_labels(apply_fn, options.num_samples)
-              if options.labels == "balanced" else None)
     start = time.time()
     samples = generate_samples(
             apply_fn, params, schedule, num_samples=options.num_samples, image_shape=image_shape,
@@ -413,9 +413,9 @@ def define_flags() -> None:
                         "(pytorch-fid's release) or its .npz export.")
     flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA (as the paper) or raw parameters.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_enum("labels", None, list(LABELS), "Class-conditional models: none draws "
-                      "with the null label (unconditional); balanced gives sample n class n mod N "
-                      "(default config.eval.labels).")
+    flags.DEFINE_enum("labels", None, list(sampling.LABEL_MODES), "Class-conditional models: "
+                      "none draws with the null label (unconditional); balanced gives sample n "
+                      "class n mod N (default config.eval.labels).")
     flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (needs "
                        "--labels=balanced; default config.eval.guidance).")
     flags.DEFINE_integer("seed", None, "PRNG seed (default config.training.seed).")

@@ -48,6 +48,7 @@ Array = jax.Array
 ApplyFn = Callable[..., Array]   # (params, x_t [B,H,W,C], t [B][, y [B]]) -> output
 
 SAMPLERS = ("ddpm", "ddim")
+LABEL_MODES = ("none", "balanced")  # class-conditional evaluation / grids: null label, n mod N
 PROGRESSIVE = ("pred_x0", "x_t")
 
 
