@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
         warmup_steps=5000,            # linear learning-rate warmup from 0
         grad_clip=1.0,                # global-norm gradient clipping; None disables it
         ema_decay=0.9999,             # EMA of the parameters, used for sampling and evaluation
+        ema_warmup=False,             # decay min(ema_decay, (1+n)/(10+n)) at update n (the paper: off)
         num_steps=800_000,            # optimizer steps in total
         adam_eps=1e-8,                # Adam epsilon
         seed=0,                       # initialisation, noise and data-order seed

@@ -143,6 +143,7 @@ def validate(config: Any) -> None:
     training.integer("warmup_steps", 0)
     training.number("grad_clip", 0.0, inf, low_open=True, optional=True)
     training.number("ema_decay", 0.0, 1.0, high_open=True)
+    training.boolean("ema_warmup")
     training.integer("num_steps", 1)
     training.number("adam_eps", 0.0, inf, low_open=True)
     training.integer("seed")

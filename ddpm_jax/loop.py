@@ -70,7 +70,8 @@ def step_kwargs(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]
     """The static keyword arguments of `training.train_step` for a config (all hashable)."""
     t, d = config.training, config.diffusion
     return dict(model=model, optimizer=make_optimizer(config), base_lr=t.lr,
-                warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, mean_type=d.mean_type,
+                warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
+                mean_type=d.mean_type,
                 var_type=d.var_type, loss_type=d.loss_type,
                 use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,
                 microbatches=t.microbatches)

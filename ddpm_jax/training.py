@@ -162,9 +162,20 @@ def _accumulate(grad_fn: Callable[..., Any], params: PyTree, data: tuple[Any, ..
     return jax.tree.map(lambda v: v / microbatches, total)
 
 
+def ema_decay_at(step: Array, *, ema_decay: float, warmup: bool) -> Array:
+    """The EMA decay of the update made at 0-based `step`: `ema_decay`, or with warmup
+    min(ema_decay, (1 + step) / (10 + step)) (0.1 at step 0, 0.5 at step 8, 0.9 at step 80;
+    the ramp of TensorFlow's ExponentialMovingAverage with num_updates)."""
+    if not warmup:
+        return jnp.float32(ema_decay)
+    n = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(ema_decay), (1.0 + n) / (10.0 + n))
+
+
 def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn.Module,
                optimizer: optax.GradientTransformation, base_lr: float, warmup_steps: int,
-               ema_decay: float, mean_type: str = "eps", var_type: str = "fixedlarge",
+               ema_decay: float, ema_warmup: bool = False, mean_type: str = "eps",
+               var_type: str = "fixedlarge",
                loss_type: str = "mse", hybrid_lambda: float = 1e-3,
                use_labels: bool = False, label_dropout: float = 0.0,
                microbatches: int = 1,
@@ -182,6 +193,9 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     except on XLA's CPU backend (unroll_microbatches=None picks by backend, `_unroll_loops`),
     where the scan is unrolled; that saves no memory on the CPU but runs faster than one pass
     (smaller convolutions suit the caches; see BENCHMARKS.md).
+    ema_warmup: use `ema_decay_at(step)` = min(ema_decay, (1 + n) / (10 + n)) for the n-th update
+    instead of the constant decay (off: the official recipe), so a short run's EMA forgets the
+    random initialisation within a few hundred steps.
     When the loss or the gradient norm is not finite, params, opt_state and ema_params are kept,
     and the non-finite counters go up; otherwise nonfinite_in_a_row resets to 0.
     Metrics: a flat dict of float32 / int32 scalars (loss and its terms averaged over the batch,
@@ -219,8 +233,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     lr = learning_rate(state.step, base_lr=base_lr, warmup_steps=warmup_steps)
     direction, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
-    new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                           state.ema_params, new_params)
+    decay = ema_decay_at(state.step, ema_decay=ema_decay, warmup=ema_warmup)
+    new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
 
     def keep_if_nonfinite(new: PyTree, old: PyTree) -> PyTree:
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

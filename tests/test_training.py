@@ -254,3 +254,21 @@ def test_cpu_unrolls_microbatches_because_its_loop_bodies_get_naive_convolutions
     steps = jax.jit(functools.partial(training.train_steps, **step.kwargs))
     hlo = steps.lower(state, stacked, Schedule.create("linear", T)).compile().as_text()
     assert set(re.findall(r"dim_labels=([\w>-]+)", hlo)) == {"b01f_01io->b01f"}
+
+
+def test_ema_warmup_ramps_the_decay_then_holds_it():
+    decay = functools.partial(training.ema_decay_at, ema_decay=0.999)
+    steps = jnp.array([0, 8, 80, 989, 5000])
+    expected = np.minimum(0.999, (1 + np.array([0, 8, 80, 989, 5000])) / (10 + np.array([0, 8, 80, 989, 5000])))
+    np.testing.assert_allclose(decay(steps, warmup=True), expected, rtol=1e-6)
+    np.testing.assert_allclose(decay(steps, warmup=False), 0.999, rtol=1e-7)
+
+
+def test_ema_warmup_weighs_the_first_update_by_point_nine():
+    # Update n = 0 uses decay (1 + 0) / (10 + 0) = 0.1: ema = 0.1 ema_0 + 0.9 params_1.
+    state, step = _setup(ema_warmup=True, ema_decay=0.99, warmup_steps=0)  # lr > 0 at step 0
+    new, _ = step(state, _batch(), Schedule.create("linear", T))
+    for name in ("w", "b"):
+        expected = 0.1 * np.asarray(state.params[name]) + 0.9 * np.asarray(new.params[name])
+        np.testing.assert_allclose(new.ema_params[name], expected, rtol=1e-6)
+        assert not np.allclose(new.ema_params[name], state.params[name])
