@@ -140,7 +140,7 @@ def _load() -> tuple[Any, Any, dict[str, Any], dict[str, Any], tuple[int, int, i
 
 def _resolve(defaults: dict[str, Any]) -> dict[str, Any]:
     """Flags over the defaults; eta only where the sampler is DDIM."""
-    from ddpm_jax.sampling import parse_steps
+    from ddpm_jax.cli import parse_steps
     chosen = dict(sampler=FLAGS.sampler, steps=parse_steps(FLAGS.steps), eta=FLAGS.eta,
                   var_type=FLAGS.var_type, clip_denoised=FLAGS.clip_denoised,
                   batch_size=FLAGS.batch_size)

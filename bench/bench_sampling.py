@@ -26,7 +26,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.bench_unet import CONFIGS  # noqa: E402
-from ddpm_jax import sampling, xla_cpu  # noqa: E402
+from ddpm_jax import plans, sampling, xla_cpu  # noqa: E402
 from ddpm_jax.diffusion import p_mean_variance  # noqa: E402
 from ddpm_jax.models.unet import UNet  # noqa: E402
 from ddpm_jax.schedule import Schedule  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     # The same step, one jitted call per step from Python.
-    plan = sampling.make_plan(schedule, steps=args.steps)
+    plan = plans.make_plan(schedule, steps=args.steps)
 
     # Every variant compiles under the sampler's own options (ddpm_jax.xla_cpu), so that only
     # the loop structure differs between them.

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.models.unet import UNet, check_architecture
-from ddpm_jax.sampling import LABEL_MODES, SAMPLERS, space_timesteps
+from ddpm_jax.plans import space_timesteps
+from ddpm_jax.sampling import LABEL_MODES, SAMPLERS
 from ddpm_jax.schedule import SCHEDULES
 
 LEARNED_VAR_TYPES = ("learned", "learned_range")

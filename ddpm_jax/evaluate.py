@@ -32,11 +32,11 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from ddpm_jax import diffusion, features, images, parallel, plots, sampling, xla_cpu
+from ddpm_jax import cli, diffusion, features, images, parallel, plans, plots, sampling, xla_cpu
+from ddpm_jax.sampling import ApplyFn
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
-ApplyFn = Callable[[Any, Array, Array], Array]   # (params, x_t [B,H,W,C], t [B]) -> output
 
 METRICS = ("bpd", "fid", "is", "kid")
 
@@ -152,7 +152,7 @@ class EvalOptions:
     clip_denoised: bool = True
     num_samples: int = 1000
     sampler: str = "ddpm"
-    steps: int | str | None = None           # None: all T; see sampling.space_timesteps
+    steps: int | str | None = None           # None: all T; see plans.space_timesteps
     eta: float = 0.0
     var_type: str | None = None              # reverse variance of the sampler; None: trained
     sample_batch_size: int = 256
@@ -285,7 +285,7 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             labels=labels, sampler=options.sampler, steps=options.steps, eta=options.eta,
             mean_type=d.mean_type, var_type=var_type, clip_denoised=options.clip_denoised,
             guidance=options.guidance)
-    num_steps = sampling.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
+    num_steps = plans.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
     info = dict(num_samples=options.num_samples, sampler=options.sampler, steps=num_steps,
                 eta=options.eta, var_type=var_type, labels=options.labels,
                 guidance=options.guidance, seed=options.seed,
@@ -327,7 +327,7 @@ def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOpt
     d, data_cfg = config.diffusion, config.data
     schedule = Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start,
                                beta_end=d.beta_end)
-    num_steps = sampling.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
+    num_steps = plans.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
     eval_dir = os.path.join(workdir, "eval")
     stem = os.path.join(eval_dir, _report_name(step, weights, options, num_steps))
     write = jax.process_index() == 0
@@ -444,7 +444,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         options = EvalOptions.from_config(
                 config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
-                sampler=FLAGS.sampler, steps=sampling.parse_steps(FLAGS.steps), eta=FLAGS.eta,
+                sampler=FLAGS.sampler, steps=cli.parse_steps(FLAGS.steps), eta=FLAGS.eta,
                 sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
                 bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
                 reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,

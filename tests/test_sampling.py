@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import sampling
-from ddpm_jax.sampling import ModelApply, make_sampler, sample, space_timesteps
+from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from multihost import run_on_two_hosts
 
@@ -122,27 +122,6 @@ def reference_ddim(eps_fn, betas, kept, shape, key, eta):
         x = (f32(np.sqrt(abar_prev)) * x0 + f32(np.sqrt(1 - abar_prev - sigma**2)) * eps
              + (f32(sigma) * z[i] if i > 0 else f32(0)))
     return x
-
-
-# ------------------------------------------------------------------------------- respacing
-
-def test_space_timesteps_follow_improved_diffusion():
-    np.testing.assert_array_equal(space_timesteps(1000, "ddim10"), np.arange(0, 1000, 100))
-    np.testing.assert_array_equal(space_timesteps(1000, 4), [0, 333, 666, 999])
-    np.testing.assert_array_equal(space_timesteps(100, "3,2"), [0, 24, 49, 50, 99])
-    np.testing.assert_array_equal(space_timesteps(T, T), np.arange(T))
-    for bad in ("ddim7x", "ddim999", "a,b", [0], [T + 1]):
-        with pytest.raises(ValueError):
-            space_timesteps(T, bad)
-
-
-def test_respace_keeps_alphabar_and_maps_to_original_t():
-    betas = scaled_linear(T)
-    kept = np.array([0, 7, 19, 33, 49])
-    spaced, timestep_map = sampling.respace(Schedule.from_betas(betas), kept)
-    np.testing.assert_array_equal(timestep_map, kept)
-    np.testing.assert_allclose(spaced.alphas_cumprod, np.cumprod(1 - betas)[kept], rtol=2e-6)
-    assert spaced.num_timesteps == kept.size
 
 
 @pytest.mark.parametrize("kwargs, match", [
