@@ -57,6 +57,10 @@ flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 wit
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("nrow", None, "Images per row of the grid (default ceil(sqrt(N))).",
                      lower_bound=1)
+flags.DEFINE_integer("tile_px", 64, "Each grid tile is upscaled (nearest) to at least this many "
+                     "pixels; 1 keeps the native size.", lower_bound=1)
+flags.DEFINE_integer("max_grid_tiles", 100, "The grid shows the first N images; every image "
+                     "goes to the .npz.", lower_bound=1)
 flags.mark_flags_as_mutual_exclusive(["workdir", "diffusers_dir"], required=True)
 
 
@@ -199,7 +203,8 @@ def main(argv: list[str]) -> None:
                          labels=labels, desc="batches")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        save_image_grid(images, FLAGS.out, nrow=FLAGS.nrow)
+        save_image_grid(images, FLAGS.out, nrow=FLAGS.nrow, tile_px=FLAGS.tile_px,
+                        max_tiles=FLAGS.max_grid_tiles)
         npz_path = FLAGS.out[:-len(".png")] + ".npz"
         np.savez(npz_path, images=images, **({} if labels is None else {"labels": labels}))
         logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, images.shape)

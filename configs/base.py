@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
         keep_every=placeholder(int),  # also keep every checkpoint at a multiple of this step; None: no
         sample_every=50_000,          # steps between sample grids (EMA weights)
         num_sample_images=64,         # images in each sample grid
+        grid_tile_px=64,              # grid tiles upscaled (nearest) to at least this many pixels
         label_dropout=0.1,            # class-conditional models: share of labels set to the null
                                       # label, which then learns the unconditional model that
                                       # sample grids, sample.py and evaluation draw from

@@ -149,6 +149,7 @@ def validate(config: Any) -> None:
     training.number("adam_eps", 0.0, inf, low_open=True)
     training.integer("seed")
     training.integer("keep_every", 1, optional=True)
+    training.integer("grid_tile_px", 1)
     for field in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
                   "max_nonfinite_in_a_row", "steps_per_dispatch"):
         training.integer(field, 1)

@@ -310,7 +310,7 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
     if write and options.save_samples:
         np.savez(stem + "_samples.npz", images=samples,
                  **({} if labels is None else {"labels": labels}))
-        images.save_image_grid(samples[:64], stem + "_samples.png")
+        images.save_image_grid(samples, stem + "_samples.png")
     return info, scores, line
 
 

@@ -39,8 +39,29 @@ def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) ->
     return grid
 
 
+TILE_PX = 64       # default: tiles are upscaled (nearest) to at least this many pixels
+MAX_TILES = 100    # default: a grid shows at most this many images (all of them go to the .npz)
+
+
+def upscale_nearest(images: np.ndarray, min_px: int) -> np.ndarray:
+    """[N, H, W, C] -> [N, kH, kW, C], each pixel repeated k x k times, with the smallest
+    integer k >= 1 that makes min(H, W) * k >= min_px (pixels stay sharp, as in a zoom)."""
+    if min_px < 1:
+        raise ValueError(f"min_px (the tile size) must be >= 1 pixel; got {min_px!r}.")
+    images = np.asarray(images)
+    k = max(1, math.ceil(min_px / min(images.shape[1:3])))
+    return images if k == 1 else images.repeat(k, axis=1).repeat(k, axis=2)
+
+
 def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None,
-                    padding: int = 2) -> None:
-    """Writes uint8 images [N, H, W, C] as one PNG grid (see `image_grid`) to `path`."""
-    grid = image_grid(images, nrow=nrow, padding=padding)
+                    padding: int = 2, *, tile_px: int = TILE_PX,
+                    max_tiles: int | None = MAX_TILES) -> None:
+    """Writes the first `max_tiles` (None: all) of uint8 images [N, H, W, C] as one PNG grid
+    (see `image_grid`) to `path`, each tile upscaled to >= `tile_px` pixels (`upscale_nearest`;
+    1 keeps the native size)."""
+    if max_tiles is not None:
+        if max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1 or None; got {max_tiles!r}.")
+        images = np.asarray(images)[:max_tiles]
+    grid = image_grid(upscale_nearest(images, tile_px), nrow=nrow, padding=padding)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.fspath(path))

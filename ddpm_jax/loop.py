@@ -195,7 +195,7 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: S
                                   count, labels=labels, progress=False)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        images.save_image_grid(pixels, path)
+        images.save_image_grid(pixels, path, tile_px=config.training.grid_tile_px)
         logging.info("Wrote %d samples to %s.", count, path)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax.images import image_grid, save_image_grid, to_uint8
+from ddpm_jax.images import image_grid, save_image_grid, to_uint8, upscale_nearest
 
 
 def test_to_uint8_inverts_the_data_scaling_and_clips():
@@ -27,8 +27,30 @@ def test_grid_places_tiles_row_major_with_padding():
 
 def test_save_image_grid_writes_a_png(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (4, 5, 5, 1), dtype=np.uint8)
-    save_image_grid(images, tmp_path / "grid.png", padding=0)
+    save_image_grid(images, tmp_path / "grid.png", padding=0, tile_px=1)
     loaded = np.asarray(Image.open(tmp_path / "grid.png"))
     np.testing.assert_array_equal(loaded, image_grid(images, padding=0)[..., 0])
     with pytest.raises(ValueError, match="to_uint8"):
         save_image_grid(images.astype(np.float32), tmp_path / "bad.png")
+
+
+def test_tiles_are_upscaled_by_pixel_repetition_to_the_requested_size():
+    images = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8, 1)
+    big = upscale_nearest(images, 64)
+    assert big.shape == (2, 64, 64, 1)
+    # Output pixel (r, c) is input pixel (r // 8, c // 8): nearest, no interpolation.
+    rows, cols = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    np.testing.assert_array_equal(big[1, ..., 0], images[1, rows // 8, cols // 8, 0])
+    assert upscale_nearest(images, 60).shape[1] == 64   # the smallest integer factor: 8
+    assert upscale_nearest(images, 8) is images
+
+
+def test_a_grid_of_many_samples_shows_the_first_max_tiles_at_64_pixels(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (1000, 8, 8, 1), dtype=np.uint8)
+    save_image_grid(images, tmp_path / "grid.png", padding=2)
+    loaded = np.asarray(Image.open(tmp_path / "grid.png"))
+    # 100 tiles of 64 px: 10 x 10 with 2 px padding.
+    assert loaded.shape == (10 * 66 + 2, 10 * 66 + 2)
+    np.testing.assert_array_equal(loaded, image_grid(upscale_nearest(images[:100], 64))[..., 0])
+    with pytest.raises(ValueError, match="max_tiles"):
+        save_image_grid(images, tmp_path / "bad.png", max_tiles=0)
