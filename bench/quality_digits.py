@@ -1,0 +1,238 @@
+"""Digits quality side by side at equal wall clock: ours (configs/digits.py as shipped, trained by
+train.py, i.e. the main job) against the diffusers peer, both scored by the 8x8 digits yardstick.
+
+    python bench/quality_digits.py --out runs/quality            # budget: ours' main-job time
+    python bench/quality_digits.py --out runs/quality --budget_s 600 --seeds 0,1
+
+The peer is diffusers' UNet2DModel with the recipe of shared/REFERENCE.md ("Digits quality
+peer"): block_out_channels (32, 64, 64), 2 layers per block, Down / AttnDown / Down, GroupNorm 8,
+dropout 0.1 (1.62M parameters); Adam 2e-4 with 500 linear warm-up steps, clip 1.0, EMA 0.999
+from the init (no warm-up), batch 64, linear betas, eps / fixedlarge / mse, on the same digits
+train split at 8x8, 2 torch threads. It trains for `--budget_s` seconds of its training loop
+(default: the wall time of our whole main job, start-up, compile and final grid included).
+
+Each model draws 1,000 images per sampler and seed: ancestral 1000 steps (fixedlarge, x0
+clipped), DDIM 50 steps (eta 0) and, for ours, DPM-Solver++ 20 steps when the package has it
+(the peer's DPMSolverMultistepScheduler beside it). Reference rows at the same N: real
+held-out images (the 360 test images, all there are), 1,000 real train images, and a floor
+(1,000 train images blurred with a Gaussian of 0.8 px). Results go to OUT/quality.json and a
+Markdown table on stdout, with the protocol. Never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench.digits_yardstick import Yardstick, blurred, sample_checkpoint  # noqa: E402
+from ddpm_jax import sampling  # noqa: E402
+from ddpm_jax.data import builders  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+T = 1000
+
+
+# --------------------------------------------------------------------------------- ours
+
+def train_ours(out: str, extra: list[str]) -> tuple[str, float]:
+    workdir = os.path.join(out, "ours")
+    if os.path.exists(workdir):
+        raise SystemExit(f"{workdir} exists: pass a fresh --out (this bench times a fresh run).")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+           os.path.join(ROOT, "configs/digits.py"), "--workdir", workdir, "--progress_bar=false",
+           *extra]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return workdir, time.perf_counter() - start
+
+
+def ours_samplers() -> dict[str, dict]:
+    samplers = {"ancestral-1000": dict(sampler="ddpm", steps=None),
+                "DDIM-50": dict(sampler="ddim", steps=50)}
+    if "dpm++" in sampling.SAMPLERS:
+        samplers["DPM++-20"] = dict(sampler="dpm++", steps=20)
+    return samplers
+
+
+# --------------------------------------------------------------------------------- peer
+
+class Peer:
+    """The diffusers peer: training at a wall-clock budget and its schedulers' sampling."""
+
+    def __init__(self, threads: int, seed: int = 0):
+        import torch
+        from diffusers import UNet2DModel
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.torch = torch
+        self.model = UNet2DModel(
+                sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                dropout=0.1)
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+
+    def train(self, images: np.ndarray, budget_s: float, *, batch: int = 64, lr: float = 2e-4,
+              warmup: int = 500, ema_decay: float = 0.999, seed: int = 0) -> dict:
+        torch = self.torch
+        data = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        abar = torch.cumprod(1 - betas, 0).float()
+        opt = torch.optim.Adam(self.model.parameters(), lr=lr, eps=1e-8)
+        gen = torch.Generator().manual_seed(seed)
+        self.model.train()
+        step, order, pos, losses = 0, torch.randperm(len(data), generator=gen), 0, []
+        start = time.perf_counter()
+        while time.perf_counter() - start < budget_s:
+            if pos + batch > len(data):
+                order, pos = torch.randperm(len(data), generator=gen), 0
+            x0 = data[order[pos:pos + batch]]
+            pos += batch
+            t = torch.randint(0, T, (batch,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            a = abar[t].view(-1, 1, 1, 1)
+            loss = torch.nn.functional.mse_loss(
+                    self.model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample, noise)
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, step / warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                for name, value in self.model.state_dict().items():
+                    if value.dtype.is_floating_point:
+                        self.ema[name].mul_(ema_decay).add_(value, alpha=1 - ema_decay)
+            step += 1
+            losses.append(loss.item())
+        return dict(steps=step, train_s=round(time.perf_counter() - start, 1),
+                    final_loss=round(float(np.mean(losses[-50:])), 4))
+
+    def sample(self, kind: str, num: int, seed: int, batch: int = 500) -> tuple[np.ndarray, float]:
+        """uint8 [num, 8, 8, 1] from the EMA weights with the named diffusers scheduler."""
+        torch = self.torch
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+        common = dict(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02,
+                      beta_schedule="linear")
+        model = type(self.model).from_config(self.model.config)
+        model.load_state_dict(self.ema)
+        model.eval()
+        out, start = [], time.perf_counter()
+        for b in range(math.ceil(num / batch)):
+            n = min(batch, num - b * batch)
+            if kind == "ancestral-1000":
+                sched, steps = DDPMScheduler(**common, variance_type="fixed_large",
+                                             clip_sample=True), T
+            elif kind == "DDIM-50":
+                sched, steps = DDIMScheduler(**common, clip_sample=True), 50
+            else:
+                sched, steps = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++",
+                                                           solver_order=2), 20
+            sched.set_timesteps(steps)
+            gen = torch.Generator().manual_seed(seed * 1000 + b)
+            x = torch.randn((n, 1, 8, 8), generator=gen)
+            with torch.no_grad():
+                for t in sched.timesteps:
+                    eps = model(x, t).sample
+                    x = (sched.step(eps, t, x, generator=gen).prev_sample if kind == "ancestral-1000"
+                         else sched.step(eps, t, x).prev_sample)
+            pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            out.append(pixels.permute(0, 2, 3, 1).numpy())
+        return np.concatenate(out), time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------- main
+
+def spread(values: list[float]) -> str:
+    return f"{np.mean(values):.3f}" + (f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="A fresh folder for the runs and quality.json.")
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="Peer training seconds (default: our main job's wall time).")
+    parser.add_argument("--seeds", default="0,1", help="Sampling seeds, comma-separated.")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the peer.")
+    parser.add_argument("--skip_ancestral", action="store_true", help="Only the fast samplers.")
+    parser.add_argument("--ours_overrides", default="",
+                        help="Space-separated train.py overrides for ours (default: as shipped).")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    yardstick = Yardstick()
+    result: dict = dict(protocol=yardstick.protocol(), seeds=seeds, num_samples=args.num_samples,
+                        rows=[])
+    print(result["protocol"], flush=True)
+
+    def add(row: dict) -> None:
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(args.out, "quality.json"), "w") as f:
+            json.dump(result, f, indent=2)
+
+    workdir, ours_wall = train_ours(args.out, args.ours_overrides.split())
+    budget = args.budget_s or ours_wall
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    result["ours_train"] = dict(wall_s=round(ours_wall, 1), steps=last["step"],
+                                final_loss=round(last["loss"], 4))
+    peer = Peer(args.threads)
+    train = builders.digits_arrays(8)
+    result["peer_train"] = dict(peer.train(train["train"][0], budget), params=peer.num_params,
+                                budget_s=round(budget, 1))
+    print(json.dumps({k: result[k] for k in ("ours_train", "peer_train")}), flush=True)
+
+    kinds = [k for k in ours_samplers() if not (args.skip_ancestral and k == "ancestral-1000")]
+    for kind in kinds:
+        for who in ("ours", "peer"):
+            for seed in seeds:
+                if who == "ours":
+                    images, secs = sample_checkpoint(workdir, seed=seed, num_samples=args.num_samples,
+                                                     **ours_samplers()[kind])
+                else:
+                    images, secs = peer.sample(kind, args.num_samples, seed)
+                add(dict(who=who, sampler=kind, seed=seed, seconds=round(secs, 1),
+                         **yardstick.score(images)))
+
+    rng = np.random.RandomState(0)
+    real_train = train["train"][0][rng.permutation(len(train["train"][0]))[:args.num_samples]]
+    add(dict(who="real", sampler="held-out test images", **yardstick.score(train["test"][0])))
+    add(dict(who="real", sampler=f"{len(real_train)} train images", **yardstick.score(real_train)))
+    add(dict(who="floor", sampler="train images, Gaussian blur 0.8 px",
+             **yardstick.score(blurred(real_train))))
+
+    print(f"\n{result['protocol']}")
+    print(f"ours: {result['ours_train']}; peer: {result['peer_train']}\n")
+    print("| model | sampler | digits-FID (mean, range over seeds) | digits-IS | confidence | "
+          "class counts min-max | sampling s (1,000 images) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    groups: dict = {}
+    for row in result["rows"]:
+        groups.setdefault((row["who"], row["sampler"]), []).append(row)
+    for (who, kind), rows in groups.items():
+        print(f"| {who} | {kind} | {spread([r['fid'] for r in rows])} | "
+              f"{np.mean([r['inception_score'] for r in rows]):.2f} | "
+              f"{np.mean([r['confidence'] for r in rows]):.3f} | "
+              f"{min(r['class_min'] for r in rows)}-{max(r['class_max'] for r in rows)} | "
+              f"{spread([r['seconds'] for r in rows]) if 'seconds' in rows[0] else '-'} |")
+    ours = {k: [r["fid"] for r in v] for (w, k), v in groups.items() if w == "ours"}
+    peers = {k: [r["fid"] for r in v] for (w, k), v in groups.items() if w == "peer"}
+    for kind in ours:
+        if kind in peers:
+            print(f"{kind}: ours / peer digits-FID = {np.mean(ours[kind]) / np.mean(peers[kind]):.3f}")
+
+
+if __name__ == "__main__":
+    main()
