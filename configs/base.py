@@ -110,13 +110,15 @@ def configure_256px(config: ml_collections.ConfigDict, dataset: str, num_steps: 
     config.sampling.batch_size = 64
 
 
-def with_variant(config: ml_collections.ConfigDict, variant: str | None,
-                 name: str) -> ml_collections.ConfigDict:
-    """Applies the variant after ':' in `--config configs/NAME.py:VARIANT` ('' or 'tiny')."""
+def with_variant(config: ml_collections.ConfigDict, variant: str | None, name: str,
+                 handled: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Applies the variant after ':' in `--config configs/NAME.py:VARIANT` ('' or 'tiny');
+    `handled` names the variants the experiment file applied itself (for the error message)."""
     if variant == "tiny":
         make_tiny(config)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} for configs/{name}.py: use '' or 'tiny'.")
+    elif variant and variant not in handled:
+        choices = ", ".join(repr(v) for v in ("", "tiny", *handled))
+        raise ValueError(f"unknown variant {variant!r} for configs/{name}.py: use one of {choices}.")
     return config
 
 

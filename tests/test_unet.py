@@ -81,6 +81,16 @@ def test_parameter_count_matches_official_model(module, expected):
     assert count_params(param_shapes(model, image_shape)) == expected
 
 
+@pytest.mark.parametrize("variant, expected", [(None, 1_623_169), ("16px", 1_112_801)])
+def test_digits_configs_have_their_documented_sizes(variant, expected):
+    # The default equals the diffusers digits peer's UNet2DModel (32, 64, 64), 2 layers per block,
+    # attention at 4x4 and in the middle: 1,623,169 parameters (bench/quality_digits.py builds it).
+    config = digits.get_config(variant)
+    validate(config)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    assert count_params(param_shapes(model_from_config(config), image_shape)) == expected
+
+
 def test_one_attention_block_per_res_block_at_16px():
     # 2 down + 3 up attention blocks at 16x16 plus the middle one: 6 (score_sde's port has 4).
     shapes = param_shapes(model_from_config(cifar10.get_config()), (32, 32, 3))
