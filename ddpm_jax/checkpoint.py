@@ -21,7 +21,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocp_managers
@@ -43,6 +45,10 @@ COMPUTE_ONLY_KEYS = ("model.dtype", "model.remat")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: from another config, or unreadable. Nothing deleted."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """A save refused because the state holds NaN or inf: no checkpoint is ever non-finite."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -128,10 +134,38 @@ def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]
                 "start this config in a new --workdir. Nothing was deleted.")
 
 
+@jax.jit
+def _finite_leaves(tree: PyTree) -> Array:
+    """[number of leaves] bool: whether each floating leaf is all finite (other leaves: True).
+    One reduction per leaf on the devices; only this small vector goes to the host."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.asarray(True) for x in jax.tree.leaves(tree)])
+
+
+def check_finite(manager: ocp.CheckpointManager, step: int, state: PyTree) -> None:
+    """Raises NonFiniteStateError, naming the first non-finite array and the newest checkpoint
+    (finite: every save passed this check), when any floating array of `state` holds NaN/inf."""
+    finite = np.asarray(jax.device_get(_finite_leaves(state)))
+    if finite.all():
+        return
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(state)]
+    bad = [path for path, ok in zip(paths, finite) if not ok]
+    latest = manager.latest_step()
+    newest = (f"the newest checkpoint, step {latest} in {manager.directory}, is finite: resume "
+              "from it" if latest is not None else f"there is no checkpoint in {manager.directory}"
+              " yet")
+    raise NonFiniteStateError(
+            f"Refused to save the checkpoint of step {step}: {bad[0]}"
+            f"{f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''} hold NaN or inf; "
+            f"{newest}. Lower training.lr, check training.ema_decay and the data for NaN/inf.")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, config: Mapping[str, Any], *,
          data_iterator: Any | None = None) -> None:
     """Starts an (async) save of step `step`; all processes call it. Returns once the arrays
-    are copied off the devices; `manager.wait_until_finished()` waits for the files."""
+    are copied off the devices; `manager.wait_until_finished()` waits for the files.
+    A state with NaN or inf anywhere is refused (NonFiniteStateError), nothing written."""
+    check_finite(manager, step, state)
     items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_to_dict(config))}
     if data_iterator is not None:
         items[DATA] = _grain_args(save=True)(data_iterator)

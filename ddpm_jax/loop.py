@@ -165,9 +165,10 @@ def _check_nonfinite(metrics: Mapping[str, Array], step: int, limit: int,
         total = int(np.ravel(jax.device_get(metrics["nonfinite_total"]))[-1])
         raise NonFiniteError(
                 f"Training stopped at step {step}: the loss or gradient norm was non-finite for "
-                f"{in_a_row} steps in a row ({total} in total). Those updates were skipped, so "
-                f"the parameters are those of step {step - in_a_row}. Lower training.lr, check "
-                "the data for NaN/inf, or raise training.max_nonfinite_in_a_row. Last checkpoint: "
+                f"{in_a_row} steps in a row ({total} in total). Those updates were skipped (the "
+                "parameters may have turned non-finite before them). Lower training.lr, check "
+                "the data for NaN/inf, or raise training.max_nonfinite_in_a_row. Newest "
+                "checkpoint (every checkpoint is finite: non-finite saves are refused): "
                 f"{'none' if last_checkpoint is None else f'step {last_checkpoint}'}.")
 
 

@@ -318,6 +318,29 @@ def test_nonfinite_losses_stop_training_with_a_clear_message(tmp_path, data_dir,
     assert all(r["loss"] == "nan" for r in records)
 
 
+def test_non_finite_weights_are_never_checkpointed_and_the_stop_claims_no_clean_step(
+        tmp_path, data_dir, monkeypatch):
+    # Values that validate refuses, forced past it: lr=nan turns the parameters NaN at step 1
+    # (the loss of step 1 is still finite, so that update is not skipped); ema_decay=nan the EMA.
+    monkeypatch.setattr(config_lib, "validate", lambda config: None)
+    config = tiny_config(data_dir, **{"training.lr": float("nan"), "training.num_steps": 50,
+                                      "training.checkpoint_every": 100,
+                                      "training.max_nonfinite_in_a_row": 2})
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite for 2 steps in a row") as error:
+        loop.train_and_evaluate(config, str(tmp_path / "lr"))
+    assert "those of step" not in str(error.value)
+    assert str(error.value).endswith("Newest checkpoint (every checkpoint is finite: non-finite "
+                                     "saves are refused): none.")
+
+    workdir = str(tmp_path / "ema")
+    config = tiny_config(data_dir, **{"training.ema_decay": float("nan"), "training.num_steps": 6})
+    with pytest.raises(checkpoint.NonFiniteStateError,
+                       match=r"step 3: .*ema_params.* hold NaN or inf; there is no checkpoint"):
+        loop.train_and_evaluate(config, workdir)
+    assert not [name for name in os.listdir(checkpoint.checkpoint_dir(workdir))
+                if not name.startswith(".")]
+
+
 @pytest.mark.parametrize("name,mesh_line", [("8_devices", "Mesh: 8 devices on 1 processes"),
                                             ("2_processes", "Mesh: 2 devices on 2 processes")])
 def test_sigterm_saves_and_exits_0_and_runs_agree_with_one_device(
