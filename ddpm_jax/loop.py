@@ -27,10 +27,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import checkpoint, data, images, parallel, sampling, training, xla_cpu
+from ddpm_jax import checkpoint, data, images, parallel, sampling, training, writers, xla_cpu
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
-from ddpm_jax.writers import MetricWriter
 
 Array = jax.Array
 ProgressFn = Callable[[int, "Mapping[str, float] | None"], None]
@@ -271,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     stack = jax.jit(lambda *bs: jax.tree.map(lambda *x: jnp.stack(x), *bs),
                     out_shardings=NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS)))
 
-    writer = MetricWriter(workdir)
+    writers.drop_records_after(workdir, step)  # steps after the checkpoint run again
+    writer = writers.MetricWriter(workdir)
     accumulator = _MetricAccumulator()
     previous_metrics = None
     last_log_time, last_log_step = time.time(), step

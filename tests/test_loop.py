@@ -198,6 +198,18 @@ def test_stop_and_resume_is_bit_identical_and_compiles_once(tmp_path, data_dir, 
     assert loop.jitted_train_step(parallel.make_mesh(), 1).jitted._cache_size() == 1
 
 
+def test_metrics_stay_monotonic_when_resuming_from_an_earlier_checkpoint(tmp_path, data_dir,
+                                                                        straight_run):
+    # Back to the checkpoint of step 3 (as if the run had died before saving step 6); the
+    # resumed run logs steps 4-6 again, and each step must appear once.
+    workdir = str(tmp_path / "rewound")
+    shutil.copytree(straight_run[0], workdir)
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), "6"))
+    assert [r["step"] for r in writers.read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+    loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": 6}), workdir)
+    assert [r["step"] for r in writers.read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_load_for_sampling_returns_the_saved_weights_and_model(data_dir, straight_run):
     workdir, state = straight_run
     config, model, ema = checkpoint.load_for_sampling(workdir)
