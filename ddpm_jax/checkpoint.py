@@ -7,7 +7,9 @@ A run's work dir holds `checkpoints/<step>/` with three items:
 
 Saves are asynchronous: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it
 when complete, so a crash (even `kill -9`) mid-save leaves the previous checkpoint intact; the
-half-written directory is never listed as a step and is removed when the next manager opens.
+half-written directory is never listed as a step and is removed when the next manager opens
+(the trainer opens it only under the work-dir lock, ddpm_jax/lock.py, so that cleanup never
+removes a live trainer's save in progress).
 Preemption: with `jax.distributed` running, orbax's preemption sync point fires when a SIGTERM
 arrives (JAX catches SIGTERM itself: do not install a Python SIGTERM handler).
 """
@@ -62,7 +64,8 @@ def make_manager(workdir: str, *, max_to_keep: int, keep_period: int | None = No
     Keeps the latest `max_to_keep` checkpoints plus every multiple of `keep_period` steps (the
     milestones; None or 0: none). When to save is decided by the caller (`save(..., step)`
     always writes): the loop knows its steps per dispatch and the preemption sync point.
-    Leftover temporary directories of an interrupted save are removed on creation.
+    Leftover temporary directories of an interrupted save are removed on creation (unless
+    read_only): open a writing manager only under the work-dir lock (`lock.hold`).
     """
     if max_to_keep < 1:
         raise ValueError(f"max_to_keep={max_to_keep}: keep at least 1 checkpoint "

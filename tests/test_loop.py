@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 
 from configs import digits
-from ddpm_jax import checkpoint, data, images, loop, parallel, sampling, writers
+from ddpm_jax import checkpoint, data, images, lock, loop, parallel, sampling, writers
 from ddpm_jax import config as config_lib
 
 # The tiny setting, as command-line overrides and as config changes.
@@ -372,6 +372,60 @@ def test_sigterm_saves_and_exits_0_and_runs_agree_with_one_device(
     state = loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": step}),
                                     str(tmp_path))
     _params_close(state, run.workdir, step, atol=1e-5)
+
+
+def _lock_holder(workdir: str) -> dict | None:
+    try:
+        with open(os.path.join(workdir, lock.LOCK_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_second_trainer_stops_at_once_and_a_killed_ones_lock_is_taken_over(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    command = train_command(data_dir, workdir, **LONG_RUN)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    procs = []
+
+    def start(name):
+        log = open(tmp_path / f"{name}.log", "w+")
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+        return procs[-1], log
+    try:
+        first, _ = start("first")
+        _wait_for(lambda: (_lock_holder(workdir) or {}).get("pid") == first.pid, 200,
+                  "the first trainer's lock")
+        began = time.time()
+        second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=200)
+        assert second.returncode in (1, 2), second.stderr[-3000:]
+        assert time.time() - began < 100  # before any compile
+        assert (f"in use by another trainer (host {socket.gethostname()}, pid {first.pid}, "
+                "since ") in second.stderr, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr and first.poll() is None
+
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        third, third_log = start("third")
+        _wait_for(lambda: (_lock_holder(workdir) or {}).get("pid") == third.pid, 200,
+                  "the third trainer to take over the lock")
+        third_log.seek(0)
+        assert "Took over the stale lock of a trainer that is gone (host " in third_log.read()
+        assert third.poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_remat_on_the_cpu_is_warned_about_because_it_saves_no_memory(caplog):
