@@ -20,6 +20,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from ddpm_jax.cli import check_output_path
 from ddpm_jax.diffusion import VAR_TYPES
 from ddpm_jax.sampling import SAMPLERS
 
@@ -75,6 +76,11 @@ def _check_flags() -> None:
                                  "sample; train into it with train.py first.")
     if not FLAGS.out.endswith(".png"):
         raise app.UsageError(f"--out={FLAGS.out} must end in .png (the .npz goes beside it).")
+    try:  # before any weights load or compile: a bad --out must not cost the sampling
+        for path in (FLAGS.out, FLAGS.out[:-len(".png")] + ".npz"):
+            check_output_path(path, "--out")
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if FLAGS.guidance is not None and FLAGS.labels is None:
         raise app.UsageError("--guidance needs --labels: the classes to guide towards.")
     if FLAGS.labels is not None and FLAGS.labels.strip() != "all":

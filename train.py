@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from ddpm_jax import config as config_lib
-    from ddpm_jax import loop
+    from ddpm_jax import lock, loop
 
     config = _CONFIG.value
     try:
@@ -103,6 +103,8 @@ def main(argv: list[str]) -> None:
         progress = _ProgressBar(config.training.num_steps)
     try:
         loop.train_and_evaluate(config, _WORKDIR.value, progress=progress)
+    except lock.WorkdirLockedError as e:  # another trainer's work dir: one line, no traceback
+        raise app.UsageError(str(e)) from None
     finally:
         if progress is not None:
             progress.close()

@@ -7,7 +7,9 @@ A run's work dir holds `checkpoints/<step>/` with three items:
 
 Saves are asynchronous: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it
 when complete, so a crash (even `kill -9`) mid-save leaves the previous checkpoint intact; the
-half-written directory is never listed as a step and is removed when the next manager opens.
+half-written directory is never listed as a step and is removed when the next manager opens
+(the trainer opens it only under the work-dir lock, ddpm_jax/lock.py, so that cleanup never
+removes a live trainer's save in progress).
 Preemption: with `jax.distributed` running, orbax's preemption sync point fires when a SIGTERM
 arrives (JAX catches SIGTERM itself: do not install a Python SIGTERM handler).
 """
@@ -21,7 +23,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocp_managers
@@ -45,6 +49,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: from another config, or unreadable. Nothing deleted."""
 
 
+class NonFiniteStateError(CheckpointError):
+    """A save refused because the state holds NaN or inf: no checkpoint is ever non-finite."""
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
@@ -56,7 +64,8 @@ def make_manager(workdir: str, *, max_to_keep: int, keep_period: int | None = No
     Keeps the latest `max_to_keep` checkpoints plus every multiple of `keep_period` steps (the
     milestones; None or 0: none). When to save is decided by the caller (`save(..., step)`
     always writes): the loop knows its steps per dispatch and the preemption sync point.
-    Leftover temporary directories of an interrupted save are removed on creation.
+    Leftover temporary directories of an interrupted save are removed on creation (unless
+    read_only): open a writing manager only under the work-dir lock (`lock.hold`).
     """
     if max_to_keep < 1:
         raise ValueError(f"max_to_keep={max_to_keep}: keep at least 1 checkpoint "
@@ -128,10 +137,38 @@ def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]
                 "start this config in a new --workdir. Nothing was deleted.")
 
 
+@jax.jit
+def _finite_leaves(tree: PyTree) -> Array:
+    """[number of leaves] bool: whether each floating leaf is all finite (other leaves: True).
+    One reduction per leaf on the devices; only this small vector goes to the host."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.asarray(True) for x in jax.tree.leaves(tree)])
+
+
+def check_finite(manager: ocp.CheckpointManager, step: int, state: PyTree) -> None:
+    """Raises NonFiniteStateError, naming the first non-finite array and the newest checkpoint
+    (finite: every save passed this check), when any floating array of `state` holds NaN/inf."""
+    finite = np.asarray(jax.device_get(_finite_leaves(state)))
+    if finite.all():
+        return
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(state)]
+    bad = [path for path, ok in zip(paths, finite) if not ok]
+    latest = manager.latest_step()
+    newest = (f"the newest checkpoint, step {latest} in {manager.directory}, is finite: resume "
+              "from it" if latest is not None else f"there is no checkpoint in {manager.directory}"
+              " yet")
+    raise NonFiniteStateError(
+            f"Refused to save the checkpoint of step {step}: {bad[0]}"
+            f"{f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''} hold NaN or inf; "
+            f"{newest}. Lower training.lr, check training.ema_decay and the data for NaN/inf.")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, config: Mapping[str, Any], *,
          data_iterator: Any | None = None) -> None:
     """Starts an (async) save of step `step`; all processes call it. Returns once the arrays
-    are copied off the devices; `manager.wait_until_finished()` waits for the files."""
+    are copied off the devices; `manager.wait_until_finished()` waits for the files.
+    A state with NaN or inf anywhere is refused (NonFiniteStateError), nothing written."""
+    check_finite(manager, step, state)
     items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_to_dict(config))}
     if data_iterator is not None:
         items[DATA] = _grain_args(save=True)(data_iterator)

@@ -3,6 +3,8 @@ evaluate.py). Library functions take the parsed values; only the scripts call th
 
 from __future__ import annotations
 
+import os
+
 
 def parse_steps(text: str | None) -> int | str | None:
     """A command line's --steps: None stays None (all T), digits become an int S, anything else
@@ -12,3 +14,31 @@ def parse_steps(text: str | None) -> int | str | None:
     text = text.strip()
     return int(text) if text.isdigit() else text
 
+
+
+def check_output_path(path: str, flag: str, *, directory: bool = False) -> None:
+    """Raises ValueError (one line naming `flag` and the fix) when `path` cannot be written: a
+    file (directory=False) or a directory to create or fill (directory=True). Runs before any
+    work, so that a bad --out does not fail only after hours of sampling. Uses os.access, so
+    root passes where permission bits alone would refuse; a read-only mount still refuses."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if os.path.isdir(path) and not directory:
+            raise ValueError(f"{flag}: {path} is an existing directory: name a file inside it, "
+                             f"e.g. {flag}={os.path.join(path, 'samples.png')}.")
+        if directory and not os.path.isdir(path):
+            raise ValueError(f"{flag}: {path} is a file, not a directory: move that file aside "
+                             "or choose another path.")
+        if not os.access(path, os.W_OK | (os.X_OK if directory else 0)):
+            raise ValueError(f"{flag}: {path} is not writable (read-only file system or no "
+                             "permission): choose a writable location.")
+        return
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"{flag}: {path} lies under {ancestor}, which is a regular file: choose "
+                         "a path under a directory.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot create {path}, {ancestor} is not writable (read-only "
+                         "file system or no permission): choose a writable location.")

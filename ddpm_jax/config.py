@@ -6,6 +6,7 @@ expensive runs. Library code never reads a ConfigDict; only the command lines an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,8 +65,10 @@ class _Checker:
             return None
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise self.fail(field, "use a number" + (" or None" if optional else ""))
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        if not math.isfinite(value):  # NaN passes every comparison below
+            raise self.fail(field, f"use a finite value in {interval}")
         if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise self.fail(field, f"use a value in {interval}")
         return float(value)
 

@@ -429,6 +429,12 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {list(argv[1:])}; every option is a --flag.")
     FLAGS = flags.FLAGS
+    try:  # before any checkpoint loads or anything compiles
+        cli.check_output_path(os.path.join(FLAGS.workdir, "eval"), "--workdir", directory=True)
+        if FLAGS.cache_dir is not None:
+            cli.check_output_path(FLAGS.cache_dir, "--cache_dir", directory=True)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     from ddpm_jax import checkpoint  # orbax: only for the command line
 
     step = FLAGS.step

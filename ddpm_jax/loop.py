@@ -5,7 +5,8 @@ host: parameters, optimizer state and EMA replicated, batches split over "data",
 donated. No explicit collective: XLA inserts the gradient all-reduce (a mean over the global
 batch, so gradients do not scale with the device count).
 
-Resume: when the work dir holds a checkpoint, the latest complete one is restored (state and
+One trainer per work dir: process 0 holds `workdir/trainer.lock` (ddpm_jax/lock.py) for the
+whole run, so a second trainer stops at once. Resume: when the work dir holds a checkpoint, the latest complete one is restored (state and
 data iterator), after checking that its config is compatible. Preemption: a SIGTERM (with
 `jax.distributed` running) reaches orbax's sync point; the loop saves there and returns
 normally, so the process exits 0.
@@ -27,10 +28,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import checkpoint, data, images, parallel, sampling, training, xla_cpu
+from ddpm_jax import checkpoint, data, images, lock, parallel, sampling, training, writers, xla_cpu
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
-from ddpm_jax.writers import MetricWriter
 
 Array = jax.Array
 ProgressFn = Callable[[int, "Mapping[str, float] | None"], None]
@@ -165,9 +165,10 @@ def _check_nonfinite(metrics: Mapping[str, Array], step: int, limit: int,
         total = int(np.ravel(jax.device_get(metrics["nonfinite_total"]))[-1])
         raise NonFiniteError(
                 f"Training stopped at step {step}: the loss or gradient norm was non-finite for "
-                f"{in_a_row} steps in a row ({total} in total). Those updates were skipped, so "
-                f"the parameters are those of step {step - in_a_row}. Lower training.lr, check "
-                "the data for NaN/inf, or raise training.max_nonfinite_in_a_row. Last checkpoint: "
+                f"{in_a_row} steps in a row ({total} in total). Those updates were skipped (the "
+                "parameters may have turned non-finite before them). Lower training.lr, check "
+                "the data for NaN/inf, or raise training.max_nonfinite_in_a_row. Newest "
+                "checkpoint (every checkpoint is finite: non-finite saves are refused): "
                 f"{'none' if last_checkpoint is None else f'step {last_checkpoint}'}.")
 
 
@@ -217,6 +218,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise ValueError(f"training.keep_every={t.keep_every} keeps the checkpoints at its "
                          "multiples, so it must be a multiple of training.checkpoint_every="
                          f"{t.checkpoint_every}; or None to keep no milestones.")
+    # Before anything touches the work dir: a second trainer stops here, naming the holder.
+    with lock.hold(workdir, enabled=jax.process_index() == 0):
+        return _train_under_lock(config, workdir, progress)
+
+
+def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
+                      progress: ProgressFn | None) -> training.TrainState:
+    """train_and_evaluate's body; the orbax manager's start-up removal of half-written
+    checkpoints happens here, under the work-dir lock."""
+    t = config.training
+    k = t.steps_per_dispatch
     is_main = jax.process_index() == 0
     warn_if_remat_cannot_save_memory(config)
     if config.model.num_classes is not None and t.label_dropout == 0.0:
@@ -270,7 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     stack = jax.jit(lambda *bs: jax.tree.map(lambda *x: jnp.stack(x), *bs),
                     out_shardings=NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS)))
 
-    writer = MetricWriter(workdir)
+    writers.drop_records_after(workdir, step)  # steps after the checkpoint run again
+    writer = writers.MetricWriter(workdir)
     accumulator = _MetricAccumulator()
     previous_metrics = None
     last_log_time, last_log_step = time.time(), step

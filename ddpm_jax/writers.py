@@ -98,6 +98,35 @@ class MetricWriter:
         self.close()
 
 
+def drop_records_after(workdir: str, step: int) -> int:
+    """Rewrites workdir/metrics.jsonl (atomically, process 0 only) without the records of steps
+    after `step`, and without a torn last line: a run resumed from the checkpoint of `step`
+    writes those steps again, and the file stays monotonic. Returns how many lines it dropped."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill mid-write
+            pass
+    if len(kept) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logging.info("Resuming at step %d: dropped %d later record(s) from %s.", step,
+                 len(lines) - len(kept), path)
+    return len(lines) - len(kept)
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The records of workdir/metrics.jsonl, in order (for tests and notebooks)."""
     path = os.path.join(workdir, METRICS_FILE)

@@ -83,6 +83,25 @@ def test_restore_refuses_other_config_and_corrupt_checkpoint_deleting_nothing(tm
     manager.close()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_save_refuses_a_non_finite_state_naming_the_array_and_the_newest_finite_step(tmp_path, bad):
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5, async_save=False)
+    with pytest.raises(checkpoint.NonFiniteStateError, match=r"step 1: \['ema'\]\['w'\] hold NaN or "
+                       r"inf; there is no checkpoint in .* yet"):
+        checkpoint.save(manager, 1, {"ema": {"w": jnp.full((3,), bad)}, "n": jnp.int32(1)}, CONFIG)
+    checkpoint.save(manager, 2, _state(2.0), CONFIG)
+    state = _state(3.0)
+    state["params"]["v"] = jnp.ones((2,)).at[1].set(bad)
+    state["params"]["w"] = state["params"]["w"].at[0, 0].set(bad)
+    with pytest.raises(checkpoint.NonFiniteStateError,
+                       match=r"step 3: \['params'\]\['v'\] and 1 more arrays hold NaN or inf; the "
+                             r"newest checkpoint, step 2 in .*, is finite"):
+        checkpoint.save(manager, 3, state, CONFIG)
+    assert list(manager.all_steps()) == [2]
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(str(tmp_path)))) == ["2"]
+    manager.close()
+
+
 _KILLED_MID_SAVE = textwrap.dedent("""
     import glob, os, signal, sys, time
     import jax.numpy as jnp

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 
 from configs import digits
-from ddpm_jax import checkpoint, data, images, loop, parallel, sampling, writers
+from ddpm_jax import checkpoint, data, images, lock, loop, parallel, sampling, writers
 from ddpm_jax import config as config_lib
 
 # The tiny setting, as command-line overrides and as config changes.
@@ -198,6 +198,18 @@ def test_stop_and_resume_is_bit_identical_and_compiles_once(tmp_path, data_dir, 
     assert loop.jitted_train_step(parallel.make_mesh(), 1).jitted._cache_size() == 1
 
 
+def test_metrics_stay_monotonic_when_resuming_from_an_earlier_checkpoint(tmp_path, data_dir,
+                                                                        straight_run):
+    # Back to the checkpoint of step 3 (as if the run had died before saving step 6); the
+    # resumed run logs steps 4-6 again, and each step must appear once.
+    workdir = str(tmp_path / "rewound")
+    shutil.copytree(straight_run[0], workdir)
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), "6"))
+    assert [r["step"] for r in writers.read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+    loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": 6}), workdir)
+    assert [r["step"] for r in writers.read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_load_for_sampling_returns_the_saved_weights_and_model(data_dir, straight_run):
     workdir, state = straight_run
     config, model, ema = checkpoint.load_for_sampling(workdir)
@@ -318,6 +330,29 @@ def test_nonfinite_losses_stop_training_with_a_clear_message(tmp_path, data_dir,
     assert all(r["loss"] == "nan" for r in records)
 
 
+def test_non_finite_weights_are_never_checkpointed_and_the_stop_claims_no_clean_step(
+        tmp_path, data_dir, monkeypatch):
+    # Values that validate refuses, forced past it: lr=nan turns the parameters NaN at step 1
+    # (the loss of step 1 is still finite, so that update is not skipped); ema_decay=nan the EMA.
+    monkeypatch.setattr(config_lib, "validate", lambda config: None)
+    config = tiny_config(data_dir, **{"training.lr": float("nan"), "training.num_steps": 50,
+                                      "training.checkpoint_every": 100,
+                                      "training.max_nonfinite_in_a_row": 2})
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite for 2 steps in a row") as error:
+        loop.train_and_evaluate(config, str(tmp_path / "lr"))
+    assert "those of step" not in str(error.value)
+    assert str(error.value).endswith("Newest checkpoint (every checkpoint is finite: non-finite "
+                                     "saves are refused): none.")
+
+    workdir = str(tmp_path / "ema")
+    config = tiny_config(data_dir, **{"training.ema_decay": float("nan"), "training.num_steps": 6})
+    with pytest.raises(checkpoint.NonFiniteStateError,
+                       match=r"step 3: .*ema_params.* hold NaN or inf; there is no checkpoint"):
+        loop.train_and_evaluate(config, workdir)
+    assert not [name for name in os.listdir(checkpoint.checkpoint_dir(workdir))
+                if not name.startswith(".")]
+
+
 @pytest.mark.parametrize("name,mesh_line", [("8_devices", "Mesh: 8 devices on 1 processes"),
                                             ("2_processes", "Mesh: 2 devices on 2 processes")])
 def test_sigterm_saves_and_exits_0_and_runs_agree_with_one_device(
@@ -337,6 +372,60 @@ def test_sigterm_saves_and_exits_0_and_runs_agree_with_one_device(
     state = loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": step}),
                                     str(tmp_path))
     _params_close(state, run.workdir, step, atol=1e-5)
+
+
+def _lock_holder(workdir: str) -> dict | None:
+    try:
+        with open(os.path.join(workdir, lock.LOCK_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_second_trainer_stops_at_once_and_a_killed_ones_lock_is_taken_over(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    command = train_command(data_dir, workdir, **LONG_RUN)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    procs = []
+
+    def start(name):
+        log = open(tmp_path / f"{name}.log", "w+")
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+        return procs[-1], log
+    try:
+        first, _ = start("first")
+        _wait_for(lambda: (_lock_holder(workdir) or {}).get("pid") == first.pid, 200,
+                  "the first trainer's lock")
+        began = time.time()
+        second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=200)
+        assert second.returncode in (1, 2), second.stderr[-3000:]
+        assert time.time() - began < 100  # before any compile
+        assert (f"in use by another trainer (host {socket.gethostname()}, pid {first.pid}, "
+                "since ") in second.stderr, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr and first.poll() is None
+
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        third, third_log = start("third")
+        _wait_for(lambda: (_lock_holder(workdir) or {}).get("pid") == third.pid, 200,
+                  "the third trainer to take over the lock")
+        third_log.seek(0)
+        assert "Took over the stale lock of a trainer that is gone (host " in third_log.read()
+        assert third.poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_remat_on_the_cpu_is_warned_about_because_it_saves_no_memory(caplog):

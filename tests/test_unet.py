@@ -279,6 +279,29 @@ def test_validate_rejects_with_field_and_fix(mutate, match):
         validate(config)
 
 
+# Every float field of the config; guidance and grad_clip may also be None.
+FLOAT_FIELDS = ("diffusion.beta_start", "diffusion.beta_end", "model.dropout", "training.lr",
+                "training.grad_clip", "training.ema_decay", "training.adam_eps",
+                "training.label_dropout", "sampling.eta", "eval.guidance")
+
+
+def test_float_field_list_covers_every_float_of_the_config():
+    config = cifar10.get_config()
+    floats = {f"{section}.{field}" for section in config for field, value in config[section].items()
+              if isinstance(value, float)}
+    assert floats <= set(FLOAT_FIELDS), floats - set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_validate_rejects_non_finite_floats_naming_the_field(path, value):
+    # NaN compares False with every bound, so a range check alone lets it through.
+    config = cifar10.get_config()
+    _set(path, value)(config)
+    with pytest.raises(ValueError, match=rf"config\.{path}={value!r}: use a finite value in"):
+        validate(config)
+
+
 def test_learned_variance_needs_twice_the_channels():
     config = cifar10.get_config()
     config.diffusion.var_type, config.diffusion.loss_type = "learned_range", "kl"

@@ -27,3 +27,14 @@ def test_other_processes_write_nothing(tmp_path):
     writer.write_scalars(1, {"loss": 1.0})
     writer.close()
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_drop_records_after_keeps_earlier_steps_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / writers.METRICS_FILE
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 3, 4, 5)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 6, "lo')  # killed mid-write
+    assert writers.drop_records_after(str(tmp_path), 3) == 3
+    assert [r["step"] for r in writers.read_metrics(str(tmp_path))] == [1, 2, 3, 3]
+    assert writers.drop_records_after(str(tmp_path), 3) == 0  # nothing to drop: untouched
+    assert writers.drop_records_after(str(tmp_path / "fresh"), 0) == 0  # no file yet
+    assert sorted(os.listdir(tmp_path)) == [writers.METRICS_FILE]  # no temporary left
