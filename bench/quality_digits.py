@@ -9,7 +9,9 @@ peer"): block_out_channels (32, 64, 64), 2 layers per block, Down / AttnDown / D
 dropout 0.1 (1.62M parameters); Adam 2e-4 with 500 linear warm-up steps, clip 1.0, EMA 0.999
 from the init (no warm-up), batch 64, linear betas, eps / fixedlarge / mse, on the same digits
 train split at 8x8, 2 torch threads. It trains for `--budget_s` seconds of its training loop
-(default: the wall time of our whole main job, start-up, compile and final grid included).
+(default: what our whole main job took, start-up, compile and grids included), counted on the
+wall clock or, with `--budget_clock cpu`, in CPU seconds over all threads (ours: the train.py
+process's user + system time), which stays fair when other jobs share the machine.
 
 Each model draws 1,000 images per sampler and seed: ancestral 1000 steps (fixedlarge, x0
 clipped), DDIM 50 steps (eta 0) and, for ours, DPM-Solver++ 20 steps when the package has it
@@ -25,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -43,16 +46,22 @@ T = 1000
 
 # --------------------------------------------------------------------------------- ours
 
-def train_ours(out: str, extra: list[str]) -> tuple[str, float]:
+def child_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train_ours(out: str, extra: list[str]) -> tuple[str, float, float]:
+    """Runs the main job; returns (workdir, wall seconds, CPU seconds of the train.py process)."""
     workdir = os.path.join(out, "ours")
     if os.path.exists(workdir):
         raise SystemExit(f"{workdir} exists: pass a fresh --out (this bench times a fresh run).")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
            os.path.join(ROOT, "configs/digits.py"), "--workdir", workdir, "--progress_bar=false",
            *extra]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), child_cpu_s()
     subprocess.run(cmd, check=True)
-    return workdir, time.perf_counter() - start
+    return workdir, time.perf_counter() - start, child_cpu_s() - cpu
 
 
 def ours_samplers() -> dict[str, dict]:
@@ -82,8 +91,10 @@ class Peer:
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.num_params = sum(p.numel() for p in self.model.parameters())
 
-    def train(self, images: np.ndarray, budget_s: float, *, batch: int = 64, lr: float = 2e-4,
-              warmup: int = 500, ema_decay: float = 0.999, seed: int = 0) -> dict:
+    def train(self, images: np.ndarray, budget_s: float, *, clock: str = "wall", batch: int = 64,
+              lr: float = 2e-4, warmup: int = 500, ema_decay: float = 0.999, seed: int = 0) -> dict:
+        """Trains until `budget_s` seconds of `clock` ("wall", or "cpu": this process's CPU
+        time over all its threads) have passed."""
         torch = self.torch
         data = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
         betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -92,8 +103,9 @@ class Peer:
         gen = torch.Generator().manual_seed(seed)
         self.model.train()
         step, order, pos, losses = 0, torch.randperm(len(data), generator=gen), 0, []
-        start = time.perf_counter()
-        while time.perf_counter() - start < budget_s:
+        now = time.process_time if clock == "cpu" else time.perf_counter
+        start, wall, cpu = now(), time.perf_counter(), time.process_time()
+        while now() - start < budget_s:
             if pos + batch > len(data):
                 order, pos = torch.randperm(len(data), generator=gen), 0
             x0 = data[order[pos:pos + batch]]
@@ -115,7 +127,8 @@ class Peer:
                         self.ema[name].mul_(ema_decay).add_(value, alpha=1 - ema_decay)
             step += 1
             losses.append(loss.item())
-        return dict(steps=step, train_s=round(time.perf_counter() - start, 1),
+        return dict(steps=step, wall_s=round(time.perf_counter() - wall, 1),
+                    cpu_s=round(time.process_time() - cpu, 1),
                     final_loss=round(float(np.mean(losses[-50:])), 4))
 
     def sample(self, kind: str, num: int, seed: int, batch: int = 500) -> tuple[np.ndarray, float]:
@@ -161,7 +174,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="A fresh folder for the runs and quality.json.")
     parser.add_argument("--budget_s", type=float, default=None,
-                        help="Peer training seconds (default: our main job's wall time).")
+                        help="Peer training seconds (default: our main job's, on --budget_clock).")
+    parser.add_argument("--budget_clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: seconds on the clock; cpu: CPU seconds over all threads "
+                             "(equal work on a machine shared with other jobs).")
     parser.add_argument("--seeds", default="0,1", help="Sampling seeds, comma-separated.")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the peer.")
@@ -182,16 +198,18 @@ def main() -> None:
         with open(os.path.join(args.out, "quality.json"), "w") as f:
             json.dump(result, f, indent=2)
 
-    workdir, ours_wall = train_ours(args.out, args.ours_overrides.split())
-    budget = args.budget_s or ours_wall
+    workdir, ours_wall, ours_cpu = train_ours(args.out, args.ours_overrides.split())
+    budget = args.budget_s or (ours_cpu if args.budget_clock == "cpu" else ours_wall)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
-    result["ours_train"] = dict(wall_s=round(ours_wall, 1), steps=last["step"],
+    result["ours_train"] = dict(wall_s=round(ours_wall, 1), cpu_s=round(ours_cpu, 1),
+                                steps=last["step"],
                                 final_loss=round(last["loss"], 4))
     peer = Peer(args.threads)
     train = builders.digits_arrays(8)
-    result["peer_train"] = dict(peer.train(train["train"][0], budget), params=peer.num_params,
-                                budget_s=round(budget, 1))
+    result["peer_train"] = dict(peer.train(train["train"][0], budget, clock=args.budget_clock),
+                                params=peer.num_params, budget_s=round(budget, 1),
+                                budget_clock=args.budget_clock)
     print(json.dumps({k: result[k] for k in ("ours_train", "peer_train")}), flush=True)
 
     kinds = [k for k in ours_samplers() if not (args.skip_ancestral and k == "ancestral-1000")]

@@ -354,6 +354,7 @@ def test_run_evaluation_writes_a_report_that_states_its_protocol(tmp_path, cache
 
     config = digits_config.get_config("tiny")
     config.diffusion.timesteps = 5
+    config.data.image_size = 16   # the size of the digits_net fixture and the samples below
     config.data.data_dir = str(tmp_path / "tfds")
     params = {"a": jnp.linspace(0.1, 0.5, 5), "b": jnp.zeros(5)}
     options = evaluate.EvalOptions.from_config(config, metrics=("bpd", "fid", "is", "kid"),
@@ -407,6 +408,7 @@ def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, dig
 
     config = digits_config.get_config("tiny")
     config.diffusion.timesteps = 5
+    config.data.image_size = 16   # the size of the digits_net fixture and the samples below
     config.data.data_dir = str(tmp_path / "tfds")
     params = {"a": jnp.linspace(0.1, 0.5, 5), "b": jnp.zeros(5),
               "c": jnp.array([0.4, -0.3, 0.1, 0.0])}
