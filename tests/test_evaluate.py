@@ -471,8 +471,9 @@ def _tiny_checkpoint(workdir, data_dir, step=3):
     config.data.data_dir = data_dir
     model = config_lib.model_from_config(config)
     optimizer = training.make_optimizer(grad_clip=1.0)
+    size = config.data.image_size
     shapes = jax.eval_shape(lambda rng: training.create_train_state(model, optimizer, rng,
-                                                                    (16, 16, 1)),
+                                                                    (size, size, 1)),
                             jax.random.PRNGKey(0))
     state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
     manager = checkpoint.make_manager(workdir, max_to_keep=1)
