@@ -129,6 +129,11 @@ def reference_ddim(eps_fn, betas, kept, shape, key, eta):
     (dict(eta=0.5), "only applies to sampler='ddim'"),
     (dict(sampler="plms"), "Unknown sampler"), (dict(var_type="big"), "Unknown var_type"),
     (dict(return_every=0), "return_every"), (dict(progressive=("eps",)), "progressive"),
+    (dict(sampler="ddim", steps=5, order=2), "order=2 only applies to sampler='dpm\\+\\+'"),
+    (dict(sampler="dpm++", steps=1), "order 2 needs at least 2 steps"),
+    (dict(sampler="dpm++", steps=5, order=4), "order must be 1, 2 or 3"),
+    (dict(sampler="dpm++", steps=5, spacing="karras"), "Unknown spacing"),
+    (dict(sampler="dpm++", steps=5, threshold=1.5), "threshold is a percentile"),
 ])
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -152,6 +157,7 @@ def _eqns(jaxpr):
 @pytest.mark.parametrize("options, length", [
     (dict(), T), (dict(sampler="ddim", steps=10), 10),
     (dict(steps="ddim5", return_every=2, progressive=("pred_x0", "x_t")), 5),
+    (dict(sampler="dpm++", steps=8, order=3, return_every=3), 8),
 ])
 def test_jaxpr_holds_one_scan_over_the_steps_with_one_model_copy(options, length):
     model, params = tiny()
@@ -189,6 +195,25 @@ def test_second_call_and_new_eta_do_not_retrace():
     jax.make_jaxpr(make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=11))(
             params, jax.random.key(0))
     assert len(traces) == 2  # a new number of steps is a new program
+
+
+def test_dpm_solver_compiles_once_for_two_spacings_of_the_same_length():
+    model, params = tiny()
+    traces = []
+
+    class CountingApply(ModelApply):
+        def __call__(self, params, x_t, t):
+            traces.append(1)
+            return super().__call__(params, x_t, t)
+
+    apply_fn = CountingApply(model)
+    schedule = Schedule.from_betas(scaled_linear(T))
+    runs = [make_sampler(apply_fn, schedule, SHAPE, sampler="dpm++", steps=steps,
+                         spacing=spacing)(params, jax.random.key(0))["images"]
+            for steps, spacing in ((10, "time"), (10, "logsnr"), ("ddim10", "time"))]
+    assert len(traces) == 1  # timesteps and solver weights are plan data
+    assert np.abs(np.asarray(runs[0]) - np.asarray(runs[1])).max() > 1e-3
+    assert np.abs(np.asarray(runs[0]) - np.asarray(runs[2])).max() > 1e-3
 
 
 # --------------------------------------------------------- equality with Python-loop references
@@ -490,10 +515,14 @@ EIGHT_DEVICES = textwrap.dedent("""
             return apply_fn(params, x_t, t) + 0.1 * y.astype(jnp.float32)[:, None, None, None]
 
     labels = np.arange(16) % 3
-    one, eight = (make_sampler(Shift(), schedule, shape, steps=10, guidance=2.0, mesh=m)(
-                      params, jax.random.key(1), 0, labels)["images"] for m in (None, mesh))
-    assert len(eight.sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(eight), np.asarray(one), atol=1e-6)
+    for opts in (dict(), dict(sampler="dpm++", order=3, spacing="logsnr", return_every=4)):
+        # DPM-Solver++: its x0 history in the carry is sharded like x_t.
+        one, eight = (make_sampler(Shift(), schedule, shape, steps=10, guidance=2.0, mesh=m,
+                                   **opts)(params, jax.random.key(1), 0, labels)
+                      for m in (None, mesh))
+        for name in set(one) - {"progressive_timesteps"}:
+            assert len(eight[name].sharding.device_set) == 8, name
+            np.testing.assert_allclose(np.asarray(eight[name]), np.asarray(one[name]), atol=1e-5)
     print("OK")
 """)
 
@@ -588,9 +617,13 @@ class Shift:  # class-conditional: the label (3: null) shifts the output
 schedule = Schedule.create("linear", 10)
 plain = sampling.make_sampler(apply_fn, schedule, (4, 4, 4, 3), sampler="ddpm", steps=4, mesh=mesh)
 guided = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3), steps=4, guidance=1.5, mesh=mesh)
+solver = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3), sampler="dpm++", steps=4,
+                               guidance=1.5, mesh=mesh)
 key = jax.random.key(7)
 np.save(out, np.stack([sampling.draw_images(plain, jnp.float32(0.5), key, 6, progress=False),
                        sampling.draw_images(guided, jnp.float32(0.5), key, 6, progress=False,
+                                            labels=[0, 1, 2, 0, 1, 2]),
+                       sampling.draw_images(solver, jnp.float32(0.5), key, 6, progress=False,
                                             labels=[0, 1, 2, 0, 1, 2])]))
 """
 
@@ -614,8 +647,13 @@ def test_draw_images_on_two_hosts_gives_every_host_all_images(tmp_path):
         np.asarray(sampling.to_uint8(sample(guided_fn(labels[n]), schedule, (1, 4, 4, 3), key,
                                             steps=4, example_offset=n)["images"]))
         for n in range(6)])
+    expected_solver = np.concatenate([
+        np.asarray(sampling.to_uint8(sample(guided_fn(labels[n]), schedule, (1, 4, 4, 3), key,
+                                            sampler="dpm++", steps=4, example_offset=n)["images"]))
+        for n in range(6)])
     hosts = [np.load(out) for out in outs]
-    assert hosts[0].shape == (2, 6, 4, 4, 3)
+    assert hosts[0].shape == (3, 6, 4, 4, 3)
+    assert np.abs(hosts[0][2].astype(int) - expected_solver.astype(int)).max() <= 1
     np.testing.assert_array_equal(hosts[0], hosts[1])
     assert np.abs(hosts[0][0].astype(int) - expected.astype(int)).max() <= 1
     assert np.abs(hosts[0][1].astype(int) - expected_guided.astype(int)).max() <= 1
@@ -681,9 +719,10 @@ def test_labels_as_data_match_the_closure_and_do_not_retrace():
     assert sampling._chain_jit(True)._cache_size() == cached
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
 @pytest.mark.parametrize("learned_var", [False, True])
 @pytest.mark.parametrize("w", [0.0, 1.5])
-def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w):
+def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w, sampler):
     """(1 + w) eps(y) - w eps(null) of the class-shift model is the class-shift model with offsets
     (1 + w) e[y] - w e[null] (the 0.1 x_t terms mix to themselves); a learned variance must stay
     the conditional one, so v is left as it is."""
@@ -692,7 +731,8 @@ def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w):
     guided = dict(params, e=jnp.asarray((1 + w) * e - w * e[-1:], jnp.float32))
     schedule = Schedule.create("linear", 20)
     key, labels = jax.random.key(8), np.array([0, 1], np.int32)
-    options = dict(steps=6, var_type="learned_range" if learned_var else "fixedlarge")
+    options = dict(steps=6, var_type="learned_range" if learned_var else "fixedlarge",
+                   sampler=sampler)
     reference = sample(sampling.model_denoise_fn(model, guided, jnp.asarray(labels)), schedule,
                        (2, 4, 4, 1), key, **options)["images"]
     sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), guidance=w, **options)
