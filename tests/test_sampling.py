@@ -546,6 +546,8 @@ def run_sample_py(*args, timeout=300):
     (lambda d: [f"--workdir={d}/missing"], "--workdir=" ),
     (lambda d: [f"--workdir={d}"], "is empty"),
     (lambda d: [f"--workdir={d}", "--sampler=plms"], "--sampler"),
+    (lambda d: [f"--workdir={d}", "--sampler=dpm++", "--order=4"], "--order"),
+    (lambda d: [f"--workdir={d}", "--sampler=dpm++", "--spacing=karras"], "--spacing"),
     (lambda d: [f"--diffusers_dir={d}"], "no config.json"),
     (lambda d: [], "workdir"),
 ])
@@ -577,9 +579,19 @@ def test_sample_py_on_a_tiny_diffusers_folder(tmp_path):
     assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8
     assert len(np.unique(images)) > 10  # not a constant image
     assert out.stat().st_size > 0
-    # A bad --steps is a usage error that names the flag, raised before anything compiles.
-    proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", "--steps=ddim7x", f"--out={out}")
-    assert proc.returncode != 0 and "--steps" in proc.stderr, proc.stderr[-2000:]
+    # DPM-Solver++ end to end: 4 steps uniform in log-SNR, order 3.
+    proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", "--num_samples=2",
+                         "--sampler=dpm++", "--steps=4", "--order=3", "--spacing=logsnr",
+                         f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dpm++, 4 steps, order 3, logsnr spacing" in proc.stderr, proc.stderr[-2000:]
+    # Bad values are usage errors that name the flag, raised before anything compiles.
+    for args, message in ((["--steps=ddim7x"], "--steps"),
+                          (["--sampler=ddim", "--steps=3", "--order=2"], "--order=2 only applies"),
+                          (["--sampler=dpm++", "--steps=2", "--order=3"], "needs at least 3 steps")):
+        proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", *args, f"--out={out}")
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_draw_images_does_not_depend_on_the_batch_size():
