@@ -430,6 +430,19 @@ def test_dpm_solver_order_one_is_ddim_eta_zero(spacing):
     assert np.abs(np.asarray(second) - np.asarray(dpm)).max() > 1e-3  # order 2 is another method
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
+def test_dynamic_threshold_replaces_the_clip(sampler):
+    model, params = tiny()
+    schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(14)
+    runs = {threshold: np.asarray(make_sampler(
+        ModelApply(model), schedule, SHAPE, sampler=sampler, steps=6, threshold=threshold,
+        return_every=1)(params, key)["pred_x0"]) for threshold in (None, 0.5)}
+    clipped, thresholded = runs[None], runs[0.5]
+    assert np.abs(thresholded).max() <= 1.0 + 1e-6
+    # Where half of an example's pixels exceed 1, it is rescaled, not clipped: fewer pixels at +-1.
+    assert (np.abs(thresholded) >= 1 - 1e-6).sum() < (np.abs(clipped) >= 1 - 1e-6).sum()
+
+
 def test_dpm_solver_convergence_order_on_gaussian_data():
     """Data x0 ~ N(mu, s^2): the exact eps is linear in x_t and the probability-flow ODE keeps
     each coordinate's standardized value z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2),
