@@ -173,8 +173,9 @@ def test_jaxpr_holds_one_scan_over_the_steps_with_one_model_copy(options, length
     assert sum(e.primitive.name == "conv_general_dilated" for e in inside) == 1
 
 
-def test_second_call_and_new_eta_do_not_retrace():
-    model, params = tiny()
+def counting_apply(model):
+    """(ModelApply(model) that appends to `traces` whenever it is traced, traces); a fresh
+    class per call, so no jit cache entry is shared between tests."""
     traces = []
 
     class CountingApply(ModelApply):
@@ -182,7 +183,12 @@ def test_second_call_and_new_eta_do_not_retrace():
             traces.append(1)
             return super().__call__(params, x_t, t)
 
-    apply_fn = CountingApply(model)
+    return CountingApply(model), traces
+
+
+def test_second_call_and_new_eta_do_not_retrace():
+    model, params = tiny()
+    apply_fn, traces = counting_apply(model)
     schedule = Schedule.from_betas(scaled_linear(T))
     first = make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=10, eta=0.0)
     a = first(params, jax.random.key(0))["images"]
@@ -199,14 +205,7 @@ def test_second_call_and_new_eta_do_not_retrace():
 
 def test_dpm_solver_compiles_once_for_two_spacings_of_the_same_length():
     model, params = tiny()
-    traces = []
-
-    class CountingApply(ModelApply):
-        def __call__(self, params, x_t, t):
-            traces.append(1)
-            return super().__call__(params, x_t, t)
-
-    apply_fn = CountingApply(model)
+    apply_fn, traces = counting_apply(model)
     schedule = Schedule.from_betas(scaled_linear(T))
     runs = [make_sampler(apply_fn, schedule, SHAPE, sampler="dpm++", steps=steps,
                          spacing=spacing)(params, jax.random.key(0))["images"]
