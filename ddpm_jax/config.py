@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.models.unet import UNet, check_architecture
-from ddpm_jax.plans import space_timesteps
+from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS, space_timesteps
 from ddpm_jax.sampling import LABEL_MODES, SAMPLERS
 from ddpm_jax.schedule import SCHEDULES
 
@@ -174,8 +174,20 @@ def validate(config: Any) -> None:
             space_timesteps(timesteps, steps)
         except (ValueError, TypeError) as err:
             raise sampling.fail("steps", f"{err} Use None, an int S, or e.g. 'ddim50'") from None
+    if sampling.choice("spacing", SPACINGS) == "logsnr" and (
+            not isinstance(steps, int) or isinstance(steps, bool)):
+        raise sampling.fail("steps", "spacing='logsnr' places an int number of steps S; use an int")
+    order = sampling.integer("order", 1)
+    if order > MAX_SOLVER_ORDER:
+        raise sampling.fail("order", f"DPM-Solver++ has orders 1..{MAX_SOLVER_ORDER}")
+    if sampling.get("sampler") == "dpm++":
+        num_steps = timesteps if steps is None else len(space_timesteps(timesteps, steps))
+        if num_steps < order:
+            raise sampling.fail("steps", f"DPM-Solver++ of order {order} needs at least {order} "
+                                "steps; use more steps or a lower sampling.order")
     sampling.number("eta", 0.0, 1.0)
     sampling.boolean("clip_denoised")
+    sampling.number("threshold", 0.0, 1.0, low_open=True, high_open=True, optional=True)
     sampling_var = sampling.get("var_type")
     if sampling_var is not None:
         sampling.choice("var_type", (None, "fixedlarge", "fixedsmall", var_type))

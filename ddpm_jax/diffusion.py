@@ -109,6 +109,21 @@ def predict_eps_from_v(schedule: Schedule, x_t: Array, t: Array, v: Array) -> Ar
             + extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * v)
 
 
+def score(schedule: Schedule, *, eps: Array, t: Array) -> Array:
+    """The score of q(x_t): grad log q(x_t) = -eps / sqrt(1 - abar_t) (= -eps / sigma_t).
+    eps: [B, H, W, C] noise prediction; t: [B] int, 0-based. Returns [B, H, W, C]."""
+    return -eps / extract(schedule.sqrt_one_minus_alphas_cumprod, t, eps.ndim)
+
+
+def dynamic_threshold(x0: Array, *, ratio: float) -> Array:
+    """Imagen's dynamic thresholding (Saharia et al. 2022) of an x0 prediction [B, H, W, C]:
+    s = max(1, the `ratio` quantile of |x0| over each example's pixels); returns
+    clip(x0, -s, s) / s, in [-1, 1] (s = 1 is the static clip)."""
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.maximum(jnp.quantile(flat, ratio, axis=1), 1.0).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
+
+
 def split_model_output(model_output: Array, var_type: str) -> tuple[Array, Array | None]:
     """Splits [..., 2C] into (mean part, variance part) for learned variances; else (out, None)."""
     _check("var_type", var_type, VAR_TYPES)

@@ -130,7 +130,8 @@ def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, *, num_
                      labels: np.ndarray | None = None, **sampler_options: Any) -> np.ndarray:
     """num_samples uint8 images [N, H, W, C] from `sampling.make_sampler` (sample n depends
     only on (key, n) and labels[n]). labels: [N] classes for a class-conditional apply_fn, or
-    None. sampler_options: sampler, steps, eta, mean_type, var_type, clip_denoised, guidance."""
+    None. sampler_options: sampler, steps, eta, spacing, order, mean_type, var_type,
+    clip_denoised, threshold, guidance."""
     devices = 1 if mesh is None else mesh.size
     batch = -(-min(batch_size, num_samples) // devices) * devices
     sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), mesh=mesh,
@@ -154,6 +155,9 @@ class EvalOptions:
     sampler: str = "ddpm"
     steps: int | str | None = None           # None: all T; see plans.space_timesteps
     eta: float = 0.0
+    spacing: str = "time"                    # time | logsnr (plans.make_plan)
+    order: int = 2                           # DPM-Solver++ order (sampler dpm++ only)
+    threshold: float | None = None           # dynamic thresholding percentile; None: the clip
     var_type: str | None = None              # reverse variance of the sampler; None: trained
     sample_batch_size: int = 256
     reference_split: str = "train"
@@ -179,6 +183,11 @@ class EvalOptions:
                              f"{features.FEATURE_NETS}.")
         if self.num_samples < 2 and set(self.metrics) - {"bpd"}:
             raise ValueError(f"num_samples={self.num_samples}: FID/IS/KID need >= 2 samples.")
+        if self.spacing not in plans.SPACINGS:
+            raise ValueError(f"spacing={self.spacing!r}: choose one of {plans.SPACINGS}.")
+        if not 1 <= self.order <= plans.MAX_SOLVER_ORDER:
+            raise ValueError(f"order={self.order}: DPM-Solver++ has orders 1.."
+                             f"{plans.MAX_SOLVER_ORDER}.")
         if self.labels not in sampling.LABEL_MODES:
             raise ValueError(f"labels={self.labels!r}: choose one of {sampling.LABEL_MODES}.")
         if self.guidance is not None:
@@ -197,6 +206,8 @@ class EvalOptions:
                 bpd_split=e.bpd_split, bpd_num_images=e.bpd_num_images,
                 bpd_batch_size=e.bpd_batch_size, clip_denoised=s.clip_denoised,
                 num_samples=e.fid_num_samples, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                spacing=s.get("spacing", "time"), order=s.get("order", 2),
+                threshold=s.get("threshold"),
                 var_type=s.get("var_type"), sample_batch_size=e.fid_batch_size,
                 reference_split=e.fid_reference,
                 feature_net=e.get("feature_net") or (
@@ -205,6 +216,16 @@ class EvalOptions:
                 guidance=e.get("guidance"), seed=config.training.seed)
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**defaults)
+
+
+def _solver_order(options: EvalOptions) -> int | None:
+    """The DPM-Solver++ order the sampler gets: options.order for dpm++, None otherwise."""
+    return options.order if options.sampler == "dpm++" else None
+
+
+def _plan(schedule: Schedule, options: EvalOptions) -> plans.SamplingPlan:
+    return plans.make_plan(schedule, steps=options.steps, eta=options.eta,
+                           spacing=options.spacing, order=_solver_order(options))
 
 
 def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) -> str:
@@ -283,11 +304,13 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             apply_fn, params, schedule, num_samples=options.num_samples, image_shape=image_shape,
             batch_size=options.sample_batch_size, key=key, mesh=mesh, progress=progress,
             labels=labels, sampler=options.sampler, steps=options.steps, eta=options.eta,
-            mean_type=d.mean_type, var_type=var_type, clip_denoised=options.clip_denoised,
+            spacing=options.spacing, order=_solver_order(options), mean_type=d.mean_type,
+            var_type=var_type, clip_denoised=options.clip_denoised, threshold=options.threshold,
             guidance=options.guidance)
-    num_steps = plans.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
+    num_steps = _plan(schedule, options).num_steps
     info = dict(num_samples=options.num_samples, sampler=options.sampler, steps=num_steps,
-                eta=options.eta, var_type=var_type, labels=options.labels,
+                eta=options.eta, spacing=options.spacing, order=_solver_order(options),
+                threshold=options.threshold, var_type=var_type, labels=options.labels,
                 guidance=options.guidance, seed=options.seed,
                 seconds=round(time.time() - start, 1))
     scores = features.sample_quality(
@@ -296,7 +319,8 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             kid_subset_size=options.kid_subset_size, progress=progress)
     values = [f"{e['label']} {e['value']:.4f}" if name == "fid" else
               f"{e['label']} {e['mean']:.4g} +- {e['std']:.2g}" for name, e in scores.items()]
-    how = (f"eta {options.eta}" if options.sampler == "ddim" else f"{var_type} variance")
+    how = {"ddim": f"eta {options.eta}", "dpm++": f"order {options.order}"}.get(
+            options.sampler, f"{var_type} variance") + f", {options.spacing} spacing"
     if labels is not None:
         how += (f", classes n mod {apply_fn.null_label}"
                 + ("" if options.guidance is None else f", guidance w={options.guidance:g}"))
@@ -327,7 +351,7 @@ def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOpt
     d, data_cfg = config.diffusion, config.data
     schedule = Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start,
                                beta_end=d.beta_end)
-    num_steps = plans.make_plan(schedule, steps=options.steps, eta=options.eta).num_steps
+    num_steps = _plan(schedule, options).num_steps
     eval_dir = os.path.join(workdir, "eval")
     stem = os.path.join(eval_dir, _report_name(step, weights, options, num_steps))
     write = jax.process_index() == 0
@@ -390,8 +414,15 @@ def define_flags() -> None:
     flags.DEFINE_list("metrics", "bpd,fid,is", f"Comma-separated, from {','.join(METRICS)}.")
     flags.DEFINE_integer("num_samples", None, "Generated images for FID / IS / KID "
                          "(default config.eval.fid_num_samples).", lower_bound=2)
-    flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "ddpm (ancestral) | ddim "
-                      "(default config.sampling.sampler).")
+    flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "ddpm (ancestral) | ddim | "
+                      "dpm++ (DPM-Solver++) (default config.sampling.sampler).")
+    flags.DEFINE_enum("spacing", None, list(plans.SPACINGS), "time (as --steps says) | logsnr "
+                      "(int --steps uniform in log-SNR) (default config.sampling.spacing).")
+    flags.DEFINE_integer("order", None, "DPM-Solver++ order with --sampler=dpm++ (default "
+                         "config.sampling.order).", lower_bound=1, upper_bound=plans.MAX_SOLVER_ORDER)
+    flags.DEFINE_float("threshold", None, "Dynamic thresholding percentile of x0 predictions, "
+                       "e.g. 0.995, instead of the clip (default config.sampling.threshold).",
+                       lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_string("steps", None, "Reverse steps: an int S, 'ddimS' or 'S1,S2,...' "
                         "(default config.sampling.steps).")
     flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default config.sampling.eta).")
@@ -451,6 +482,7 @@ def main(argv: Sequence[str]) -> None:
         options = EvalOptions.from_config(
                 config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
                 sampler=FLAGS.sampler, steps=cli.parse_steps(FLAGS.steps), eta=FLAGS.eta,
+                spacing=FLAGS.spacing, order=FLAGS.order, threshold=FLAGS.threshold,
                 sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
                 bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
                 reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
@@ -464,6 +496,14 @@ def main(argv: Sequence[str]) -> None:
                              f"one in {FLAGS.workdir} was trained without model.num_classes.")
     if options.eta and options.sampler != "ddim":
         raise app.UsageError(f"--eta={options.eta} only applies to --sampler=ddim.")
+    if FLAGS.order is not None and options.sampler != "dpm++":
+        raise app.UsageError(f"--order={FLAGS.order} only applies to --sampler=dpm++.")
+    try:  # NumPy only: a bad steps / spacing / order stops here, before anything compiles
+        _plan(Schedule.create(config.diffusion.schedule, config.diffusion.timesteps,
+                              beta_start=config.diffusion.beta_start,
+                              beta_end=config.diffusion.beta_end), options)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None
     report = run_evaluation(config, sampling.ModelApply(model), params, options,
                             workdir=FLAGS.workdir, step=step, weights=FLAGS.weights, mesh=mesh,

@@ -189,7 +189,9 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: S
         labels = sampling.balanced_labels(apply_fn, count)
     sampler = sampling.make_sampler(
             apply_fn, schedule, (batch, *_image_shape(config)),
-            sampler=s.sampler, steps=s.steps, eta=s.eta, mean_type=config.diffusion.mean_type,
+            sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.get("spacing", "time"),
+            order=s.get("order", 2) if s.sampler == "dpm++" else None,
+            threshold=s.get("threshold"), mean_type=config.diffusion.mean_type,
             var_type=s.var_type or config.diffusion.var_type, clip_denoised=s.clip_denoised,
             guidance=config.eval.guidance, mesh=mesh)
     pixels = sampling.draw_images(sampler, ema_params, jax.random.PRNGKey(config.training.seed + 1),

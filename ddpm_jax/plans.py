@@ -5,6 +5,9 @@ original timestep fed to the model, each sampler's per-step coefficients), compu
 float64 and stored float32. `sampling.py` passes it to the compiled chain as data, so a new
 schedule, `eta` or spacing of the same length reuses the executable.
 
+Spacings: "time" keeps the timesteps `space_timesteps` names (uniform in t); "logsnr" keeps S
+timesteps uniform in log-SNR between t = T-1 and t = 0 (`logsnr_timesteps`).
+
 Indexing: `i` is the 0-based index into the (respaced) chain's schedule, run from S-1 down to
 0; `plan.timesteps[i]` is the original 0-based t the model is called with.
 """
@@ -22,6 +25,9 @@ import numpy as np
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
+
+SPACINGS = ("time", "logsnr")
+MAX_SOLVER_ORDER = 3
 
 
 def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int]) -> np.ndarray:
@@ -87,6 +93,33 @@ def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> tuple[
     return Schedule.from_betas(betas), kept.astype(np.int32)
 
 
+def logsnr_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+    """num_steps timesteps uniform in log-SNR: lambda_t = log(alpha_t / sigma_t) (half the log-SNR,
+    alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)) on linspace(lambda_{T-1}, lambda_0, S),
+    each mapped to the t of the discrete schedule with the nearest lambda; where two land on the
+    same t (many steps, near t = 0 where lambda moves fastest), the later one moves up to the next
+    free t, keeping S unique timesteps. Both ends (t = 0 and t = T-1) are kept.
+    Returns sorted, unique, 0-based int64 [S].
+    """
+    num_timesteps = schedule.num_timesteps
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"spacing='logsnr' needs an int number of steps in 1..{num_timesteps}; "
+                         f"got {num_steps!r}.")
+    lambdas = _half_log_snr(np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64)))
+    targets = np.linspace(lambdas[0], lambdas[-1], num_steps)  # t = 0 first; lambda decreases
+    kept = np.empty(num_steps, dtype=np.int64)
+    for k, target in enumerate(targets):
+        nearest = int(np.argmin(np.abs(lambdas - target)))
+        low = kept[k - 1] + 1 if k else 0
+        kept[k] = min(max(nearest, low), num_timesteps - num_steps + k)
+    return kept
+
+
+def _half_log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)), float64."""
+    return 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))
+
+
 # ----------------------------------------------------------------------------------- plans
 
 @flax.struct.dataclass
@@ -98,15 +131,22 @@ class SamplingPlan:
     ddim_coef_x0: Array      # [S] float32: x_{i-1} mean = coef_x0 * x0_hat + coef_xt * x_t
     ddim_coef_xt: Array      # [S] float32
     ddim_sigma: Array        # [S] float32: DDIM noise scale, eta * sqrt(beta~_i)
+    # DPM-Solver++ (None unless make_plan got an order K): x_{i-1} = dpm_coef_xt[i] x_i
+    # + sum_k dpm_coef_x0[i, k] x0_hat_{i+k}, k = 0..K-1 (x0_hat of this step and the K-1 before).
+    dpm_coef_xt: Array | None = None   # [S] float32
+    dpm_coef_x0: Array | None = None   # [S, K] float32
 
     @property
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
 
-def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float = 0.0) -> SamplingPlan:
-    """Respaces `schedule` onto `steps` (None: all T; see `space_timesteps` for int / str) and
-    precomputes DDIM's per-step coefficients for `eta` in [0, 1] (float64, stored float32).
+def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float = 0.0,
+              spacing: str = "time", order: int | None = None) -> SamplingPlan:
+    """Respaces `schedule` onto `steps` (None: all T; see `space_timesteps` for int / str; with
+    spacing="logsnr" an int S, see `logsnr_timesteps`) and precomputes DDIM's per-step
+    coefficients for `eta` in [0, 1] and, given `order` K in 1..3, DPM-Solver++'s (see
+    `dpm_solver_coefficients`); float64 math, stored float32.
 
     DDIM (Song et al. 2021, eq. 12), with abar_i and abar_{i-1} from the respaced schedule:
         sigma_i = eta * sqrt((1 - abar_{i-1}) / (1 - abar_i)) * sqrt(1 - abar_i / abar_{i-1})
@@ -117,8 +157,14 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~ "
                          f"variance); got {eta!r}.")
+    if spacing not in SPACINGS:
+        raise ValueError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
+    if order is not None and not 1 <= order <= MAX_SOLVER_ORDER:
+        raise ValueError(f"order must be 1, 2 or 3 (DPM-Solver++'s multistep orders); got {order!r}.")
     num_timesteps = schedule.num_timesteps
-    if steps is None:
+    if spacing == "logsnr":
+        kept = logsnr_timesteps(schedule, num_timesteps if steps is None else steps)
+    elif steps is None:
         kept = np.arange(num_timesteps)
     else:
         if isinstance(steps, (int, np.integer)) and not 1 <= steps <= num_timesteps:
@@ -133,8 +179,63 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
                / np.sqrt(1.0 - alphas_cumprod))
     coef_x0 = np.sqrt(alphas_cumprod_prev) - coef_xt * np.sqrt(alphas_cumprod)
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    solver = {}
+    if order is not None:
+        if order > len(kept):
+            raise ValueError(f"DPM-Solver++ of order {order} needs at least {order} steps; got "
+                             f"{len(kept)}. Use more steps or a lower order.")
+        dpm_xt, dpm_x0 = dpm_solver_coefficients(alphas_cumprod, order)
+        solver = dict(dpm_coef_xt=f32(dpm_xt), dpm_coef_x0=f32(dpm_x0))
     return SamplingPlan(schedule=spaced, timesteps=jnp.asarray(timestep_map, dtype=jnp.int32),
-                        ddim_coef_x0=f32(coef_x0), ddim_coef_xt=f32(coef_xt), ddim_sigma=f32(sigma))
+                        ddim_coef_x0=f32(coef_x0), ddim_coef_xt=f32(coef_xt), ddim_sigma=f32(sigma),
+                        **solver)
+
+
+def dpm_solver_coefficients(alphas_cumprod: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """DPM-Solver++ multistep (Lu et al. 2022b, Alg. 2; data prediction) as per-step linear
+    weights, float64: returns (coef_xt [S], coef_x0 [S, order]) with
+        x_{i-1} = coef_xt[i] x_i + sum_k coef_x0[i, k] x0_hat_{i+k}.
+    alphas_cumprod: [S] of the chain's schedule, index i = time t_i (t_{S-1} first).
+
+    The step at index i goes from lambda_i to lambda_{i-1} (lambda = log(alpha / sigma)); the
+    last one (i = 0) goes to alpha = 1, sigma = 0 (lambda = +inf, diffusers'
+    final_sigmas_type="zero"), where the first-order update returns x0_hat_0 exactly, so the
+    chain ends on the x0 prediction at t_0 like the other samplers. Effective order per step,
+    as diffusers' DPMSolverMultistepScheduler: min(order, steps taken + 1) (warm-up), 1 on the
+    last step, and at most 2 on the second-to-last when S < 15 (lower_order_final).
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    num_steps = abar.shape[0]
+    alpha, sigma, lam = np.sqrt(abar), np.sqrt(1.0 - abar), _half_log_snr(abar)
+    coef_xt = np.zeros(num_steps)
+    coef_x0 = np.zeros((num_steps, order))
+    for i in range(num_steps):
+        taken = num_steps - 1 - i
+        k = min(order, taken + 1)
+        if i == 0:
+            coef_xt[i], coef_x0[i, 0] = 0.0, 1.0  # sigma_{-1} = 0: x0_hat_0
+            continue
+        if i == 1 and num_steps < 15:
+            k = min(k, 2)
+        # phi = 1 - e^{-h} (written as -expm1(-h) for small h); r_j = h_j / h
+        h = lam[i - 1] - lam[i]
+        phi = -np.expm1(-h)
+        coef_xt[i] = sigma[i - 1] / sigma[i]
+        a = alpha[i - 1]
+        if k == 1:
+            coef_x0[i, 0] = a * phi
+        elif k == 2:
+            r = (lam[i] - lam[i + 1]) / h
+            coef_x0[i, :2] = a * phi * np.array([1.0 + 0.5 / r, -0.5 / r])
+        else:
+            # 3M: D1 and D2 are the first and second divided differences (diffusers' form)
+            r0, r1 = (lam[i] - lam[i + 1]) / h, (lam[i + 1] - lam[i + 2]) / h
+            m0, m1, m2 = np.eye(3)
+            d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            coef_x0[i, :3] = a * (phi * m0 + (1.0 - phi / h) * d1 - ((h - phi) / h**2 - 0.5) * d2)
+    return coef_xt, coef_x0
 
 
 def progressive_indices(num_steps: int, return_every: int) -> np.ndarray:

@@ -1,10 +1,13 @@
-"""Sampling the reverse process as one XLA program: ancestral (DDPM) and DDIM, on all T steps
-or on a respaced sub-sequence of S <= T steps, each a single `lax.scan` over the steps.
+"""Sampling the reverse process as one XLA program: ancestral (DDPM), DDIM and DPM-Solver++
+(multistep, orders 1-3), on all T steps or on a respaced sub-sequence of S <= T steps, each a
+single `lax.scan` over the steps.
 
 Everything that varies per step (the original timestep fed to the model, the DDIM
 coefficients, the respaced schedule) is a `plans.SamplingPlan` pytree passed to the compiled
 function as data, so a new schedule or a new `eta` is not a retrace; the chain compiles once
-per (model, batch shape, number of steps, static options).
+per (model, batch shape, number of steps, static options). DPM-Solver++'s per-step weights are
+plan data too (the first-order warm-up and lower-order final steps included); its history, the
+x0 predictions of the previous order - 1 steps, rides in the scan carry.
 
 Indexing: `i` is the 0-based index into the (respaced) chain's schedule, run from S-1 down to
 0; `plan.timesteps[i]` is the original 0-based t the model is called with (with no respacing,
@@ -38,16 +41,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from ddpm_jax import xla_cpu
-from ddpm_jax.diffusion import MEAN_TYPES, VAR_TYPES, DenoiseFn, p_mean_variance
+from ddpm_jax.diffusion import (MEAN_TYPES, VAR_TYPES, DenoiseFn, dynamic_threshold,
+                                p_mean_variance, q_posterior_mean_variance)
 from ddpm_jax.images import to_uint8
 from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
-from ddpm_jax.plans import SamplingPlan, make_plan, progressive_indices
+from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS, SamplingPlan, make_plan, progressive_indices
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]   # (params, x_t [B,H,W,C], t [B][, y [B]]) -> output
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
 LABEL_MODES = ("none", "balanced")  # class-conditional evaluation / grids: null label, n mod N
 PROGRESSIVE = ("pred_x0", "x_t")
 
@@ -61,8 +65,9 @@ def _constrain(x: Array, mesh: Mesh | None, spec: PartitionSpec) -> Array:
 def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
                    example_offset: Array, labels: Array | None, guidance: Array, *,
                    shape: tuple[int, ...], sampler: str, mean_type: str, var_type: str,
-                   clip_denoised: bool, return_every: int | None, progressive: tuple[str, ...],
-                   unroll: int, guided: bool, mesh: Mesh | None) -> dict[str, Array]:
+                   clip_denoised: bool, threshold: float | None, return_every: int | None,
+                   progressive: tuple[str, ...], unroll: int, guided: bool,
+                   mesh: Mesh | None) -> dict[str, Array]:
     batch, image_shape = shape[0], shape[1:]
     channels = image_shape[-1]
     if labels is not None:
@@ -91,23 +96,39 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         records = {name: _constrain(jnp.zeros((num_records,) + shape, jnp.float32), mesh,
                                     PartitionSpec(None, DATA_AXIS)) for name in progressive}
 
+    def constrain(x: Array) -> Array:
+        return _constrain(x, mesh, PartitionSpec(DATA_AXIS))
+
     def step(carry, per_step):
-        x_t, records = carry
+        x_t, history, records = carry
         i = per_step["index"]
         index = jnp.full((batch,), i, jnp.int32)
         t = jnp.full((batch,), per_step["timestep"], jnp.int32)
-        out = p_mean_variance(plan.schedule, model_out(x_t, t), x_t, index,
-                              mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
-        if sampler == "ddim":
-            mean = per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t
-            std = per_step["sigma"]
+        out = p_mean_variance(plan.schedule, model_out(x_t, t), x_t, index, mean_type=mean_type,
+                              var_type=var_type, clip_denoised=clip_denoised and threshold is None)
+        if threshold is not None:
+            out["pred_x0"] = dynamic_threshold(out["pred_x0"], ratio=threshold)
+            if sampler == "ddpm" and mean_type != "xprev":
+                out["mean"] = q_posterior_mean_variance(plan.schedule, x0=out["pred_x0"], x_t=x_t,
+                                                        t=index)[0]
+        if sampler == "dpm++":
+            # No noise: the probability-flow ODE. history[k] is x0_hat of the (k+1)-th step back.
+            weights = per_step["dpm_x0"]
+            x_prev = per_step["dpm_xt"] * x_t + weights[0] * out["pred_x0"]
+            for k, past in enumerate(history):
+                x_prev = x_prev + weights[k + 1] * past
+            x_prev = constrain(x_prev)
+            history = ((out["pred_x0"],) + history)[:len(history)]
         else:
-            mean, std = out["mean"], jnp.exp(0.5 * out["log_variance"])
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), image_shape,
-                                                     jnp.float32))(step_keys)
-        # No noise on the last step: the chain returns its final mean, as the official sampler.
-        x_prev = _constrain(mean + jnp.where(i > 0, std, 0.0) * noise, mesh,
-                            PartitionSpec(DATA_AXIS))
+            if sampler == "ddim":
+                mean = per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t
+                std = per_step["sigma"]
+            else:
+                mean, std = out["mean"], jnp.exp(0.5 * out["log_variance"])
+            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), image_shape,
+                                                         jnp.float32))(step_keys)
+            # No noise on the last step: the chain returns its final mean, as the official sampler.
+            x_prev = constrain(mean + jnp.where(i > 0, std, 0.0) * noise)
         if records:
             # Slot i // k is rewritten at every index of its block; the chain runs i downwards,
             # so the value left is the one at i = slot * k, with no conditional.
@@ -115,19 +136,26 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
             records = {name: jax.lax.dynamic_update_index_in_dim(buf, values[name],
                                                                    i // return_every, 0)
                        for name, buf in records.items()}
-        return (x_prev, records), None
+        return (x_prev, history, records), None
 
     per_step = dict(index=jnp.arange(plan.num_steps, dtype=jnp.int32), timestep=plan.timesteps,
                     coef_x0=plan.ddim_coef_x0, coef_xt=plan.ddim_coef_xt, sigma=plan.ddim_sigma)
+    history = ()
+    if sampler == "dpm++":
+        per_step.update(dpm_xt=plan.dpm_coef_xt, dpm_x0=plan.dpm_coef_x0)
+        # Zeros until the warm-up fills them (their weights are 0 there); the order is the
+        # plan's K, a shape: order 1 carries no history.
+        history = tuple(jnp.zeros_like(x_t) for _ in range(plan.dpm_coef_x0.shape[1] - 1))
     per_step = jax.tree.map(lambda a: jnp.flip(a, axis=0), per_step)
-    (images, records), _ = jax.lax.scan(step, (x_t, records), per_step, unroll=unroll)
+    (images, _, records), _ = jax.lax.scan(step, (x_t, history, records), per_step,
+                                           unroll=unroll)
     result = dict(images=images)
     result.update({name: jnp.flip(buf, axis=0) for name, buf in records.items()})
     return result
 
 
-_STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "return_every",
-           "progressive", "unroll", "guided", "mesh")
+_STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "threshold",
+           "return_every", "progressive", "unroll", "guided", "mesh")
 
 
 @functools.cache
@@ -302,17 +330,24 @@ def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,
 
 def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                  sampler: str = "ddpm", steps: int | str | None = None, eta: float = 0.0,
-                 mean_type: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,
-                 return_every: int | None = None, progressive: Sequence[str] = ("pred_x0",),
-                 unroll: int = 1, guidance: float | None = None, mesh: Mesh | None = None) -> Sampler:
+                 spacing: str = "time", order: int | None = None, mean_type: str = "eps",
+                 var_type: str = "fixedlarge", clip_denoised: bool = True,
+                 threshold: float | None = None, return_every: int | None = None,
+                 progressive: Sequence[str] = ("pred_x0",), unroll: int = 1,
+                 guidance: float | None = None, mesh: Mesh | None = None) -> Sampler:
     """Builds a sampler compiled once per (apply_fn, shape, number of steps, options).
 
     apply_fn(params, x_t [B,H,W,C], t [B] int) -> model output (`ModelApply(model)` for a Flax
     UNet); it must be hashable and stable, since it keys the compilation cache.
     shape: [B, H, W, C]. sampler: "ddpm" (ancestral; `var_type` fixedlarge is the CIFAR-10
-    default, fixedsmall the 256px one) or "ddim" (`eta` in [0, 1]). steps: None (all T), an
-    int S (round(linspace(0, T-1, S))), "ddimS" (stride range(0, T, c)) or "S1,S2,..."; see
-    `plans.space_timesteps`. clip_denoised clips x0_hat to [-1, 1]. return_every=k also records
+    default, fixedsmall the 256px one), "ddim" (`eta` in [0, 1]) or "dpm++" (DPM-Solver++
+    multistep of `order` 1, 2 (default) or 3, deterministic; ends on x0_hat at the last
+    timestep; see `plans.dpm_solver_coefficients`). steps: None (all T), an int S
+    (round(linspace(0, T-1, S))), "ddimS" (stride range(0, T, c)) or "S1,S2,..."; see
+    `plans.space_timesteps`. spacing: "time" (as steps says) or "logsnr" (S steps uniform in
+    log-SNR; steps an int). clip_denoised clips x0_hat to [-1, 1]; threshold=p in (0, 1)
+    instead applies dynamic thresholding at percentile p (`diffusion.dynamic_threshold`; Imagen
+    uses 0.995) to x0_hat. return_every=k also records
     `progressive` ("pred_x0" and/or "x_t") at chain indices ..., 2k, k, 0. unroll: lax.scan's.
     guidance: classifier-free guidance weight w >= 0 for a class-conditional apply_fn with a
     `null_label` (`ModelApply` of a UNet with num_classes); every call then needs labels and
@@ -331,10 +366,19 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta={eta!r} only applies to sampler='ddim' (got {sampler!r}); for "
                          "DDPM's beta~ variance use var_type='fixedsmall'.")
-    plan = make_plan(schedule, steps=steps, eta=eta)
+    if order is not None and sampler != "dpm++":
+        raise ValueError(f"order={order!r} only applies to sampler='dpm++' (got {sampler!r}).")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold is a percentile in (0, 1) such as 0.995 (None: off); got "
+                         f"{threshold!r}.")
+    if sampler == "dpm++" and order is None:
+        order = 2
+    plan = make_plan(schedule, steps=steps, eta=eta, spacing=spacing, order=order)
     return Sampler(apply_fn, plan, guidance or 0.0, shape=tuple(int(s) for s in shape),
                    sampler=sampler, mean_type=mean_type, var_type=var_type,
-                   clip_denoised=bool(clip_denoised), return_every=return_every,
+                   clip_denoised=bool(clip_denoised),
+                   threshold=None if threshold is None else float(threshold),
+                   return_every=return_every,
                    progressive=progressive, unroll=int(unroll), guided=guidance is not None,
                    mesh=mesh)
 

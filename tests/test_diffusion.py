@@ -880,3 +880,30 @@ def test_calc_bpd_bad_types_raise():
     x = jnp.zeros((1, 2, 2, 1))
     with pytest.raises(ValueError):
         D.calc_bpd(sched, lambda x, t: x, x, jax.random.key(0), var_type="huge")
+
+
+def test_score_is_minus_eps_over_sigma_and_the_gaussian_score():
+    # For x0 = a fixed point x*, q(x_t) = N(sqrt(abar) x*, 1 - abar): its score is
+    # -(x_t - sqrt(abar) x*) / (1 - abar), and the true eps is (x_t - sqrt(abar) x*) / sqrt(1 - abar).
+    betas = np.linspace(1e-4, 0.02, 100)
+    schedule = Schedule.from_betas(betas)
+    abar = np.cumprod(1 - betas)
+    t = np.array([0, 10, 50, 99], np.int32)
+    x_star = 0.3
+    x_t = np.random.default_rng(0).normal(size=(4, 2, 2, 1))
+    a = abar[t][:, None, None, None]
+    eps = (x_t - np.sqrt(a) * x_star) / np.sqrt(1 - a)
+    got = D.score(schedule, eps=jnp.asarray(eps, jnp.float32), t=jnp.asarray(t))
+    np.testing.assert_allclose(got, -(x_t - np.sqrt(a) * x_star) / (1 - a), rtol=1e-4)
+
+
+def test_dynamic_threshold_rescales_only_outlying_examples():
+    inside = np.linspace(-0.9, 0.9, 16).reshape(1, 4, 4, 1)
+    outside = 3.0 * inside  # every |x| up to 2.7: s = the 0.9 quantile of |x| > 1
+    x0 = jnp.asarray(np.concatenate([inside, outside]), jnp.float32)
+    got = np.asarray(D.dynamic_threshold(x0, ratio=0.9))
+    np.testing.assert_allclose(got[0], inside[0], rtol=1e-6)  # s = 1: the static clip, a no-op
+    s = np.quantile(np.abs(outside), 0.9)
+    assert s > 1
+    np.testing.assert_allclose(got[1], np.clip(outside[0], -s, s) / s, rtol=1e-5)
+    assert np.abs(got).max() <= 1.0

@@ -459,6 +459,20 @@ def test_class_options_are_checked():
         sampling.balanced_labels(_linear_apply, 4)
 
 
+def test_solver_options_come_from_the_config_and_are_checked():
+    from configs import digits as digits_config
+
+    config = digits_config.get_config("tiny")
+    config.sampling.sampler, config.sampling.spacing, config.sampling.order = "dpm++", "logsnr", 3
+    options = evaluate.EvalOptions.from_config(config)
+    assert (options.sampler, options.spacing, options.order) == ("dpm++", "logsnr", 3)
+    assert evaluate.EvalOptions.from_config(config, order=1).order == 1
+    with pytest.raises(ValueError, match="spacing='karras': choose one of"):
+        evaluate.EvalOptions(spacing="karras")
+    with pytest.raises(ValueError, match="order=4: DPM-Solver\\+\\+ has orders 1..3"):
+        evaluate.EvalOptions(order=4)
+
+
 def _tiny_checkpoint(workdir, data_dir, step=3):
     """A checkpoint of the tiny digits UNet (T = 10), saved like the loop. Its arrays are
     zeros (shapes from eval_shape: no compile); the network then predicts eps = 0."""
@@ -509,3 +523,11 @@ def test_evaluate_command_line_on_a_tiny_checkpoint(tmp_path):
             timeout=300, check=False)
     assert refused.returncode != 0
     assert "--labels=balanced needs a class-conditional model" in refused.stderr
+    for args, message in ((["--sampler=ddim", "--order=2"], "--order=2 only applies"),
+                          (["--sampler=dpm++", "--steps=2", "--order=3"], "needs at least 3")):
+        refused = subprocess.run(
+                [sys.executable, "evaluate.py", f"--workdir={workdir}", "--metrics=fid",
+                 "--noprogress", *args], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                capture_output=True, text=True, timeout=300, check=False)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr, refused.stderr[-2000:]

@@ -34,3 +34,96 @@ def test_respace_keeps_alphabar_and_maps_to_original_t():
     np.testing.assert_array_equal(timestep_map, kept)
     np.testing.assert_allclose(spaced.alphas_cumprod, np.cumprod(1 - betas)[kept], rtol=2e-6)
     assert spaced.num_timesteps == kept.size
+
+
+def half_log_snr(betas: np.ndarray) -> np.ndarray:
+    abar = np.cumprod(1.0 - betas)
+    return np.log(np.sqrt(abar) / np.sqrt(1.0 - abar))
+
+
+@pytest.mark.parametrize("num_steps", [2, 10, 20, 400])
+def test_logsnr_spacing_is_uniform_in_log_snr(num_steps):
+    betas = np.linspace(1e-4, 0.02, 1000)
+    kept = plans.logsnr_timesteps(Schedule.from_betas(betas), num_steps)
+    assert kept.size == num_steps and np.all(np.diff(kept) > 0)
+    assert kept[0] == 0 and kept[-1] == 999
+    lam = half_log_snr(betas)
+    targets = np.linspace(lam[0], lam[-1], num_steps)
+    if num_steps <= 20:  # few steps: no collisions, each kept t is the nearest in lambda
+        nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+        np.testing.assert_array_equal(kept, nearest)
+    # Many steps crowd near t = 0 (lambda moves fastest there): those take the consecutive
+    # t = 0, 1, ..., m-1; past them every kept t is within one t-step's lambda change of its target.
+    m = int(np.argmax(kept > np.arange(num_steps)))
+    np.testing.assert_array_equal(kept[:m], np.arange(m))
+    gap = np.abs(lam[kept] - targets)[m:]
+    local = np.abs(np.diff(lam))[np.minimum(kept[m:], len(lam) - 2)] + np.abs(np.diff(lam))[
+        np.maximum(kept[m:] - 1, 0)]
+    assert np.all(gap <= local), (gap - local).max()
+    assert num_steps < 400 or 100 < m < 300  # the crowded prefix exists and ends
+
+
+def reference_dpm_weights(betas, kept, order):
+    """(coef_xt, weights on x0_hat at i, i+1, i+2) per chain index, from REFERENCE.md's
+    DPM-Solver++ formulas with diffusers' order rules, in float64."""
+    abar = np.cumprod(1.0 - betas)[kept]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    lam = np.log(alpha / sigma)
+    S = len(kept)
+    out = []
+    for i in range(S):
+        taken = S - 1 - i
+        k = min(order, taken + 1, 2 if (i == 1 and S < 15) else order)
+        if i == 0:
+            out.append((0.0, [1.0, 0.0, 0.0]))
+            continue
+        h = lam[i - 1] - lam[i]
+        base = alpha[i - 1] * (1.0 - np.exp(-h))
+        if k == 1:
+            w = [base, 0.0, 0.0]
+        elif k == 2:
+            r = (lam[i] - lam[i + 1]) / h
+            w = [base * (1 + 1 / (2 * r)), -base / (2 * r), 0.0]
+        else:
+            w = None  # order 3 is checked in the chain test only
+        out.append((sigma[i - 1] / sigma[i], w))
+    return out
+
+
+@pytest.mark.parametrize("order, num_steps, spacing", [(1, 7, "time"), (2, 10, "logsnr"),
+                                                       (2, 16, "time")])
+def test_dpm_solver_weights_follow_the_published_update(order, num_steps, spacing):
+    betas = scaled_linear(T)
+    schedule = Schedule.from_betas(betas)
+    plan = plans.make_plan(schedule, steps=num_steps, spacing=spacing, order=order)
+    kept = np.asarray(plan.timesteps)
+    coef_xt, coef_x0 = np.asarray(plan.dpm_coef_xt), np.asarray(plan.dpm_coef_x0)
+    assert coef_x0.shape == (num_steps, order)
+    for i, (xt, w) in enumerate(reference_dpm_weights(betas, kept, order)):
+        np.testing.assert_allclose(coef_xt[i], xt, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(coef_x0[i], w[:order], rtol=1e-5, atol=1e-7)
+    # The weights of x0_hat sum to alpha_{i-1} (1 - e^{-h}) whatever the order: consistency.
+    if order == 1:  # order 1 is DDIM with eta = 0 on the same grid
+        np.testing.assert_allclose(coef_xt, plan.ddim_coef_xt, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(coef_x0[:, 0], plan.ddim_coef_x0, rtol=1e-5, atol=1e-7)
+
+
+def test_dpm_solver_order_rules_warm_up_and_lower_order_final():
+    schedule = Schedule.from_betas(scaled_linear(T))
+    for num_steps, second_last_order in ((10, 2), (20, 3)):
+        coef_x0 = np.asarray(plans.make_plan(schedule, steps=num_steps, order=3).dpm_coef_x0)
+        used = (coef_x0 != 0).sum(axis=1)[::-1]  # effective order per step, in chain order
+        assert list(used[:3]) == [1, 2, 3] and used[-1] == 1
+        assert used[-2] == second_last_order  # diffusers' lower_order_final below 15 steps
+        assert np.all(used[3:-2] == 3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=10, order=4), "order must be 1, 2 or 3"), (dict(steps=10, order=0), "order"),
+    (dict(steps=2, order=3), "needs at least 3 steps"),
+    (dict(steps=10, spacing="karras"), "Unknown spacing"),
+    (dict(steps="ddim10", spacing="logsnr"), "needs an int number of steps"),
+])
+def test_bad_solver_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plans.make_plan(Schedule.from_betas(scaled_linear(T)), **kwargs)

@@ -129,6 +129,11 @@ def reference_ddim(eps_fn, betas, kept, shape, key, eta):
     (dict(eta=0.5), "only applies to sampler='ddim'"),
     (dict(sampler="plms"), "Unknown sampler"), (dict(var_type="big"), "Unknown var_type"),
     (dict(return_every=0), "return_every"), (dict(progressive=("eps",)), "progressive"),
+    (dict(sampler="ddim", steps=5, order=2), "order=2 only applies to sampler='dpm\\+\\+'"),
+    (dict(sampler="dpm++", steps=1), "order 2 needs at least 2 steps"),
+    (dict(sampler="dpm++", steps=5, order=4), "order must be 1, 2 or 3"),
+    (dict(sampler="dpm++", steps=5, spacing="karras"), "Unknown spacing"),
+    (dict(sampler="dpm++", steps=5, threshold=1.5), "threshold is a percentile"),
 ])
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -152,6 +157,7 @@ def _eqns(jaxpr):
 @pytest.mark.parametrize("options, length", [
     (dict(), T), (dict(sampler="ddim", steps=10), 10),
     (dict(steps="ddim5", return_every=2, progressive=("pred_x0", "x_t")), 5),
+    (dict(sampler="dpm++", steps=8, order=3, return_every=3), 8),
 ])
 def test_jaxpr_holds_one_scan_over_the_steps_with_one_model_copy(options, length):
     model, params = tiny()
@@ -167,8 +173,9 @@ def test_jaxpr_holds_one_scan_over_the_steps_with_one_model_copy(options, length
     assert sum(e.primitive.name == "conv_general_dilated" for e in inside) == 1
 
 
-def test_second_call_and_new_eta_do_not_retrace():
-    model, params = tiny()
+def counting_apply(model):
+    """(ModelApply(model) that appends to `traces` whenever it is traced, traces); a fresh
+    class per call, so no jit cache entry is shared between tests."""
     traces = []
 
     class CountingApply(ModelApply):
@@ -176,7 +183,12 @@ def test_second_call_and_new_eta_do_not_retrace():
             traces.append(1)
             return super().__call__(params, x_t, t)
 
-    apply_fn = CountingApply(model)
+    return CountingApply(model), traces
+
+
+def test_second_call_and_new_eta_do_not_retrace():
+    model, params = tiny()
+    apply_fn, traces = counting_apply(model)
     schedule = Schedule.from_betas(scaled_linear(T))
     first = make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=10, eta=0.0)
     a = first(params, jax.random.key(0))["images"]
@@ -189,6 +201,18 @@ def test_second_call_and_new_eta_do_not_retrace():
     jax.make_jaxpr(make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=11))(
             params, jax.random.key(0))
     assert len(traces) == 2  # a new number of steps is a new program
+
+
+def test_dpm_solver_compiles_once_for_two_spacings_of_the_same_length():
+    model, params = tiny()
+    apply_fn, traces = counting_apply(model)
+    schedule = Schedule.from_betas(scaled_linear(T))
+    runs = [make_sampler(apply_fn, schedule, SHAPE, sampler="dpm++", steps=steps,
+                         spacing=spacing)(params, jax.random.key(0))["images"]
+            for steps, spacing in ((10, "time"), (10, "logsnr"), ("ddim10", "time"))]
+    assert len(traces) == 1  # timesteps and solver weights are plan data
+    assert np.abs(np.asarray(runs[0]) - np.asarray(runs[1])).max() > 1e-3
+    assert np.abs(np.asarray(runs[0]) - np.asarray(runs[2])).max() > 1e-3
 
 
 # --------------------------------------------------------- equality with Python-loop references
@@ -334,6 +358,126 @@ def test_gaussian_data_samples_match_theory(sampler, steps, kept, data_tol):
     assert abs(x.std() - np.sqrt(var)) < 5 * np.sqrt(var / (2 * x.size)), (x.std(), np.sqrt(var))
 
 
+# ------------------------------------------------------------------------- DPM-Solver++
+
+def reference_dpm_update(x, x0_hats, lam, alpha, sigma, i, order):
+    """One DPM-Solver++ step from chain index i to i-1 (Lu et al. 2022b, Alg. 2, as in
+    REFERENCE.md; order 3: the 3M update of the dpm-solver code / diffusers), float64.
+    x0_hats[k] is x0_hat at index i+k; lam / alpha / sigma indexed by chain index, with the step
+    at i = 0 going to alpha = 1, sigma = 0 (lambda = inf)."""
+    if i == 0:
+        return x0_hats[0]
+    h = lam[i - 1] - lam[i]
+    ratio, base = sigma[i - 1] / sigma[i], alpha[i - 1] * (1 - np.exp(-h))
+    if order == 1:
+        return ratio * x + base * x0_hats[0]
+    if order == 2:
+        r = (lam[i] - lam[i + 1]) / h
+        d = (1 + 1 / (2 * r)) * x0_hats[0] - 1 / (2 * r) * x0_hats[1]
+        return ratio * x + base * d
+    m0, m1, m2 = x0_hats[:3]
+    h0, h1 = lam[i] - lam[i + 1], lam[i + 1] - lam[i + 2]
+    r0, r1 = h0 / h, h1 / h
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    e = np.exp(-h)
+    return (ratio * x - alpha[i - 1] * (e - 1) * m0 + alpha[i - 1] * ((e - 1) / h + 1) * d1
+            - alpha[i - 1] * ((e - 1 + h) / h**2 - 0.5) * d2)
+
+
+@pytest.mark.parametrize("order, steps, spacing", [(2, 10, "time"), (2, 16, "logsnr"),
+                                                   (3, 12, "logsnr"), (3, 16, "time")])
+def test_dpm_solver_every_step_is_the_published_update(order, steps, spacing):
+    """Each step's output, recomputed in float64 from the chain's own recorded x_t and x0_hat
+    (so errors cannot accumulate or hide), with the effective order diffusers uses: 1 on the
+    first step, min(order, steps taken + 1) after, 1 on the last, <= 2 second-to-last below 15."""
+    model, params = tiny()
+    betas, key = scaled_linear(T), jax.random.key(11)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, sampler="dpm++",
+                       steps=steps, order=order, spacing=spacing, return_every=1,
+                       progressive=("pred_x0", "x_t"))(params, key)
+    kept = out["progressive_timesteps"][::-1]  # chain index i -> t
+    assert len(kept) == steps
+    abar = np.cumprod(1.0 - betas)[kept]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    lam = np.log(alpha / sigma)
+    x_t = np.asarray(out["x_t"], np.float64)[::-1]          # [S, B, ...] by chain index
+    x0_hat = np.asarray(out["pred_x0"], np.float64)[::-1]
+    for i in range(steps):
+        eps = np.asarray(reference_apply(model, params, out["x_t"][steps - 1 - i],
+                                         np.full(SHAPE[:1], kept[i], np.int32)), np.float64)
+        expected_x0 = np.clip((x_t[i] - sigma[i] * eps) / alpha[i], -1, 1)
+        np.testing.assert_allclose(x0_hat[i], expected_x0, rtol=1e-4, atol=1e-4)
+        k = min(order, steps - i, 1 if i == 0 else order, 2 if i == 1 and steps < 15 else order)
+        expected = reference_dpm_update(x_t[i], x0_hat[i:i + k], lam, alpha, sigma, i, k)
+        got = x_t[i - 1] if i > 0 else np.asarray(out["images"], np.float64)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5, err_msg=f"step {i}")
+
+
+@pytest.mark.parametrize("spacing", ["time", "logsnr"])
+def test_dpm_solver_order_one_is_ddim_eta_zero(spacing):
+    model, params = tiny()
+    schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(12)
+    dpm = make_sampler(ModelApply(model), schedule, SHAPE, sampler="dpm++", order=1, steps=9,
+                       spacing=spacing)(params, key)["images"]
+    ddim = make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim", steps=9,
+                        spacing=spacing)(params, key)["images"]
+    np.testing.assert_allclose(np.asarray(dpm), np.asarray(ddim), atol=1e-5)
+    second = make_sampler(ModelApply(model), schedule, SHAPE, sampler="dpm++", steps=9,
+                          spacing=spacing)(params, key)["images"]
+    assert np.abs(np.asarray(second) - np.asarray(dpm)).max() > 1e-3  # order 2 is another method
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
+def test_dynamic_threshold_replaces_the_clip(sampler):
+    model, params = tiny()
+    schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(14)
+    runs = {threshold: np.asarray(make_sampler(
+        ModelApply(model), schedule, SHAPE, sampler=sampler, steps=6, threshold=threshold,
+        return_every=1)(params, key)["pred_x0"]) for threshold in (None, 0.5)}
+    clipped, thresholded = runs[None], runs[0.5]
+    assert np.abs(thresholded).max() <= 1.0 + 1e-6
+    # Where half of an example's pixels exceed 1, it is rescaled, not clipped: fewer pixels at +-1.
+    assert (np.abs(thresholded) >= 1 - 1e-6).sum() < (np.abs(clipped) >= 1 - 1e-6).sum()
+
+
+def test_dpm_solver_convergence_order_on_gaussian_data():
+    """Data x0 ~ N(mu, s^2): the exact eps is linear in x_t and the probability-flow ODE keeps
+    each coordinate's standardized value z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2),
+    so the chain's exact output is x0_hat at t = 0 of alpha_0 mu + sqrt(alpha_0^2 s^2 +
+    sigma_0^2) z(x_T). Log-SNR spacing (uniform h), T = 1000: the error falls as h^order."""
+    mu, s = 0.3, 0.5
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    # eps tables from float64, so that 1 - abar_t near t = 0 keeps its digits in float32
+    alpha_t, sigma_t = jnp.asarray(alpha, jnp.float32), jnp.asarray(sigma, jnp.float32)
+
+    def eps_fn(x_t, t):  # E[eps | x_t]
+        a, sg = alpha_t[t][:, None, None, None], sigma_t[t][:, None, None, None]
+        return sg * (x_t - a * mu) / (a**2 * s**2 + sg**2)
+
+    shape, key = (8, 4, 4, 1), jax.random.key(13)
+    x_T = np.asarray(batch_noise(key, shape)[0], np.float64)
+    z = (x_T - alpha[-1] * mu) / np.sqrt(alpha[-1] ** 2 * s**2 + sigma[-1] ** 2)
+    x_0 = alpha[0] * mu + np.sqrt(alpha[0] ** 2 * s**2 + sigma[0] ** 2) * z
+    exact = mu + alpha[0] * s**2 * (x_0 - alpha[0] * mu) / (alpha[0] ** 2 * s**2 + sigma[0] ** 2)
+    steps = np.array([20, 40, 80])
+    errors = {}
+    for order in (1, 2, 3):
+        errors[order] = np.array([np.abs(np.asarray(sample(
+            eps_fn, Schedule.from_betas(betas), shape, key, sampler="dpm++", steps=int(n),
+            order=order, spacing="logsnr", clip_denoised=False)["images"]) - exact).max()
+            for n in steps])
+    slopes = {k: -np.polyfit(np.log(steps), np.log(e), 1)[0] for k, e in errors.items()}
+    assert 0.9 < slopes[1] < 1.1 and 1.8 < slopes[2] < 2.2, (slopes, errors)
+    # Order 3 starts with an order-1 and an order-2 step (diffusers' warm-up), whose local errors
+    # cap its global order near 2; it is still more accurate than order 2 at every step count.
+    assert slopes[3] > 2.1 and np.all(errors[3] < errors[2]), (slopes, errors)
+    assert errors[2][-1] > 1e-4  # far above float32 rounding: the slope measures the method
+
+
 # ------------------------------------------------------------------------------------ keys
 
 def test_keys_are_deterministic_and_per_example():
@@ -383,10 +527,14 @@ EIGHT_DEVICES = textwrap.dedent("""
             return apply_fn(params, x_t, t) + 0.1 * y.astype(jnp.float32)[:, None, None, None]
 
     labels = np.arange(16) % 3
-    one, eight = (make_sampler(Shift(), schedule, shape, steps=10, guidance=2.0, mesh=m)(
-                      params, jax.random.key(1), 0, labels)["images"] for m in (None, mesh))
-    assert len(eight.sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(eight), np.asarray(one), atol=1e-6)
+    for opts in (dict(), dict(sampler="dpm++", order=3, spacing="logsnr", return_every=4)):
+        # DPM-Solver++: its x0 history in the carry is sharded like x_t.
+        one, eight = (make_sampler(Shift(), schedule, shape, steps=10, guidance=2.0, mesh=m,
+                                   **opts)(params, jax.random.key(1), 0, labels)
+                      for m in (None, mesh))
+        for name in set(one) - {"progressive_timesteps"}:
+            assert len(eight[name].sharding.device_set) == 8, name
+            np.testing.assert_allclose(np.asarray(eight[name]), np.asarray(one[name]), atol=1e-5)
     print("OK")
 """)
 
@@ -410,6 +558,8 @@ def run_sample_py(*args, timeout=300):
     (lambda d: [f"--workdir={d}/missing"], "--workdir=" ),
     (lambda d: [f"--workdir={d}"], "is empty"),
     (lambda d: [f"--workdir={d}", "--sampler=plms"], "--sampler"),
+    (lambda d: [f"--workdir={d}", "--sampler=dpm++", "--order=4"], "--order"),
+    (lambda d: [f"--workdir={d}", "--sampler=dpm++", "--spacing=karras"], "--spacing"),
     (lambda d: [f"--diffusers_dir={d}"], "no config.json"),
     (lambda d: [], "workdir"),
 ])
@@ -441,9 +591,19 @@ def test_sample_py_on_a_tiny_diffusers_folder(tmp_path):
     assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8
     assert len(np.unique(images)) > 10  # not a constant image
     assert out.stat().st_size > 0
-    # A bad --steps is a usage error that names the flag, raised before anything compiles.
-    proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", "--steps=ddim7x", f"--out={out}")
-    assert proc.returncode != 0 and "--steps" in proc.stderr, proc.stderr[-2000:]
+    # DPM-Solver++ end to end: 4 steps uniform in log-SNR, order 3.
+    proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", "--num_samples=2",
+                         "--sampler=dpm++", "--steps=4", "--order=3", "--spacing=logsnr",
+                         f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dpm++, 4 steps, order 3, logsnr spacing" in proc.stderr, proc.stderr[-2000:]
+    # Bad values are usage errors that name the flag, raised before anything compiles.
+    for args, message in ((["--steps=ddim7x"], "--steps"),
+                          (["--sampler=ddim", "--steps=3", "--order=2"], "--order=2 only applies"),
+                          (["--sampler=dpm++", "--steps=2", "--order=3"], "needs at least 3 steps")):
+        proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", *args, f"--out={out}")
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_draw_images_does_not_depend_on_the_batch_size():
@@ -481,9 +641,13 @@ class Shift:  # class-conditional: the label (3: null) shifts the output
 schedule = Schedule.create("linear", 10)
 plain = sampling.make_sampler(apply_fn, schedule, (4, 4, 4, 3), sampler="ddpm", steps=4, mesh=mesh)
 guided = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3), steps=4, guidance=1.5, mesh=mesh)
+solver = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3), sampler="dpm++", steps=4,
+                               guidance=1.5, mesh=mesh)
 key = jax.random.key(7)
 np.save(out, np.stack([sampling.draw_images(plain, jnp.float32(0.5), key, 6, progress=False),
                        sampling.draw_images(guided, jnp.float32(0.5), key, 6, progress=False,
+                                            labels=[0, 1, 2, 0, 1, 2]),
+                       sampling.draw_images(solver, jnp.float32(0.5), key, 6, progress=False,
                                             labels=[0, 1, 2, 0, 1, 2])]))
 """
 
@@ -507,8 +671,13 @@ def test_draw_images_on_two_hosts_gives_every_host_all_images(tmp_path):
         np.asarray(sampling.to_uint8(sample(guided_fn(labels[n]), schedule, (1, 4, 4, 3), key,
                                             steps=4, example_offset=n)["images"]))
         for n in range(6)])
+    expected_solver = np.concatenate([
+        np.asarray(sampling.to_uint8(sample(guided_fn(labels[n]), schedule, (1, 4, 4, 3), key,
+                                            sampler="dpm++", steps=4, example_offset=n)["images"]))
+        for n in range(6)])
     hosts = [np.load(out) for out in outs]
-    assert hosts[0].shape == (2, 6, 4, 4, 3)
+    assert hosts[0].shape == (3, 6, 4, 4, 3)
+    assert np.abs(hosts[0][2].astype(int) - expected_solver.astype(int)).max() <= 1
     np.testing.assert_array_equal(hosts[0], hosts[1])
     assert np.abs(hosts[0][0].astype(int) - expected.astype(int)).max() <= 1
     assert np.abs(hosts[0][1].astype(int) - expected_guided.astype(int)).max() <= 1
@@ -574,9 +743,10 @@ def test_labels_as_data_match_the_closure_and_do_not_retrace():
     assert sampling._chain_jit(True)._cache_size() == cached
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
 @pytest.mark.parametrize("learned_var", [False, True])
 @pytest.mark.parametrize("w", [0.0, 1.5])
-def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w):
+def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w, sampler):
     """(1 + w) eps(y) - w eps(null) of the class-shift model is the class-shift model with offsets
     (1 + w) e[y] - w e[null] (the 0.1 x_t terms mix to themselves); a learned variance must stay
     the conditional one, so v is left as it is."""
@@ -585,7 +755,8 @@ def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w):
     guided = dict(params, e=jnp.asarray((1 + w) * e - w * e[-1:], jnp.float32))
     schedule = Schedule.create("linear", 20)
     key, labels = jax.random.key(8), np.array([0, 1], np.int32)
-    options = dict(steps=6, var_type="learned_range" if learned_var else "fixedlarge")
+    options = dict(steps=6, var_type="learned_range" if learned_var else "fixedlarge",
+                   sampler=sampler)
     reference = sample(sampling.model_denoise_fn(model, guided, jnp.asarray(labels)), schedule,
                        (2, 4, 4, 1), key, **options)["images"]
     sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), guidance=w, **options)

@@ -235,10 +235,12 @@ def test_model_from_config_fills_out_channels_and_dtype():
     assert model.out_channels == 2 and model.dtype == jnp.bfloat16
 
 
-def _set(path: str, value):
+def _set(path: str, value, *more):
+    """mutate(config) setting path to value (and any further path, value pairs)."""
     def mutate(config):
-        section, field = path.split(".")
-        config[section][field] = value
+        for p, v in zip((path,) + more[::2], (value,) + more[1::2]):
+            section, field = p.split(".")
+            config[section][field] = v
     return mutate
 
 
@@ -261,6 +263,13 @@ def _set(path: str, value):
     (_set("training.ema_decay", 1.0), r"config.training.ema_decay=1.0"),
     (_set("sampling.steps", 2000), r"config.sampling.steps=2000: use 1 to diffusion.timesteps=1000 steps"),
     (_set("sampling.sampler", "euler"), r"config.sampling.sampler='euler'"),
+    (_set("sampling.order", 4), r"config.sampling.order=4: DPM-Solver\+\+ has orders 1..3"),
+    (_set("sampling.spacing", "karras"), r"config.sampling.spacing='karras': use one of"),
+    (_set("sampling.steps", None, "sampling.steps", "ddim50", "sampling.spacing", "logsnr"),
+     r"config.sampling.steps='ddim50': spacing='logsnr' places an int number of steps"),
+    (_set("sampling.sampler", "dpm++", "sampling.steps", 2, "sampling.order", 3),
+     r"config.sampling.steps=2: DPM-Solver\+\+ of order 3 needs at least 3 steps"),
+    (_set("sampling.threshold", 1.0), r"config.sampling.threshold=1.0: use a value in \(0.0, 1.0\)"),
     (_set("sampling.var_type", "learned"), r"config.sampling.var_type='learned'"),
     (_set("eval.fid_reference", "val"), r"config.eval.fid_reference='val'"),
     (_set("eval.metrics", ""), r"config.eval.metrics='': use a comma-separated string"),
