@@ -1,0 +1,69 @@
+"""Quality against the number of network calls, for every sampler on one checkpoint (the DDIM
+paper's Table 1, on digits): digits-FID at the native 8x8 (bench/digits_yardstick.py).
+
+    python bench/steps_table.py --workdir runs/quality/ours --steps 10,20,50,100 --seeds 0,1
+
+Each cell draws --num_samples images from the run's EMA weights with our compiled chain. The
+samplers: ancestral (the run's variance), DDIM (eta 0) and DPM-Solver++ (order 2, logsnr
+spacing unless --dpm_spacing). Prints JSON lines and a Markdown table (mean and range over the
+seeds, seconds per 1,000 images). Never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench.digits_yardstick import Yardstick, sample_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--steps", default="10,20,50,100")
+    parser.add_argument("--samplers", default="ddpm,ddim,dpm++")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--dpm_spacing", default="logsnr", choices=("time", "logsnr"))
+    parser.add_argument("--out", default=None, help="JSON-lines file to append the cells to.")
+    args = parser.parse_args()
+    yardstick = Yardstick()
+    print(yardstick.protocol(), flush=True)
+    steps = [int(s) for s in args.steps.split(",")]
+    samplers = args.samplers.split(",")
+    cells: dict = {}
+    for sampler in samplers:
+        for num_steps in steps:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                options = dict(sampler=sampler, steps=num_steps)
+                if sampler == "dpm++":
+                    options.update(spacing=args.dpm_spacing, order=2)
+                images, secs = sample_checkpoint(args.workdir, seed=seed,
+                                                 num_samples=args.num_samples, **options)
+                row = dict(sampler=sampler, steps=num_steps, seed=seed, seconds=round(secs, 1),
+                           **yardstick.score(images))
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                cells.setdefault((sampler, num_steps), []).append(row)
+    print("\n| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |")
+    print("| --- | " + " | ".join("---" for _ in steps) + " |")
+    for sampler in samplers:
+        parts = []
+        for num_steps in steps:
+            fids = [r["fid"] for r in cells[(sampler, num_steps)]]
+            secs = np.mean([r["seconds"] for r in cells[(sampler, num_steps)]])
+            spread = f" ({min(fids):.2f}-{max(fids):.2f})" if len(fids) > 1 else ""
+            parts.append(f"{np.mean(fids):.2f}{spread}, {secs:.0f} s")
+        print(f"| {sampler} | " + " | ".join(parts) + " |")
+
+
+if __name__ == "__main__":
+    main()
