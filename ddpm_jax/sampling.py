@@ -96,7 +96,7 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         i = per_step["index"]
         index = jnp.full((batch,), i, jnp.int32)
         t = jnp.full((batch,), per_step["timestep"], jnp.int32)
-        out = p_mean_variance(plan.schedule, model_out(x_t, t), x_t, index,
+        out = p_mean_variance(plan.schedule, model_output=model_out(x_t, t), x_t=x_t, t=index,
                               mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
         if sampler == "ddim":
             mean = per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t
