@@ -111,24 +111,39 @@ def predict_eps_from_v(schedule: Schedule, *, x_t: Array, t: Array, v: Array) ->
             + extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * v)
 
 
-def split_model_output(model_output: Array, var_type: str) -> tuple[Array, Array | None]:
-    """Splits [..., 2C] into (mean part, variance part) for learned variances; else (out, None)."""
+def split_model_output(*, model_output: Array, var_type: str,
+                       channels: int) -> tuple[Array, Array | None]:
+    """Splits the network's output [..., C or 2C] into (mean part [..., C], variance part).
+
+    `channels` is the image's C (x_t.shape[-1]). A learned variance needs 2C channels and
+    returns (first C, last C). A fixed variance returns (first C, None): the variance channels
+    of a learned-variance model sampled with a fixed variance are dropped.
+    """
     _check("var_type", var_type, VAR_TYPES)
+    got = model_output.shape[-1]
     if var_type in ("learned", "learned_range"):
-        mean_part, var_part = jnp.split(model_output, 2, axis=-1)
-        return mean_part, var_part
-    return model_output, None
+        if got != 2 * channels:
+            raise ValueError(f"var_type {var_type!r} needs a model output of 2C = {2 * channels} "
+                             f"channels (mean, variance) for C = {channels}; got {got}.")
+        return model_output[..., :channels], model_output[..., channels:]
+    if got not in (channels, 2 * channels):
+        raise ValueError(f"var_type {var_type!r} needs a model output of C = {channels} channels "
+                         f"(or 2C = {2 * channels}, of which the variance half is dropped); "
+                         f"got {got}.")
+    return model_output[..., :channels], None
 
 
 def p_mean_variance(schedule: Schedule, *, model_output: Array, x_t: Array, t: Array,
                     mean_type: str, var_type: str, clip_denoised: bool = True) -> dict[str, Array]:
     """Mean and variance of p_theta(x_{t-1} | x_t) from the network's output.
 
-    model_output: [B, H, W, C] (or 2C for learned variances); x_t: [B, H, W, C]; t: [B].
+    model_output: [B, H, W, C], or 2C for learned variances (a 2C output with a fixed
+    var_type: its variance half is ignored); x_t: [B, H, W, C]; t: [B].
     Returns dict(mean, variance, log_variance, pred_x0), each [B, H, W, C].
     """
     _check("mean_type", mean_type, MEAN_TYPES)
-    mean_part, var_part = split_model_output(model_output, var_type)
+    mean_part, var_part = split_model_output(model_output=model_output, var_type=var_type,
+                                             channels=x_t.shape[-1])
     nd = x_t.ndim
 
     if var_type == "learned":
@@ -243,7 +258,8 @@ def training_losses(schedule: Schedule, denoise_fn: DenoiseFn, *, x0: Array, t: 
     _check("var_type", var_type, VAR_TYPES)
     x_t = q_sample(schedule, x0=x0, t=t, noise=noise)
     model_output = denoise_fn(x_t, t)
-    mean_part, var_part = split_model_output(model_output, var_type)
+    mean_part, var_part = split_model_output(model_output=model_output, var_type=var_type,
+                                             channels=x0.shape[-1])
     terms: dict[str, Array] = {}
     if loss_type == "kl":
         terms["vb"], _ = vb_terms_bpd(schedule, model_output=model_output, x0=x0, x_t=x_t, t=t,

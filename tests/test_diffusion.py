@@ -419,6 +419,44 @@ def test_p_mean_variance_bad_types_raise(kwargs):
         D.p_mean_variance(sched, model_output=x, x_t=x, t=jnp.zeros(1, jnp.int32), **kwargs)
 
 
+@pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
+@pytest.mark.parametrize("mean_type", MEAN_TYPES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_p_mean_variance_fixed_variance_drops_learned_variance_channels(
+    channels, mean_type, var_type
+):
+    # A learned-variance model (2C output channels) sampled with a fixed variance: the variance
+    # half is ignored, so everything equals the reference fed the first C channels alone.
+    sched, tb = setup("linear10")
+    rng = np.random.default_rng(20)
+    shape, t = (3, 2, 3, channels), steps(sched)
+    x_t, mean_out = f32(rng, shape), f32(rng, shape)
+    out = np.concatenate([mean_out, f32(rng, shape, -1, 1)], axis=-1)
+    got = D.p_mean_variance(
+        sched, model_output=out, x_t=x_t, t=t, mean_type=mean_type, var_type=var_type
+    )
+    ref = ref_p_mean_variance(tb, f64(mean_out), f64(x_t), t, mean_type, var_type, True)
+    for key in ("mean", "variance", "log_variance", "pred_x0"):
+        assert got[key].shape == shape, key
+        assert_close(got[key], ref[key], atol=1e-6 if key != "variance" else 1e-9)
+
+
+@pytest.mark.parametrize(
+    "var_type,out_channels",
+    [("learned", 2), ("learned_range", 3), ("fixedlarge", 9), ("fixedsmall", 4)],
+)
+def test_p_mean_variance_wrong_output_channels_raise(var_type, out_channels):
+    # C = 3: a learned variance needs exactly 6 channels, a fixed one 3 or 6.
+    sched, _ = setup("linear10")
+    x_t = jnp.zeros((1, 2, 2, 3))
+    out = jnp.zeros((1, 2, 2, out_channels))
+    with pytest.raises(ValueError, match="channels"):
+        D.p_mean_variance(
+            sched, model_output=out, x_t=x_t, t=jnp.zeros(1, jnp.int32), mean_type="eps",
+            var_type=var_type,
+        )
+
+
 # --------------------------------------------------------------------------- KL and likelihood
 
 
@@ -622,6 +660,36 @@ def test_training_losses_mse_hand_formula():
     x_t = ref_q_sample(tb, f64(x0), t, f64(noise))
     np.testing.assert_allclose(got["mse"], mean_flat64((f64(noise) - 0.5 * x_t) ** 2), rtol=1e-5)
     np.testing.assert_allclose(got["loss"], got["mse"])
+
+
+@pytest.mark.parametrize(
+    "loss_type,mean_type,var_type", [("mse", "eps", "fixedlarge"), ("kl", "v", "fixedsmall")]
+)
+def test_training_losses_fixed_variance_ignores_variance_channels(loss_type, mean_type, var_type):
+    # C = 1 and a 2C output: before the variance half was dropped, (target - output) broadcast
+    # [B,H,W,1] against [B,H,W,2] and ran silently wrong.
+    sched, tb = setup("linear10")
+    rng = np.random.default_rng(21)
+    shape, t = (3, 2, 2, 1), steps(sched)
+    x0, noise = on_grid(rng, shape), f32(rng, shape)
+    record = {}
+
+    def fn(x, t):
+        record["x_t"] = x
+        return jnp.concatenate([0.5 * x, 3.0 + x], -1)
+
+    got = D.training_losses(
+        sched, fn, x0=x0, t=t, noise=noise, mean_type=mean_type, var_type=var_type,
+        loss_type=loss_type,
+    )
+    x_t = ref_q_sample(tb, f64(x0), t, f64(noise))
+    assert_close(record["x_t"], x_t)
+    ref = ref_training_losses(
+        tb, f64(x0), x_t, t, f64(noise), 0.5 * f64(record["x_t"]), mean_type, var_type,
+        loss_type, 1e-3,
+    )
+    assert got["loss"].shape == (3,)
+    assert_close(got["loss"], ref["loss"], rtol=1e-4, atol=1e-5, scaled=False)
 
 
 @pytest.mark.parametrize("loss_type,mean_type,var_type", GRAD_CASES)
