@@ -75,8 +75,9 @@ def main() -> None:
 
     def step_fn(params, x_t, i, t, key):
         index = jnp.full((args.batch,), i, jnp.int32)
-        out = p_mean_variance(plan.schedule, apply_fn(params, x_t, jnp.full((args.batch,), t)),
-                              x_t, index, mean_type="eps", var_type="fixedlarge")
+        out = p_mean_variance(plan.schedule,
+                              model_output=apply_fn(params, x_t, jnp.full((args.batch,), t)),
+                              x_t=x_t, t=index, mean_type="eps", var_type="fixedlarge")
         noise = jax.random.normal(jax.random.fold_in(key, i), x_t.shape)
         return out["mean"] + jnp.where(i > 0, jnp.exp(0.5 * out["log_variance"]), 0.0) * noise
 

@@ -47,8 +47,8 @@ def _bpd_batch_fn(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array,
                   key: Array, *, mean_type: str, var_type: str,
                   clip_denoised: bool) -> dict[str, Array]:
     def one(x: Array, index: Array) -> dict[str, Array]:
-        out = diffusion.calc_bpd(schedule, lambda x_t, t: apply_fn(params, x_t, t), x[None],
-                                 jax.random.fold_in(key, index), mean_type=mean_type,
+        out = diffusion.calc_bpd(schedule, lambda x_t, t: apply_fn(params, x_t, t), x0=x[None],
+                                 key=jax.random.fold_in(key, index), mean_type=mean_type,
                                  var_type=var_type, clip_denoised=clip_denoised)
         return jax.tree.map(lambda a: a[0], out)
 

@@ -104,8 +104,9 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         i = per_step["index"]
         index = jnp.full((batch,), i, jnp.int32)
         t = jnp.full((batch,), per_step["timestep"], jnp.int32)
-        out = p_mean_variance(plan.schedule, model_out(x_t, t), x_t, index, mean_type=mean_type,
-                              var_type=var_type, clip_denoised=clip_denoised and threshold is None)
+        out = p_mean_variance(plan.schedule, model_output=model_out(x_t, t), x_t=x_t, t=index,
+                              mean_type=mean_type, var_type=var_type,
+                              clip_denoised=clip_denoised and threshold is None)
         if threshold is not None:
             out["pred_x0"] = dynamic_threshold(out["pred_x0"], ratio=threshold)
             if sampler == "ddpm" and mean_type != "xprev":

@@ -214,9 +214,9 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     def loss_fn(params: PyTree, x0: Array, t: Array, noise: Array, labels: Array | None,
                 dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
         denoise_fn = _model_denoise_fn(model, params, labels, dropout_rng)
-        terms = diffusion.training_losses(schedule, denoise_fn, x0, t, noise, mean_type=mean_type,
-                                          var_type=var_type, loss_type=loss_type,
-                                          hybrid_lambda=hybrid_lambda)
+        terms = diffusion.training_losses(schedule, denoise_fn, x0=x0, t=t, noise=noise,
+                                          mean_type=mean_type, var_type=var_type,
+                                          loss_type=loss_type, hybrid_lambda=hybrid_lambda)
         terms = {name: jnp.mean(value) for name, value in terms.items()}
         return terms["loss"], terms
 

@@ -226,12 +226,12 @@ def test_q_mean_variance_and_q_sample(name, shape):
     sched, tb = setup(name)
     rng = np.random.default_rng(0)
     x0, noise, t = f32(rng, shape, -1, 1), f32(rng, shape), steps(sched)
-    mean, var, logvar = D.q_mean_variance(sched, x0, t)
+    mean, var, logvar = D.q_mean_variance(sched, x0=x0, t=t)
     ref_mean, ref_var, ref_logvar = ref_q_mean_variance(tb, f64(x0), t)
     assert_close(mean, ref_mean)
     assert_close(jnp.broadcast_to(var, shape), np.broadcast_to(ref_var, shape))
     assert_close(jnp.broadcast_to(logvar, shape), np.broadcast_to(ref_logvar, shape))
-    x_t = D.q_sample(sched, x0, t, noise)
+    x_t = D.q_sample(sched, x0=x0, t=t, noise=noise)
     assert x_t.shape == shape and x_t.dtype == jnp.float32
     assert_close(x_t, ref_q_sample(tb, f64(x0), t, f64(noise)))
 
@@ -244,7 +244,7 @@ def test_q_sample_moments_from_many_draws():
     t = np.repeat(ts, n)
     x0 = np.broadcast_to(x0_img, (3 * n, 2, 2, 1))
     noise = jax.random.normal(jax.random.key(0), x0.shape)
-    x_t = np.asarray(D.q_sample(sched, x0, t, noise), np.float64).reshape(3, n, 2, 2, 1)
+    x_t = np.asarray(D.q_sample(sched, x0=x0, t=t, noise=noise), np.float64).reshape(3, n, 2, 2, 1)
     for i, step in enumerate(ts):
         abar = tb["abar"][step]
         samples = x_t[i]
@@ -265,7 +265,7 @@ def test_q_posterior_mean_variance(name, shape):
     sched, tb = setup(name)
     rng = np.random.default_rng(1)
     x0, x_t, t = f32(rng, shape, -1, 1), f32(rng, shape), steps(sched)
-    mean, var, logvar = D.q_posterior_mean_variance(sched, x0, x_t, t)
+    mean, var, logvar = D.q_posterior_mean_variance(sched, x0=x0, x_t=x_t, t=t)
     ref_mean, ref_var, ref_logvar = ref_posterior(tb, f64(x0), f64(x_t), t)
     assert_close(mean, ref_mean)
     assert_close(jnp.broadcast_to(var, shape), np.broadcast_to(ref_var, shape), atol=1e-9)
@@ -281,7 +281,7 @@ def test_posterior_matches_bayes_rule_analytically(name):
     t = np.arange(1, T, dtype=np.int32)
     rng = np.random.default_rng(2)
     x0, x_t = f32(rng, (T - 1, 1, 1, 1), -1, 1), f32(rng, (T - 1, 1, 1, 1))
-    mean, var, _ = D.q_posterior_mean_variance(sched, x0, x_t, t)
+    mean, var, _ = D.q_posterior_mean_variance(sched, x0=x0, x_t=x_t, t=t)
     alpha, beta = g(tb, "alphas", t), g(tb, "betas", t)
     abar_prev = g(tb, "abar_prev", t)
     precision = alpha / beta + 1 / (1 - abar_prev)
@@ -310,7 +310,8 @@ def test_posterior_matches_bayes_rule_on_a_grid():
         grid_mean = np.sum(grid * p) * dx
         grid_var = np.sum((grid - grid_mean) ** 2 * p) * dx
         mean, var, _ = D.q_posterior_mean_variance(
-            sched, jnp.full((1, 1, 1, 1), x0), jnp.full((1, 1, 1, 1), x_t), jnp.array([step])
+            sched, x0=jnp.full((1, 1, 1, 1), x0), x_t=jnp.full((1, 1, 1, 1), x_t),
+            t=jnp.array([step]),
         )
         np.testing.assert_allclose(float(mean.reshape(())), grid_mean, rtol=1e-5, atol=2e-6)
         np.testing.assert_allclose(float(jnp.reshape(var, -1)[0]), grid_var, rtol=1e-4)
@@ -320,7 +321,9 @@ def test_posterior_at_first_step_is_x0():
     sched, _ = setup("linear10")
     rng = np.random.default_rng(3)
     x0, x_t = f32(rng, (2, 2, 2, 1), -1, 1), f32(rng, (2, 2, 2, 1))
-    mean, var, logvar = D.q_posterior_mean_variance(sched, x0, x_t, jnp.zeros(2, jnp.int32))
+    mean, var, logvar = D.q_posterior_mean_variance(
+        sched, x0=x0, x_t=x_t, t=jnp.zeros(2, jnp.int32)
+    )
     np.testing.assert_allclose(np.asarray(mean), x0, rtol=1e-6, atol=1e-7)
     assert np.all(np.asarray(var) == 0)
     assert np.all(np.isfinite(np.asarray(logvar)))
@@ -335,12 +338,12 @@ def test_predictions_match_reference(name, shape):
     rng = np.random.default_rng(4)
     x0, x_t, eps, t = f32(rng, shape, -1, 1), f32(rng, shape), f32(rng, shape), steps(sched)
     a, b, c = f64(x0), f64(x_t), f64(eps)
-    assert_close(D.predict_x0_from_eps(sched, x_t, t, eps), ref_x0_from_eps(tb, b, t, c))
-    assert_close(D.predict_eps_from_x0(sched, x_t, t, x0), ref_eps_from_x0(tb, b, t, a))
-    assert_close(D.predict_x0_from_xprev(sched, x_t, t, eps), ref_x0_from_xprev(tb, b, t, c))
-    assert_close(D.v_from_x0_eps(sched, x0, t, eps), ref_v(tb, a, t, c))
-    assert_close(D.predict_x0_from_v(sched, x_t, t, eps), ref_x0_from_v(tb, b, t, c))
-    assert_close(D.predict_eps_from_v(sched, x_t, t, eps), ref_eps_from_v(tb, b, t, c))
+    assert_close(D.predict_x0_from_eps(sched, x_t=x_t, t=t, eps=eps), ref_x0_from_eps(tb, b, t, c))
+    assert_close(D.predict_eps_from_x0(sched, x_t=x_t, t=t, x0=x0), ref_eps_from_x0(tb, b, t, a))
+    assert_close(D.predict_x0_from_xprev(sched, x_t=x_t, t=t, xprev=eps), ref_x0_from_xprev(tb, b, t, c))
+    assert_close(D.v_from_x0_eps(sched, x0=x0, t=t, eps=eps), ref_v(tb, a, t, c))
+    assert_close(D.predict_x0_from_v(sched, x_t=x_t, t=t, v=eps), ref_x0_from_v(tb, b, t, c))
+    assert_close(D.predict_eps_from_v(sched, x_t=x_t, t=t, v=eps), ref_eps_from_v(tb, b, t, c))
 
 
 @pytest.mark.parametrize("name", ["linear10", "cosine50"])
@@ -352,15 +355,15 @@ def test_parameterizations_round_trip(name):
     shape = (T, 2, 2, 1)
     t = np.arange(T, dtype=np.int32)
     x0, eps = f32(rng, shape, -1, 1), f32(rng, shape)
-    x_t = D.q_sample(sched, x0, t, eps)
-    v = D.v_from_x0_eps(sched, x0, t, eps)
+    x_t = D.q_sample(sched, x0=x0, t=t, noise=eps)
+    v = D.v_from_x0_eps(sched, x0=x0, t=t, eps=eps)
     tol = {"rtol": 1e-4, "atol": 2e-4}
-    np.testing.assert_allclose(D.predict_x0_from_eps(sched, x_t, t, eps), x0, **tol)
-    np.testing.assert_allclose(D.predict_eps_from_x0(sched, x_t, t, x0), eps, **tol)
-    np.testing.assert_allclose(D.predict_x0_from_v(sched, x_t, t, v), x0, **tol)
-    np.testing.assert_allclose(D.predict_eps_from_v(sched, x_t, t, v), eps, **tol)
-    xprev, _, _ = D.q_posterior_mean_variance(sched, x0, x_t, t)
-    np.testing.assert_allclose(D.predict_x0_from_xprev(sched, x_t, t, xprev), x0, **tol)
+    np.testing.assert_allclose(D.predict_x0_from_eps(sched, x_t=x_t, t=t, eps=eps), x0, **tol)
+    np.testing.assert_allclose(D.predict_eps_from_x0(sched, x_t=x_t, t=t, x0=x0), eps, **tol)
+    np.testing.assert_allclose(D.predict_x0_from_v(sched, x_t=x_t, t=t, v=v), x0, **tol)
+    np.testing.assert_allclose(D.predict_eps_from_v(sched, x_t=x_t, t=t, v=v), eps, **tol)
+    xprev, _, _ = D.q_posterior_mean_variance(sched, x0=x0, x_t=x_t, t=t)
+    np.testing.assert_allclose(D.predict_x0_from_xprev(sched, x_t=x_t, t=t, xprev=xprev), x0, **tol)
 
 
 @pytest.mark.parametrize("clip", [True, False])
@@ -378,7 +381,8 @@ def test_p_mean_variance_matches_reference(name, shape, mean_type, var_type, cli
     elif var_type == "learned_range":
         out = np.concatenate([out, f32(rng, shape, -1, 1)], axis=-1)
     got = D.p_mean_variance(
-        sched, out, x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip
+        sched, model_output=out, x_t=x_t, t=t, mean_type=mean_type, var_type=var_type,
+        clip_denoised=clip,
     )
     ref = ref_p_mean_variance(tb, f64(out), f64(x_t), t, mean_type, var_type, clip)
     assert set(got) >= {"mean", "variance", "log_variance", "pred_x0"}
@@ -395,8 +399,10 @@ def test_p_mean_variance_with_optimal_eps_recovers_true_posterior():
     rng = np.random.default_rng(7)
     shape, t = (3, 4, 4, 2), steps(sched)
     x0, eps = f32(rng, shape, -1, 1), f32(rng, shape)
-    x_t = D.q_sample(sched, x0, t, eps)
-    got = D.p_mean_variance(sched, eps, x_t, t, mean_type="eps", var_type="fixedsmall")
+    x_t = D.q_sample(sched, x0=x0, t=t, noise=eps)
+    got = D.p_mean_variance(
+        sched, model_output=eps, x_t=x_t, t=t, mean_type="eps", var_type="fixedsmall"
+    )
     true_mean, _, _ = ref_posterior(tb, f64(x0), f64(x_t), t)
     np.testing.assert_allclose(got["pred_x0"], x0, atol=2e-5)
     np.testing.assert_allclose(got["mean"], true_mean, atol=2e-5)
@@ -410,7 +416,45 @@ def test_p_mean_variance_bad_types_raise(kwargs):
     sched, _ = setup("linear10")
     x = jnp.zeros((1, 2, 2, 1))
     with pytest.raises(ValueError):
-        D.p_mean_variance(sched, x, x, jnp.zeros(1, jnp.int32), **kwargs)
+        D.p_mean_variance(sched, model_output=x, x_t=x, t=jnp.zeros(1, jnp.int32), **kwargs)
+
+
+@pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
+@pytest.mark.parametrize("mean_type", MEAN_TYPES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_p_mean_variance_fixed_variance_drops_learned_variance_channels(
+    channels, mean_type, var_type
+):
+    # A learned-variance model (2C output channels) sampled with a fixed variance: the variance
+    # half is ignored, so everything equals the reference fed the first C channels alone.
+    sched, tb = setup("linear10")
+    rng = np.random.default_rng(20)
+    shape, t = (3, 2, 3, channels), steps(sched)
+    x_t, mean_out = f32(rng, shape), f32(rng, shape)
+    out = np.concatenate([mean_out, f32(rng, shape, -1, 1)], axis=-1)
+    got = D.p_mean_variance(
+        sched, model_output=out, x_t=x_t, t=t, mean_type=mean_type, var_type=var_type
+    )
+    ref = ref_p_mean_variance(tb, f64(mean_out), f64(x_t), t, mean_type, var_type, True)
+    for key in ("mean", "variance", "log_variance", "pred_x0"):
+        assert got[key].shape == shape, key
+        assert_close(got[key], ref[key], atol=1e-6 if key != "variance" else 1e-9)
+
+
+@pytest.mark.parametrize(
+    "var_type,out_channels",
+    [("learned", 2), ("learned_range", 3), ("fixedlarge", 9), ("fixedsmall", 4)],
+)
+def test_p_mean_variance_wrong_output_channels_raise(var_type, out_channels):
+    # C = 3: a learned variance needs exactly 6 channels, a fixed one 3 or 6.
+    sched, _ = setup("linear10")
+    x_t = jnp.zeros((1, 2, 2, 3))
+    out = jnp.zeros((1, 2, 2, out_channels))
+    with pytest.raises(ValueError, match="channels"):
+        D.p_mean_variance(
+            sched, model_output=out, x_t=x_t, t=jnp.zeros(1, jnp.int32), mean_type="eps",
+            var_type=var_type,
+        )
 
 
 # --------------------------------------------------------------------------- KL and likelihood
@@ -421,13 +465,13 @@ def test_normal_kl_matches_closed_form_and_is_zero_for_equal_gaussians():
     shape = (3, 4, 4, 2)
     m1, m2 = f32(rng, shape), f32(rng, shape)
     lv1, lv2 = f32(rng, shape, -5, 1), f32(rng, shape, -5, 1)
-    assert_close(D.normal_kl(m1, lv1, m2, lv2), ref_normal_kl(f64(m1), f64(lv1), f64(m2), f64(lv2)))
-    np.testing.assert_allclose(D.normal_kl(m1, lv1, m1, lv1), 0, atol=1e-6)
-    assert np.all(np.asarray(D.normal_kl(m1, lv1, m2, lv2)) >= -1e-6)
+    assert_close(D.normal_kl(mean1=m1, logvar1=lv1, mean2=m2, logvar2=lv2), ref_normal_kl(f64(m1), f64(lv1), f64(m2), f64(lv2)))
+    np.testing.assert_allclose(D.normal_kl(mean1=m1, logvar1=lv1, mean2=m1, logvar2=lv1), 0, atol=1e-6)
+    assert np.all(np.asarray(D.normal_kl(mean1=m1, logvar1=lv1, mean2=m2, logvar2=lv2)) >= -1e-6)
     # Closed form written the textbook way: log(s2/s1) + (s1^2 + (m1-m2)^2) / (2 s2^2) - 1/2.
     s1, s2 = np.exp(0.5 * f64(lv1)), np.exp(0.5 * f64(lv2))
     textbook = np.log(s2 / s1) + (s1**2 + (f64(m1) - f64(m2)) ** 2) / (2 * s2**2) - 0.5
-    assert_close(D.normal_kl(m1, lv1, m2, lv2), textbook)
+    assert_close(D.normal_kl(mean1=m1, logvar1=lv1, mean2=m2, logvar2=lv2), textbook)
 
 
 def test_normal_kl_monte_carlo():
@@ -435,7 +479,8 @@ def test_normal_kl_monte_carlo():
     rng = np.random.default_rng(9)
     x = m1 + math.exp(0.5 * lv1) * rng.standard_normal(400_000)
     log_ratio = norm.logpdf(x, m1, math.exp(0.5 * lv1)) - norm.logpdf(x, m2, math.exp(0.5 * lv2))
-    kl = float(D.normal_kl(jnp.float32(m1), jnp.float32(lv1), jnp.float32(m2), jnp.float32(lv2)))
+    kl = float(D.normal_kl(mean1=jnp.float32(m1), logvar1=jnp.float32(lv1),
+                           mean2=jnp.float32(m2), logvar2=jnp.float32(lv2)))
     stderr = log_ratio.std() / math.sqrt(x.size)
     assert abs(kl - log_ratio.mean()) < 5 * stderr
 
@@ -448,7 +493,7 @@ def test_discretized_likelihood_matches_scipy_reference():
     log_scales = f32(rng, shape, math.log(0.003), math.log(0.5))
     # Put some means right on their pixel so that most bins have sizeable mass.
     means[0] = x[0]
-    got = np.asarray(D.discretized_gaussian_log_likelihood(x, means=means, log_scales=log_scales))
+    got = np.asarray(D.discretized_gaussian_log_likelihood(x=x, means=means, log_scales=log_scales))
     ref = ref_discretized_ll(f64(x), f64(means), f64(log_scales))
     assert got.shape == shape
     np.testing.assert_allclose(np.exp(got), np.exp(ref), atol=1e-5)
@@ -468,7 +513,7 @@ def test_discretized_likelihood_sums_to_one_over_the_256_bins():
     log_scales = np.broadcast_to(
         np.log(np.array([s for _, s in params], np.float32)).reshape(-1, 1, 1, 1), x.shape
     )
-    logp = D.discretized_gaussian_log_likelihood(x, means=means, log_scales=log_scales)
+    logp = D.discretized_gaussian_log_likelihood(x=x, means=means, log_scales=log_scales)
     total = np.exp(np.asarray(logp, np.float64)).sum(axis=(1, 2, 3))
     np.testing.assert_allclose(total, 1.0, atol=1e-4)
 
@@ -479,7 +524,7 @@ def test_discretized_likelihood_edges_and_clamp():
     means = np.array([-3.0, 3.0, 0.9, 0.0], np.float32).reshape(1, 2, 2, 1)
     log_scales = np.log(np.array([0.5, 0.5, 0.01, 1e-4], np.float32)).reshape(1, 2, 2, 1)
     got = np.asarray(
-        D.discretized_gaussian_log_likelihood(x, means=means, log_scales=log_scales)
+        D.discretized_gaussian_log_likelihood(x=x, means=means, log_scales=log_scales)
     ).ravel()
     np.testing.assert_allclose(got[:2], math.log(norm.cdf((-1 + 1 / 255 + 3.0) / 0.5)), atol=1e-6)
     np.testing.assert_allclose(got[2], math.log(1e-12), rtol=1e-4)
@@ -585,7 +630,8 @@ def test_training_losses_match_reference(name, loss_type, mean_type, var_type):
     record = {}
     fn = near_optimal_denoiser(jnp_tables(tb), jnp.asarray(x0), mean_type, var_type, params, record)
     got = D.training_losses(
-        sched, fn, x0, t, noise, mean_type=mean_type, var_type=var_type, loss_type=loss_type
+        sched, fn, x0=x0, t=t, noise=noise, mean_type=mean_type, var_type=var_type,
+        loss_type=loss_type,
     )
     # The loss math is checked on the exact x_t and model output the code produced.
     x_t, out = f64(record["x_t"]), f64(record["out"])
@@ -610,10 +656,40 @@ def test_training_losses_mse_hand_formula():
     rng = np.random.default_rng(13)
     shape = (3, 4, 4, 2)
     x0, noise, t = on_grid(rng, shape), f32(rng, shape), np.array([0, 17, 999], np.int32)
-    got = D.training_losses(sched, lambda x, t: 0.5 * x, x0, t, noise)
+    got = D.training_losses(sched, lambda x, t: 0.5 * x, x0=x0, t=t, noise=noise)
     x_t = ref_q_sample(tb, f64(x0), t, f64(noise))
     np.testing.assert_allclose(got["mse"], mean_flat64((f64(noise) - 0.5 * x_t) ** 2), rtol=1e-5)
     np.testing.assert_allclose(got["loss"], got["mse"])
+
+
+@pytest.mark.parametrize(
+    "loss_type,mean_type,var_type", [("mse", "eps", "fixedlarge"), ("kl", "v", "fixedsmall")]
+)
+def test_training_losses_fixed_variance_ignores_variance_channels(loss_type, mean_type, var_type):
+    # C = 1 and a 2C output: before the variance half was dropped, (target - output) broadcast
+    # [B,H,W,1] against [B,H,W,2] and ran silently wrong.
+    sched, tb = setup("linear10")
+    rng = np.random.default_rng(21)
+    shape, t = (3, 2, 2, 1), steps(sched)
+    x0, noise = on_grid(rng, shape), f32(rng, shape)
+    record = {}
+
+    def fn(x, t):
+        record["x_t"] = x
+        return jnp.concatenate([0.5 * x, 3.0 + x], -1)
+
+    got = D.training_losses(
+        sched, fn, x0=x0, t=t, noise=noise, mean_type=mean_type, var_type=var_type,
+        loss_type=loss_type,
+    )
+    x_t = ref_q_sample(tb, f64(x0), t, f64(noise))
+    assert_close(record["x_t"], x_t)
+    ref = ref_training_losses(
+        tb, f64(x0), x_t, t, f64(noise), 0.5 * f64(record["x_t"]), mean_type, var_type,
+        loss_type, 1e-3,
+    )
+    assert got["loss"].shape == (3,)
+    assert_close(got["loss"], ref["loss"], rtol=1e-4, atol=1e-5, scaled=False)
 
 
 @pytest.mark.parametrize("loss_type,mean_type,var_type", GRAD_CASES)
@@ -627,7 +703,8 @@ def test_training_losses_gradients_are_finite(loss_type, mean_type, var_type):
     def loss(params):
         fn = near_optimal_denoiser(tbj, x0, mean_type, var_type, params)
         return D.training_losses(
-            sched, fn, x0, t, noise, mean_type=mean_type, var_type=var_type, loss_type=loss_type
+            sched, fn, x0=x0, t=t, noise=noise, mean_type=mean_type, var_type=var_type,
+            loss_type=loss_type,
         )["loss"].mean()
 
     grads = jax.jit(jax.grad(loss))({"w_mean": 0.7, "w_var": 0.5})
@@ -647,7 +724,7 @@ def test_training_losses_mse_gradient_matches_hand_derivative(mean_type):
 
     def mse(w_mean, record=None):
         fn = near_optimal_denoiser(tbj, x0, mean_type, "fixedlarge", {"w_mean": w_mean}, record)
-        return D.training_losses(sched, fn, x0, t, noise, mean_type=mean_type)["mse"]
+        return D.training_losses(sched, fn, x0=x0, t=t, noise=noise, mean_type=mean_type)["mse"]
 
     record = {}
     mse(w, record)
@@ -674,7 +751,9 @@ def test_hybrid_vb_trains_only_the_variance(var_type):
 
     def terms(params, loss_type):
         fn = near_optimal_denoiser(tbj, x0, "eps", var_type, params)
-        out = D.training_losses(sched, fn, x0, t, noise, var_type=var_type, loss_type=loss_type)
+        out = D.training_losses(
+            sched, fn, x0=x0, t=t, noise=noise, var_type=var_type, loss_type=loss_type
+        )
         return {k: v.sum() for k, v in out.items()}
 
     def grad_of(key, loss_type):
@@ -701,7 +780,7 @@ def test_training_losses_bad_types_raise():
     fn = lambda x, t: x
     for kwargs in ({"loss_type": "l1"}, {"mean_type": "x0"}, {"var_type": "fixed"}):
         with pytest.raises(ValueError):
-            D.training_losses(sched, fn, x, t, x, **kwargs)
+            D.training_losses(sched, fn, x0=x, t=t, noise=x, **kwargs)
 
 
 # --------------------------------------------------------------------------- jit / vmap
@@ -718,16 +797,20 @@ def test_jit_and_vmap_agree_with_plain_calls():
     def per_example(f):
         return jax.vmap(lambda *a: jax.tree_util.tree_map(lambda y: y[0], f(*[b[None] for b in a])))
 
-    plain = D.q_sample(sched, x0, t, noise)
-    np.testing.assert_allclose(jax.jit(D.q_sample)(sched, x0, t, noise), plain, **tol)
+    plain = D.q_sample(sched, x0=x0, t=t, noise=noise)
     np.testing.assert_allclose(
-        per_example(lambda x, tt, n: D.q_sample(sched, x, tt, n))(x0, t, noise), plain, **tol
+        jax.jit(D.q_sample)(sched, x0=x0, t=t, noise=noise), plain, **tol
+    )
+    np.testing.assert_allclose(
+        per_example(lambda x, tt, n: D.q_sample(sched, x0=x, t=tt, noise=n))(x0, t, noise),
+        plain,
+        **tol,
     )
 
     pmv = functools.partial(D.p_mean_variance, mean_type="v", var_type="learned_range")
-    plain = pmv(sched, out, noise, t)
-    jitted = jax.jit(pmv)(sched, out, noise, t)
-    vmapped = per_example(lambda o, x, tt: pmv(sched, o, x, tt))(out, noise, t)
+    plain = pmv(sched, model_output=out, x_t=noise, t=t)
+    jitted = jax.jit(pmv)(sched, model_output=out, x_t=noise, t=t)
+    vmapped = per_example(lambda o, x, tt: pmv(sched, model_output=o, x_t=x, t=tt))(out, noise, t)
     for key in plain:
         np.testing.assert_allclose(jitted[key], plain[key], **tol)
         np.testing.assert_allclose(vmapped[key], plain[key], **tol)
@@ -738,9 +821,9 @@ def test_jit_and_vmap_agree_with_plain_calls():
     tl = functools.partial(
         D.training_losses, mean_type="eps", var_type="learned_range", loss_type="hybrid"
     )
-    plain = tl(sched, model, x0, t, noise)
-    jitted = jax.jit(lambda s, x, tt, n: tl(s, model, x, tt, n))(sched, x0, t, noise)
-    vmapped = per_example(lambda x, tt, n: tl(sched, model, x, tt, n))(x0, t, noise)
+    plain = tl(sched, model, x0=x0, t=t, noise=noise)
+    jitted = jax.jit(lambda s, x, tt, n: tl(s, model, x0=x, t=tt, noise=n))(sched, x0, t, noise)
+    vmapped = per_example(lambda x, tt, n: tl(sched, model, x0=x, t=tt, noise=n))(x0, t, noise)
     for key in plain:
         np.testing.assert_allclose(jitted[key], plain[key], **tol)
         np.testing.assert_allclose(vmapped[key], plain[key], **tol)
@@ -824,7 +907,9 @@ def test_calc_bpd_exact_denoiser_on_point_mass_data():
     x_star = point_mass_image(rng)
     x0 = np.broadcast_to(x_star, (2,) + x_star.shape[1:])
     fn = offset_denoiser(jnp_tables(tb), x_star, "eps", 0.0)
-    got = D.calc_bpd(sched, fn, x0, jax.random.key(0), mean_type="eps", var_type="fixedsmall")
+    got = D.calc_bpd(
+        sched, fn, x0=x0, key=jax.random.key(0), mean_type="eps", var_type="fixedsmall"
+    )
     T = 10
     assert got["terms_bpd"].shape == (2, T) and got["total_bpd"].shape == (2,)
     assert got["prior_bpd"].shape == (2,) and got["x0_mse"].shape == (2, T)
@@ -862,7 +947,8 @@ def test_calc_bpd_offset_denoiser_matches_hand_derivation(mean_type, var_type, c
     x0 = np.broadcast_to(x_star, (2,) + x_star.shape[1:])
     fn = offset_denoiser(jnp_tables(tb), x_star, mean_type, offset)
     got = D.calc_bpd(
-        sched, fn, x0, jax.random.key(1), mean_type=mean_type, var_type=var_type, clip_denoised=clip
+        sched, fn, x0=x0, key=jax.random.key(1), mean_type=mean_type, var_type=var_type,
+        clip_denoised=clip,
     )
     ref = hand_bpd(tb, x_star, mean_type, var_type, offset, clip)
     keys = ("prior_bpd", "terms_bpd", "total_bpd", "x0_mse") + (() if clip else ("eps_mse",))
@@ -879,7 +965,7 @@ def test_calc_bpd_bad_types_raise():
     sched, _ = setup("linear10")
     x = jnp.zeros((1, 2, 2, 1))
     with pytest.raises(ValueError):
-        D.calc_bpd(sched, lambda x, t: x, x, jax.random.key(0), var_type="huge")
+        D.calc_bpd(sched, lambda x, t: x, x0=x, key=jax.random.key(0), var_type="huge")
 
 
 def test_score_is_minus_eps_over_sigma_and_the_gaussian_score():

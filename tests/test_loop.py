@@ -241,12 +241,19 @@ def _sample_py(*args):
 
 
 def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir, straight_run):
+    # Also the v mean type and the hybrid / learned_range pair end to end (this run compiles its
+    # own step anyway). sample.py draws with a fixed variance, which a learned-variance run
+    # accepts: once a crash, the model's variance channels taken for the mean.
     workdir = str(tmp_path / "conditional")
-    loop.train_and_evaluate(tiny_config(data_dir, **{"training.num_steps": 2,
-                                                     "model.num_classes": 10}), workdir)
+    loop.train_and_evaluate(tiny_config(data_dir, **{
+            "training.num_steps": 2, "model.num_classes": 10, "diffusion.mean_type": "v",
+            "diffusion.var_type": "learned_range", "diffusion.loss_type": "hybrid"}), workdir)
+    records = writers.read_metrics(workdir)
+    assert records and all(np.isfinite(r["vb"]) and r["vb"] > 0 for r in records), records
     out = tmp_path / "grid.png"
     proc = _sample_py("--workdir", workdir, "--num_samples", "5", "--batch_size", "4", "--steps",
-                      "3", "--labels", "3,7", "--guidance", "1.5", "--out", str(out))
+                      "3", "--labels", "3,7", "--guidance", "1.5", "--sampler", "ddpm",
+                      "--var_type", "fixedlarge", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = np.load(out.with_suffix(".npz"))
     assert saved["images"].shape == (5, 8, 8, 1) and saved["images"].dtype == np.uint8
@@ -273,6 +280,7 @@ def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir,
     loop.write_sample_grid(config, model, schedule, params, mesh, str(tmp_path / "loop.png"))
     sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (5, 8, 8, 1),
                                     sampler=config.sampling.sampler, steps=3,
+                                    mean_type=config.diffusion.mean_type,
                                     var_type=config.diffusion.var_type, guidance=1.5)
     expected = sampling.draw_images(sampler, params, jax.random.PRNGKey(config.training.seed + 1),
                                     5, labels=np.arange(5) % 10, progress=False)

@@ -5,6 +5,7 @@ float64 NumPy coefficients; they share only the documented randomness contract o
 `ddpm_jax.sampling` (init_key, step_key = split(fold_in(key, n)); z_i = normal(fold_in(step_key, i))).
 """
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import sampling
+from ddpm_jax import sampling, training
 from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from multihost import run_on_two_hosts
@@ -77,9 +78,26 @@ def batch_noise(key, shape):
     return x_T, jnp.swapaxes(z, 0, 1)
 
 
-def reference_ancestral(eps_fn, betas, shape, key, var_type, record_every=None):
+def reference_x0(mean_type, out, x, abar, coef1, coef2):
+    """x0_hat (unclipped) from the model's mean part for each mean type (REFERENCE.md), with the
+    float32 coefficients of step t: eps, x0 itself, v (Salimans & Ho) or the posterior mean."""
+    f32 = np.float32
+    if mean_type == "eps":
+        return f32(np.sqrt(1 / abar)) * x - f32(np.sqrt(1 / abar - 1)) * out
+    if mean_type == "v":
+        return f32(np.sqrt(abar)) * x - f32(np.sqrt(1 - abar)) * out
+    if mean_type == "xprev":  # invert mu~ = coef1 x0 + coef2 x_t
+        return (out - coef2 * x) / coef1
+    return out
+
+
+def reference_ancestral(eps_fn, betas, shape, key, var_type, record_every=None, mean_type="eps"):
     """Ho et al. Algorithm 2 with x0 clipping (the official p_sample), one Python step at a time.
-    Coefficients in float64, cast to float32 per step like the official code; x in float32."""
+    Coefficients in float64, cast to float32 per step like the official code; x in float32.
+    eps_fn returns the mean part (eps, x0, v or mu~ by mean_type) in the first C channels and,
+    for a learned variance, the variance part in the last C; a fixed variance ignores the latter.
+    With mean_type "xprev" the model's output is the mean, x0_hat only a by-product."""
+    C = shape[-1]
     alphas = 1.0 - betas
     abar = np.cumprod(alphas)
     abar_prev = np.append(1.0, abar[:-1])
@@ -91,14 +109,17 @@ def reference_ancestral(eps_fn, betas, shape, key, var_type, record_every=None):
     records = {}
     for t in range(len(betas) - 1, -1, -1):
         out = np.asarray(eps_fn(x, np.full(shape[:1], t, np.int32)))
-        eps, v = (out, None) if var_type in ("fixedlarge", "fixedsmall") else np.split(out, 2, -1)
-        x0 = np.clip(f32(np.sqrt(1 / abar[t])) * x - f32(np.sqrt(1 / abar[t] - 1)) * eps, -1, 1)
-        mean = (f32(np.sqrt(abar_prev[t]) * betas[t] / (1 - abar[t])) * x0
-                + f32(np.sqrt(alphas[t]) * (1 - abar_prev[t]) / (1 - abar[t])) * x)
+        pred, v = out[..., :C], out[..., C:]
+        coef1 = f32(np.sqrt(abar_prev[t]) * betas[t] / (1 - abar[t]))
+        coef2 = f32(np.sqrt(alphas[t]) * (1 - abar_prev[t]) / (1 - abar[t]))
+        x0 = np.clip(reference_x0(mean_type, pred, x, abar[t], coef1, coef2), -1, 1)
+        mean = pred if mean_type == "xprev" else coef1 * x0 + coef2 * x
         if var_type == "fixedlarge":
             logvar = f32(large_logvar[t])
         elif var_type == "fixedsmall":
             logvar = f32(post_logvar[t])
+        elif var_type == "learned":
+            logvar = v
         else:  # learned_range
             frac = (v + 1) / 2
             logvar = frac * f32(np.log(betas[t])) + (1 - frac) * f32(post_logvar[t])
@@ -108,15 +129,20 @@ def reference_ancestral(eps_fn, betas, shape, key, var_type, record_every=None):
     return x, records
 
 
-def reference_ddim(eps_fn, betas, kept, shape, key, eta):
-    """DDIM (Song et al. eq. 12) on the kept timesteps; eps re-derived from the clipped x0."""
+def reference_ddim(eps_fn, betas, kept, shape, key, eta, mean_type="eps"):
+    """DDIM (Song et al. eq. 12) on the kept timesteps; eps re-derived from the clipped x0.
+    x0_hat from the model's output by mean_type, on the respaced chain's own coefficients
+    (beta_i = 1 - abar_i / abar_{i-1})."""
     abar_all = np.cumprod(1.0 - betas)
     f32 = np.float32
     x, z = map(np.asarray, batch_noise(key, shape))
     for i in range(len(kept) - 1, -1, -1):
         abar, abar_prev = abar_all[kept[i]], (abar_all[kept[i - 1]] if i > 0 else 1.0)
-        eps = np.asarray(eps_fn(x, np.full(shape[:1], kept[i], np.int32)))
-        x0 = np.clip((x - f32(np.sqrt(1 - abar)) * eps) / f32(np.sqrt(abar)), -1, 1)
+        out = np.asarray(eps_fn(x, np.full(shape[:1], kept[i], np.int32)))
+        beta = 1 - abar / abar_prev
+        coef1 = f32(np.sqrt(abar_prev) * beta / (1 - abar))
+        coef2 = f32(np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar))
+        x0 = np.clip(reference_x0(mean_type, out, x, abar, coef1, coef2), -1, 1)
         eps = (x - f32(np.sqrt(abar)) * x0) / f32(np.sqrt(1 - abar))
         sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         x = (f32(np.sqrt(abar_prev)) * x0 + f32(np.sqrt(1 - abar_prev - sigma**2)) * eps
@@ -223,15 +249,25 @@ ANCESTRAL_SMALL = dict(var_type="fixedsmall", return_every=7, unroll=3)
 
 @pytest.mark.parametrize("options", [dict(var_type="fixedlarge", return_every=7),
                                      ANCESTRAL_SMALL,
-                                     dict(var_type="learned_range", return_every=7)])
+                                     dict(var_type="learned_range", return_every=7),
+                                     dict(mean_type="v", var_type="learned", return_every=7),
+                                     dict(mean_type="xprev", var_type="fixedsmall", return_every=7)])
 def test_ancestral_matches_python_loop_reference(options):
-    model, params = tiny(SHAPE[-1] * (2 if options["var_type"] == "learned_range" else 1))
+    learned = options["var_type"] in ("learned", "learned_range")
+    mean_type = options.get("mean_type", "eps")
+    model, params = tiny(SHAPE[-1] * (2 if learned else 1))
+    if mean_type == "xprev":
+        # x_{t-1} = model(x_t) + noise: with the random weights that map expands (a 1e-6 change
+        # of the weights moves the samples by ~1 after 50 steps); shrunk weights contract.
+        params = jax.tree.map(lambda p: 0.2 * p, params)
     betas, key = scaled_linear(T), jax.random.key(3)
     out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, **options)(params, key)
     expected, records = reference_ancestral(functools.partial(reference_apply, model, params),
-                                            betas, SHAPE, key, options["var_type"], record_every=7)
+                                            betas, SHAPE, key, options["var_type"], record_every=7,
+                                            mean_type=mean_type)
     np.testing.assert_allclose(out["images"], expected, atol=1e-5)
-    assert float(np.abs(out["images"]).max()) <= 1.0  # the last mean is the clipped x0_hat
+    if mean_type != "xprev":  # xprev's last mean is the model's output itself
+        assert float(np.abs(out["images"]).max()) <= 1.0  # the last mean is the clipped x0_hat
     recorded = sorted(records, reverse=True)
     np.testing.assert_array_equal(out["progressive_timesteps"], recorded)
     # x0_hat multiplies float32 rounding in x_t by sqrt(1/abar_t) (up to ~160 here): relative.
@@ -243,14 +279,15 @@ DDIM_CASES = [("ddim10", np.arange(0, T, 5), 0.0),
               (7, np.round(np.linspace(0, T - 1, 7)).astype(int), 0.5)]
 
 
-@pytest.mark.parametrize("steps, kept, eta", DDIM_CASES)
-def test_ddim_matches_python_loop_reference(steps, kept, eta):
+@pytest.mark.parametrize("steps, kept, eta, mean_type", [
+    *[case + ("eps",) for case in DDIM_CASES], DDIM_CASES[1] + ("xstart",)])
+def test_ddim_matches_python_loop_reference(steps, kept, eta, mean_type):
     model, params = tiny()
     betas, key = scaled_linear(T), jax.random.key(4)
     out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, sampler="ddim",
-                       steps=steps, eta=eta)(params, key)
+                       steps=steps, eta=eta, mean_type=mean_type)(params, key)
     expected = reference_ddim(functools.partial(reference_apply, model, params), betas, kept,
-                              SHAPE, key, eta)
+                              SHAPE, key, eta, mean_type)
     np.testing.assert_allclose(out["images"], expected, atol=1e-5)
 
 
@@ -264,6 +301,53 @@ def test_ddim_eta_one_on_all_steps_is_ancestral_fixedsmall():
     np.testing.assert_allclose(ddim["images"], ddpm["images"], atol=1e-5)
     assert np.abs(ddim["images"] - make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim",
                                                 eta=0.0)(params, key)["images"]).max() > 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanHalf:
+    """apply_fn of a learned-variance model cut to its first C output channels: the model a
+    fixed variance should see."""
+
+    model: nn.Module
+    channels: int
+
+    def __call__(self, params, x_t, t):
+        return self.model.apply({"params": params}, x_t, t)[..., :self.channels]
+
+
+def test_trained_learned_variance_model_samples_with_a_fixed_variance():
+    # A learned-variance model (2C outputs) trained two hybrid steps, then sampled with its
+    # learned variance and with a fixed one (this used to fail: a broadcasting TypeError, for
+    # C = 1 a scan-carry mismatch). The fixed variance ignores the last C channels, so it draws
+    # exactly what a model emitting only the first C channels draws.
+    channels, schedule = SHAPE[-1], Schedule.from_betas(scaled_linear(T))
+    model, params = tiny(2 * channels)
+    optimizer = training.make_optimizer(grad_clip=1.0)
+    zero = jnp.zeros((), jnp.int32)
+    state = training.TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                                ema_params=params, rng=jax.random.PRNGKey(0),
+                                nonfinite_in_a_row=zero, nonfinite_total=zero)
+    step = jax.jit(functools.partial(
+            training.train_step, model=model, optimizer=optimizer, base_lr=1e-2, warmup_steps=0,
+            ema_decay=0.5, var_type="learned_range", loss_type="hybrid"))
+    for seed in range(2):
+        batch = {"image": jax.random.uniform(jax.random.PRNGKey(seed), SHAPE, minval=-1, maxval=1)}
+        new_state, metrics = step(state, batch, schedule)
+        assert np.isfinite(float(metrics["vb"])) and float(metrics["vb"]) > 0
+        assert not np.allclose(new_state.ema_params["Dense_1"]["kernel"],
+                               state.ema_params["Dense_1"]["kernel"])
+        state = new_state
+    params, key = state.ema_params, jax.random.key(3)
+    options = dict(return_every=7)  # the learned_range reference test's program
+    learned = make_sampler(ModelApply(model), schedule, SHAPE, var_type="learned_range",
+                           **options)(params, key)["images"]
+    fixed = make_sampler(ModelApply(model), schedule, SHAPE, var_type="fixedlarge",
+                         **options)(params, key)["images"]
+    mean_half = make_sampler(MeanHalf(model, channels), schedule, SHAPE, var_type="fixedlarge",
+                             **options)(params, key)["images"]
+    assert fixed.shape == learned.shape == SHAPE
+    np.testing.assert_allclose(fixed, mean_half, rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(learned) - np.asarray(fixed)).max() > 1e-3  # the variance matters
 
 
 # --------------------------------------------------------------------- analytic denoisers

@@ -56,13 +56,20 @@ def test_learning_rate_is_linear_warmup_from_zero():
     assert float(training.learning_rate(0, base_lr=1e-3, warmup_steps=0)) == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("grad_clip", [0.05, 100.0])  # clipping active / inactive
-def test_three_steps_match_the_official_recipe_in_numpy(grad_clip):
+@pytest.mark.parametrize("grad_clip, mean_type", [
+    (0.05, "eps"), (100.0, "eps"),  # clipping active / inactive
+    (0.05, "v"), (100.0, "xstart"), (0.05, "xprev")])
+def test_three_steps_match_the_official_recipe_in_numpy(grad_clip, mean_type):
     schedule = Schedule.create("linear", T)
-    state, step = _setup(grad_clip=grad_clip)
+    state, step = _setup(grad_clip=grad_clip, mean_type=mean_type)
     batch = _batch()
     x0 = np.asarray(batch["image"], np.float64)
     abar = np.asarray(schedule.alphas_cumprod, np.float64)
+    # xprev's coefficients divide by 1 - abar_t (1e-4 at t = 0): from float64 betas (the
+    # paper's linspace), not from the float32 abar above.
+    betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
+    abar64 = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar64[:-1])
     w, b = (np.asarray(state.params[k], np.float64) for k in ("w", "b"))
     ema_w, ema_b = w.copy(), b.copy()
     m = [np.zeros_like(w), np.zeros_like(b)]
@@ -74,8 +81,13 @@ def test_three_steps_match_the_official_recipe_in_numpy(grad_clip):
         noise = np.asarray(jax.random.normal(noise_key, x0.shape), np.float64)
         a = abar[t][:, None, None, None]
         x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
-        # L_simple = mean((eps - (w x_t + b))^2); its gradient by hand.
-        resid = noise - (w * x_t + b)
+        # What the output regresses on: eps, x0, v or the posterior mean mu~ (REFERENCE.md).
+        a64, a_prev, beta = (c[t][:, None, None, None] for c in (abar64, abar_prev, betas))
+        target = {"eps": noise, "xstart": x0, "v": np.sqrt(a) * noise - np.sqrt(1 - a) * x0,
+                  "xprev": (np.sqrt(a_prev) * beta * x0 + np.sqrt(1 - beta) * (1 - a_prev) * x_t)
+                  / (1 - a64)}[mean_type]
+        # L_simple = mean((target - (w x_t + b))^2); its gradient by hand.
+        resid = target - (w * x_t + b)
         n = resid.size
         grads = [-2 * np.sum(resid * x_t, axis=(0, 1, 2)) / n, -2 * np.sum(resid, axis=(0, 1, 2)) / n]
         norm = np.sqrt(sum(np.sum(g**2) for g in grads))
@@ -99,6 +111,45 @@ def test_three_steps_match_the_official_recipe_in_numpy(grad_clip):
     np.testing.assert_allclose(state.params["b"], b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state.ema_params["w"], ema_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state.ema_params["b"], ema_b, rtol=1e-5, atol=1e-6)
+
+
+class VarToy(nn.Module):
+    """A learned-variance toy with 2C outputs: Toy's mean part w * x_t + b, then the variance
+    part tanh(u * x_t + c) (learned_range's v in [-1, 1]), per channel."""
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train):
+        w, b, u, c = (self.param(name, nn.initializers.constant(value), (x.shape[-1],))
+                      .reshape(1, 1, 1, -1)
+                      for name, value in (("w", 0.3), ("b", -0.1), ("u", 0.5), ("c", 0.2)))
+        return jnp.concatenate([x * w + b, jnp.tanh(x * u + c)], axis=-1)
+
+
+def test_hybrid_loss_trains_the_mean_by_mse_alone_and_the_variance_by_the_bound():
+    # Hybrid = mse + lambda T vb with the mean stop-gradiented inside vb. With clipping off,
+    # Adam moves each parameter by its own gradient alone, so the mean's parameters follow the
+    # mse-only run exactly, while the variance's move only under the hybrid loss.
+    schedule, mean_type, var_type = Schedule.create("linear", T), "v", "learned_range"
+    runs = {}
+    for loss_type in ("hybrid", "mse"):
+        state, step = _setup(VarToy(), grad_clip=1e6, mean_type=mean_type, var_type=var_type,
+                             loss_type=loss_type)
+        initial = state.params
+        for seed in range(3):
+            state, metrics = step(state, _batch(seed), schedule)
+        runs[loss_type] = (state.params, metrics)
+    hybrid, metrics = runs["hybrid"]
+    mse_only, mse_metrics = runs["mse"]
+    for name in ("w", "b"):
+        np.testing.assert_allclose(hybrid[name], mse_only[name], rtol=1e-6)
+        assert not np.allclose(hybrid[name], initial[name])
+    for name in ("u", "c"):
+        np.testing.assert_array_equal(mse_only[name], initial[name])
+        assert np.abs(np.asarray(hybrid[name]) - np.asarray(initial[name])).min() > 1e-3
+    assert float(metrics["vb"]) > 0
+    np.testing.assert_allclose(metrics["mse"], mse_metrics["mse"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], metrics["mse"] + 1e-3 * T * metrics["vb"],
+                               rtol=1e-6)
 
 
 def test_nonfinite_batch_is_skipped_and_counted():
