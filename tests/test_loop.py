@@ -360,6 +360,41 @@ def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, data_dir
     assert Path(workdir, loop.CONFIG_FILE).read_text() == config_json
 
 
+@pytest.fixture(scope="module")
+def corrupt_workdir(tmp_path_factory, straight_run):
+    """A copy of the straight run whose latest checkpoint (step 6) has garbage array files."""
+    workdir = str(tmp_path_factory.mktemp("corrupt") / "run")
+    shutil.copytree(straight_run[0], workdir)
+    for root, _, names in os.walk(os.path.join(checkpoint.checkpoint_dir(workdir), "6", "state")):
+        for name in names:
+            if "/d" in root:
+                Path(root, name).write_bytes(b"garbage")
+    return workdir
+
+
+@pytest.mark.parametrize("script,changes,message", [
+    ("train.py", {"model.ch": 32}, "model.ch: saved 16, now 32"),
+    ("train.py", {}, "The checkpoint is incomplete or corrupt. Nothing was deleted: move or delete"),
+    ("evaluate.py", {}, "The checkpoint is incomplete or corrupt. Nothing was deleted: move or "
+                        "delete"),
+])
+def test_scripts_refuse_an_incompatible_or_corrupt_checkpoint_in_one_line(
+        data_dir, corrupt_workdir, script, changes, message):
+    if script == "train.py":
+        command = train_command(data_dir, corrupt_workdir, **changes)
+    else:
+        command = [sys.executable, str(REPO / script), f"--workdir={corrupt_workdir}",
+                   "--metrics=bpd"]
+    before = sorted(os.listdir(checkpoint.checkpoint_dir(corrupt_workdir)))
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)))
+    assert proc.returncode in (1, 2), proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if "step 6" in line and message in line
+            and "tensorstore_spec" not in line], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(corrupt_workdir))) == before
+
+
 def test_nonfinite_losses_stop_training_with_a_clear_message(tmp_path, data_dir, monkeypatch):
     real = data.make_input_iterator
 
