@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,6 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from ddpm_jax import checksums as checksums_lib
 from ddpm_jax import config as config_lib
 from ddpm_jax import parallel, training
 
@@ -180,7 +180,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, config: Mappi
     check_finite(manager, step, state)
     config_dict = config_to_dict(config)
     # From the arrays being saved, before the (async) write starts.
-    checksums = {"arrays": array_checksums(state), "config_crc32": _config_crc32(config_dict)}
+    checksums = {"arrays": checksums_lib.array_checksums(state),
+                 "config_crc32": checksums_lib.config_crc32(config_dict)}
     items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_dict),
              CHECKSUMS: ocp.args.JsonSave(checksums)}
     if data_iterator is not None:
@@ -194,50 +195,6 @@ def _grain_args(*, save: bool) -> Any:
 
 
 # ------------------------------------------------------------------------------ checksums
-
-def _leaf_name(path: tuple[Any, ...]) -> str:
-    """A tree path as "ema_params/Conv_0/kernel" (dict keys, attributes, indices)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def _host_copy(x: Any) -> np.ndarray | None:
-    """The whole value of a leaf on the host, from this process's first addressable copy;
-    None when this process holds no whole copy (a sharded array)."""
-    if isinstance(x, jax.Array):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x = jax.random.key_data(x)
-        shard = x.addressable_data(0)
-        if shard.shape != x.shape:
-            return None
-        x = shard
-    return np.ascontiguousarray(np.asarray(x))
-
-
-def _array_entry(x: Any) -> dict[str, Any]:
-    host = _host_copy(x)
-    if host is None:
-        return {"shape": list(x.shape), "dtype": str(x.dtype), "crc32": None}
-    return {"shape": list(host.shape), "dtype": str(host.dtype),
-            "crc32": zlib.crc32(memoryview(host).cast("B"))}
-
-
-def array_checksums(tree: PyTree) -> dict[str, dict[str, Any]]:
-    """{path in the tree: {"shape", "dtype", "crc32" of the bytes}} for every leaf of `tree`."""
-    return {_leaf_name(path): _array_entry(x)
-            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _config_crc32(config: Mapping[str, Any]) -> int:
-    return zlib.crc32(json.dumps(config, sort_keys=True).encode())
-
 
 def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
     """The checksums saved with step `step`; None for a checkpoint written before them."""
@@ -268,9 +225,9 @@ def verify_checksums(manager: ocp.CheckpointManager, step: int, tree: PyTree,
     whose shape, dtype or bytes differ from what was saved (`saved`: _read_checksums)."""
     if saved is None:
         return
-    for name, entry in array_checksums(tree).items():
+    for name, entry in checksums_lib.array_checksums(tree).items():
         expected = saved["arrays"].get(name)
-        if expected is None:
+        if not isinstance(expected, dict):
             raise _corrupt(manager, step, f"its checksums list no array {name}")
         if entry["crc32"] is None or expected.get("crc32") is None:
             continue  # no whole copy here, or none at save time: not verifiable
@@ -289,7 +246,7 @@ def restore_config(manager: ocp.CheckpointManager, step: int,
     except Exception as e:
         raise _unreadable(manager, step, "its config", e) from e
     saved = _read_checksums(manager, step) if checksums is None else checksums
-    if saved is not None and saved.get("config_crc32") != _config_crc32(restored[CONFIG]):
+    if saved is not None and saved.get("config_crc32") != checksums_lib.config_crc32(restored[CONFIG]):
         raise _corrupt(manager, step, "its config does not match the checksum saved with it")
     return restored[CONFIG]
 
