@@ -105,6 +105,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; overrides look like "
                              "--config.training.lr=1e-4.")
     _check_workdir(_WORKDIR.value)
+    from ddpm_jax.cli import drop_closed_event_loop_noise
+    drop_closed_event_loop_noise()
     if not _LIBRARY_LOGS.value:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     # jax.distributed must start before any other JAX call.

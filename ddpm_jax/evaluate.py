@@ -436,6 +436,7 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     from ddpm_jax import checkpoint  # orbax: only for the command line
+    cli.drop_closed_event_loop_noise()
 
     step = FLAGS.step
     if step is None:
