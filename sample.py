@@ -21,7 +21,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from ddpm_jax.cli import check_output_path
+from ddpm_jax.cli import check_output_path, drop_closed_event_loop_noise
 from ddpm_jax.diffusion import VAR_TYPES
 from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS
 from ddpm_jax.sampling import SAMPLERS
@@ -184,6 +184,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
     _check_flags()
+    drop_closed_event_loop_noise()
 
     import jax
     import numpy as np

@@ -74,10 +74,39 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with an unknown `--config.a.b=...` field as one line instead of
+    ml_collections' traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        named = [a for a in overrides if f".{key}" in a] or overrides or ["--config"]
+        sys.exit(f"FATAL Flags parsing error: {named[0]}: the config has no field `{key}` there "
+                 "(an unknown field: check the spelling; every field is listed in "
+                 "configs/base.py).")
+
+
+def _check_workdir(workdir: str) -> None:
+    """The work dir, before anything touches it: not empty, not a file, writable."""
+    from ddpm_jax.cli import check_output_path
+    if not workdir.strip():
+        raise app.UsageError("--workdir is empty: name the run's directory, e.g. "
+                             "--workdir=runs/digits.")
+    try:
+        check_output_path(workdir, "--workdir", directory=True)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; overrides look like "
                              "--config.training.lr=1e-4.")
+    _check_workdir(_WORKDIR.value)
+    from ddpm_jax.cli import drop_closed_event_loop_noise
+    drop_closed_event_loop_noise()
     if not _LIBRARY_LOGS.value:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     # jax.distributed must start before any other JAX call.
@@ -90,7 +119,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from ddpm_jax import config as config_lib
-    from ddpm_jax import lock, loop
+    from ddpm_jax import data, lock, loop
 
     config = _CONFIG.value
     try:
@@ -103,8 +132,13 @@ def main(argv: list[str]) -> None:
         progress = _ProgressBar(config.training.num_steps)
     try:
         loop.train_and_evaluate(config, _WORKDIR.value, progress=progress)
-    except lock.WorkdirLockedError as e:  # another trainer's work dir: one line, no traceback
-        raise app.UsageError(str(e)) from None
+    except (lock.WorkdirLockedError, checkpoint.CheckpointError, data.DataNotPreparedError,
+            config_lib.ConfigError, loop.NonFiniteError) as e:
+        # Expected mistakes (another trainer's work dir, a checkpoint of another config or a
+        # corrupt one, a refused non-finite save or a non-finite stop, data not prepared, a
+        # batch that does not split over the devices): one line, no traceback. Tracebacks
+        # stay for bugs.
+        raise app.UsageError(" ".join(str(e).split("\n"))) from None
     finally:
         if progress is not None:
             progress.close()
@@ -112,4 +146,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, _HERE)  # configs/*.py import `configs.base`
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

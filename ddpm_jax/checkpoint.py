@@ -1,9 +1,17 @@
 """Orbax checkpoints of a training run: save, resume, preemption, and loading for sampling.
 
-A run's work dir holds `checkpoints/<step>/` with three items:
-  state   the whole `TrainState` (params, EMA, Adam, step, rng, non-finite counters);
-  data    the grain iterator's position (one JSON file per process), when the input has one;
-  config  the resolved config as JSON, checked on resume and used to rebuild the model.
+A run's work dir holds `checkpoints/<step>/` with four items:
+  state      the whole `TrainState` (params, EMA, Adam, step, rng, non-finite counters);
+  data       the grain iterator's position (one JSON file per process), when the input has one;
+  config     the resolved config as JSON, checked on resume and used to rebuild the model;
+  checksums  per array of `state`: its path in the tree, shape, dtype and the CRC-32 of its
+             bytes, and the CRC-32 of the config, computed from the values being saved
+             (orbax and tensorstore checksum no array data) and verified on every restore.
+
+The checksums are an orbax item, written inside the step's temporary directory like the others,
+so a step is listed only once its checksums are complete too. They are computed by every
+process from its first addressable copy of each array (the state is replicated; an array of
+which no process holds a whole copy is recorded without a checksum) and written by process 0.
 
 Saves are asynchronous: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it
 when complete, so a crash (even `kill -9`) mid-save leaves the previous checkpoint intact; the
@@ -30,6 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from ddpm_jax import checksums as checksums_lib
 from ddpm_jax import config as config_lib
 from ddpm_jax import parallel, training
 
@@ -37,7 +46,7 @@ Array = jax.Array
 PyTree = Any
 
 CHECKPOINT_DIR = "checkpoints"
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, CONFIG, CHECKSUMS = "state", "data", "config", "checksums"
 # Config sections that fix what a checkpoint's weights mean; a resume must not change them.
 # Compute-only knobs (the compute dtype, rematerialisation) may change between runs.
 COMPATIBILITY_SECTIONS = ("model", "diffusion")
@@ -169,7 +178,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, config: Mappi
     are copied off the devices; `manager.wait_until_finished()` waits for the files.
     A state with NaN or inf anywhere is refused (NonFiniteStateError), nothing written."""
     check_finite(manager, step, state)
-    items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_to_dict(config))}
+    config_dict = config_to_dict(config)
+    # From the arrays being saved, before the (async) write starts.
+    checksums = {"arrays": checksums_lib.array_checksums(state),
+                 "config_crc32": checksums_lib.config_crc32(config_dict)}
+    items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_dict),
+             CHECKSUMS: ocp.args.JsonSave(checksums)}
     if data_iterator is not None:
         items[DATA] = _grain_args(save=True)(data_iterator)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -180,21 +194,72 @@ def _grain_args(*, save: bool) -> Any:
     return grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore
 
 
-def restore_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The config saved with step `step` (plain JSON types)."""
+# ------------------------------------------------------------------------------ checksums
+
+def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+    """The checksums saved with step `step`; None for a checkpoint written before them."""
+    if not (manager.directory / str(step) / CHECKSUMS).exists():
+        logging.warning("The checkpoint at step %d in %s has no checksums (written by an older "
+                        "version): its arrays are not verified.", step, manager.directory)
+        return None
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+                **{CHECKSUMS: ocp.args.JsonRestore()}))[CHECKSUMS]
+        if not isinstance(restored.get("arrays"), dict):
+            raise ValueError("no 'arrays' entry")
+    except Exception as e:
+        raise _unreadable(manager, step, "its checksums", e) from e
+    return restored
+
+
+def _corrupt(manager: ocp.CheckpointManager, step: int, what: str) -> CheckpointError:
+    return CheckpointError(
+            f"The checkpoint at step {step} in {manager.directory} is corrupt: {what}. Nothing "
+            f"was deleted: move or delete {manager.directory / str(step)} to fall back to the "
+            "previous checkpoint, or use a new --workdir.")
+
+
+def verify_checksums(manager: ocp.CheckpointManager, step: int, tree: PyTree,
+                     saved: Mapping[str, Any] | None) -> None:
+    """Raises CheckpointError naming the step and the first array of the restored `tree`
+    whose shape, dtype or bytes differ from what was saved (`saved`: _read_checksums)."""
+    if saved is None:
+        return
+    for name, entry in checksums_lib.array_checksums(tree).items():
+        expected = saved["arrays"].get(name)
+        if not isinstance(expected, dict):
+            raise _corrupt(manager, step, f"its checksums list no array {name}")
+        if entry["crc32"] is None or expected.get("crc32") is None:
+            continue  # no whole copy here, or none at save time: not verifiable
+        for key in ("shape", "dtype", "crc32"):
+            if entry[key] != expected.get(key):
+                raise _corrupt(manager, step, f"array {name} has {key} {entry[key]}, but "
+                               f"{expected.get(key)} was saved")
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int,
+                   checksums: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config saved with step `step` (plain JSON types), checked against `checksums`
+    (default: read them, `_read_checksums`)."""
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
     except Exception as e:
         raise _unreadable(manager, step, "its config", e) from e
+    saved = _read_checksums(manager, step) if checksums is None else checksums
+    if saved is not None and saved.get("config_crc32") != checksums_lib.config_crc32(restored[CONFIG]):
+        raise _corrupt(manager, step, "its config does not match the checksum saved with it")
     return restored[CONFIG]
 
 
 def _unreadable(manager: ocp.CheckpointManager, step: int, what: str, error: Exception) -> CheckpointError:
+    # tensorstore appends its whole JSON spec to the reason: keep the reason only.
+    reason = str(error).split(" [tensorstore_spec")[0]
+    reason = f"{reason[:400]}..." if len(reason) > 400 else reason
     return CheckpointError(
             f"Could not restore {what} from the checkpoint at step {step} in {manager.directory}: "
-            f"{type(error).__name__}: {error}\nThe checkpoint is incomplete or corrupt. Nothing "
-            f"was deleted: move {manager.directory / str(step)} aside to resume from the previous "
-            "checkpoint, or use a new --workdir.")
+            f"{type(error).__name__}: {reason}\nThe checkpoint is incomplete or corrupt. Nothing "
+            f"was deleted: move or delete {manager.directory / str(step)} to fall back to the "
+            "previous checkpoint, or use a new --workdir.")
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
@@ -205,13 +270,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
     First checks that the saved config matches `config` (`check_config_compatible`). Raises
     CheckpointError, naming the step, when the checkpoint cannot be read; nothing is deleted.
     """
-    check_config_compatible(restore_config(manager, step), config, step=step,
+    checksums = _read_checksums(manager, step)
+    check_config_compatible(restore_config(manager, step, checksums), config, step=step,
                             directory=str(manager.directory))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
                 **{STATE: ocp.args.StandardRestore(abstract_state)}))
     except Exception as e:
         raise _unreadable(manager, step, "the train state", e) from e
+    verify_checksums(manager, step, restored[STATE], checksums)
     if data_iterator is not None:
         if not (manager.directory / str(step) / DATA).exists():
             raise CheckpointError(
@@ -254,7 +321,8 @@ def load_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = 
     elif step not in manager.all_steps():
         raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; it "
                                 f"holds steps {list(manager.all_steps())}.")
-    config = ml_collections.ConfigDict(restore_config(manager, step))
+    checksums = _read_checksums(manager, step)
+    config = ml_collections.ConfigDict(restore_config(manager, step, checksums))
     model = config_lib.model_from_config(config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     shapes = jax.eval_shape(lambda rng: training.init_params(model, rng, image_shape),
@@ -271,7 +339,9 @@ def load_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = 
         restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
     except Exception as e:
         raise _unreadable(manager, step, f"the {weights} parameters", e) from e
-    manager.close()
+    finally:
+        manager.close()
+    verify_checksums(manager, step, restored[STATE], checksums)
     logging.info("Loaded the %s parameters of step %d from %s.", weights, step, manager.directory)
     return config, model, restored[STATE][field]
 

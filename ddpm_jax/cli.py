@@ -3,7 +3,9 @@ evaluate.py). Library functions take the parsed values; only the scripts call th
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 
 def parse_steps(text: str | None) -> int | str | None:
@@ -42,3 +44,21 @@ def check_output_path(path: str, flag: str, *, directory: bool = False) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{flag}: cannot create {path}, {ancestor} is not writable (read-only "
                          "file system or no permission): choose a writable location.")
+
+
+def drop_closed_event_loop_noise() -> None:
+    """Called at the start of the command lines: when a checkpoint restore fails, orbax leaves
+    the other arrays' tensorstore reads in flight; each that finishes after orbax's event loop
+    closed prints an unraisable 'Event loop is closed' traceback, and their failures are logged
+    by asyncio as 'Task exception was never retrieved' (the same damage the one-line error
+    already reports). Drops exactly those two; anything else is printed. We run no asyncio code
+    of our own."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+            lambda record: not str(record.msg).startswith("Task exception was never retrieved"))

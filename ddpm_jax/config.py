@@ -25,6 +25,11 @@ MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout"
                 "num_classes", "remat", "resamp_with_conv", "num_groups")
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work on this run's setup (e.g. a batch that does not split over
+    the devices): an expected mistake, reported in one line naming the field and the fix."""
+
+
 class _Checker:
     """Checks the fields of one config section; every failure names `section.field`."""
 

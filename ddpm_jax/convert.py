@@ -68,8 +68,15 @@ def _reject(field: str, value: Any, why: str) -> ValueError:
 def read_diffusers_config(path: str | Path) -> dict[str, Any]:
     """The folder's UNet2DModel config.json with diffusers' defaults filled in."""
     folder = _unet_folder(path)
-    with open(folder / CONFIG_NAME) as f:
-        config = json.load(f)
+    try:
+        with open(folder / CONFIG_NAME, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON ({e}): download it again "
+                         "with the model repository.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / CONFIG_NAME} holds a JSON {type(config).__name__}, not the "
+                         "object of a UNet2DModel config: download it again.")
     return {**DIFFUSERS_DEFAULTS, **config}
 
 
@@ -246,7 +253,11 @@ def _load_state_dict(folder: Path) -> dict[str, np.ndarray]:
     if safetensors_file.is_file():
         from safetensors.numpy import load_file
 
-        return load_file(str(safetensors_file))
+        try:
+            return load_file(str(safetensors_file))
+        except Exception as e:  # safetensors' own error type: a truncated or damaged file
+            raise ValueError(f"{safetensors_file} cannot be read ({type(e).__name__}: {e}); it is "
+                             "truncated or damaged: download it again.") from None
     if bin_file.is_file():
         try:
             import torch

@@ -467,6 +467,7 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     from ddpm_jax import checkpoint  # orbax: only for the command line
+    cli.drop_closed_event_loop_noise()
 
     step = FLAGS.step
     if step is None:
@@ -476,8 +477,11 @@ def main(argv: Sequence[str]) -> None:
         if step is None:
             raise app.UsageError(f"No checkpoint in {checkpoint.checkpoint_dir(FLAGS.workdir)}: "
                                  f"train first (python train.py --workdir {FLAGS.workdir}).")
-    config, model, params = checkpoint.load_for_sampling(FLAGS.workdir, weights=FLAGS.weights,
-                                                         step=step)
+    try:  # an incompatible or corrupt checkpoint: one line, as sample.py
+        config, model, params = checkpoint.load_for_sampling(FLAGS.workdir, weights=FLAGS.weights,
+                                                             step=step)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise app.UsageError(f"--workdir={FLAGS.workdir}: " + " ".join(str(e).split("\n"))) from None
     try:
         options = EvalOptions.from_config(
                 config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,

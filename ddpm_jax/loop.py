@@ -214,10 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t = config.training
     k = t.steps_per_dispatch
     if t.checkpoint_every % k or t.log_every % k:
-        raise ValueError(f"training.steps_per_dispatch={k} must divide training.checkpoint_every="
+        raise config_lib.ConfigError(f"training.steps_per_dispatch={k} must divide training.checkpoint_every="
                          f"{t.checkpoint_every} and training.log_every={t.log_every}.")
     if t.keep_every is not None and t.keep_every % t.checkpoint_every:
-        raise ValueError(f"training.keep_every={t.keep_every} keeps the checkpoints at its "
+        raise config_lib.ConfigError(f"training.keep_every={t.keep_every} keeps the checkpoints at its "
                          "multiples, so it must be a multiple of training.checkpoint_every="
                          f"{t.checkpoint_every}; or None to keep no milestones.")
     # Before anything touches the work dir: a second trainer stops here, naming the holder.
@@ -241,8 +241,13 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
     mesh = parallel.make_mesh()
     replicated = parallel.replicated(mesh)
     logging.info("Mesh: %d devices on %d processes.", mesh.size, jax.process_count())
+    if t.batch_size % mesh.size:
+        raise config_lib.ConfigError(
+                f"training.batch_size={t.batch_size} does not split over the {mesh.size} devices: "
+                f"set --config.training.batch_size to a multiple of {mesh.size} (e.g. "
+                f"{-(-t.batch_size // mesh.size) * mesh.size}).")
     if (t.batch_size // t.microbatches) % mesh.size:
-        raise ValueError(f"training.microbatches={t.microbatches} slices the batch of "
+        raise config_lib.ConfigError(f"training.microbatches={t.microbatches} slices the batch of "
                          f"{t.batch_size} into {t.batch_size // t.microbatches} rows, which do not "
                          f"split over the {mesh.size} devices: use microbatches such that "
                          f"batch_size / microbatches is a multiple of {mesh.size}.")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint
+from ddpm_jax import checkpoint, checksums
 
 CONFIG = {"model": {"ch": 16, "ch_mult": [1, 2], "remat": False},
           "diffusion": {"timesteps": 1000, "schedule": "linear"},
@@ -105,7 +105,7 @@ def test_save_refuses_a_non_finite_state_naming_the_array_and_the_newest_finite_
 _KILLED_MID_SAVE = textwrap.dedent("""
     import glob, os, signal, sys, time
     import jax.numpy as jnp
-    from ddpm_jax import checkpoint
+    from ddpm_jax import checkpoint, checksums
     workdir = sys.argv[1]
     config = {"model": {"ch": 16}}
     manager = checkpoint.make_manager(workdir, max_to_keep=3)
@@ -156,3 +156,15 @@ def test_keeps_the_latest_n_plus_milestones(tmp_path):
     manager.wait_until_finished()
     assert list(manager.all_steps()) == [4, 8, 9]  # milestones 4, 8; latest two 8, 9
     manager.close()
+
+
+def test_checksums_name_every_leaf_and_change_with_any_element():
+    tree = {"params": {"w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)},
+            "step": jnp.int32(7), "rng": jax.random.key(0), "mask": jnp.array([True, False])}
+    sums = checksums.array_checksums(tree)
+    assert sorted(sums) == ["mask", "params/w", "rng", "step"]
+    assert sums["params/w"]["shape"] == [2, 3] and sums["params/w"]["dtype"] == "bfloat16"
+    changed = checksums.array_checksums({**tree, "params": {"w": tree["params"]["w"].at[1, 2].add(1)}})
+    assert changed["params/w"]["crc32"] != sums["params/w"]["crc32"]
+    assert {k: v for k, v in changed.items() if k != "params/w"} == {
+        k: v for k, v in sums.items() if k != "params/w"}

@@ -76,3 +76,78 @@ def test_scripts_stop_on_a_bad_output_path_in_one_line_before_loading(tmp_path, 
     assert proc.returncode in (1, 2), proc.stderr[-2000:]
     assert message.format(tmp=tmp_path) in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "No checkpoint" not in proc.stderr
+
+
+# ------------------------------------------- train.py: expected mistakes in one line, exit 1/2
+
+TINY_TRAIN = ["--config", f"{REPO}/configs/digits.py:tiny", "--progress_bar=false",
+              "--preemption_service=false", "--config.data.image_size=8",
+              "--config.model.attn_resolutions=(4,)"]
+
+
+def _one_line_failure(proc, *messages):
+    assert proc.returncode in (1, 2), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for message in messages:
+        assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_train_py_names_an_unknown_config_field(tmp_path):
+    proc = _run("train.py", *TINY_TRAIN, f"--workdir={tmp_path}/run", "--config.training.nope=1")
+    _one_line_failure(proc, "--config.training.nope: the config has no field `nope`",
+                      "unknown field")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_py_refuses_an_empty_workdir_and_creates_nothing(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY_TRAIN, "--workdir="],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    _one_line_failure(proc, "--workdir is empty: name the run's directory")
+    assert not os.listdir(tmp_path)  # no ./checkpoints
+
+
+def test_train_py_refuses_a_workdir_that_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("x")
+    proc = _run("train.py", *TINY_TRAIN, f"--workdir={tmp_path}/run")
+    _one_line_failure(proc, f"--workdir: {tmp_path}/run is a file, not a directory")
+
+
+def test_train_py_says_the_data_is_not_prepared(tmp_path):
+    proc = _run("train.py", *TINY_TRAIN, f"--workdir={tmp_path}/run",
+                "--config.data.dataset=cifar10", f"--config.data.data_dir={tmp_path}/tfds",
+                "--config.data.channels=3")
+    _one_line_failure(proc, "Data set 'cifar10' is not prepared in",
+                      "python -m ddpm_jax.data cifar10")
+
+
+def test_train_py_tells_to_change_the_batch_size_when_the_devices_do_not_divide_it(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY_TRAIN,
+                           f"--workdir={tmp_path}/run", "--config.training.batch_size=16"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    _one_line_failure(proc, "training.batch_size=16 does not split over the 3 devices: set "
+                            "--config.training.batch_size to a multiple of 3")
+    assert "microbatches" not in proc.stderr.strip().splitlines()[-1]
+
+
+_REFUSED_SAVE = """
+import runpy, sys
+from ddpm_jax import checkpoint, loop
+def refused(*args, **kwargs):
+    raise checkpoint.NonFiniteStateError("Refused to save the checkpoint of step 3: ['ema_params']"
+                                         "['w'] hold NaN or inf; there is no checkpoint yet.")
+loop.train_and_evaluate = refused
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_train_py_reports_a_refused_non_finite_save_in_one_line(tmp_path):
+    # The refusal itself is tested in test_loop; here only how train.py reports it.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _REFUSED_SAVE, str(REPO / "train.py"),
+                           *TINY_TRAIN, f"--workdir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    _one_line_failure(proc, "Refused to save the checkpoint of step 3")

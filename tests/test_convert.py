@@ -129,6 +129,23 @@ def test_missing_files_are_named(small_checkpoint, tmp_path):
         load_diffusers_unet(tmp_path)
 
 
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_a_garbage_config_json_is_named(tmp_path, content):
+    (tmp_path / "config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/config.json (is not valid JSON|holds a "
+                                         r"JSON list).*download it again"):
+        load_diffusers_unet(tmp_path)
+
+
+def test_a_truncated_safetensors_file_is_named(small_checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((small_checkpoint[0] / "config.json").read_text())
+    weights = (small_checkpoint[0] / "diffusion_pytorch_model.safetensors").read_bytes()
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/diffusion_pytorch_model.safetensors cannot "
+                                         r"be read .*truncated or damaged: download it again"):
+        load_diffusers_unet(tmp_path)
+
+
 def _rewrite(folder: Path, target: Path, edit) -> Path:
     tensors = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     edit(tensors)

@@ -7,6 +7,7 @@ import sys
 import tarfile
 import textwrap
 import time
+from pathlib import Path
 
 import grain
 import numpy as np
@@ -205,6 +206,46 @@ def test_missing_data_fails_fast_naming_the_file(tmp_path, mesh):
     assert time.perf_counter() - start < 1.0
     assert os.path.join(tmp_path, "downloads", "manual", "cifar-10-binary.tar.gz") in str(
         error.value)
+
+
+def _folder_with_a_bad_image(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    png = (folder / "0.png").read_bytes()
+    (folder / "sub" / "cut.png").write_bytes(png[:len(png) // 2])  # truncated
+    (folder / "junk.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def test_folder_with_a_corrupt_image_fails_naming_it_and_the_flag(tmp_path):
+    folder = _folder_with_a_bad_image(tmp_path)
+    with pytest.raises(builders.BadImageError, match=rf"^{folder}/junk.jpg cannot be decoded .*"
+                                                     r"--skip_bad_images"):
+        data.prepare_dataset("folder", tmp_path / "tfds", manual_dir=folder, image_size=32)
+
+
+def test_skip_bad_images_leaves_them_out_counted_and_listed(tmp_path, caplog):
+    folder = _folder_with_a_bad_image(tmp_path)
+    with caplog.at_level("WARNING"):
+        path = data.prepare_dataset("folder", tmp_path / "tfds", manual_dir=folder, image_size=32,
+                                    skip_bad_images=True)
+    images = data.load_split_uint8("folder", "train", tmp_path / "tfds", image_size=32)
+    assert images.shape == (3, 32, 32, 3)
+    listed = (Path(path) / builders.BAD_IMAGES_FILE).read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [f"{folder}/junk.jpg",
+                                                        f"{folder}/sub/cut.png"]
+    assert "Left out 2 image(s) that do not decode" in caplog.text
+
+
+def test_an_empty_folder_says_no_images_found(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(data.DataNotPreparedError, match=rf"^No images found in {tmp_path}/empty "):
+        data.prepare_dataset("folder", tmp_path / "tfds", manual_dir=tmp_path / "empty",
+                             image_size=32)
 
 
 def test_shape_disagreeing_with_the_config_fails_naming_both(data_dir, mesh):

@@ -219,6 +219,59 @@ def test_load_for_sampling_returns_the_saved_weights_and_model(data_dir, straigh
     _params_close(state, workdir, 6, atol=0)
 
 
+def _flip_byte(path: str, offset: int) -> bytes:
+    """XORs the byte at `offset` with 0xFF; returns the file's original content."""
+    original = Path(path).read_bytes()
+    damaged = bytearray(original)
+    damaged[offset] ^= 0xFF
+    Path(path).write_bytes(bytes(damaged))
+    return original
+
+
+def test_a_flipped_byte_in_any_checkpoint_file_fails_naming_the_step_or_changes_nothing(
+        tmp_path, data_dir, straight_run):
+    # Every file of the checkpoint in turn, one byte each (the original put back after): a
+    # restore either refuses the step or returns exactly the saved state, never other weights.
+    workdir = str(tmp_path / "flipped")
+    shutil.copytree(straight_run[0], workdir)
+    state, config = straight_run[1], tiny_config(data_dir)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    step_dir = os.path.join(checkpoint.checkpoint_dir(workdir), "6")
+    # Every file but the empty ones and orbax's commit markers, whose content nothing reads.
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(step_dir)
+                   for name in names if os.path.getsize(os.path.join(root, name))
+                   and name != "commit_success.txt")
+    assert sum("/d/" in f for f in files) > 3, files  # the array data files are among them
+    outcomes = {}
+    manager = checkpoint.make_manager(workdir, max_to_keep=1, read_only=True)
+    for path in files:
+        original = _flip_byte(path, os.path.getsize(path) // 2)
+        name = os.path.relpath(path, step_dir)
+        try:
+            restored = checkpoint.restore(manager, 6, abstract, config)
+        except checkpoint.CheckpointError as e:
+            assert "step 6 " in str(e) and "Nothing was deleted" in str(e), (name, str(e))
+            outcomes[name] = "refused: " + str(e)
+        else:  # a byte nothing reads (padding, an unused field): the very same state
+            jax.tree.map(np.testing.assert_array_equal, restored, state)
+            outcomes[name] = "unchanged"
+        finally:
+            Path(path).write_bytes(original)
+    manager.close()
+    refused = {name: why for name, why in outcomes.items() if why.startswith("refused")}
+    assert len(refused) > 3, outcomes
+    # Among them flips that only the checksums catch (tensorstore decoded changed values).
+    caught = {name: why for name, why in refused.items() if "array ema_params/" in why}
+    assert caught, outcomes
+    # The sampling path verifies too, and names the array.
+    name, why = next(iter(caught.items()))
+    _flip_byte(os.path.join(step_dir, name), os.path.getsize(os.path.join(step_dir, name)) // 2)
+    array = why.split("array ")[1].split(" ")[0]
+    with pytest.raises(checkpoint.CheckpointError, match=rf"step 6 .*corrupt: array {array} "):
+        checkpoint.load_for_sampling(workdir, "ema")
+
+
 def test_sample_py_draws_from_a_trained_workdir(tmp_path, straight_run):
     workdir, _ = straight_run
     out = tmp_path / "grid.png"
@@ -313,6 +366,41 @@ def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, data_dir
         loop.train_and_evaluate(other, workdir)
     assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == before
     assert Path(workdir, loop.CONFIG_FILE).read_text() == config_json
+
+
+@pytest.fixture(scope="module")
+def corrupt_workdir(tmp_path_factory, straight_run):
+    """A copy of the straight run whose latest checkpoint (step 6) has garbage array files."""
+    workdir = str(tmp_path_factory.mktemp("corrupt") / "run")
+    shutil.copytree(straight_run[0], workdir)
+    for root, _, names in os.walk(os.path.join(checkpoint.checkpoint_dir(workdir), "6", "state")):
+        for name in names:
+            if "/d" in root:
+                Path(root, name).write_bytes(b"garbage")
+    return workdir
+
+
+@pytest.mark.parametrize("script,changes,message", [
+    ("train.py", {"model.ch": 32}, "model.ch: saved 16, now 32"),
+    ("train.py", {}, "The checkpoint is incomplete or corrupt. Nothing was deleted: move or delete"),
+    ("evaluate.py", {}, "The checkpoint is incomplete or corrupt. Nothing was deleted: move or "
+                        "delete"),
+])
+def test_scripts_refuse_an_incompatible_or_corrupt_checkpoint_in_one_line(
+        data_dir, corrupt_workdir, script, changes, message):
+    if script == "train.py":
+        command = train_command(data_dir, corrupt_workdir, **changes)
+    else:
+        command = [sys.executable, str(REPO / script), f"--workdir={corrupt_workdir}",
+                   "--metrics=bpd"]
+    before = sorted(os.listdir(checkpoint.checkpoint_dir(corrupt_workdir)))
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)))
+    assert proc.returncode in (1, 2), proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if "step 6" in line and message in line
+            and "tensorstore_spec" not in line], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(corrupt_workdir))) == before
 
 
 def test_nonfinite_losses_stop_training_with_a_clear_message(tmp_path, data_dir, monkeypatch):

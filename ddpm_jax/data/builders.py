@@ -35,6 +35,7 @@ _CIFAR10_RECORD = 1 + 32 * 32 * 3  # label byte, then R, G, B planes of 32x32
 DIGITS_SIZES = (8, 16, 32)
 FOLDER_SIZES = (32, 64, 128, 256)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BAD_IMAGES_FILE = "bad_images.txt"  # beside the prepared files: the images left out, one a line
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -118,6 +119,10 @@ def iter_image_files(source: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
         for member in tar:
             if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
                 yield member.name, tar.extractfile(member).read()
+
+
+class BadImageError(ValueError):
+    """An image of a folder or tar that does not decode."""
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -238,13 +243,27 @@ class DdpmImages(_LocalBuilder):
                 f"None of {self.builder_config.sources} with images in {dl_manager.manual_dir}.")
         return {"train": self._generate_examples(source)}
 
+    # Set by the caller before download_and_prepare: leave out the images that do not decode
+    # (listed in bad_images) instead of failing at the first one.
+    skip_bad_images = False
+
     def _generate_examples(self, source):
         config = self.builder_config
+        self.bad_images = []
         for i, (name, data) in enumerate(iter_image_files(source)):
             try:
-                image = Image.open(io.BytesIO(data)).convert("RGB")
-            except OSError as e:
-                raise ValueError(f"{source}: cannot decode {name}: {e}") from e
+                image = Image.open(io.BytesIO(data))
+                image.load()
+                image = image.convert("RGB")
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                path = os.path.join(source, name) if os.path.isdir(source) else f"{source}:{name}"
+                if not self.skip_bad_images:
+                    raise BadImageError(
+                            f"{path} cannot be decoded ({type(e).__name__}: {e}): remove or "
+                            "replace it, or pass --skip_bad_images to leave out every image that "
+                            "does not decode (they are listed beside the prepared data).") from None
+                self.bad_images.append(f"{path}\t{type(e).__name__}: {e}")
+                continue
             image = center_crop_resize(image, config.resolution)
             buffer = io.BytesIO()
             image.save(buffer, format=config.encoding.upper(),

@@ -122,8 +122,12 @@ def _has_source(name: str, builder: tfds.core.DatasetBuilder, manual_dir: str) -
 
 def prepare_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
                     manual_dir: str | os.PathLike | None = None,
-                    image_size: int | None = None) -> str:
+                    image_size: int | None = None, skip_bad_images: bool = False) -> str:
     """Prepares a data set as array_record in data_dir (a no-op when already there).
+
+    Image sets (folder, CelebA-HQ, LSUN): the first image that does not decode raises
+    builders.BadImageError naming it, unless skip_bad_images: then those images are left out,
+    counted in a warning and listed in builders.BAD_IMAGES_FILE beside the prepared files.
 
     manual_dir holds the source files (default data_dir/downloads/manual; for "folder", the
     folder of images). Raises DataNotPreparedError, naming the file to place, when it lacks
@@ -137,8 +141,14 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     manual_dir = os.path.expanduser(os.fspath(
         manual_dir or os.path.join(data_dir, "downloads", "manual")))
     if not _has_source(name, builder, manual_dir):
+        if name == "folder" and os.path.isdir(manual_dir):
+            raise DataNotPreparedError(
+                    f"No images found in {manual_dir} (searched recursively for "
+                    f"{', '.join(builders.IMAGE_SUFFIXES)} files): point --manual_dir at the "
+                    "folder that holds the images.")
         raise DataNotPreparedError(_missing_message(name, builder, data_dir, manual_dir))
     logging.info("Preparing %s from %s into %s.", name, manual_dir, builder.data_dir)
+    builder.skip_bad_images = skip_bad_images
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
             manual_dir=manual_dir, try_download_gcs=False,
@@ -152,6 +162,14 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
             raise
         logging.info("%s was prepared in %s by another process meanwhile; using it.", name,
                      builder.data_dir)
+        return os.fspath(builder.data_dir)
+    bad = getattr(builder, "bad_images", [])
+    if bad:
+        listing = os.path.join(os.fspath(builder.data_dir), builders.BAD_IMAGES_FILE)
+        with open(listing, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in bad))
+        logging.warning("Left out %d image(s) that do not decode (--skip_bad_images), listed in "
+                        "%s; the first: %s", len(bad), listing, bad[0])
     return os.fspath(builder.data_dir)
 
 

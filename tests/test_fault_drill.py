@@ -1,0 +1,109 @@
+"""Fault drills: a run is damaged on purpose and nothing finished may be lost, nothing damaged
+may load. The drills that need a trained run live with it, and run once in CI:
+
+    SIGTERM mid-training saves and exits 0    test_loop.py::test_sigterm_saves_and_exits_0_...
+    two trainers on one work dir (the lock)   test_loop.py::test_a_second_trainer_stops_at_once_...
+    a flipped byte in every checkpoint file   test_loop.py::test_a_flipped_byte_in_any_...
+    kill -9 in the middle of one async save   test_checkpoint.py::test_kill_9_during_async_save_...
+
+Here: repeated kill -9 at random moments of a run of saves, then resume; a full disk (ENOSPC)
+at a write of a save. Small states and no model: seconds each.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from etils import epath
+
+from ddpm_jax import checkpoint
+
+CONFIG = {"model": {"ch": 16}}
+SIZE = 1_000_000  # floats per saved array: a save takes long enough to be killed inside
+
+
+def _abstract():
+    return {"w": jax.ShapeDtypeStruct((SIZE,), jnp.float32)}
+
+
+def _state(step):
+    return {"w": jnp.full((SIZE,), float(step), jnp.float32)}
+
+
+_SAVE_UNTIL_KILLED = textwrap.dedent(f"""
+    import os, random, signal, sys, threading
+    import jax.numpy as jnp
+    from ddpm_jax import checkpoint
+    workdir, seed = sys.argv[1], int(sys.argv[2])
+    manager = checkpoint.make_manager(workdir, max_to_keep=1000)  # removes half-written saves
+    start = manager.latest_step() or 0
+    if start:  # resume: the newest listed checkpoint restores, checksums verified
+        restored = checkpoint.restore(manager, start, {{"w": jax.ShapeDtypeStruct(({SIZE},),
+                                                        jnp.float32)}}, {CONFIG!r})
+        assert float(restored["w"][0]) == start
+    delay = random.Random(seed).uniform(0.1, 1.0)
+    threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    for step in range(start + 1, start + 10_000):
+        checkpoint.save(manager, step, {{"w": jnp.full(({SIZE},), float(step), jnp.float32)}},
+                        {CONFIG!r})  # async: returns while the files are written
+        manager.wait_until_finished()
+        print("finished", step, flush=True)
+""").replace("import jax.numpy", "import jax, jax.numpy")
+
+
+def test_random_kill_9_during_saves_then_resume_loses_no_finished_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    finished = []
+    for seed in range(3):
+        proc = subprocess.run([sys.executable, "-c", _SAVE_UNTIL_KILLED, workdir, str(seed)],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        finished += [int(line.split()[1]) for line in proc.stdout.splitlines()
+                     if line.startswith("finished ")]
+    assert finished, "no save finished before a kill: nothing tested"
+    manager = checkpoint.make_manager(workdir, max_to_keep=1000)
+    steps = list(manager.all_steps())
+    # Every save that finished is there; at most the one in flight at each kill is missing.
+    assert set(finished) <= set(steps), (finished, steps)
+    for step in steps:
+        restored = checkpoint.restore(manager, step, _abstract(), CONFIG)
+        np.testing.assert_array_equal(restored["w"], np.full((SIZE,), float(step)))
+    manager.close()
+
+
+def test_a_full_disk_during_a_save_loses_no_finished_checkpoint(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    manager = checkpoint.make_manager(workdir, max_to_keep=5)
+    checkpoint.save(manager, 1, _state(1), CONFIG)
+    manager.wait_until_finished()
+
+    real_write = epath.Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if checkpoint.CHECKSUMS in str(self):  # a write of step 2's items
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(epath.Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.save(manager, 2, _state(2), CONFIG)
+        manager.wait_until_finished()
+    monkeypatch.undo()  # space freed
+    manager.close()
+
+    manager = checkpoint.make_manager(workdir, max_to_keep=5)  # as a restarted trainer
+    assert list(manager.all_steps()) == [1]
+    restored = checkpoint.restore(manager, 1, _abstract(), CONFIG)
+    np.testing.assert_array_equal(restored["w"], np.full((SIZE,), 1.0))
+    checkpoint.save(manager, 2, _state(2), CONFIG)  # and saving works again
+    manager.wait_until_finished()
+    assert list(manager.all_steps()) == [1, 2]
+    manager.close()
