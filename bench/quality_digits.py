@@ -68,7 +68,7 @@ def ours_samplers() -> dict[str, dict]:
     samplers = {"ancestral-1000": dict(sampler="ddpm", steps=None),
                 "DDIM-50": dict(sampler="ddim", steps=50)}
     if "dpm++" in sampling.SAMPLERS:
-        samplers["DPM++-20"] = dict(sampler="dpm++", steps=20)
+        samplers["DPM++-20"] = dict(sampler="dpm++", steps=20, order=2, spacing="logsnr")
     return samplers
 
 
@@ -91,7 +91,8 @@ class Peer:
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.num_params = sum(p.numel() for p in self.model.parameters())
 
-    def train(self, images: np.ndarray, budget_s: float, *, clock: str = "wall", batch: int = 64,
+    def train(self, images: np.ndarray, budget_s: float, *, clock: str = "wall",
+              max_steps: int | None = None, batch: int = 64,
               lr: float = 2e-4, warmup: int = 500, ema_decay: float = 0.999,
               ema_warmup: bool = False, seed: int = 0) -> dict:
         """Trains until `budget_s` seconds of `clock` ("wall", or "cpu": this process's CPU
@@ -108,7 +109,7 @@ class Peer:
         step, order, pos, losses = 0, torch.randperm(len(data), generator=gen), 0, []
         now = time.process_time if clock == "cpu" else time.perf_counter
         start, wall, cpu = now(), time.perf_counter(), time.process_time()
-        while now() - start < budget_s:
+        while now() - start < budget_s and (max_steps is None or step < max_steps):
             if pos + batch > len(data):
                 order, pos = torch.randperm(len(data), generator=gen), 0
             x0 = data[order[pos:pos + batch]]
@@ -185,6 +186,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1", help="Sampling seeds, comma-separated.")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the peer.")
+    parser.add_argument("--peer_steps", type=int, default=None,
+                        help="Train the peer for exactly this many steps instead of a time budget "
+                             "(equal work at equal batch when the machine is too loaded to time).")
+    parser.add_argument("--ours_workdir", default=None,
+                        help="Reuse this finished main-job run instead of training ours anew.")
     parser.add_argument("--peer_ema_warmup", action="store_true",
                         help="Give the peer the EMA ramp of diffusers' EMAModel default.")
     parser.add_argument("--skip_ancestral", action="store_true", help="Only the fast samplers.")
@@ -204,8 +210,13 @@ def main() -> None:
         with open(os.path.join(args.out, "quality.json"), "w") as f:
             json.dump(result, f, indent=2)
 
-    workdir, ours_wall, ours_cpu = train_ours(args.out, args.ours_overrides.split())
+    if args.ours_workdir:
+        workdir, ours_wall, ours_cpu = args.ours_workdir, float("nan"), float("nan")
+    else:
+        workdir, ours_wall, ours_cpu = train_ours(args.out, args.ours_overrides.split())
     budget = args.budget_s or (ours_cpu if args.budget_clock == "cpu" else ours_wall)
+    if args.peer_steps:
+        budget = float("inf")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     result["ours_train"] = dict(wall_s=round(ours_wall, 1), cpu_s=round(ours_cpu, 1),
@@ -213,14 +224,23 @@ def main() -> None:
                                 final_loss=round(last["loss"], 4))
     peer = Peer(args.threads)
     train = builders.digits_arrays(8)
-    result["peer_train"] = dict(peer.train(train["train"][0], budget, clock=args.budget_clock,
-                                           ema_warmup=args.peer_ema_warmup),
-                                params=peer.num_params, budget_s=round(budget, 1),
-                                budget_clock=args.budget_clock,
-                                ema_warmup=args.peer_ema_warmup)
+    peer_path = os.path.join(args.out, "peer_ema.pt")
+    if os.path.exists(peer_path):   # a finished peer of an earlier, interrupted run of this bench
+        saved = peer.torch.load(peer_path)
+        peer.ema, result["peer_train"] = saved["ema"], saved["info"]
+    else:
+        result["peer_train"] = dict(peer.train(train["train"][0], budget, clock=args.budget_clock,
+                                               max_steps=args.peer_steps,
+                                               ema_warmup=args.peer_ema_warmup),
+                                    params=peer.num_params, budget_s=round(budget, 1),
+                                    budget_clock=args.budget_clock,
+                                    ema_warmup=args.peer_ema_warmup)
+        peer.torch.save(dict(ema=peer.ema, info=result["peer_train"]), peer_path)
     print(json.dumps({k: result[k] for k in ("ours_train", "peer_train")}), flush=True)
 
-    kinds = [k for k in ours_samplers() if not (args.skip_ancestral and k == "ancestral-1000")]
+    # The fast samplers first: their rows land within minutes, the 1000-step ones after.
+    kinds = [k for k in ours_samplers() if k != "ancestral-1000"]
+    kinds += [] if args.skip_ancestral else ["ancestral-1000"]
     for kind in kinds:
         for who in ("ours", "peer"):
             for seed in seeds:
