@@ -6,6 +6,7 @@ are compared with one-device runs in this process at the step they saved. The in
 share one compilation (the jitted step is cached per mesh).
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -261,15 +262,30 @@ def test_a_flipped_byte_in_any_checkpoint_file_fails_naming_the_step_or_changes_
     manager.close()
     refused = {name: why for name, why in outcomes.items() if why.startswith("refused")}
     assert len(refused) > 3, outcomes
-    # Among them flips that only the checksums catch (tensorstore decoded changed values).
-    caught = {name: why for name, why in refused.items() if "array ema_params/" in why}
+    # Among them flips that only the checksums catch (tensorstore decoded changed values). Which
+    # array a mid-file flip lands in depends on the write order of the async save.
+    caught = {name: why for name, why in refused.items() if "is corrupt: array " in why}
     assert caught, outcomes
-    # The sampling path verifies too, and names the array.
-    name, why = next(iter(caught.items()))
-    _flip_byte(os.path.join(step_dir, name), os.path.getsize(os.path.join(step_dir, name)) // 2)
-    array = why.split("array ")[1].split(" ")[0]
+    # The sampling path verifies too, and names the array: flip bytes of the data files until
+    # one lands in a parameter array (EMA or raw), which load_for_sampling reads.
+    data_files = [f for f in files if "/ocdbt.process_0/d/" in f]
+    for path, fraction in itertools.product(data_files, (0.5, 0.25, 0.75, 0.1, 0.9)):
+        original = _flip_byte(path, int(os.path.getsize(path) * fraction))
+        manager = checkpoint.make_manager(workdir, max_to_keep=1, read_only=True)
+        try:
+            checkpoint.restore(manager, 6, abstract, config)
+        except checkpoint.CheckpointError as e:
+            array = str(e).split("array ")[1].split(" ")[0] if "array " in str(e) else ""
+            if array.startswith(("ema_params/", "params/")):
+                break
+        finally:
+            manager.close()
+        Path(path).write_bytes(original)
+    else:
+        pytest.fail(f"no flip in {len(data_files)} data files landed in a parameter array")
+    weights = "ema" if array.startswith("ema_params/") else "raw"
     with pytest.raises(checkpoint.CheckpointError, match=rf"step 6 .*corrupt: array {array} "):
-        checkpoint.load_for_sampling(workdir, "ema")
+        checkpoint.load_for_sampling(workdir, weights)
 
 
 def test_sample_py_draws_from_a_trained_workdir(tmp_path, straight_run):
