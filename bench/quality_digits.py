@@ -238,7 +238,14 @@ def main() -> None:
         peer.torch.save(dict(ema=peer.ema, info=result["peer_train"]), peer_path)
     print(json.dumps({k: result[k] for k in ("ours_train", "peer_train")}), flush=True)
 
-    # The fast samplers first: their rows land within minutes, the 1000-step ones after.
+    # The reference rows first (seconds), then the fast samplers, the 1000-step ones last.
+    rng = np.random.RandomState(0)
+    real_train = train["train"][0][rng.permutation(len(train["train"][0]))[:args.num_samples]]
+    add(dict(who="real", sampler="held-out test images", **yardstick.score(train["test"][0])))
+    add(dict(who="real", sampler=f"{len(real_train)} train images", **yardstick.score(real_train)))
+    add(dict(who="floor", sampler="train images, Gaussian blur 0.8 px",
+             **yardstick.score(blurred(real_train))))
+
     kinds = [k for k in ours_samplers() if k != "ancestral-1000"]
     kinds += [] if args.skip_ancestral else ["ancestral-1000"]
     for kind in kinds:
@@ -251,13 +258,6 @@ def main() -> None:
                     images, secs = peer.sample(kind, args.num_samples, seed)
                 add(dict(who=who, sampler=kind, seed=seed, seconds=round(secs, 1),
                          **yardstick.score(images)))
-
-    rng = np.random.RandomState(0)
-    real_train = train["train"][0][rng.permutation(len(train["train"][0]))[:args.num_samples]]
-    add(dict(who="real", sampler="held-out test images", **yardstick.score(train["test"][0])))
-    add(dict(who="real", sampler=f"{len(real_train)} train images", **yardstick.score(real_train)))
-    add(dict(who="floor", sampler="train images, Gaussian blur 0.8 px",
-             **yardstick.score(blurred(real_train))))
 
     print(f"\n{result['protocol']}")
     print(f"ours: {result['ours_train']}; peer: {result['peer_train']}\n")
