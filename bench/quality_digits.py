@@ -194,6 +194,11 @@ def main() -> None:
     parser.add_argument("--peer_ema_warmup", action="store_true",
                         help="Give the peer the EMA ramp of diffusers' EMAModel default.")
     parser.add_argument("--skip_ancestral", action="store_true", help="Only the fast samplers.")
+    parser.add_argument("--samplers", default=None,
+                        help="Comma-separated subset of the sampler rows to draw (e.g. "
+                             "ancestral-1000), to finish an interrupted run with --ours_workdir.")
+    parser.add_argument("--skip_reference", action="store_true",
+                        help="Leave out the real / floor rows (a rerun that already has them).")
     parser.add_argument("--ours_overrides", default="",
                         help="Space-separated train.py overrides for ours (default: as shipped).")
     args = parser.parse_args()
@@ -202,6 +207,13 @@ def main() -> None:
     yardstick = Yardstick()
     result: dict = dict(protocol=yardstick.protocol(), seeds=seeds, num_samples=args.num_samples,
                         rows=[])
+    previous = os.path.join(args.out, "quality.json")
+    if os.path.exists(previous):  # a rerun finishing an interrupted run: keep its rows
+        with open(previous) as f:
+            kept = json.load(f)
+        if kept.get("protocol") != result["protocol"]:
+            raise SystemExit(f"{previous} was made under another protocol; use a fresh --out.")
+        result["rows"] = kept["rows"]
     print(result["protocol"], flush=True)
 
     def add(row: dict) -> None:
@@ -241,13 +253,21 @@ def main() -> None:
     # The reference rows first (seconds), then the fast samplers, the 1000-step ones last.
     rng = np.random.RandomState(0)
     real_train = train["train"][0][rng.permutation(len(train["train"][0]))[:args.num_samples]]
-    add(dict(who="real", sampler="held-out test images", **yardstick.score(train["test"][0])))
-    add(dict(who="real", sampler=f"{len(real_train)} train images", **yardstick.score(real_train)))
-    add(dict(who="floor", sampler="train images, Gaussian blur 0.8 px",
-             **yardstick.score(blurred(real_train))))
+    if not args.skip_reference:
+        add(dict(who="real", sampler="held-out test images", **yardstick.score(train["test"][0])))
+        add(dict(who="real", sampler=f"{len(real_train)} train images",
+                 **yardstick.score(real_train)))
+        add(dict(who="floor", sampler="train images, Gaussian blur 0.8 px",
+                 **yardstick.score(blurred(real_train))))
 
     kinds = [k for k in ours_samplers() if k != "ancestral-1000"]
     kinds += [] if args.skip_ancestral else ["ancestral-1000"]
+    if args.samplers:
+        unknown = set(args.samplers.split(",")) - set(ours_samplers())
+        if unknown:
+            raise SystemExit(f"--samplers: unknown {sorted(unknown)}; choose from "
+                             f"{sorted(ours_samplers())}.")
+        kinds = [k for k in ours_samplers() if k in args.samplers.split(",")]
     for kind in kinds:
         for who in ("ours", "peer"):
             for seed in seeds:
