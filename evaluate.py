@@ -2,10 +2,122 @@
 
     python evaluate.py --workdir runs/digits --metrics bpd,fid,is --num_samples 1000
 
-See `ddpm_jax/evaluate.py` (or --helpfull) for every flag.
+Unset flags take the run's config.eval / config.sampling; see ddpm_jax/evaluate.py for the
+protocol of each measurement.
 """
 
-from ddpm_jax.evaluate import run
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from ddpm_jax import cli, features, plans, sampling
+from ddpm_jax.evaluate import METRICS
+from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training work dir; its latest checkpoint (or --step) "
+                    "is evaluated and the report goes to WORKDIR/eval.", required=True)
+flags.DEFINE_list("metrics", "bpd,fid,is", f"Comma-separated, from {','.join(METRICS)}.")
+flags.DEFINE_integer("num_samples", None, "Generated images for FID / IS / KID "
+                     "(default config.eval.fid_num_samples).", lower_bound=2)
+flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "ddpm (ancestral) | ddim | "
+                  "dpm++ (DPM-Solver++) (default config.sampling.sampler).")
+flags.DEFINE_enum("spacing", None, list(plans.SPACINGS), "time (as --steps says) | logsnr "
+                  "(int --steps uniform in log-SNR) (default config.sampling.spacing).")
+flags.DEFINE_integer("order", None, "DPM-Solver++ order with --sampler=dpm++ (default "
+                     "config.sampling.order).", lower_bound=1, upper_bound=plans.MAX_SOLVER_ORDER)
+flags.DEFINE_float("threshold", None, "Dynamic thresholding percentile of x0 predictions, "
+                   "e.g. 0.995, instead of the clip (default config.sampling.threshold).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_string("steps", None, "Reverse steps: an int S, 'ddimS' or 'S1,S2,...' "
+                    "(default config.sampling.steps).")
+flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default config.sampling.eta).")
+flags.DEFINE_integer("batch_size", None, "Images per sampler call (default "
+                     "config.eval.fid_batch_size).", lower_bound=1)
+flags.DEFINE_enum("split", None, ["train", "test"], "Split for bits/dim (default "
+                  "config.eval.bpd_split).")
+flags.DEFINE_integer("bpd_num_images", None, "First N images of the split (default: all).",
+                     lower_bound=1)
+flags.DEFINE_integer("bpd_batch_size", None, "Images per bits/dim call (default "
+                     "config.eval.bpd_batch_size).", lower_bound=1)
+flags.DEFINE_enum("reference_split", None, ["train", "test"], "Reference statistics for "
+                  "FID / KID (default config.eval.fid_reference; the paper uses train).")
+flags.DEFINE_enum("feature_net", None, list(features.FEATURE_NETS), "digits: the project's "
+                  "digits classifier (digits-FID / digits-IS); inception: the FID "
+                  "InceptionV3 (needs --inception_weights). Default: digits for the "
+                  "digits data, else inception.")
+flags.DEFINE_string("inception_weights", None, "Local pt_inception-2015-12-05-6726825d.pth "
+                    "(pytorch-fid's release) or its .npz export.")
+flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA (as the paper) or raw parameters.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_enum("labels", None, list(LABEL_MODES), "Class-conditional models: "
+                  "none draws with the null label (unconditional); balanced gives sample n "
+                  "class n mod N (default config.eval.labels).")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (needs "
+                   "--labels=balanced; default config.eval.guidance).")
+flags.DEFINE_integer("seed", None, "PRNG seed (default config.training.seed).")
+flags.DEFINE_string("cache_dir", None, "Classifier weights and reference statistics "
+                    "(default $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
+flags.DEFINE_boolean("save_samples", True, "Also write the samples (.npz and a PNG grid).")
+flags.DEFINE_boolean("progress", True, "Progress bars.")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {list(argv[1:])}; every option is a --flag.")
+    try:  # before any checkpoint loads or anything compiles
+        cli.check_output_path(os.path.join(FLAGS.workdir, "eval"), "--workdir", directory=True)
+        if FLAGS.cache_dir is not None:
+            cli.check_output_path(FLAGS.cache_dir, "--cache_dir", directory=True)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    import jax
+
+    from ddpm_jax import checkpoint, evaluate, parallel  # orbax: after the flag checks
+    from ddpm_jax import config as config_lib
+    cli.drop_closed_event_loop_noise()
+    step = FLAGS.step
+    if step is None:
+        manager = checkpoint.make_manager(FLAGS.workdir, max_to_keep=1, read_only=True)
+        step = manager.latest_step()
+        manager.close()
+        if step is None:
+            raise app.UsageError(f"No checkpoint in {checkpoint.checkpoint_dir(FLAGS.workdir)}: "
+                                 f"train first (python train.py --workdir {FLAGS.workdir}).")
+    try:  # an incompatible or corrupt checkpoint: one line, as sample.py
+        config, model, params = checkpoint.load_for_sampling(FLAGS.workdir, weights=FLAGS.weights,
+                                                             step=step)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise app.UsageError(f"--workdir={FLAGS.workdir}: " + " ".join(str(e).split("\n"))) from None
+    try:  # NumPy only: a bad option stops here, before anything compiles
+        options = evaluate.EvalOptions.from_config(
+                config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
+                sampler=FLAGS.sampler, steps=cli.parse_steps(FLAGS.steps), eta=FLAGS.eta,
+                spacing=FLAGS.spacing, order=FLAGS.order, threshold=FLAGS.threshold,
+                sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
+                bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
+                reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
+                inception_weights=FLAGS.inception_weights, seed=FLAGS.seed,
+                cache_dir=FLAGS.cache_dir, save_samples=FLAGS.save_samples, labels=FLAGS.labels,
+                guidance=FLAGS.guidance)
+        check_labels_and_guidance(options.labels, options.guidance, model.num_classes,
+                                  labels_name="--labels", guidance_name="--guidance")
+        cli.check_solver_flags(options.sampler, options.eta, FLAGS.order)
+        evaluate.sampling_plan(config_lib.schedule_from_config(config), options)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+    report = evaluate.run_evaluation(config, sampling.ModelApply(model), params, options,
+                                     workdir=FLAGS.workdir, step=step, weights=FLAGS.weights,
+                                     mesh=mesh, progress=FLAGS.progress and jax.process_index() == 0)
+    if jax.process_index() == 0:
+        for line in report["protocol"]:
+            print(line)
+        print(f"Report: {report['path']}")
+
 
 if __name__ == "__main__":
-    run()
+    app.run(main)

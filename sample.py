@@ -4,7 +4,7 @@
     python sample.py --workdir runs/digits --weights=raw --sampler ddim --steps 50
     python sample.py --workdir runs/digits --sampler dpm++ --steps 20 [--order 2] [--spacing logsnr]
     python sample.py --diffusers_dir PATH --num_samples 16 --batch_size 16 --out cifar.png
-    python sample.py --workdir runs/digits_cond --labels all --guidance 1.0   # num_classes runs
+    python sample.py --workdir runs/digits_cond --labels balanced --guidance 1.0  # num_classes runs
 
 Unset sampler flags take the run's config.sampling (--workdir) or the paper's settings
 (--diffusers_dir). The chain is compiled once per (batch shape, steps) and reused for every
@@ -15,14 +15,15 @@ training mesh's "data" axis.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 from absl import app, flags, logging
 
-from ddpm_jax.cli import check_output_path, drop_closed_event_loop_noise
+from ddpm_jax.cli import (check_output_path, check_solver_flags, drop_closed_event_loop_noise,
+                          parse_steps)
 from ddpm_jax.diffusion import VAR_TYPES
+from ddpm_jax.labels import check_label_text, check_labels_and_guidance, sample_labels
 from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS
 from ddpm_jax.sampling import SAMPLERS
 
@@ -61,9 +62,10 @@ flags.DEFINE_enum("var_type", None, list(VAR_TYPES), "Reverse variance of --samp
 flags.DEFINE_boolean("clip_denoised", None, "Clip each x0 prediction to [-1, 1] (default "
                      "config.sampling.clip_denoised, or true).")
 flags.DEFINE_string("labels", None, "Class-conditional runs (model.num_classes): the classes "
-                    "to draw, 'all' (sample n is class n mod num_classes) or a comma-separated "
-                    "list cycled over the samples ('3' draws only 3s). Default: the null label, "
-                    "i.e. the unconditional model that label dropout trained.")
+                    "to draw, 'balanced' (sample n is class n mod num_classes; 'all' is a "
+                    "deprecated alias) or a comma-separated list cycled over the samples ('3' "
+                    "draws only 3s). Default ('none'): the null label, i.e. the unconditional "
+                    "model that label dropout trained.")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 with --labels: "
                    "(1 + w) eps(x, y) - w eps(x, null); two model calls per step.",
                    lower_bound=0.0)
@@ -77,8 +79,8 @@ flags.DEFINE_integer("max_grid_tiles", 100, "The grid shows the first N images; 
 flags.mark_flags_as_mutual_exclusive(["workdir", "diffusers_dir"], required=True)
 
 
-def _check_flags() -> None:
-    """The checks that need no weights, before anything is loaded."""
+def _check_flags() -> Any:
+    """The checks that need no weights, before anything is loaded; returns the parsed --labels."""
     if FLAGS.workdir is not None:
         if not os.path.isdir(FLAGS.workdir):
             raise app.UsageError(f"--workdir={FLAGS.workdir} does not exist; train into it with "
@@ -91,137 +93,72 @@ def _check_flags() -> None:
     try:  # before any weights load or compile: a bad --out must not cost the sampling
         for path in (FLAGS.out, FLAGS.out[:-len(".png")] + ".npz"):
             check_output_path(path, "--out")
+        classes = check_label_text(FLAGS.labels, "--labels")
+        check_labels_and_guidance(classes, FLAGS.guidance, labels_name="--labels",
+                                  guidance_name="--guidance", class_lists=True)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    if FLAGS.guidance is not None and FLAGS.labels is None:
-        raise app.UsageError("--guidance needs --labels: the classes to guide towards.")
-    if FLAGS.labels is not None and FLAGS.labels.strip() != "all":
-        try:
-            _parse_labels(FLAGS.labels)
-        except ValueError as e:
-            raise app.UsageError(f"--labels={FLAGS.labels}: {e}") from None
+    return classes
 
 
-def _parse_labels(text: str) -> list[int]:
-    """'3,1,4' -> [3, 1, 4] (no range check: that needs the model)."""
-    try:
-        labels = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError("write 'all' or comma-separated class numbers, e.g. '0,1,2'.") from None
-    if min(labels) < 0:
-        raise ValueError("class numbers are >= 0.")
-    return labels
-
-
-def _sample_labels(num_classes: int | None) -> Any:
-    """The class of each of the --num_samples images ([N] int), or None without --labels."""
-    if FLAGS.labels is None:
-        return None
-    if num_classes is None:
-        raise app.UsageError(f"--labels={FLAGS.labels}: this model is unconditional "
-                             "(model.num_classes unset); drop --labels and --guidance.")
-    import numpy as np
-    text = FLAGS.labels.strip()
-    classes = list(range(num_classes)) if text == "all" else _parse_labels(text)
-    if max(classes) >= num_classes:
-        raise app.UsageError(f"--labels={FLAGS.labels}: this model has classes 0..{num_classes - 1}.")
-    return np.resize(np.asarray(classes, dtype=np.int32), FLAGS.num_samples)
-
-
-def _load() -> tuple[Any, Any, dict[str, Any], dict[str, Any], tuple[int, int, int]]:
-    """(model, params, diffusion settings, sampling defaults, image shape (H, W, C))."""
+def _load() -> tuple[Any, Any, Any]:
+    """(config, model, params) of --workdir's checkpoint or of --diffusers_dir."""
     if FLAGS.workdir is not None:
         from ddpm_jax import checkpoint
         try:
-            config, model, params = checkpoint.load_for_sampling(FLAGS.workdir,
-                                                                 weights=FLAGS.weights)
+            return checkpoint.load_for_sampling(FLAGS.workdir, weights=FLAGS.weights)
         except (FileNotFoundError, checkpoint.CheckpointError) as e:
             raise app.UsageError(f"--workdir={FLAGS.workdir}: {e}") from None
-        diffusion = dict(config.diffusion)
-        defaults = dict(config.sampling)
-        if defaults.get("var_type") is None:
-            defaults["var_type"] = diffusion["var_type"]
-        size, channels = config.data.image_size, config.data.channels
-    else:
-        from ddpm_jax.convert import load_diffusers_unet, read_diffusers_config
-        try:
-            unet_config = read_diffusers_config(FLAGS.diffusers_dir)
-            model, params = load_diffusers_unet(FLAGS.diffusers_dir)
-        except (FileNotFoundError, ValueError) as e:
-            raise app.UsageError(f"--diffusers_dir={FLAGS.diffusers_dir}: {e}") from None
-        size = unet_config["sample_size"]
-        size = size if isinstance(size, int) else size[0]
-        channels = unet_config["in_channels"]
-        diffusion = dict(schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                         mean_type="eps")
-        # The official sampling scripts: fixedlarge for CIFAR-10, fixedsmall for 256px.
-        defaults = dict(sampler="ddpm", steps=None, eta=0.0, clip_denoised=True, batch_size=64,
-                        var_type="fixedlarge" if size < 64 else "fixedsmall")
-    defaults = dict(dict(spacing="time", order=2, threshold=None), **defaults)  # older configs
-    return model, params, diffusion, defaults, (size, size, channels)
-
-
-def _resolve(defaults: dict[str, Any]) -> dict[str, Any]:
-    """Flags over the defaults; eta only where the sampler is DDIM, order only for DPM-Solver++."""
-    from ddpm_jax.cli import parse_steps
-    chosen = dict(sampler=FLAGS.sampler, steps=parse_steps(FLAGS.steps), eta=FLAGS.eta,
-                  spacing=FLAGS.spacing, order=FLAGS.order, threshold=FLAGS.threshold,
-                  var_type=FLAGS.var_type, clip_denoised=FLAGS.clip_denoised,
-                  batch_size=FLAGS.batch_size)
-    options = {k: defaults.get(k) if v is None else v for k, v in chosen.items()}
-    if options["sampler"] != "ddim":
-        if FLAGS.eta:
-            raise app.UsageError(f"--eta={FLAGS.eta} only applies to --sampler=ddim.")
-        options["eta"] = 0.0
-    if options["sampler"] != "dpm++":
-        if FLAGS.order is not None:
-            raise app.UsageError(f"--order={FLAGS.order} only applies to --sampler=dpm++.")
-        options["order"] = None
-    return options
+    from ddpm_jax import convert
+    try:
+        return convert.load_for_sampling(FLAGS.diffusers_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(f"--diffusers_dir={FLAGS.diffusers_dir}: {e}") from None
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
-    _check_flags()
+    classes = _check_flags()
     drop_closed_event_loop_noise()
 
     import jax
-    import numpy as np
 
-    from ddpm_jax.images import save_image_grid
+    from ddpm_jax import config as config_lib
+    from ddpm_jax.images import save_samples
+    from ddpm_jax.parallel import make_mesh, round_up_to_devices
     from ddpm_jax.sampling import ModelApply, draw_images, make_sampler
-    from ddpm_jax.schedule import Schedule
 
-    model, params, diffusion, defaults, image_shape = _load()
-    options = _resolve(defaults)
-    labels = _sample_labels(getattr(model, "num_classes", None))
-    schedule = Schedule.create(diffusion["schedule"], diffusion["timesteps"],
-                               beta_start=diffusion["beta_start"], beta_end=diffusion["beta_end"])
+    config, model, params = _load()
     num_devices = jax.device_count()
-    if options["batch_size"] % num_devices:
-        raise app.UsageError(f"--batch_size={options['batch_size']} must be a multiple of the "
+    batch_size = FLAGS.batch_size or config.sampling.batch_size
+    try:  # flags over the run's config.sampling (or the paper's settings)
+        options = config_lib.sampler_options(
+                config, sampler=FLAGS.sampler, steps=parse_steps(FLAGS.steps), eta=FLAGS.eta,
+                spacing=FLAGS.spacing, order=FLAGS.order, threshold=FLAGS.threshold,
+                var_type=FLAGS.var_type, clip_denoised=FLAGS.clip_denoised)
+        check_solver_flags(options["sampler"], FLAGS.eta, FLAGS.order)
+        labels = sample_labels(classes, getattr(model, "num_classes", None), FLAGS.num_samples,
+                               name="--labels")
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if options["sampler"] != "ddim":  # a DDIM config's eta, when a flag picks another sampler
+        options["eta"] = 0.0
+    if batch_size % num_devices:
+        raise app.UsageError(f"--batch_size={batch_size} must be a multiple of the "
                              f"{num_devices} devices.")
     # No bigger a batch than the samples need (rounded up to whole devices).
-    batch_size = min(options["batch_size"], math.ceil(FLAGS.num_samples / num_devices) * num_devices)
-    mesh = None
-    if num_devices > 1:
-        from ddpm_jax.parallel import make_mesh
-        mesh = make_mesh()
+    batch_size = min(batch_size, round_up_to_devices(FLAGS.num_samples, num_devices))
     try:  # NumPy only: bad values fail here, before any compile.
-        sampler = make_sampler(ModelApply(model), schedule, (batch_size, *image_shape),
-                               sampler=options["sampler"], steps=options["steps"],
-                               eta=options["eta"], spacing=options["spacing"],
-                               order=options["order"], threshold=options["threshold"],
-                               mean_type=diffusion["mean_type"],
-                               var_type=options["var_type"],
-                               clip_denoised=options["clip_denoised"], guidance=FLAGS.guidance,
-                               mesh=mesh)
+        sampler = make_sampler(ModelApply(model), config_lib.schedule_from_config(config),
+                               (batch_size, *config_lib.image_shape(config)), **options,
+                               guidance=FLAGS.guidance,
+                               mesh=make_mesh() if num_devices > 1 else None)
     except ValueError as e:
         raise app.UsageError(f"Bad sampling option (--sampler / --steps / --spacing / --order / "
                              f"--eta / --threshold / --var_type): {e}") from None
     logging.info("Sampling %d images of %s: %s, %d steps, %s, batch %d%s.", FLAGS.num_samples,
-                 image_shape, options["sampler"], sampler.plan.num_steps,
+                 config_lib.image_shape(config), options["sampler"], sampler.plan.num_steps,
                  {"ddim": f"eta={options['eta']}", "dpm++": f"order {options['order']}"}.get(
                          options["sampler"], options["var_type"]) + f", {options['spacing']} spacing",
                  batch_size, "" if labels is None else
@@ -231,10 +168,8 @@ def main(argv: list[str]) -> None:
                          labels=labels, desc="batches")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        save_image_grid(images, FLAGS.out, nrow=FLAGS.nrow, tile_px=FLAGS.tile_px,
-                        max_tiles=FLAGS.max_grid_tiles)
-        npz_path = FLAGS.out[:-len(".png")] + ".npz"
-        np.savez(npz_path, images=images, **({} if labels is None else {"labels": labels}))
+        npz_path = save_samples(images, FLAGS.out, labels, nrow=FLAGS.nrow,
+                                tile_px=FLAGS.tile_px, max_tiles=FLAGS.max_grid_tiles)
         logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, images.shape)
 
 

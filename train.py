@@ -9,7 +9,6 @@ environment, e.g. Slurm or Cloud TPU, provide them).
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 
@@ -37,41 +36,6 @@ _PROGRESS = flags.DEFINE_boolean("progress_bar", True, "Show a progress bar (pro
 _LIBRARY_LOGS = flags.DEFINE_boolean(
         "library_logs", False, "Also show the INFO logs of libraries (orbax, jax, tfds); by "
         "default only their warnings and errors are shown.")
-
-
-class _OwnInfoOnly(std_logging.Filter):
-    """Passes warnings and errors, and INFO records from this project only."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        own = "ddpm_jax" in record.pathname or record.pathname == os.path.abspath(__file__)
-        return record.levelno >= std_logging.WARNING or own
-
-
-class _ProgressBar:
-    """tqdm bar with step, loss (the last logged), steps/s and ETA.
-
-    Created at the first report, after the first dispatch: a resumed run starts at its step,
-    and the rate leaves out compilation.
-    """
-
-    def __init__(self, total: int):
-        self.total = total
-        self.bar = None
-        self.step = 0
-
-    def __call__(self, step: int, scalars: dict | None) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True)
-        else:
-            self.bar.update(step - self.step)
-        self.step = step
-        if scalars is not None:
-            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -105,10 +69,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; overrides look like "
                              "--config.training.lr=1e-4.")
     _check_workdir(_WORKDIR.value)
-    from ddpm_jax.cli import drop_closed_event_loop_noise
+    from ddpm_jax.cli import OwnInfoOnly, ProgressBar, drop_closed_event_loop_noise
     drop_closed_event_loop_noise()
     if not _LIBRARY_LOGS.value:
-        logging.get_absl_handler().addFilter(_OwnInfoOnly())
+        logging.get_absl_handler().addFilter(OwnInfoOnly(os.path.abspath(__file__)))
     # jax.distributed must start before any other JAX call.
     from ddpm_jax import checkpoint, parallel
     distributed = parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -129,7 +93,7 @@ def main(argv: list[str]) -> None:
     logging.info("Config:\n%s", config)
     progress = None
     if _PROGRESS.value and jax.process_index() == 0:
-        progress = _ProgressBar(config.training.num_steps)
+        progress = ProgressBar(config.training.num_steps)
     try:
         loop.train_and_evaluate(config, _WORKDIR.value, progress=progress)
     except (lock.WorkdirLockedError, checkpoint.CheckpointError, data.DataNotPreparedError,

@@ -324,7 +324,7 @@ def load_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = 
     checksums = _read_checksums(manager, step)
     config = ml_collections.ConfigDict(restore_config(manager, step, checksums))
     model = config_lib.model_from_config(config)
-    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    image_shape = config_lib.image_shape(config)
     shapes = jax.eval_shape(lambda rng: training.init_params(model, rng, image_shape),
                             jax.random.PRNGKey(0))
     if sharding is None:

@@ -1,4 +1,4 @@
-"""Parsing of command-line values shared by the top-level scripts (train.py, sample.py,
+"""Parsing, checks and console output shared by the top-level scripts (train.py, sample.py,
 evaluate.py). Library functions take the parsed values; only the scripts call these."""
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ def parse_steps(text: str | None) -> int | str | None:
     text = text.strip()
     return int(text) if text.isdigit() else text
 
+
+def check_solver_flags(sampler: str, eta: float | None, order: int | None) -> None:
+    """ValueError (one line) for a non-zero --eta with a sampler other than ddim, or an --order
+    with one other than dpm++: options that would silently do nothing."""
+    if eta and sampler != "ddim":
+        raise ValueError(f"--eta={eta} only applies to --sampler=ddim.")
+    if order is not None and sampler != "dpm++":
+        raise ValueError(f"--order={order} only applies to --sampler=dpm++.")
 
 
 def check_output_path(path: str, flag: str, *, directory: bool = False) -> None:
@@ -62,3 +70,43 @@ def drop_closed_event_loop_noise() -> None:
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(
             lambda record: not str(record.msg).startswith("Task exception was never retrieved"))
+
+
+class OwnInfoOnly(logging.Filter):
+    """Passes warnings and errors, and INFO records from this project only (the package and
+    the script at `script_path`)."""
+
+    def __init__(self, script_path: str):
+        super().__init__()
+        self.script_path = script_path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = "ddpm_jax" in record.pathname or record.pathname == self.script_path
+        return record.levelno >= logging.WARNING or own
+
+
+class ProgressBar:
+    """tqdm bar with step, loss (the last logged), steps/s and ETA.
+
+    Created at the first report, after the first dispatch: a resumed run starts at its step,
+    and the rate leaves out compilation.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+        self.step = 0
+
+    def __call__(self, step: int, scalars: dict | None) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True)
+        else:
+            self.bar.update(step - self.step)
+        self.step = step
+        if scalars is not None:
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,7 +1,10 @@
-"""Start-up checks of an experiment config, and the config -> UNet mapping.
+"""Start-up checks of an experiment config, and the config -> object builders.
 
 `validate(config)` raises ValueError naming the field, its value and the fix, before anything
-expensive runs. Library code never reads a ConfigDict; only the command lines and the loop do.
+expensive runs. The builders (`model_from_config`, `schedule_from_config`, `image_shape`,
+`optimizer_from_config`, `step_kwargs`, `sampler_options`) are the one place where a config
+becomes library arguments: library code never reads a ConfigDict; only the command lines, the
+loop and evaluation do, through these.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ddpm_jax import training as training_lib
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
 from ddpm_jax.models.unet import UNet, check_architecture
 from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS, space_timesteps
-from ddpm_jax.sampling import LABEL_MODES, SAMPLERS
-from ddpm_jax.schedule import SCHEDULES
+from ddpm_jax.sampling import SAMPLERS
+from ddpm_jax.schedule import SCHEDULES, Schedule
 
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,6 +33,14 @@ MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout"
 class ConfigError(ValueError):
     """A config value that cannot work on this run's setup (e.g. a batch that does not split over
     the devices): an expected mistake, reported in one line naming the field and the fix."""
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any], *, verb: str = "choose") -> Any:
+    """`value` when it is one of `choices`; else ValueError '<name>=<value>: <verb> one of (...)'.
+    The one choice check of configs (verb 'use'), option objects and command lines."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: {verb} one of {tuple(choices)}.")
+    return value
 
 
 class _Checker:
@@ -48,10 +61,7 @@ class _Checker:
         return ValueError(f"config.{self.section}.{field}={self.values[field]!r}: {fix}.")
 
     def choice(self, field: str, choices: Sequence[Any]) -> Any:
-        value = self.get(field)
-        if value not in choices:
-            raise self.fail(field, f"use one of {tuple(choices)}")
-        return value
+        return check_choice(f"config.{self.section}.{field}", self.get(field), choices, verb="use")
 
     def integer(self, field: str, minimum: int | None = None, optional: bool = False) -> int | None:
         value = self.get(field)
@@ -161,6 +171,15 @@ def validate(config: Any) -> None:
     for field in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
                   "max_nonfinite_in_a_row", "steps_per_dispatch"):
         training.integer(field, 1)
+    k, every = training.get("steps_per_dispatch"), training.get("checkpoint_every")
+    if every % k or training.get("log_every") % k:
+        raise training.fail("steps_per_dispatch", f"it must divide training.checkpoint_every={every} "
+                            f"and training.log_every={training.get('log_every')}: pick a divisor of both")
+    keep_every = training.get("keep_every")
+    if keep_every is not None and keep_every % every:
+        raise training.fail("keep_every", "it keeps the checkpoints at its multiples, so it must be "
+                            f"a multiple of training.checkpoint_every={every}; or None to keep no "
+                            "milestones")
     training.integer("num_sample_images", 0)
     training.number("label_dropout", 0.0, 1.0)
     microbatches = training.integer("microbatches", 1)
@@ -208,14 +227,10 @@ def validate(config: Any) -> None:
     evaluation.integer("fid_num_samples", 1)
     evaluation.choice("fid_reference", ("train", "test"))
     evaluation.integer("fid_batch_size", 1)
-    if evaluation.choice("labels", LABEL_MODES) == "balanced" and \
-            config.model.num_classes is None:
-        raise evaluation.fail("labels", "'balanced' samples each class of a class-conditional "
-                              "model: set model.num_classes, or use 'none'")
-    if evaluation.number("guidance", 0.0, inf, optional=True) is not None and \
-            evaluation.get("labels") != "balanced":
-        raise evaluation.fail("guidance", "guidance steers samples towards their class: set "
-                              "eval.labels='balanced', or guidance None")
+    check_labels_and_guidance(evaluation.choice("labels", LABEL_MODES),
+                              evaluation.number("guidance", 0.0, inf, optional=True),
+                              config.model.num_classes, labels_name="config.eval.labels",
+                              guidance_name="config.eval.guidance")
     evaluation.choice("bpd_split", ("train", "test"))
     evaluation.integer("bpd_num_images", 1, optional=True)
     evaluation.integer("bpd_batch_size", 1)
@@ -231,3 +246,54 @@ def model_from_config(config: Any) -> UNet:
         learned = config.diffusion.var_type in LEARNED_VAR_TYPES
         kwargs["out_channels"] = config.data.channels * (2 if learned else 1)
     return UNet(**kwargs, dtype=COMPUTE_DTYPES[config.training.compute_dtype])
+
+
+def schedule_from_config(config: Any) -> Schedule:
+    """The beta schedule of config.diffusion (schedule, timesteps, beta_start, beta_end)."""
+    d = config.diffusion
+    return Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def image_shape(config: Any) -> tuple[int, int, int]:
+    """(H, W, C) of the data: square data.image_size pixels, data.channels channels."""
+    return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def optimizer_from_config(config: Any) -> Any:
+    """`training.make_optimizer` with config.training's grad_clip (None: off) and adam_eps."""
+    return training_lib.make_optimizer(grad_clip=config.training.grad_clip or 0.0,
+                                       adam_eps=config.training.adam_eps)
+
+
+def step_kwargs(config: Any, model: Any) -> dict[str, Any]:
+    """The static keyword arguments of `training.train_step` for a config (all hashable)."""
+    t, d = config.training, config.diffusion
+    return dict(model=model, optimizer=optimizer_from_config(config), base_lr=t.lr,
+                warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
+                mean_type=d.mean_type,
+                var_type=d.var_type, loss_type=d.loss_type,
+                use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,
+                microbatches=t.microbatches)
+
+
+def sampler_options(config: Any, **overrides: Any) -> dict[str, Any]:
+    """`sampling.make_sampler`'s options (sampler, steps, eta, spacing, order, threshold,
+    mean_type, var_type, clip_denoised) from config.sampling and config.diffusion.
+
+    overrides (e.g. command-line flags) replace the config's values, None keeping them. Older
+    configs without spacing / order / threshold get time / 2 / None; order goes only to
+    DPM-Solver++ (None for the other samplers); var_type None is the trained one.
+    """
+    s = config.sampling
+    options = dict(sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.get("spacing", "time"),
+                   order=s.get("order", 2), threshold=s.get("threshold"),
+                   var_type=s.get("var_type"), clip_denoised=s.clip_denoised)
+    unknown = sorted(set(overrides) - set(options))
+    if unknown:
+        raise TypeError(f"sampler_options got unknown options {unknown}; it takes {sorted(options)}.")
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    if options["sampler"] != "dpm++":
+        options["order"] = None
+    options["var_type"] = options["var_type"] or config.diffusion.var_type
+    options["mean_type"] = config.diffusion.mean_type
+    return options

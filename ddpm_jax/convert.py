@@ -163,6 +163,28 @@ def load_diffusers_unet(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[
     return model, params
 
 
+def load_for_sampling(path: str | Path) -> tuple[Any, UNet, Params]:
+    """(config, model, params) of a diffusers UNet2DModel folder, as
+    `checkpoint.load_for_sampling` gives for a work dir. The config holds the image shape
+    (data), the paper's diffusion (linear 1e-4..0.02, T=1000, eps) and its sampling settings,
+    with the variance of the official sampling scripts: fixedlarge for CIFAR-10 (below 64 px),
+    fixedsmall for 256 px."""
+    import ml_collections  # only here: the rest of the module takes plain arguments
+
+    unet_config = read_diffusers_config(path)
+    model, params = load_diffusers_unet(path)
+    size = unet_config["sample_size"]
+    size = size if isinstance(size, int) else size[0]
+    var_type = "fixedlarge" if size < 64 else "fixedsmall"
+    config = ml_collections.ConfigDict(dict(
+            data=dict(image_size=size, channels=unet_config["in_channels"]),
+            diffusion=dict(schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                           mean_type="eps", var_type=var_type),
+            sampling=dict(sampler="ddpm", steps=None, eta=0.0, spacing="time", order=2,
+                          threshold=None, clip_denoised=True, batch_size=64, var_type=var_type)))
+    return config, model, params
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Params, *, num_levels: int) -> Params:
     """Maps diffusers tensors onto our parameter tree (shapes: ShapeDtypeStructs from param_shapes)."""
     remaining = dict(state_dict)

@@ -1,8 +1,10 @@
 """Evaluation of a trained DDPM with an explicit protocol: bits/dim, FID, IS and KID.
 
     python evaluate.py --workdir runs/digits --metrics bpd,fid,is --num_samples 1000
-    python -m ddpm_jax.evaluate --workdir runs/cifar10 --metrics fid,is \
+    python evaluate.py --workdir runs/cifar10 --metrics fid,is \
         --feature_net inception --inception_weights pt_inception-2015-12-05-6726825d.pth
+
+(the command line is the top-level evaluate.py; this module holds the library functions).
 
 * Bits/dim: the full variational bound (prior + decoder + every KL term, all T) of
   `diffusion.calc_bpd` for every image of a split, vmapped per image and sharded over the
@@ -29,10 +31,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from tqdm import tqdm
 
-from ddpm_jax import cli, diffusion, features, images, parallel, plans, plots, sampling, xla_cpu
+from ddpm_jax import config as config_lib
+from ddpm_jax import diffusion, features, images, parallel, plans, plots, sampling, xla_cpu
+from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
 from ddpm_jax.sampling import ApplyFn
 from ddpm_jax.schedule import Schedule
 
@@ -85,8 +89,8 @@ def evaluate_bpd(apply_fn: ApplyFn, params: Any, schedule: Schedule, data: np.nd
     if data.dtype != np.uint8 or data.ndim != 4 or len(data) == 0:
         raise ValueError(f"evaluate_bpd takes uint8 images [N, H, W, C] with N >= 1, got "
                          f"{data.dtype} {data.shape}: the bound is defined on 8-bit data.")
-    devices = 1 if mesh is None else mesh.size
-    batch = -(-min(batch_size, len(data)) // devices) * devices
+    batch = parallel.round_up_to_devices(min(batch_size, len(data)),
+                                         1 if mesh is None else mesh.size)
     per_image = {k: [] for k in ("total_bpd", "prior_bpd", "decoder_bpd")}
     sums: dict[str, np.ndarray] = {}
     for start in tqdm(range(0, len(data), batch), desc="bits/dim", disable=not progress):
@@ -132,8 +136,8 @@ def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, *, num_
     only on (key, n) and labels[n]). labels: [N] classes for a class-conditional apply_fn, or
     None. sampler_options: sampler, steps, eta, spacing, order, mean_type, var_type,
     clip_denoised, threshold, guidance."""
-    devices = 1 if mesh is None else mesh.size
-    batch = -(-min(batch_size, num_samples) // devices) * devices
+    batch = parallel.round_up_to_devices(min(batch_size, num_samples),
+                                         1 if mesh is None else mesh.size)
     sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), mesh=mesh,
                                     **sampler_options)
     return sampling.draw_images(sampler, params, key, num_samples, labels=labels,
@@ -178,24 +182,15 @@ class EvalOptions:
         bad = [m for m in self.metrics if m not in METRICS]
         if bad or not self.metrics:
             raise ValueError(f"metrics={','.join(self.metrics)!r}: choose from {','.join(METRICS)}.")
-        if self.feature_net not in features.FEATURE_NETS:
-            raise ValueError(f"feature_net={self.feature_net!r}: choose one of "
-                             f"{features.FEATURE_NETS}.")
+        config_lib.check_choice("feature_net", self.feature_net, features.FEATURE_NETS)
         if self.num_samples < 2 and set(self.metrics) - {"bpd"}:
             raise ValueError(f"num_samples={self.num_samples}: FID/IS/KID need >= 2 samples.")
-        if self.spacing not in plans.SPACINGS:
-            raise ValueError(f"spacing={self.spacing!r}: choose one of {plans.SPACINGS}.")
+        config_lib.check_choice("spacing", self.spacing, plans.SPACINGS)
         if not 1 <= self.order <= plans.MAX_SOLVER_ORDER:
             raise ValueError(f"order={self.order}: DPM-Solver++ has orders 1.."
                              f"{plans.MAX_SOLVER_ORDER}.")
-        if self.labels not in sampling.LABEL_MODES:
-            raise ValueError(f"labels={self.labels!r}: choose one of {sampling.LABEL_MODES}.")
-        if self.guidance is not None:
-            if not self.guidance >= 0:
-                raise ValueError(f"guidance={self.guidance}: use a weight >= 0.")
-            if self.labels != "balanced":
-                raise ValueError(f"guidance={self.guidance} steers samples towards their class: "
-                                 "it needs labels='balanced' (--labels=balanced).")
+        config_lib.check_choice("labels", self.labels, LABEL_MODES)
+        check_labels_and_guidance(self.labels, self.guidance)
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> EvalOptions:
@@ -223,7 +218,8 @@ def _solver_order(options: EvalOptions) -> int | None:
     return options.order if options.sampler == "dpm++" else None
 
 
-def _plan(schedule: Schedule, options: EvalOptions) -> plans.SamplingPlan:
+def sampling_plan(schedule: Schedule, options: EvalOptions) -> plans.SamplingPlan:
+    """The plan of the sampler that options describe (NumPy only: bad steps fail here)."""
     return plans.make_plan(schedule, steps=options.steps, eta=options.eta,
                            spacing=options.spacing, order=_solver_order(options))
 
@@ -286,7 +282,7 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
                     write: bool) -> tuple[dict[str, Any], dict[str, Any], str]:
     """FID / IS / KID of generated samples: (samples info, scores, protocol line)."""
     d, data_cfg = config.diffusion, config.data
-    image_shape = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
+    image_shape = config_lib.image_shape(config)
     # Before the reference statistics: an unconditional model fails here, not minutes later.
     labels = (sampling.balanced_labels(apply_fn, options.num_samples)
               if options.labels == "balanced" else None)
@@ -307,7 +303,7 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             spacing=options.spacing, order=_solver_order(options), mean_type=d.mean_type,
             var_type=var_type, clip_denoised=options.clip_denoised, threshold=options.threshold,
             guidance=options.guidance)
-    num_steps = _plan(schedule, options).num_steps
+    num_steps = sampling_plan(schedule, options).num_steps
     info = dict(num_samples=options.num_samples, sampler=options.sampler, steps=num_steps,
                 eta=options.eta, spacing=options.spacing, order=_solver_order(options),
                 threshold=options.threshold, var_type=var_type, labels=options.labels,
@@ -332,9 +328,7 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             f"images of {ref['dataset']}/{ref['split']}; feature net {net.name} (sha256 "
             f"{net.weights_sha256[:16]}...).")
     if write and options.save_samples:
-        np.savez(stem + "_samples.npz", images=samples,
-                 **({} if labels is None else {"labels": labels}))
-        images.save_image_grid(samples, stem + "_samples.png")
+        images.save_samples(samples, stem + "_samples.png", labels)
     return info, scores, line
 
 
@@ -349,9 +343,8 @@ def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOpt
     bpd, samples, scores, protocol: one line per measurement, path).
     """
     d, data_cfg = config.diffusion, config.data
-    schedule = Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start,
-                               beta_end=d.beta_end)
-    num_steps = _plan(schedule, options).num_steps
+    schedule = config_lib.schedule_from_config(config)
+    num_steps = sampling_plan(schedule, options).num_steps
     eval_dir = os.path.join(workdir, "eval")
     stem = os.path.join(eval_dir, _report_name(step, weights, options, num_steps))
     write = jax.process_index() == 0
@@ -402,127 +395,3 @@ def evaluate_in_training(config: Any, model: Any, params: Any, *, workdir: str, 
     report = run_evaluation(config, sampling.ModelApply(model), params, options, workdir=workdir,
                             step=step, weights="ema", mesh=mesh, progress=False)
     return scalars(report)
-
-
-# --------------------------------------------------------------------------- command line
-
-def define_flags() -> None:
-    """The command line's flags; defined on demand so that importing this module (as the
-    training loop does) adds no flags. Unset flags take the run's config.eval / sampling."""
-    flags.DEFINE_string("workdir", None, "Training work dir; its latest checkpoint (or --step) "
-                        "is evaluated and the report goes to WORKDIR/eval.", required=True)
-    flags.DEFINE_list("metrics", "bpd,fid,is", f"Comma-separated, from {','.join(METRICS)}.")
-    flags.DEFINE_integer("num_samples", None, "Generated images for FID / IS / KID "
-                         "(default config.eval.fid_num_samples).", lower_bound=2)
-    flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "ddpm (ancestral) | ddim | "
-                      "dpm++ (DPM-Solver++) (default config.sampling.sampler).")
-    flags.DEFINE_enum("spacing", None, list(plans.SPACINGS), "time (as --steps says) | logsnr "
-                      "(int --steps uniform in log-SNR) (default config.sampling.spacing).")
-    flags.DEFINE_integer("order", None, "DPM-Solver++ order with --sampler=dpm++ (default "
-                         "config.sampling.order).", lower_bound=1, upper_bound=plans.MAX_SOLVER_ORDER)
-    flags.DEFINE_float("threshold", None, "Dynamic thresholding percentile of x0 predictions, "
-                       "e.g. 0.995, instead of the clip (default config.sampling.threshold).",
-                       lower_bound=0.0, upper_bound=1.0)
-    flags.DEFINE_string("steps", None, "Reverse steps: an int S, 'ddimS' or 'S1,S2,...' "
-                        "(default config.sampling.steps).")
-    flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default config.sampling.eta).")
-    flags.DEFINE_integer("batch_size", None, "Images per sampler call (default "
-                         "config.eval.fid_batch_size).", lower_bound=1)
-    flags.DEFINE_enum("split", None, ["train", "test"], "Split for bits/dim (default "
-                      "config.eval.bpd_split).")
-    flags.DEFINE_integer("bpd_num_images", None, "First N images of the split (default: all).",
-                         lower_bound=1)
-    flags.DEFINE_integer("bpd_batch_size", None, "Images per bits/dim call (default "
-                         "config.eval.bpd_batch_size).", lower_bound=1)
-    flags.DEFINE_enum("reference_split", None, ["train", "test"], "Reference statistics for "
-                      "FID / KID (default config.eval.fid_reference; the paper uses train).")
-    flags.DEFINE_enum("feature_net", None, list(features.FEATURE_NETS), "digits: the project's "
-                      "digits classifier (digits-FID / digits-IS); inception: the FID "
-                      "InceptionV3 (needs --inception_weights). Default: digits for the "
-                      "digits data, else inception.")
-    flags.DEFINE_string("inception_weights", None, "Local pt_inception-2015-12-05-6726825d.pth "
-                        "(pytorch-fid's release) or its .npz export.")
-    flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA (as the paper) or raw parameters.")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_enum("labels", None, list(sampling.LABEL_MODES), "Class-conditional models: "
-                      "none draws with the null label (unconditional); balanced gives sample n "
-                      "class n mod N (default config.eval.labels).")
-    flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (needs "
-                       "--labels=balanced; default config.eval.guidance).")
-    flags.DEFINE_integer("seed", None, "PRNG seed (default config.training.seed).")
-    flags.DEFINE_string("cache_dir", None, "Classifier weights and reference statistics "
-                        "(default $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
-    flags.DEFINE_boolean("save_samples", True, "Also write the samples (.npz and a PNG grid).")
-    flags.DEFINE_boolean("progress", True, "Progress bars.")
-
-
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {list(argv[1:])}; every option is a --flag.")
-    FLAGS = flags.FLAGS
-    try:  # before any checkpoint loads or anything compiles
-        cli.check_output_path(os.path.join(FLAGS.workdir, "eval"), "--workdir", directory=True)
-        if FLAGS.cache_dir is not None:
-            cli.check_output_path(FLAGS.cache_dir, "--cache_dir", directory=True)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    from ddpm_jax import checkpoint  # orbax: only for the command line
-    cli.drop_closed_event_loop_noise()
-
-    step = FLAGS.step
-    if step is None:
-        manager = checkpoint.make_manager(FLAGS.workdir, max_to_keep=1, read_only=True)
-        step = manager.latest_step()
-        manager.close()
-        if step is None:
-            raise app.UsageError(f"No checkpoint in {checkpoint.checkpoint_dir(FLAGS.workdir)}: "
-                                 f"train first (python train.py --workdir {FLAGS.workdir}).")
-    try:  # an incompatible or corrupt checkpoint: one line, as sample.py
-        config, model, params = checkpoint.load_for_sampling(FLAGS.workdir, weights=FLAGS.weights,
-                                                             step=step)
-    except (FileNotFoundError, checkpoint.CheckpointError) as e:
-        raise app.UsageError(f"--workdir={FLAGS.workdir}: " + " ".join(str(e).split("\n"))) from None
-    try:
-        options = EvalOptions.from_config(
-                config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
-                sampler=FLAGS.sampler, steps=cli.parse_steps(FLAGS.steps), eta=FLAGS.eta,
-                spacing=FLAGS.spacing, order=FLAGS.order, threshold=FLAGS.threshold,
-                sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
-                bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
-                reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
-                inception_weights=FLAGS.inception_weights, seed=FLAGS.seed,
-                cache_dir=FLAGS.cache_dir, save_samples=FLAGS.save_samples, labels=FLAGS.labels,
-                guidance=FLAGS.guidance)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    if options.labels != "none" and model.num_classes is None:
-        raise app.UsageError(f"--labels={options.labels} needs a class-conditional model; the "
-                             f"one in {FLAGS.workdir} was trained without model.num_classes.")
-    if options.eta and options.sampler != "ddim":
-        raise app.UsageError(f"--eta={options.eta} only applies to --sampler=ddim.")
-    if FLAGS.order is not None and options.sampler != "dpm++":
-        raise app.UsageError(f"--order={FLAGS.order} only applies to --sampler=dpm++.")
-    try:  # NumPy only: a bad steps / spacing / order stops here, before anything compiles
-        _plan(Schedule.create(config.diffusion.schedule, config.diffusion.timesteps,
-                              beta_start=config.diffusion.beta_start,
-                              beta_end=config.diffusion.beta_end), options)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
-    report = run_evaluation(config, sampling.ModelApply(model), params, options,
-                            workdir=FLAGS.workdir, step=step, weights=FLAGS.weights, mesh=mesh,
-                            progress=FLAGS.progress and jax.process_index() == 0)
-    if jax.process_index() == 0:
-        for line in report["protocol"]:
-            print(line)
-        print(f"Report: {report['path']}")
-
-
-def run() -> None:
-    """Entry point of `python evaluate.py` and `python -m ddpm_jax.evaluate`."""
-    define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run()

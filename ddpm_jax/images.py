@@ -1,9 +1,10 @@
-"""Model-space images to 8-bit pixels, and image grids on disk."""
+"""Model-space images to 8-bit pixels, and image grids and sample files on disk."""
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -65,3 +66,14 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | Non
         images = np.asarray(images)[:max_tiles]
     grid = image_grid(upscale_nearest(images, tile_px), nrow=nrow, padding=padding)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.fspath(path))
+
+
+def save_samples(images: np.ndarray, png_path: str, labels: np.ndarray | None = None,
+                 **grid: Any) -> str:
+    """Writes uint8 images [N, H, W, C] as a PNG grid at png_path (`save_image_grid`'s
+    options in `grid`) and, beside it with the suffix .npz, every image ('images') and their
+    classes ('labels', [N] int, when given). Returns the .npz path."""
+    npz_path = os.path.splitext(png_path)[0] + ".npz"
+    np.savez(npz_path, images=images, **({} if labels is None else {"labels": labels}))
+    save_image_grid(images, png_path, **grid)
+    return npz_path

@@ -61,27 +61,11 @@ def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> Non
         f.write("\n")
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
-    d = config.diffusion
-    return Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
-
-
-def step_kwargs(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
-    """The static keyword arguments of `training.train_step` for a config (all hashable)."""
-    t, d = config.training, config.diffusion
-    return dict(model=model, optimizer=make_optimizer(config), base_lr=t.lr,
-                warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
-                mean_type=d.mean_type,
-                var_type=d.var_type, loss_type=d.loss_type,
-                use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,
-                microbatches=t.microbatches)
-
-
 @functools.cache
 def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., Any]:
     """`training.train_step` (K = 1) or `train_steps` (K > 1) under one jit: the state and the
     schedule replicated over the mesh, batches ([B, ...], or [K, B, ...]) split over "data", the
-    state donated. Call as f(state, batch, schedule, **step_kwargs(config, model)).
+    state donated. Call as f(state, batch, schedule, **config_lib.step_kwargs(config, model)).
 
     Cached per (mesh, K), and the static arguments are hashable, so runs in one process with
     equal settings share one compilation.
@@ -115,15 +99,6 @@ def jitted_create_train_state(mesh: Mesh) -> Callable[..., training.TrainState]:
     replicated over the mesh (model, optimizer and image_shape static)."""
     return jax.jit(training.create_train_state, static_argnums=(0, 1),
                    static_argnames=("image_shape",), out_shardings=parallel.replicated(mesh))
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> Any:
-    return training.make_optimizer(grad_clip=config.training.grad_clip or 0.0,
-                                   adam_eps=config.training.adam_eps)
-
-
-def _image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
 class _MetricAccumulator:
@@ -181,19 +156,14 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: S
     count = config.training.num_sample_images
     if count <= 0:
         return
-    batch = -(-count // mesh.size) * mesh.size
-    s = config.sampling
+    batch = parallel.round_up_to_devices(count, mesh.size)
     apply_fn = sampling.ModelApply(model)
     labels = None
     if config.eval.labels == "balanced":  # validate: only for class-conditional models
         labels = sampling.balanced_labels(apply_fn, count)
     sampler = sampling.make_sampler(
-            apply_fn, schedule, (batch, *_image_shape(config)),
-            sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.get("spacing", "time"),
-            order=s.get("order", 2) if s.sampler == "dpm++" else None,
-            threshold=s.get("threshold"), mean_type=config.diffusion.mean_type,
-            var_type=s.var_type or config.diffusion.var_type, clip_denoised=s.clip_denoised,
-            guidance=config.eval.guidance, mesh=mesh)
+            apply_fn, schedule, (batch, *config_lib.image_shape(config)),
+            **config_lib.sampler_options(config), guidance=config.eval.guidance, mesh=mesh)
     pixels = sampling.draw_images(sampler, ema_params, jax.random.PRNGKey(config.training.seed + 1),
                                   count, labels=labels, progress=False)
     if jax.process_index() == 0:
@@ -211,15 +181,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     steps), for a progress bar.
     """
     config_lib.validate(config)
-    t = config.training
-    k = t.steps_per_dispatch
-    if t.checkpoint_every % k or t.log_every % k:
-        raise config_lib.ConfigError(f"training.steps_per_dispatch={k} must divide training.checkpoint_every="
-                         f"{t.checkpoint_every} and training.log_every={t.log_every}.")
-    if t.keep_every is not None and t.keep_every % t.checkpoint_every:
-        raise config_lib.ConfigError(f"training.keep_every={t.keep_every} keeps the checkpoints at its "
-                         "multiples, so it must be a multiple of training.checkpoint_every="
-                         f"{t.checkpoint_every}; or None to keep no milestones.")
     # Before anything touches the work dir: a second trainer stops here, naming the holder.
     with lock.hold(workdir, enabled=jax.process_index() == 0):
         return _train_under_lock(config, workdir, progress)
@@ -245,7 +206,7 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
         raise config_lib.ConfigError(
                 f"training.batch_size={t.batch_size} does not split over the {mesh.size} devices: "
                 f"set --config.training.batch_size to a multiple of {mesh.size} (e.g. "
-                f"{-(-t.batch_size // mesh.size) * mesh.size}).")
+                f"{parallel.round_up_to_devices(t.batch_size, mesh.size)}).")
     if (t.batch_size // t.microbatches) % mesh.size:
         raise config_lib.ConfigError(f"training.microbatches={t.microbatches} slices the batch of "
                          f"{t.batch_size} into {t.batch_size // t.microbatches} rows, which do not "
@@ -254,10 +215,11 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
 
     model = config_lib.model_from_config(config)
     # From host values, identical on every process, to one replicated global array per field.
-    schedule = jax.device_put(jax.tree.map(np.asarray, make_schedule(config)), replicated)
-    kwargs = step_kwargs(config, model)
+    schedule = jax.device_put(jax.tree.map(np.asarray, config_lib.schedule_from_config(config)),
+                              replicated)
+    kwargs = config_lib.step_kwargs(config, model)
     create = functools.partial(jitted_create_train_state(mesh), model, kwargs["optimizer"],
-                               image_shape=_image_shape(config))
+                               image_shape=config_lib.image_shape(config))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(create, jax.random.PRNGKey(t.seed)))
     iterator = data.make_input_iterator(

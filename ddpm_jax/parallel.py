@@ -49,6 +49,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def round_up_to_devices(n: int, num_devices: int) -> int:
+    """The smallest multiple of num_devices >= n: a batch of n rows that splits over the mesh."""
+    return -(-n // num_devices) * num_devices
+
+
 def _process_count_from_env() -> int | None:
     for name, parse in _PROCESS_COUNT_ENV:
         value = os.environ.get(name)

@@ -44,6 +44,7 @@ from ddpm_jax import xla_cpu
 from ddpm_jax.diffusion import (MEAN_TYPES, VAR_TYPES, DenoiseFn, dynamic_threshold,
                                 p_mean_variance, q_posterior_mean_variance)
 from ddpm_jax.images import to_uint8
+from ddpm_jax.labels import balanced, check_labels_and_guidance
 from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
 from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS, SamplingPlan, make_plan, progressive_indices
 from ddpm_jax.schedule import Schedule
@@ -52,7 +53,6 @@ Array = jax.Array
 ApplyFn = Callable[..., Array]   # (params, x_t [B,H,W,C], t [B][, y [B]]) -> output
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
-LABEL_MODES = ("none", "balanced")  # class-conditional evaluation / grids: null label, n mod N
 PROGRESSIVE = ("pred_x0", "x_t")
 
 
@@ -299,11 +299,8 @@ def balanced_labels(apply_fn: ApplyFn, num_samples: int) -> np.ndarray:
     """[num_samples] int32 classes n mod N of a class-conditional apply_fn (N classes, the
     null label N excluded); ValueError for an unconditional one."""
     num_classes = getattr(apply_fn, "null_label", None)
-    if num_classes is None:
-        raise ValueError("labels='balanced' needs a class-conditional model (trained with "
-                         "config.model.num_classes); this one has no class input: use "
-                         "labels='none'.")
-    return np.arange(num_samples, dtype=np.int32) % num_classes
+    check_labels_and_guidance("balanced", None, num_classes)
+    return balanced(num_classes, num_samples)
 
 
 def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,

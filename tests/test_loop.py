@@ -345,7 +345,7 @@ def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir,
             for i, leaf in enumerate(leaves)])
     config.training.num_sample_images, config.sampling.steps = 5, 3
     config.eval.labels, config.eval.guidance = "balanced", 1.5
-    mesh, schedule = parallel.make_mesh(), loop.make_schedule(config)
+    mesh, schedule = parallel.make_mesh(), config_lib.schedule_from_config(config)
     loop.write_sample_grid(config, model, schedule, params, mesh, str(tmp_path / "loop.png"))
     sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (5, 8, 8, 1),
                                     sampler=config.sampling.sampler, steps=3,

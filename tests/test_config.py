@@ -1,0 +1,176 @@
+"""The config -> object builders, the one choice check, and the labels / guidance rule."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from configs import digits
+from ddpm_jax import config as config_lib
+from ddpm_jax import labels, training
+from ddpm_jax.parallel import round_up_to_devices
+from ddpm_jax.schedule import Schedule
+
+
+def _tiny():
+    return digits.get_config("tiny")
+
+
+@pytest.mark.parametrize("schedule,timesteps,beta_start,beta_end", [
+    ("linear", 10, 1e-4, 0.02), ("cosine", 7, 1e-4, 0.02), ("linear", 1000, 3e-4, 0.05)])
+def test_schedule_from_config_is_schedule_create_of_the_diffusion_fields(
+        schedule, timesteps, beta_start, beta_end):
+    config = _tiny()
+    d = config.diffusion
+    d.schedule, d.timesteps, d.beta_start, d.beta_end = schedule, timesteps, beta_start, beta_end
+    built = config_lib.schedule_from_config(config)
+    expected = Schedule.create(schedule, timesteps, beta_start=beta_start, beta_end=beta_end)
+    assert built.num_timesteps == timesteps
+    for name in ("betas", "alphas_cumprod", "posterior_variance"):
+        np.testing.assert_array_equal(np.asarray(getattr(built, name)),
+                                      np.asarray(getattr(expected, name)))
+
+
+def test_image_shape_is_square_size_by_channels():
+    config = _tiny()
+    config.data.image_size, config.data.channels = 12, 3
+    assert config_lib.image_shape(config) == (12, 12, 3)
+
+
+@pytest.mark.parametrize("n,devices,expected", [
+    (1, 1, 1), (5, 1, 5), (5, 4, 8), (8, 4, 8), (9, 8, 16), (1, 8, 8), (16, 3, 18)])
+def test_round_up_to_devices_is_the_smallest_multiple_not_below_n(n, devices, expected):
+    assert round_up_to_devices(n, devices) == expected
+    assert expected % devices == 0 and expected >= n > expected - devices
+
+
+def test_optimizer_from_config_takes_grad_clip_and_adam_eps():
+    config = _tiny()
+    config.training.grad_clip, config.training.adam_eps = 0.5, 1e-6
+    # make_optimizer is memoised: the same arguments give the same object.
+    assert config_lib.optimizer_from_config(config) is training.make_optimizer(grad_clip=0.5,
+                                                                                adam_eps=1e-6)
+    config.training.grad_clip = None  # no clipping
+    assert config_lib.optimizer_from_config(config) is training.make_optimizer(grad_clip=0.0,
+                                                                                adam_eps=1e-6)
+
+
+def test_step_kwargs_carry_the_training_and_diffusion_fields():
+    config = _tiny()
+    config.model.num_classes, config.training.label_dropout = 10, 0.1
+    model = config_lib.model_from_config(config)
+    kwargs = config_lib.step_kwargs(config, model)
+    t, d = config.training, config.diffusion
+    assert kwargs == dict(model=model, optimizer=config_lib.optimizer_from_config(config),
+                          base_lr=t.lr, warmup_steps=t.warmup_steps, ema_decay=t.ema_decay,
+                          ema_warmup=t.ema_warmup, mean_type=d.mean_type, var_type=d.var_type,
+                          loss_type=d.loss_type, use_labels=True, label_dropout=0.1,
+                          microbatches=t.microbatches)
+    hash(tuple(sorted(kwargs.items())))  # static jit arguments: hashable
+    config.model.num_classes = None
+    assert config_lib.step_kwargs(config, model)["use_labels"] is False
+
+
+def test_sampler_options_resolve_order_var_type_and_overrides():
+    config = _tiny()
+    s = config.sampling
+    s.sampler, s.steps, s.order, s.var_type = "ddim", 5, 3, None
+    config.diffusion.var_type = "fixedsmall"
+    options = config_lib.sampler_options(config)
+    assert options["order"] is None                  # only DPM-Solver++ takes an order
+    assert options["var_type"] == "fixedsmall"       # None: the trained variance
+    assert options["mean_type"] == config.diffusion.mean_type
+    assert (options["sampler"], options["steps"]) == ("ddim", 5)
+    options = config_lib.sampler_options(config, sampler="dpm++", steps=None, var_type="fixedlarge")
+    assert (options["sampler"], options["order"], options["steps"]) == ("dpm++", 3, 5)
+    assert options["var_type"] == "fixedlarge"
+    with pytest.raises(TypeError, match="unknown options \\['guidance'\\]"):
+        config_lib.sampler_options(config, guidance=1.0)
+
+
+def test_sampler_options_fill_in_fields_older_configs_lack():
+    config = _tiny()
+    sampling = config.sampling.to_dict()
+    for field in ("spacing", "order", "threshold"):
+        del sampling[field]
+    config.sampling = sampling
+    config.sampling.sampler = "dpm++"
+    options = config_lib.sampler_options(config)
+    assert (options["spacing"], options["order"], options["threshold"]) == ("time", 2, None)
+
+
+def test_check_choice_names_the_field_and_the_choices():
+    assert config_lib.check_choice("spacing", "time", ("time", "logsnr")) == "time"
+    with pytest.raises(ValueError, match=r"^spacing='karras': choose one of \('time', 'logsnr'\)\.$"):
+        config_lib.check_choice("spacing", "karras", ("time", "logsnr"))
+    with pytest.raises(ValueError, match=r"^config.sampling.spacing='karras': use one of"):
+        config_lib.check_choice("config.sampling.spacing", "karras", ("time",), verb="use")
+
+
+@pytest.mark.parametrize("labels_, guidance, num_classes, names, message", [
+    ("none", -1.0, 10, ("labels", "guidance"), r"^guidance=-1.0: use a weight >= 0\.$"),
+    ("none", 1.5, 10, ("config.eval.labels", "config.eval.guidance"),
+     r"^config\.eval\.guidance=1\.5: guidance steers samples towards their class, so "
+     r"config\.eval\.guidance needs config\.eval\.labels: it needs config\.eval\.labels='balanced'"),
+    (None, 1.0, labels.UNKNOWN, ("--labels", "--guidance"), r"--guidance needs --labels"),
+    ("balanced", None, None, ("--labels", "--guidance"),
+     r"^--labels='balanced': 'balanced' samples each class of a class-conditional model; "
+     r"--labels=balanced needs a class-conditional model, and this model is unconditional .*"
+     r"use --labels='none'\.$"),
+])
+def test_the_labels_and_guidance_rule_names_the_fields_as_given(labels_, guidance, num_classes,
+                                                                names, message):
+    with pytest.raises(ValueError, match=message):
+        labels.check_labels_and_guidance(labels_, guidance, num_classes, labels_name=names[0],
+                                         guidance_name=names[1])
+
+
+@pytest.mark.parametrize("labels_, guidance, num_classes", [
+    ("none", None, None), (None, None, None), ("balanced", 0.0, 10), ("balanced", None, 3),
+    ("balanced", 2.0, labels.UNKNOWN), ("3,7", 1.0, 10)])
+def test_the_labels_and_guidance_rule_passes_valid_combinations(labels_, guidance, num_classes):
+    labels.check_labels_and_guidance(labels_, guidance, num_classes)
+
+
+def test_validate_applies_the_rule_to_config_eval():
+    config = _tiny()
+    config.model.num_classes, config.eval.labels, config.eval.guidance = 10, "balanced", 1.5
+    config_lib.validate(config)
+    config.eval.labels = "none"
+    with pytest.raises(ValueError, match="config.eval.guidance=1.5: guidance steers samples"):
+        config_lib.validate(config)
+
+
+def test_sample_labels_expand_balanced_lists_and_the_deprecated_all(caplog):
+    assert labels.sample_labels(labels.check_label_text(None), 10, 4) is None
+    assert labels.sample_labels(labels.check_label_text(" none "), 10, 4) is None
+    np.testing.assert_array_equal(labels.sample_labels("balanced", 3, 7), [0, 1, 2, 0, 1, 2, 0])
+    np.testing.assert_array_equal(labels.sample_labels(labels.check_label_text("3,7"), 10, 5),
+                                  [3, 7, 3, 7, 3])
+    with caplog.at_level(logging.WARNING):
+        assert labels.check_label_text("all", "--labels") == "balanced"
+    assert "--labels=all is deprecated: write --labels=balanced" in caplog.text
+    with pytest.raises(ValueError, match=r"^--labels=3,x: write 'balanced', 'none' or comma-sep"):
+        labels.check_label_text("3,x", "--labels")
+    with pytest.raises(ValueError, match=r"^--labels=10: this model has classes 0\.\.9\.$"):
+        labels.sample_labels([10], 10, 2, name="--labels")
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        labels.sample_labels([1], None, 2, name="--labels")
+
+
+def test_validate_holds_the_loops_config_only_checks():
+    config = _tiny()
+    config.training.checkpoint_every, config.training.log_every = 6, 4
+    config.training.steps_per_dispatch = 3
+    with pytest.raises(ValueError, match=r"^config.training.steps_per_dispatch=3: it must divide "
+                                         r"training.checkpoint_every=6 and training.log_every=4"):
+        config_lib.validate(config)
+    config.training.steps_per_dispatch = 2
+    config_lib.validate(config)
+    config.training.keep_every = 9
+    with pytest.raises(ValueError, match=r"^config.training.keep_every=9: it keeps the checkpoints "
+                                         r"at its multiples, so it must be a multiple of "
+                                         r"training.checkpoint_every=6"):
+        config_lib.validate(config)
+    config.training.keep_every = 12
+    config_lib.validate(config)
