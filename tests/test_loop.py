@@ -566,3 +566,18 @@ def test_remat_on_the_cpu_is_warned_about_because_it_saves_no_memory(caplog):
             .memory_analysis().temp_size_in_bytes
             for name, block in (("plain", layer), ("remat", jax.checkpoint(layer)))}
     assert temp["remat"] >= temp["plain"], temp
+
+
+def test_due_fires_when_a_multiple_falls_in_the_dispatch_or_at_the_last_step():
+    def brute(prev, step, every, last):  # written out: any multiple of every in (prev, step]
+        return step == last or (every > 0 and any(m % every == 0 for m in range(prev + 1, step + 1)))
+
+    for every, last, k in itertools.product((0, 1, 3, 4, 10), (7, 10, 12), (1, 2, 3, 5)):
+        dispatches = [(p, min(p + k, last)) for p in range(0, last, k)]
+        got = [s for p, s in dispatches if loop.due(s, every, last, prev_step=p)]
+        assert got == [s for p, s in dispatches if brute(p, s, every, last)], (every, last, k)
+        if k == 1:  # prev_step defaults to step - 1
+            assert got == [s for s in range(1, last + 1) if loop.due(s, every, last)]
+    assert [s for p, s in ((0, 3), (3, 6), (6, 9), (9, 10)) if loop.due(s, 4, 10, prev_step=p)] \
+        == [6, 9, 10]
+    assert [s for s in range(1, 11) if loop.due(s, 0, 10)] == [10]
