@@ -9,29 +9,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models.unet import Conv, GroupNorm
-
-
-def _np_group_norm(x, scale, bias, groups, eps):
-    """float64 reference: statistics over (H, W, C/G) of each image and group."""
-    b, h, w, c = x.shape
-    xg = x.astype(np.float64).reshape(b, h * w, groups, c // groups)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
-    return ((xg - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
-
-
-def _np_conv(x, kernel, stride, pad):
-    """float64 reference cross-correlation; pad = ((top, bottom), (left, right))."""
-    x = np.pad(x.astype(np.float64), ((0, 0), pad[0], pad[1], (0, 0)))
-    k = kernel.shape[0]
-    out_h = (x.shape[1] - k) // stride + 1
-    out_w = (x.shape[2] - k) // stride + 1
-    out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[3]))
-    for i in range(k):
-        for j in range(k):
-            patch = x[:, i:i + stride * out_h:stride, j:j + stride * out_w:stride, :]
-            out += np.einsum("bhwc,co->bhwo", patch, kernel[i, j].astype(np.float64))
-    return out
+from reference import np_conv, np_group_norm
 
 
 @pytest.mark.parametrize("group_matmul", [None, True, False])
@@ -44,7 +22,7 @@ def test_group_norm_matches_float64_reference(groups, channels, group_matmul):
     params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
     out = GroupNorm(groups, epsilon=1e-6, group_matmul=group_matmul).apply(params, jnp.asarray(x))
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(out, _np_group_norm(x, scale, bias, groups, 1e-6), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, np_group_norm(x, scale, bias, groups, 1e-6), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("group_matmul", [True, False])
@@ -91,7 +69,7 @@ def test_conv_matches_float64_reference(kernel, stride, padding):
     params = {"params": {"kernel": jnp.asarray(k), "bias": jnp.asarray(bias)}}
     out = Conv(7, kernel, stride, padding).apply(params, jnp.asarray(x))
     pad = ((kernel // 2, kernel // 2),) * 2 if padding == "SAME" else padding
-    np.testing.assert_allclose(out, _np_conv(x, k, stride, pad) + bias, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(out, np_conv(x, k, stride, pad) + bias, atol=1e-4, rtol=1e-5)
 
 
 def test_conv_parameters_match_flax():

@@ -22,16 +22,11 @@ from ddpm_jax import sampling, training
 from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from multihost import run_on_two_hosts
+from reference import scaled_linear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 50
 SHAPE = (4, 4, 4, 2)
-
-
-def scaled_linear(num_timesteps: int) -> np.ndarray:
-    """The paper's 1e-4..0.02 linear schedule stretched to T steps (abar_T ~ 4e-5 at any T)."""
-    scale = 1000 / num_timesteps
-    return np.linspace(1e-4 * scale, 0.02 * scale, num_timesteps, dtype=np.float64)
 
 
 class TinyDenoiser(nn.Module):
