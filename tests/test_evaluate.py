@@ -74,6 +74,7 @@ def test_bpd_rejects_float_images():
                               jax.random.key(0), progress=False)
 
 
+@pytest.mark.slow
 def test_bpd_sharded_over_8_devices_equals_single_device():
     # Image n's noise comes from fold_in(key, n): neither the batch size nor the device count
     # may change the numbers.
@@ -114,6 +115,7 @@ np.save(out, result["total_bpd"])
 """
 
 
+@pytest.mark.slow
 def test_bpd_on_two_hosts_equals_single_process(tmp_path):
     """Two jax.distributed processes on 127.0.0.1, 2 CPU devices each: every host gets the
     bound of all 10 images, equal to one process's."""
@@ -134,6 +136,7 @@ def test_bpd_on_two_hosts_equals_single_process(tmp_path):
 
 # --------------------------------------------------------------------------- command line
 
+@pytest.mark.slow
 def test_run_evaluation_writes_a_report_that_states_its_protocol(tmp_path, cache_dir, digits_net):
     from configs import digits as digits_config
 
@@ -187,6 +190,7 @@ class _ClassApply:
 _CLASS_APPLY = _ClassApply()  # one instance: it keys the sampler's compilation cache
 
 
+@pytest.mark.slow
 def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, digits_net):
     from configs import digits as digits_config
     from ddpm_jax import sampling
@@ -281,6 +285,7 @@ def _tiny_checkpoint(workdir, data_dir, step=3):
     manager.close()
 
 
+@pytest.mark.slow
 def test_evaluate_command_line_on_a_tiny_checkpoint(tmp_path):
     # Flags -> options -> checkpoint -> report; FID / IS are covered in-process above.
     workdir = str(tmp_path / "run")

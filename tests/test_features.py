@@ -10,6 +10,7 @@ from ddpm_jax.data import builders
 from ddpm_jax.models import classifier
 
 
+@pytest.mark.slow
 def test_digits_classifier_reaches_95_percent_test_accuracy(digits_net, cache_dir):
     params, info = classifier.load_or_train(16, cache_dir=cache_dir)   # from the cache now
     assert info["sha256"] == digits_net.weights_sha256
@@ -19,6 +20,7 @@ def test_digits_classifier_reaches_95_percent_test_accuracy(digits_net, cache_di
     assert acc == pytest.approx(info["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_digits_fid_of_real_test_images_is_far_below_noise(digits_net):
     digits = builders.digits_arrays(16)
     train, _ = digits["train"]
