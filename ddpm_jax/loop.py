@@ -46,9 +46,16 @@ class NonFiniteError(FloatingPointError):
     """Training stopped: too many consecutive steps with a non-finite loss or gradient."""
 
 
-def _crossed(previous: int, current: int, every: int) -> bool:
-    """Whether a multiple of `every` lies in (previous, current]."""
-    return every > 0 and current // every > previous // every
+def due(step: int, every: int, last_step: int, *, prev_step: int | None = None) -> bool:
+    """Whether a periodic action (log, checkpoint, sample grid, evaluation) runs at `step`: a
+    multiple of `every` lies in (prev_step, step], or step is the last step. prev_step: the
+    step before this dispatch (default step - 1: one step per dispatch, so step itself must be
+    a multiple); with K steps per dispatch a multiple may fall inside the K. every <= 0: only
+    at the last step."""
+    if step == last_step:
+        return True
+    previous = step - 1 if prev_step is None else prev_step
+    return every > 0 and step // every > previous // every
 
 
 def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -121,10 +128,9 @@ class _MetricAccumulator:
 
 
 def warn_if_remat_cannot_save_memory(config: ml_collections.ConfigDict) -> bool:
-    """Logs a warning (and returns True) when model.remat is on but the backend is the CPU:
-    XLA's CPU compiler drops the optimization barriers that keep jax.checkpoint's recomputation
-    apart, so remat there costs time and saves no memory (bench/bench_memory.py)."""
-    if not config.model.get("remat", False) or jax.default_backend() != "cpu":
+    """Logs a warning (and returns True) when model.remat is on where it cannot save memory
+    (`xla_cpu.remat_pays()` is False: the CPU backend, whose compiler drops remat's barriers)."""
+    if not config.model.get("remat", False) or xla_cpu.remat_pays():
         return False
     logging.warning("model.remat=True saves no memory on the CPU backend (XLA's CPU compiler "
                     "removes the rematerialisation barriers) and only adds recomputation; set "
@@ -276,7 +282,7 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
             previous_metrics = metrics
 
             scalars = None
-            if _crossed(previous, step, t.log_every) or step == t.num_steps:
+            if due(step, t.log_every, t.num_steps, prev_step=previous):
                 scalars = accumulator.reduce()
                 now = time.time()
                 scalars["steps_per_sec"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
@@ -288,18 +294,18 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
                 progress(step, scalars)
 
             preempted = checkpoint.reached_preemption(manager, range(previous + 1, step + 1))
-            if preempted or _crossed(previous, step, t.checkpoint_every) or step == t.num_steps:
+            if preempted or due(step, t.checkpoint_every, t.num_steps, prev_step=previous):
                 checkpoint.save(manager, step, state, config, data_iterator=iterator)
             if preempted:
                 manager.wait_until_finished()
                 logging.warning("Preempted: saved the checkpoint of step %d in %s; exiting.",
                                 step, manager.directory)
                 return state
-            if _crossed(previous, step, t.sample_every) or step == t.num_steps:
+            if due(step, t.sample_every, t.num_steps, prev_step=previous):
                 write_sample_grid(config, model, schedule, state.ema_params, mesh,
                                   os.path.join(samples_dir, f"step_{step:08d}.png"))
             every = config.eval.get("every_steps", 0)
-            if every and (_crossed(previous, step, every) or step == t.num_steps):
+            if every and due(step, every, t.num_steps, prev_step=previous):
                 from ddpm_jax import evaluate  # feature networks: loaded only when asked for
                 eval_scalars = evaluate.evaluate_in_training(config, model, state.ema_params,
                                                              workdir=workdir, step=step, mesh=mesh)

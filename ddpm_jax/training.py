@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, xla_cpu
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -125,11 +125,9 @@ def drop_labels(labels: Array, key: Array, rate: float, null_label: int) -> Arra
 
 def _unroll_loops(unroll: bool | None) -> bool:
     """Whether a lax.scan whose body takes gradients of convolutions should be unrolled
-    (unroll=None: on XLA's CPU backend only). Inside a loop body that backend keeps the gradient
-    convolutions in non-canonical layouts and compiles them to naive loops, 10-20x slower
-    (jax-ml/jax#12868); unrolled, they reach its fast kernels. Elsewhere the loop stays rolled,
-    which keeps one iteration's buffers live at a time."""
-    return jax.default_backend() == "cpu" if unroll is None else unroll
+    (unroll=None: where `xla_cpu.prefers_unrolled_gradient_loops`, i.e. on XLA's CPU backend,
+    whose loop bodies get naive gradient convolutions)."""
+    return xla_cpu.prefers_unrolled_gradient_loops() if unroll is None else unroll
 
 
 def _accumulate(grad_fn: Callable[..., Any], params: PyTree, data: tuple[Any, ...],

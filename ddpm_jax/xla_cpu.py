@@ -1,10 +1,18 @@
-"""XLA compiler options for the UNet's programs on the CPU backend.
+"""What this package does differently on XLA's CPU backend, each choice measured.
 
-jaxlib 0.10's CPU compiler hands convolutions, dots and reductions to YNNPACK by default (the
-debug option `xla_cpu_experimental_ynn_fusion_type` is INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION,
-REDUCE). At the UNet's shapes YNNPACK's convolutions run 1.5-3x slower than XLA's own (Eigen)
-ones, while its reductions help the backward pass. `bench/xla_cpu_flags.py` measured each
-choice; BENCHMARKS.md has the numbers. The presets here are the winners:
+The backend-dependent defaults, named so that the model and step code read as math (each
+function's docstring says what was measured):
+
+  prefers_group_matmul             GroupNorm moves between channels and groups by tiny matmuls
+  prefers_unrolled_gradient_loops  the microbatch and K-step scans are unrolled
+  remat_pays                       whether model.remat can save memory (the loop warns if not)
+
+And the XLA compiler options for the UNet's programs on the CPU backend. jaxlib 0.10's CPU
+compiler hands convolutions, dots and reductions to YNNPACK by default (the debug option
+`xla_cpu_experimental_ynn_fusion_type` is INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION, REDUCE). At
+the UNet's shapes YNNPACK's convolutions run 1.5-3x slower than XLA's own (Eigen) ones, while
+its reductions help the backward pass. `bench/xla_cpu_flags.py` measured each choice;
+BENCHMARKS.md has the numbers. The presets here are the winners:
 
   train      YNNPACK for reductions only (train step: about 1.3x XLA's default),
   inference  no YNNPACK at all (forward and sampling: about 1.5x).
@@ -33,6 +41,44 @@ PRESETS: dict[str, str] = {
 }
 
 Kind = Literal["train", "inference"]
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def prefers_group_matmul() -> bool:
+    """GroupNorm's default (`group_matmul=None`): move between [B, C] and [B, G] with tiny
+    float32 matmuls against the [G, C] group-membership matrix, on the CPU backend only.
+
+    There XLA folds reshape + sum and jnp.repeat into the full-size passes (a reduction over
+    (H, W, C/G), a per-element group index), 1.5-2x slower than the matmul form
+    (bench/bench_layers.py, BENCHMARKS.md). On GPUs and TPUs those are plain fused reductions
+    and broadcasts, while each matmul would be a kernel of its own.
+    """
+    return _on_cpu()
+
+
+def prefers_unrolled_gradient_loops() -> bool:
+    """The default for a lax.scan whose body takes gradients of convolutions (microbatches,
+    K steps per call): unrolled on the CPU backend only.
+
+    Inside a loop body that backend keeps the gradient convolutions in non-canonical layouts
+    and compiles them to naive loops, 10-20x slower (jax-ml/jax#12868); unrolled, they reach
+    its fast kernels (tests/test_training.py checks the premise in the compiled HLO).
+    Elsewhere the loop stays rolled, which keeps one iteration's buffers live at a time.
+    """
+    return _on_cpu()
+
+
+def remat_pays() -> bool:
+    """Whether model.remat (jax.checkpoint) can save memory: not on the CPU backend.
+
+    XLA's CPU compiler drops the optimization barriers that keep the recomputation apart, so
+    there remat adds recomputation and leaves the gradient's temporary memory no smaller
+    (bench/bench_memory.py; tests/test_loop.py checks the premise). GPUs and TPUs keep them.
+    """
+    return not _on_cpu()
 
 
 def mode() -> str:
@@ -66,7 +112,7 @@ def compiler_options(kind: Kind) -> dict[str, str] | None:
     """
     if kind not in PRESETS:
         raise ValueError(f"kind must be one of {sorted(PRESETS)}, got {kind!r}.")
-    if mode() == "xla" or jax.default_backend() != "cpu":
+    if mode() == "xla" or not _on_cpu():
         return None
     if OPTION in os.environ.get("XLA_FLAGS", ""):
         return None

@@ -1,4 +1,5 @@
-"""Test-wide JAX settings: silent broadcasting mistakes become errors."""
+"""Test-wide JAX settings (silent broadcasting mistakes become errors) and the fixtures that
+more than one test file uses."""
 
 import os
 
@@ -6,5 +7,20 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# The digits feature net (test_features.py, test_evaluate.py): trained once per test process
+# into `cache_dir`, which the evaluation tests also use for their reference statistics.
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def digits_net(cache_dir):
+    from ddpm_jax import features
+
+    return features.digits_feature_net(16, cache_dir=cache_dir)

@@ -123,6 +123,7 @@ _KILLED_MID_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_during_async_save_leaves_previous_checkpoint_restorable(tmp_path):
     workdir = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, workdir], capture_output=True,

@@ -56,6 +56,7 @@ def _run(script, *args):
                           text=True, timeout=120, cwd=REPO, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args,message", [
     ("sample.py", ["--out={tmp}/file/s.png"], "--out: {tmp}/file/s.png lies under {tmp}/file"),
     ("sample.py", ["--out={tmp}/dir.png"], "--out: {tmp}/dir.png is an existing directory"),
@@ -92,6 +93,7 @@ def _one_line_failure(proc, *messages):
         assert message in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_train_py_names_an_unknown_config_field(tmp_path):
     proc = _run("train.py", *TINY_TRAIN, f"--workdir={tmp_path}/run", "--config.training.nope=1")
     _one_line_failure(proc, "--config.training.nope: the config has no field `nope`",
@@ -99,6 +101,7 @@ def test_train_py_names_an_unknown_config_field(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_train_py_refuses_an_empty_workdir_and_creates_nothing(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY_TRAIN, "--workdir="],
@@ -107,12 +110,14 @@ def test_train_py_refuses_an_empty_workdir_and_creates_nothing(tmp_path):
     assert not os.listdir(tmp_path)  # no ./checkpoints
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_workdir_that_is_a_file(tmp_path):
     (tmp_path / "run").write_text("x")
     proc = _run("train.py", *TINY_TRAIN, f"--workdir={tmp_path}/run")
     _one_line_failure(proc, f"--workdir: {tmp_path}/run is a file, not a directory")
 
 
+@pytest.mark.slow
 def test_train_py_says_the_data_is_not_prepared(tmp_path):
     proc = _run("train.py", *TINY_TRAIN, f"--workdir={tmp_path}/run",
                 "--config.data.dataset=cifar10", f"--config.data.data_dir={tmp_path}/tfds",
@@ -121,6 +126,7 @@ def test_train_py_says_the_data_is_not_prepared(tmp_path):
                       "python -m ddpm_jax.data cifar10")
 
 
+@pytest.mark.slow
 def test_train_py_tells_to_change_the_batch_size_when_the_devices_do_not_divide_it(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS="--xla_force_host_platform_device_count=3")
@@ -144,6 +150,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_train_py_reports_a_refused_non_finite_save_in_one_line(tmp_path):
     # The refusal itself is tested in test_loop; here only how train.py reports it.
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))

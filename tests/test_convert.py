@@ -92,6 +92,7 @@ def test_roundtrip_reads_every_tensor_into_place(small_checkpoint):
     _assert_same_params(loaded, params)
 
 
+@pytest.mark.slow
 def test_safetensors_load_needs_no_torch(small_checkpoint):
     folder, _ = small_checkpoint
     code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError

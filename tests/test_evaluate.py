@@ -1,5 +1,6 @@
-"""Evaluation: bits/dim against a float64 NumPy bound, the digits feature net, the FID
-InceptionV3 (random weights) against a PyTorch functional reference, and the command line."""
+"""Evaluation: bits/dim against a float64 NumPy bound, reports (with the digits feature net of
+conftest.py), the class and solver options, and the command line. The feature nets' own tests:
+test_features.py and test_inception.py; the plots': test_plots.py."""
 
 import json
 import os
@@ -11,14 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.special
-from PIL import Image
 
-from ddpm_jax import evaluate, features, metrics, plots
-from ddpm_jax.data import builders
-from ddpm_jax.models import classifier, inception
+from ddpm_jax import evaluate
 from ddpm_jax.schedule import Schedule, get_beta_schedule
 from multihost import run_on_two_hosts
+from reference import numpy_bound
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,45 +28,6 @@ def _linear_apply(params, x_t, t):
     a = params["a"][t].reshape(-1, 1, 1, 1)
     b = params["b"][t].reshape(-1, 1, 1, 1)
     return a * x_t + b
-
-
-def _numpy_bound(betas, a, b, x0, noise, mean_type, var_type, clip):
-    """The variational bound in bits/dim, per image, written out in float64 NumPy.
-
-    x0: [N, D] in [-1, 1]; noise: [N, T, D]; returns (total [N], terms [N, T], prior [N]).
-    """
-    alphas = 1.0 - betas
-    abar = np.cumprod(alphas)
-    abar_prev = np.append(1.0, abar[:-1])
-    post_var = betas * (1 - abar_prev) / (1 - abar)
-    post_logvar = np.log(np.append(post_var[1], post_var[1:]))
-    model_logvar = post_logvar if var_type == "fixedsmall" else np.log(np.append(post_var[1], betas[1:]))
-    coef_x0 = betas * np.sqrt(abar_prev) / (1 - abar)
-    coef_xt = (1 - abar_prev) * np.sqrt(alphas) / (1 - abar)
-    n, num_t, _ = noise.shape
-    terms = np.zeros((n, num_t))
-    for i in range(n):
-        for t in range(num_t):
-            x_t = np.sqrt(abar[t]) * x0[i] + np.sqrt(1 - abar[t]) * noise[i, t]
-            out = a[t] * x_t + b[t]
-            x0_hat = (x_t - np.sqrt(1 - abar[t]) * out) / np.sqrt(abar[t]) if mean_type == "eps" else out
-            if clip:
-                x0_hat = np.clip(x0_hat, -1, 1)
-            mean = coef_x0[t] * x0_hat + coef_xt[t] * x_t
-            if t == 0:
-                std = np.exp(0.5 * model_logvar[0])
-                upper = np.where(x0[i] > 0.999, np.inf, x0[i] + 1 / 255)
-                lower = np.where(x0[i] < -0.999, -np.inf, x0[i] - 1 / 255)
-                prob = scipy.special.ndtr((upper - mean) / std) - scipy.special.ndtr((lower - mean) / std)
-                terms[i, t] = -np.mean(np.log(np.maximum(prob, 1e-12))) / np.log(2)
-            else:
-                true_mean = coef_x0[t] * x0[i] + coef_xt[t] * x_t
-                lv1, lv2 = post_logvar[t], model_logvar[t]
-                kl = 0.5 * (-1 + lv2 - lv1 + np.exp(lv1 - lv2) + (true_mean - mean) ** 2 * np.exp(-lv2))
-                terms[i, t] = np.mean(kl) / np.log(2)
-    m, v = np.sqrt(abar[-1]) * x0, 1 - abar[-1]
-    prior = np.mean(0.5 * (-1 - np.log(v) + v + m ** 2), axis=1) / np.log(2)
-    return prior + terms.sum(1), terms, prior
 
 
 @pytest.mark.parametrize("mean_type,var_type,clip", [("eps", "fixedlarge", True),
@@ -95,9 +54,9 @@ def test_bpd_matches_float64_numpy_bound(mean_type, var_type, clip):
             jax.random.fold_in(jax.random.fold_in(key, n), t), (1, *shape)))[0].reshape(-1)
             for t in range(num_t)]) for n in range(len(data))]).astype(np.float64)
     x0 = (data.reshape(len(data), -1).astype(np.float64) - 127.5) / 127.5
-    total, terms, prior = _numpy_bound(betas, np.asarray(params["a"], np.float64),
-                                       np.asarray(params["b"], np.float64), x0, noise,
-                                       mean_type, var_type, clip)
+    total, terms, prior = numpy_bound(betas, np.asarray(params["a"], np.float64),
+                                      np.asarray(params["b"], np.float64), x0, noise,
+                                      mean_type, var_type, clip)
     np.testing.assert_allclose(result["total_bpd"], total, rtol=2e-4)
     np.testing.assert_allclose(result["prior_bpd"], prior, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(result["decoder_bpd"], terms[:, 0], rtol=2e-4)
@@ -115,6 +74,7 @@ def test_bpd_rejects_float_images():
                               jax.random.key(0), progress=False)
 
 
+@pytest.mark.slow
 def test_bpd_sharded_over_8_devices_equals_single_device():
     # Image n's noise comes from fold_in(key, n): neither the batch size nor the device count
     # may change the numbers.
@@ -155,6 +115,7 @@ np.save(out, result["total_bpd"])
 """
 
 
+@pytest.mark.slow
 def test_bpd_on_two_hosts_equals_single_process(tmp_path):
     """Two jax.distributed processes on 127.0.0.1, 2 CPU devices each: every host gets the
     bound of all 10 images, equal to one process's."""
@@ -173,182 +134,9 @@ def test_bpd_on_two_hosts_equals_single_process(tmp_path):
     np.testing.assert_allclose(hosts[0], expected, rtol=1e-6)
 
 
-def test_per_t_curve_plot_is_written(tmp_path):
-    path = tmp_path / "curve.png"
-    plots.save_line_plot(path, np.geomspace(3.0, 1e-4, 50), title="L_t", xlabel="t",
-                         ylabel="bits/dim")
-    with Image.open(path) as img:
-        assert img.size == (720, 420)
-        assert len(img.convert("RGB").getcolors(1 << 16)) > 2      # axes, text and the curve
-
-
-# --------------------------------------------------------------------- digits feature net
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def digits_net(cache_dir):
-    return features.digits_feature_net(16, cache_dir=cache_dir)
-
-
-def test_digits_classifier_reaches_95_percent_test_accuracy(digits_net, cache_dir):
-    params, info = classifier.load_or_train(16, cache_dir=cache_dir)   # from the cache now
-    assert info["sha256"] == digits_net.weights_sha256
-    test_images, test_labels = builders.digits_arrays(16)["test"]
-    acc = classifier.accuracy(params, test_images, test_labels)
-    assert acc >= 0.95, acc
-    assert acc == pytest.approx(info["test_accuracy"])
-
-
-def test_digits_fid_of_real_test_images_is_far_below_noise(digits_net):
-    digits = builders.digits_arrays(16)
-    train, _ = digits["train"]
-    test, _ = digits["test"]
-    noise = np.random.RandomState(0).randint(0, 256, size=test.shape).astype(np.uint8)
-    ref = metrics.feature_statistics(features.compute_features(digits_net, train, progress=False)[0])
-
-    def fid(images):
-        return metrics.frechet_distance(*metrics.feature_statistics(
-                features.compute_features(digits_net, images, progress=False)[0]), *ref)
-
-    real, noisy = fid(test), fid(noise)
-    assert real < 0.05 * noisy, (real, noisy)
-    scores = features.compute_features(digits_net, test, progress=False)[1]
-    assert metrics.inception_score(scores, splits=1)[0] > 8.0     # 10 balanced, confident classes
-
-
-# ------------------------------------------------------------------------------ Inception
-
-@pytest.fixture(scope="module")
-def inception_variables():
-    return inception.random_variables(0)
-
-
-@pytest.fixture(scope="module")
-def inception_75(inception_variables):
-    return jax.jit(inception.InceptionV3(resize_to=75).apply)
-
-
-def test_inception_shapes_and_determinism(inception_variables, inception_75):
-    rng = np.random.RandomState(0)
-    x = rng.randint(0, 256, size=(2, 16, 16, 3)).astype(np.uint8)
-    a, b = inception_75(inception_variables, x), inception_75(inception_variables, x)
-    assert a["pool3"].shape == (2, 2048) and a["logits"].shape == (2, 1008)
-    np.testing.assert_array_equal(a["pool3"], b["pool3"])
-    assert np.all(np.isfinite(a["pool3"])) and float(jnp.std(a["pool3"])) > 0
-    assert not np.allclose(a["pool3"][0], a["pool3"][1])
-
-
-def _torch_fid_inception(sd, x):
-    """pytorch-fid's FID InceptionV3 (torchvision's blocks with the FID patches), written with
-    torch.nn.functional over a state dict: x [B, 3, H, W] in [-1, 1] -> (pool3, logits)."""
-    import torch
-    import torch.nn.functional as F
-
-    def conv(name, h, stride=1, padding=0):
-        h = F.conv2d(h, sd[f"{name}.conv.weight"], stride=stride, padding=padding)
-        h = F.batch_norm(h, sd[f"{name}.bn.running_mean"], sd[f"{name}.bn.running_var"],
-                         sd[f"{name}.bn.weight"], sd[f"{name}.bn.bias"], eps=1e-3)
-        return F.relu(h)
-
-    def avg(h):
-        return F.avg_pool2d(h, 3, stride=1, padding=1, count_include_pad=False)
-
-    def cat(xs):
-        return torch.cat(xs, 1)
-
-    def block_a(p, h):
-        return cat([conv(f"{p}.branch1x1", h),
-                    conv(f"{p}.branch5x5_2", conv(f"{p}.branch5x5_1", h), padding=2),
-                    conv(f"{p}.branch3x3dbl_3", conv(f"{p}.branch3x3dbl_2",
-                         conv(f"{p}.branch3x3dbl_1", h), padding=1), padding=1),
-                    conv(f"{p}.branch_pool", avg(h))])
-
-    def block_c(p, h):
-        b7 = conv(f"{p}.branch7x7_3", conv(f"{p}.branch7x7_2", conv(f"{p}.branch7x7_1", h),
-                  padding=(0, 3)), padding=(3, 0))
-        bd = conv(f"{p}.branch7x7dbl_1", h)
-        for i, pad in zip(range(2, 6), [(3, 0), (0, 3), (3, 0), (0, 3)]):
-            bd = conv(f"{p}.branch7x7dbl_{i}", bd, padding=pad)
-        return cat([conv(f"{p}.branch1x1", h), b7, bd, conv(f"{p}.branch_pool", avg(h))])
-
-    def block_e(p, h, pool):
-        b3 = conv(f"{p}.branch3x3_1", h)
-        bd = conv(f"{p}.branch3x3dbl_2", conv(f"{p}.branch3x3dbl_1", h), padding=1)
-        return cat([conv(f"{p}.branch1x1", h),
-                    conv(f"{p}.branch3x3_2a", b3, padding=(0, 1)),
-                    conv(f"{p}.branch3x3_2b", b3, padding=(1, 0)),
-                    conv(f"{p}.branch3x3dbl_3a", bd, padding=(0, 1)),
-                    conv(f"{p}.branch3x3dbl_3b", bd, padding=(1, 0)),
-                    conv(f"{p}.branch_pool", pool(h))])
-
-    h = conv("Conv2d_1a_3x3", x, stride=2)
-    h = conv("Conv2d_2b_3x3", conv("Conv2d_2a_3x3", h), padding=1)
-    h = conv("Conv2d_4a_3x3", conv("Conv2d_3b_1x1", F.max_pool2d(h, 3, 2)))
-    h = F.max_pool2d(h, 3, 2)
-    for p in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
-        h = block_a(p, h)
-    h = cat([conv("Mixed_6a.branch3x3", h, stride=2),
-             conv("Mixed_6a.branch3x3dbl_3", conv("Mixed_6a.branch3x3dbl_2",
-                  conv("Mixed_6a.branch3x3dbl_1", h), padding=1), stride=2),
-             F.max_pool2d(h, 3, 2)])
-    for p in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
-        h = block_c(p, h)
-    b7 = conv("Mixed_7a.branch7x7x3_1", h)
-    b7 = conv("Mixed_7a.branch7x7x3_3", conv("Mixed_7a.branch7x7x3_2", b7, padding=(0, 3)),
-              padding=(3, 0))
-    h = cat([conv("Mixed_7a.branch3x3_2", conv("Mixed_7a.branch3x3_1", h), stride=2),
-             conv("Mixed_7a.branch7x7x3_4", b7, stride=2), F.max_pool2d(h, 3, 2)])
-    h = block_e("Mixed_7b", h, avg)
-    h = block_e("Mixed_7c", h, lambda z: F.max_pool2d(z, 3, stride=1, padding=1))
-    pool3 = h.mean(dim=(2, 3))
-    return pool3, pool3 @ sd["fc.weight"].T
-
-
-def test_inception_matches_pytorch_fid_structure_on_random_weights(inception_variables,
-                                                                  inception_75, tmp_path):
-    torch = pytest.importorskip("torch")
-    rng = np.random.RandomState(1)
-    state = inception.variables_to_state_dict(inception_variables)
-    for name in state:   # non-trivial batch statistics, so that a mix-up of them shows
-        if name.endswith(("running_mean", "bn.bias")):
-            state[name] = rng.uniform(-0.2, 0.2, state[name].shape).astype(np.float32)
-        elif name.endswith(("running_var", "bn.weight")):
-            state[name] = rng.uniform(0.5, 1.5, state[name].shape).astype(np.float32)
-    path = str(tmp_path / "random_fid_inception.pth")
-    torch.save({k: torch.tensor(v) for k, v in state.items()}, path)
-    with pytest.raises(ValueError, match="6726825d"):
-        inception.load_inception_weights(path)          # not the real weights' hash
-    variables, sha256 = inception.load_inception_weights(path, check_hash=False)
-    assert sha256 == inception.file_sha256(path)
-    x = rng.randint(0, 256, size=(2, 16, 16, 3)).astype(np.uint8)   # the shape compiled above
-    ours = inception_75(variables, x)
-    tx = torch.nn.functional.interpolate(torch.from_numpy(x / 255.0).permute(0, 3, 1, 2).float(),
-                                         size=(75, 75), mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        pool3, logits = _torch_fid_inception({k: torch.tensor(v) for k, v in state.items()},
-                                             2 * tx - 1)
-    np.testing.assert_allclose(ours["pool3"], pool3.numpy(), rtol=2e-3, atol=2e-4)
-    np.testing.assert_allclose(ours["logits"], logits.numpy(), rtol=2e-3, atol=2e-3)
-
-    npz = str(tmp_path / "random_fid_inception.npz")
-    inception.export_npz(path, npz)
-    from_npz, _ = inception.load_inception_weights(npz)
-    jax.tree.map(np.testing.assert_array_equal, from_npz, variables)
-
-
-def test_missing_inception_weights_name_the_file_and_its_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
-        inception.load_inception_weights(str(tmp_path / "nope.pth"))
-    with pytest.raises(ValueError, match="--inception_weights"):
-        features.inception_feature_net(None)
-
-
 # --------------------------------------------------------------------------- command line
 
+@pytest.mark.slow
 def test_run_evaluation_writes_a_report_that_states_its_protocol(tmp_path, cache_dir, digits_net):
     from configs import digits as digits_config
 
@@ -402,6 +190,7 @@ class _ClassApply:
 _CLASS_APPLY = _ClassApply()  # one instance: it keys the sampler's compilation cache
 
 
+@pytest.mark.slow
 def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, digits_net):
     from configs import digits as digits_config
     from ddpm_jax import sampling
@@ -496,6 +285,7 @@ def _tiny_checkpoint(workdir, data_dir, step=3):
     manager.close()
 
 
+@pytest.mark.slow
 def test_evaluate_command_line_on_a_tiny_checkpoint(tmp_path):
     # Flags -> options -> checkpoint -> report; FID / IS are covered in-process above.
     workdir = str(tmp_path / "run")

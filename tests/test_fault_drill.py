@@ -61,6 +61,7 @@ _SAVE_UNTIL_KILLED = textwrap.dedent(f"""
 """).replace("import jax.numpy", "import jax, jax.numpy")
 
 
+@pytest.mark.slow
 def test_random_kill_9_during_saves_then_resume_loses_no_finished_checkpoint(tmp_path):
     workdir = str(tmp_path)
     finished = []

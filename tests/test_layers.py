@@ -1,5 +1,5 @@
-"""The UNet's own GroupNorm and Conv layers against float64 NumPy derivations, their gradients
-against autodiff of the plain XLA formulation, and the CPU compiler presets of ddpm_jax.xla_cpu."""
+"""The UNet's own GroupNorm and Conv layers against float64 NumPy derivations, and their
+gradients against autodiff of the plain XLA formulation."""
 
 
 import flax.linen as nn
@@ -8,31 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import xla_cpu
 from ddpm_jax.models.unet import Conv, GroupNorm
-
-
-def _np_group_norm(x, scale, bias, groups, eps):
-    """float64 reference: statistics over (H, W, C/G) of each image and group."""
-    b, h, w, c = x.shape
-    xg = x.astype(np.float64).reshape(b, h * w, groups, c // groups)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
-    return ((xg - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
-
-
-def _np_conv(x, kernel, stride, pad):
-    """float64 reference cross-correlation; pad = ((top, bottom), (left, right))."""
-    x = np.pad(x.astype(np.float64), ((0, 0), pad[0], pad[1], (0, 0)))
-    k = kernel.shape[0]
-    out_h = (x.shape[1] - k) // stride + 1
-    out_w = (x.shape[2] - k) // stride + 1
-    out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[3]))
-    for i in range(k):
-        for j in range(k):
-            patch = x[:, i:i + stride * out_h:stride, j:j + stride * out_w:stride, :]
-            out += np.einsum("bhwc,co->bhwo", patch, kernel[i, j].astype(np.float64))
-    return out
+from reference import np_conv, np_group_norm
 
 
 @pytest.mark.parametrize("group_matmul", [None, True, False])
@@ -45,7 +22,7 @@ def test_group_norm_matches_float64_reference(groups, channels, group_matmul):
     params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
     out = GroupNorm(groups, epsilon=1e-6, group_matmul=group_matmul).apply(params, jnp.asarray(x))
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(out, _np_group_norm(x, scale, bias, groups, 1e-6), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, np_group_norm(x, scale, bias, groups, 1e-6), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("group_matmul", [True, False])
@@ -92,7 +69,7 @@ def test_conv_matches_float64_reference(kernel, stride, padding):
     params = {"params": {"kernel": jnp.asarray(k), "bias": jnp.asarray(bias)}}
     out = Conv(7, kernel, stride, padding).apply(params, jnp.asarray(x))
     pad = ((kernel // 2, kernel // 2),) * 2 if padding == "SAME" else padding
-    np.testing.assert_allclose(out, _np_conv(x, k, stride, pad) + bias, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(out, np_conv(x, k, stride, pad) + bias, atol=1e-4, rtol=1e-5)
 
 
 def test_conv_parameters_match_flax():
@@ -118,58 +95,3 @@ def test_conv_gradients_match_flax(kernel, stride, padding, dtype):
     for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
                     jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x))):
         np.testing.assert_allclose(a, b, atol=tol * 10, rtol=tol)
-
-
-def test_xla_cpu_presets(monkeypatch):
-    monkeypatch.delenv(xla_cpu.ENV_VAR, raising=False)
-    monkeypatch.setenv("XLA_FLAGS", "")
-    assert jax.default_backend() == "cpu"
-    train, inference = xla_cpu.compiler_options("train"), xla_cpu.compiler_options("inference")
-    assert train == {xla_cpu.OPTION: xla_cpu.PRESETS["train"]}
-    assert inference == {xla_cpu.OPTION: ""}
-    with pytest.raises(ValueError, match="kind"):
-        xla_cpu.compiler_options("sampling")
-    monkeypatch.setenv(xla_cpu.ENV_VAR, "xla")
-    assert xla_cpu.compiler_options("train") is None
-    monkeypatch.setenv(xla_cpu.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match=xla_cpu.ENV_VAR):
-        xla_cpu.compiler_options("train")
-    monkeypatch.setenv(xla_cpu.ENV_VAR, "tuned")
-    monkeypatch.setenv("XLA_FLAGS", f"--{xla_cpu.OPTION}=-individual_convolution")
-    assert xla_cpu.compiler_options("inference") is None  # the user's own XLA flag wins
-
-
-def test_xla_cpu_inference_preset_reaches_the_compiler(monkeypatch):
-    """Compiled under the inference preset, a conv + dot + reduction program holds no YNNPACK
-    fusion, so the option is applied, not just returned."""
-    monkeypatch.delenv(xla_cpu.ENV_VAR, raising=False)
-    monkeypatch.setenv("XLA_FLAGS", "")
-    x = jnp.ones((2, 8, 8, 4))
-    k = jnp.ones((3, 3, 4, 4))
-
-    def f(x, k):
-        y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.sum(y @ k[0, 0], axis=(1, 2))
-
-    options = xla_cpu.compiler_options("inference")
-    text = jax.jit(f, compiler_options=options).lower(x, k).compile().as_text()
-    assert "__ynn_fusion" not in text
-    np.testing.assert_allclose(jax.jit(f, compiler_options=options)(x, k), jax.jit(f)(x, k), rtol=1e-6)
-
-
-def test_sampler_runs_inside_a_callers_jit():
-    """The sampler's own jit carries compiler options; jax allows those only at top level, so
-    traced inside another jit (inputs traced, or all concrete) it must still run, and agree."""
-    from ddpm_jax.sampling import make_sampler
-    from ddpm_jax.schedule import Schedule
-
-    def apply_fn(params, x, t):
-        return params * x + 0.01 * t[:, None, None, None].astype(x.dtype)
-
-    sampler = make_sampler(apply_fn, Schedule.create("linear", 20), (2, 4, 4, 1), sampler="ddpm", steps=5)
-    params, key = jnp.float32(0.3), jax.random.key(3)
-    top = sampler(params, key)["images"]
-    inside = jax.jit(lambda p, k: sampler(p, k)["images"])(params, key)
-    concrete = jax.jit(lambda: sampler(params, jax.random.key(3))["images"])()
-    np.testing.assert_allclose(inside, top, atol=1e-6)
-    np.testing.assert_allclose(concrete, top, atol=1e-6)

@@ -151,6 +151,7 @@ def _params_close(state, workdir, step, atol):
 
 # ----------------------------------------------------------------------------------- tests
 
+@pytest.mark.slow
 def test_loss_falls_on_digits_and_sample_grid_is_written(tmp_path, data_dir, preempted_runs):
     workdir = str(tmp_path)
     # Two steps per dispatch here (one lax.scan): the other runs cover one.
@@ -174,6 +175,7 @@ def test_loss_falls_on_digits_and_sample_grid_is_written(tmp_path, data_dir, pre
         assert json.load(f)["training"]["num_steps"] == 300
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_writes_a_report_and_eval_scalars(tmp_path, data_dir):
     workdir = str(tmp_path)
     config = tiny_config(data_dir, **{"training.num_steps": 2, "training.checkpoint_every": 2,
@@ -189,6 +191,7 @@ def test_periodic_evaluation_writes_a_report_and_eval_scalars(tmp_path, data_dir
     assert np.isfinite(eval_records[0]["eval/bpd"]) and eval_records[0]["eval/bpd"] > 0
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical_and_compiles_once(tmp_path, data_dir, straight_run):
     _, straight = straight_run
     workdir = str(tmp_path)
@@ -199,6 +202,7 @@ def test_stop_and_resume_is_bit_identical_and_compiles_once(tmp_path, data_dir, 
     assert loop.jitted_train_step(parallel.make_mesh(), 1).jitted._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_metrics_stay_monotonic_when_resuming_from_an_earlier_checkpoint(tmp_path, data_dir,
                                                                         straight_run):
     # Back to the checkpoint of step 3 (as if the run had died before saving step 6); the
@@ -211,6 +215,7 @@ def test_metrics_stay_monotonic_when_resuming_from_an_earlier_checkpoint(tmp_pat
     assert [r["step"] for r in writers.read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_load_for_sampling_returns_the_saved_weights_and_model(data_dir, straight_run):
     workdir, state = straight_run
     config, model, ema = checkpoint.load_for_sampling(workdir)
@@ -229,6 +234,7 @@ def _flip_byte(path: str, offset: int) -> bytes:
     return original
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_any_checkpoint_file_fails_naming_the_step_or_changes_nothing(
         tmp_path, data_dir, straight_run):
     # Every file of the checkpoint in turn, one byte each (the original put back after): a
@@ -288,6 +294,7 @@ def test_a_flipped_byte_in_any_checkpoint_file_fails_naming_the_step_or_changes_
         checkpoint.load_for_sampling(workdir, weights)
 
 
+@pytest.mark.slow
 def test_sample_py_draws_from_a_trained_workdir(tmp_path, straight_run):
     workdir, _ = straight_run
     out = tmp_path / "grid.png"
@@ -309,6 +316,7 @@ def _sample_py(*args):
                           text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+@pytest.mark.slow
 def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir, straight_run):
     # Also the v mean type and the hybrid / learned_range pair end to end (this run compiles its
     # own step anyway). sample.py draws with a fixed variance, which a learned-variance run
@@ -361,6 +369,7 @@ def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir,
     assert (np.asarray(Image.open(tmp_path / "null.png")) != loop_grid).any()
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_wrong_config_value_in_one_line_and_creates_nothing(tmp_path, data_dir):
     workdir = tmp_path / "never"
     proc = subprocess.run(train_command(data_dir, str(workdir), **{"training.microbatches": 3}),
@@ -371,6 +380,7 @@ def test_train_py_refuses_a_wrong_config_value_in_one_line_and_creates_nothing(t
     assert "Traceback" not in proc.stderr and not workdir.exists()
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path, data_dir, straight_run):
     workdir = str(tmp_path / "copy")
     shutil.copytree(straight_run[0], workdir)
@@ -396,6 +406,7 @@ def corrupt_workdir(tmp_path_factory, straight_run):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,changes,message", [
     ("train.py", {"model.ch": 32}, "model.ch: saved 16, now 32"),
     ("train.py", {}, "The checkpoint is incomplete or corrupt. Nothing was deleted: move or delete"),
@@ -419,6 +430,7 @@ def test_scripts_refuse_an_incompatible_or_corrupt_checkpoint_in_one_line(
     assert sorted(os.listdir(checkpoint.checkpoint_dir(corrupt_workdir))) == before
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_stop_training_with_a_clear_message(tmp_path, data_dir, monkeypatch):
     real = data.make_input_iterator
 
@@ -442,6 +454,7 @@ def test_nonfinite_losses_stop_training_with_a_clear_message(tmp_path, data_dir,
     assert all(r["loss"] == "nan" for r in records)
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_checkpointed_and_the_stop_claims_no_clean_step(
         tmp_path, data_dir, monkeypatch):
     # Values that validate refuses, forced past it: lr=nan turns the parameters NaN at step 1
@@ -465,6 +478,7 @@ def test_non_finite_weights_are_never_checkpointed_and_the_stop_claims_no_clean_
                 if not name.startswith(".")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,mesh_line", [("8_devices", "Mesh: 8 devices on 1 processes"),
                                             ("2_processes", "Mesh: 2 devices on 2 processes")])
 def test_sigterm_saves_and_exits_0_and_runs_agree_with_one_device(
@@ -501,6 +515,7 @@ def _wait_for(condition, seconds: float, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_second_trainer_stops_at_once_and_a_killed_ones_lock_is_taken_over(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     command = train_command(data_dir, workdir, **LONG_RUN)
@@ -566,3 +581,18 @@ def test_remat_on_the_cpu_is_warned_about_because_it_saves_no_memory(caplog):
             .memory_analysis().temp_size_in_bytes
             for name, block in (("plain", layer), ("remat", jax.checkpoint(layer)))}
     assert temp["remat"] >= temp["plain"], temp
+
+
+def test_due_fires_when_a_multiple_falls_in_the_dispatch_or_at_the_last_step():
+    def brute(prev, step, every, last):  # written out: any multiple of every in (prev, step]
+        return step == last or (every > 0 and any(m % every == 0 for m in range(prev + 1, step + 1)))
+
+    for every, last, k in itertools.product((0, 1, 3, 4, 10), (7, 10, 12), (1, 2, 3, 5)):
+        dispatches = [(p, min(p + k, last)) for p in range(0, last, k)]
+        got = [s for p, s in dispatches if loop.due(s, every, last, prev_step=p)]
+        assert got == [s for p, s in dispatches if brute(p, s, every, last)], (every, last, k)
+        if k == 1:  # prev_step defaults to step - 1
+            assert got == [s for s in range(1, last + 1) if loop.due(s, every, last)]
+    assert [s for p, s in ((0, 3), (3, 6), (6, 9), (9, 10)) if loop.due(s, 4, 10, prev_step=p)] \
+        == [6, 9, 10]
+    assert [s for s in range(1, 11) if loop.due(s, 0, 10)] == [10]

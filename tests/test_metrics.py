@@ -2,19 +2,9 @@
 
 import numpy as np
 import pytest
-import scipy.linalg
 
 from ddpm_jax import metrics
-
-
-def _fid_reference(mu1, sigma1, mu2, sigma2):
-    # tr((S1 S2)^{1/2}) = tr((S1^{1/2} S2 S1^{1/2})^{1/2}): a symmetric PSD matrix, so its root
-    # comes from `eigh` (no `sqrtm`, no complex arithmetic): an independent route to the answer.
-    w, v = scipy.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    inner = scipy.linalg.eigvalsh(root1 @ sigma2 @ root1)
-    trace_sqrt = np.sum(np.sqrt(np.clip(inner, 0.0, None)))
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+from reference import fid_reference, mmd2_unbiased_loops
 
 
 def _random_features(seed, n, d, shift=0.0):
@@ -40,7 +30,7 @@ def test_fid_matches_float64_eigh_reference():
     s1 = metrics.feature_statistics(_random_features(2, 300, 16))
     s2 = metrics.feature_statistics(_random_features(3, 300, 16, shift=0.3))
     fid = metrics.frechet_distance(*s1, *s2)
-    np.testing.assert_allclose(fid, _fid_reference(*s1, *s2), rtol=1e-9)
+    np.testing.assert_allclose(fid, fid_reference(*s1, *s2), rtol=1e-9)
     assert fid > 0.1
 
 
@@ -50,7 +40,7 @@ def test_fid_handles_rank_deficient_covariances():
     s2 = metrics.feature_statistics(_random_features(5, 10, 32, shift=0.2))
     fid = metrics.frechet_distance(*s1, *s2)
     assert np.isfinite(fid) and isinstance(fid, float)
-    np.testing.assert_allclose(fid, _fid_reference(*s1, *s2), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fid, fid_reference(*s1, *s2), rtol=1e-4, atol=1e-4)
     assert abs(metrics.frechet_distance(*s1, *s1)) < 1e-4
 
 
@@ -83,22 +73,12 @@ def test_inception_score_of_a_single_confident_class_is_one():
     np.testing.assert_allclose(metrics.inception_score(scores, splits=2)[0], 1.0, atol=1e-12)
 
 
-def _mmd2_unbiased_loops(x, y):
-    def k(a, b):
-        return (np.dot(a, b) / a.shape[0] + 1.0) ** 3
-    m = x.shape[0]
-    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    return xx + yy - 2 * xy
-
-
 def test_kid_with_full_subsets_matches_loop_reference():
     # subset_size = N draws a permutation, and the MMD estimate is permutation invariant.
     x = _random_features(8, 12, 5).astype(np.float64)
     y = _random_features(9, 12, 5, shift=0.5).astype(np.float64)
     mean, std = metrics.kernel_inception_distance(x, y, num_subsets=3, subset_size=12)
-    np.testing.assert_allclose(mean, _mmd2_unbiased_loops(x, y), rtol=1e-10)
+    np.testing.assert_allclose(mean, mmd2_unbiased_loops(x, y), rtol=1e-10)
     assert std < 1e-10
 
 

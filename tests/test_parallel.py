@@ -22,6 +22,7 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: float = 120.0) ->
     return result.stdout
 
 
+@pytest.mark.slow
 def test_mesh_shardings_and_host_local_to_global_on_8_devices():
     out = run_with_devices("""
         import jax, numpy as np
@@ -67,6 +68,7 @@ def test_local_rows_of_a_single_device_mesh_is_the_whole_batch():
         np.ones((4, 2)), parallel.make_mesh())).shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_microbatches_keep_every_slice_on_every_device_and_match_one_pass():
     # Slice i of a batch split over 8 devices is rows i, i+M, ...: one row per device here, so
     # the compiled step gathers no batch rows; the update equals the one-pass update.

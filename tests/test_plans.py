@@ -7,14 +7,9 @@ import pytest
 from ddpm_jax import plans
 from ddpm_jax.plans import space_timesteps
 from ddpm_jax.schedule import Schedule
+from reference import reference_dpm_weights, scaled_linear
 
 T = 50
-
-
-def scaled_linear(num_timesteps: int) -> np.ndarray:
-    """The paper's 1e-4..0.02 linear schedule stretched to T steps (abar_T ~ 4e-5 at any T)."""
-    scale = 1000 / num_timesteps
-    return np.linspace(1e-4 * scale, 0.02 * scale, num_timesteps, dtype=np.float64)
 
 
 def test_space_timesteps_follow_improved_diffusion():
@@ -61,33 +56,6 @@ def test_logsnr_spacing_is_uniform_in_log_snr(num_steps):
         np.maximum(kept[m:] - 1, 0)]
     assert np.all(gap <= local), (gap - local).max()
     assert num_steps < 400 or 100 < m < 300  # the crowded prefix exists and ends
-
-
-def reference_dpm_weights(betas, kept, order):
-    """(coef_xt, weights on x0_hat at i, i+1, i+2) per chain index, from REFERENCE.md's
-    DPM-Solver++ formulas with diffusers' order rules, in float64."""
-    abar = np.cumprod(1.0 - betas)[kept]
-    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
-    lam = np.log(alpha / sigma)
-    S = len(kept)
-    out = []
-    for i in range(S):
-        taken = S - 1 - i
-        k = min(order, taken + 1, 2 if (i == 1 and S < 15) else order)
-        if i == 0:
-            out.append((0.0, [1.0, 0.0, 0.0]))
-            continue
-        h = lam[i - 1] - lam[i]
-        base = alpha[i - 1] * (1.0 - np.exp(-h))
-        if k == 1:
-            w = [base, 0.0, 0.0]
-        elif k == 2:
-            r = (lam[i] - lam[i + 1]) / h
-            w = [base * (1 + 1 / (2 * r)), -base / (2 * r), 0.0]
-        else:
-            w = None  # order 3 is checked in the chain test only
-        out.append((sigma[i - 1] / sigma[i], w))
-    return out
 
 
 @pytest.mark.parametrize("order, num_steps, spacing", [(1, 7, "time"), (2, 10, "logsnr"),

@@ -22,16 +22,11 @@ from ddpm_jax import sampling, training
 from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from multihost import run_on_two_hosts
+from reference import scaled_linear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 50
 SHAPE = (4, 4, 4, 2)
-
-
-def scaled_linear(num_timesteps: int) -> np.ndarray:
-    """The paper's 1e-4..0.02 linear schedule stretched to T steps (abar_T ~ 4e-5 at any T)."""
-    scale = 1000 / num_timesteps
-    return np.linspace(1e-4 * scale, 0.02 * scale, num_timesteps, dtype=np.float64)
 
 
 class TinyDenoiser(nn.Module):
@@ -623,6 +618,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_batch_split_over_eight_devices_matches_one_device():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=REPO, env=env,
@@ -638,6 +634,7 @@ def run_sample_py(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_args, message", [
     (lambda d: [f"--workdir={d}/missing"], "--workdir=" ),
     (lambda d: [f"--workdir={d}"], "is empty"),
@@ -653,6 +650,7 @@ def test_sample_py_rejects_bad_input_with_a_clear_message(tmp_path, make_args, m
     assert message in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_sample_py_on_a_tiny_diffusers_folder(tmp_path):
     """End to end: a random diffusers UNet2DModel in the google/ddpm-* layout -> PNG + .npz."""
     pytest.importorskip("ddpm_jax.convert")
@@ -736,6 +734,7 @@ np.save(out, np.stack([sampling.draw_images(plain, jnp.float32(0.5), key, 6, pro
 """
 
 
+@pytest.mark.slow
 def test_draw_images_on_two_hosts_gives_every_host_all_images(tmp_path):
     """Two jax.distributed processes on 127.0.0.1 with 2 CPU devices each: the batch is sharded
     over all 4 devices, and each host gets all 6 images, equal to a single process's; also with

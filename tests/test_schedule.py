@@ -4,14 +4,13 @@ Every expected value is computed here from REFERENCE.md (the official `get_beta_
 `GaussianDiffusion2.__init__`), never by calling `ddpm_jax.schedule`.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ddpm_jax.schedule import Schedule, get_beta_schedule
+from reference import reference_betas, reference_tables
 
 SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 FIELDS = (
@@ -30,59 +29,6 @@ FIELDS = (
     "fixedlarge_variance",
     "fixedlarge_log_variance",
 )
-
-
-def reference_betas(name, T, start=1e-4, end=0.02):
-    """The official schedules, written out one by one in float64."""
-    if name == "linear":
-        return np.linspace(start, end, T, dtype=np.float64)
-    if name == "quad":
-        return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
-    if name == "const":
-        return np.full(T, end, dtype=np.float64)
-    if name == "jsd":
-        return 1.0 / np.linspace(T, 1, T, dtype=np.float64)
-    if name in ("warmup10", "warmup50"):
-        betas = np.full(T, end, dtype=np.float64)
-        warmup = int(T * (0.1 if name == "warmup10" else 0.5))
-        betas[:warmup] = np.linspace(start, end, warmup, dtype=np.float64)
-        return betas
-    if name == "cosine":
-        s = 0.008
-
-        def abar(u):
-            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-
-        return np.array([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)])
-    raise AssertionError(name)
-
-
-def reference_tables(betas):
-    """GaussianDiffusion2's derived arrays, float64, written from the paper's formulas."""
-    betas = np.asarray(betas, np.float64)
-    alphas = 1.0 - betas
-    abar = np.cumprod(alphas)
-    abar_prev = np.append(1.0, abar[:-1])
-    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-    with np.errstate(divide="ignore"):
-        post_logvar_clipped = np.log(np.append(post_var[1], post_var[1:]))
-        fixedlarge = np.append(post_var[1], betas[1:])
-        return {
-            "betas": betas,
-            "alphas_cumprod": abar,
-            "alphas_cumprod_prev": abar_prev,
-            "sqrt_alphas_cumprod": np.sqrt(abar),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - abar),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - abar),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1.0),
-            "posterior_variance": post_var,
-            "posterior_log_variance_clipped": post_logvar_clipped,
-            "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
-            "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
-            "fixedlarge_variance": fixedlarge,
-            "fixedlarge_log_variance": np.log(fixedlarge),
-        }
 
 
 # --------------------------------------------------------------------------- get_beta_schedule

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import xla_cpu
+
 Array = jax.Array
 
 NORM_EPS = 1e-6  # the official code's tf.contrib group_norm epsilon
@@ -88,7 +90,7 @@ class GroupNorm(nn.Module):
     backend folds into the full-size passes (one reduction over (H, W, C/G), a per-element group
     index) and runs 1.5-2x slower there (bench/bench_layers.py, BENCHMARKS.md); on GPUs and TPUs
     those are plain fused reductions and broadcasts, while each matmul is a kernel of its own.
-    None (default): True on the CPU backend, False elsewhere.
+    None (default): `xla_cpu.prefers_group_matmul()`, True on the CPU backend only.
     """
 
     num_groups: int
@@ -107,7 +109,7 @@ class GroupNorm(nn.Module):
         batch, per_group = x.shape[0], channels // self.num_groups
         flat = x.astype(jnp.float32).reshape(batch, -1, channels)            # [B, N, C]
         count = flat.shape[1] * per_group
-        matmul = (jax.default_backend() == "cpu") if self.group_matmul is None else self.group_matmul
+        matmul = xla_cpu.prefers_group_matmul() if self.group_matmul is None else self.group_matmul
 
         def group_mean(per_channel_sum: Array) -> Array:                     # [B, C] -> [B, C]
             if not matmul:
