@@ -142,7 +142,8 @@ class SamplingPlan:
 
 
 def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float = 0.0,
-              spacing: str = "time", order: int | None = None) -> SamplingPlan:
+              spacing: str = "time", order: int | None = None,
+              start_t: int | None = None) -> SamplingPlan:
     """Respaces `schedule` onto `steps` (None: all T; see `space_timesteps` for int / str; with
     spacing="logsnr" an int S, see `logsnr_timesteps`) and precomputes DDIM's per-step
     coefficients for `eta` in [0, 1] and, given `order` K in 1..3, DPM-Solver++'s (see
@@ -153,6 +154,10 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
         x_{i-1} = sqrt(abar_{i-1}) x0_hat + sqrt(1 - abar_{i-1} - sigma_i^2) eps_hat + sigma_i z
     with eps_hat recomputed from the (clipped) x0_hat; written as coef_x0 x0_hat + coef_xt x_t.
     eta = 1 gives sigma_i^2 = beta~_i and the posterior mean: DDPM with `fixedsmall`.
+
+    start_t (0-based original t, None: T-1): a chain that starts part-way, at start_t, keeping
+    the spaced timesteps below it (SDEdit); the coefficients are those of the shortened chain
+    (DPM-Solver++'s warm-up starts at start_t).
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~ "
@@ -170,6 +175,11 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
         if isinstance(steps, (int, np.integer)) and not 1 <= steps <= num_timesteps:
             raise ValueError(f"steps must lie in 1..{num_timesteps} (the schedule's T); got {steps!r}.")
         kept = space_timesteps(num_timesteps, steps)
+    if start_t is not None:
+        if not isinstance(start_t, (int, np.integer)) or not 0 <= start_t < num_timesteps:
+            raise ValueError(f"start_t must be an int timestep in 0..{num_timesteps - 1}; got "
+                             f"{start_t!r}.")
+        kept = np.append(kept[kept < start_t], start_t)
     spaced, timestep_map = respace(schedule, kept)
     alphas_cumprod = np.cumprod(1.0 - np.asarray(spaced.betas, dtype=np.float64))
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from ddpm_jax import xla_cpu
 from ddpm_jax.diffusion import (MEAN_TYPES, VAR_TYPES, DenoiseFn, dynamic_threshold,
-                                p_mean_variance, q_posterior_mean_variance)
+                                p_mean_variance, q_posterior_mean_variance, q_sample)
 from ddpm_jax.images import to_uint8
 from ddpm_jax.labels import balanced, check_labels_and_guidance
 from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
@@ -62,14 +62,11 @@ def _constrain(x: Array, mesh: Mesh | None, spec: PartitionSpec) -> Array:
     return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
-                   example_offset: Array, labels: Array | None, guidance: Array, *,
-                   shape: tuple[int, ...], sampler: str, mean_type: str, var_type: str,
-                   clip_denoised: bool, threshold: float | None, return_every: int | None,
-                   progressive: tuple[str, ...], unroll: int, guided: bool,
-                   mesh: Mesh | None) -> dict[str, Array]:
-    batch, image_shape = shape[0], shape[1:]
-    channels = image_shape[-1]
+def guided_model(apply_fn: ApplyFn, params: Any, labels: Array | None, guidance: Array, *,
+                 channels: int, guided: bool, mesh: Mesh | None) -> Callable[[Array, Array], Array]:
+    """`model_out(x_t [B,H,W,C], t [B]) -> output` of apply_fn with its params bound: the
+    unconditional call (labels None), the conditional one, or with `guided` classifier-free
+    guidance on the first `channels` output channels (a learned variance stays conditional)."""
     if labels is not None:
         labels = _constrain(labels, mesh, PartitionSpec(DATA_AXIS))
         null = jnp.full_like(labels, apply_fn.null_label) if guided else None
@@ -84,11 +81,35 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         uncond = apply_fn(params, x_t, t, null)
         mixed = cond[..., :channels] + guidance * (cond[..., :channels] - uncond[..., :channels])
         return jnp.concatenate([mixed, cond[..., channels:]], axis=-1)
+    return model_out
 
-    rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
+
+def row_keys(key: Array, rows: Array) -> tuple[Array, Array]:
+    """(init_keys, step_keys), each [B]: split(fold_in(key, n)) of each row's global index n."""
     keys = jax.vmap(lambda n: jax.random.split(jax.random.fold_in(key, n)))(rows)   # [B, 2]
-    init_keys, step_keys = keys[:, 0], keys[:, 1]
+    return keys[:, 0], keys[:, 1]
+
+
+def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
+                   example_offset: Array, labels: Array | None, guidance: Array,
+                   init: Array | None, rows: Array | None, *,
+                   shape: tuple[int, ...], sampler: str, mean_type: str, var_type: str,
+                   clip_denoised: bool, threshold: float | None, return_every: int | None,
+                   progressive: tuple[str, ...], unroll: int, guided: bool,
+                   mesh: Mesh | None, start: str = "noise") -> dict[str, Array]:
+    batch, image_shape = shape[0], shape[1:]
+    channels = image_shape[-1]
+    model_out = guided_model(apply_fn, params, labels, guidance, channels=channels, guided=guided,
+                             mesh=mesh)
+    if rows is None:
+        rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
+    init_keys, step_keys = row_keys(key, _constrain(rows, mesh, PartitionSpec(DATA_AXIS)))
     x_t = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(init_keys)
+    if start == "x_t":  # the chain's first state, given (decoding latents, interpolation)
+        x_t = init.astype(jnp.float32)
+    elif start == "q_x0":  # SDEdit: x ~ q(x_t | x0 = init) at the plan's first timestep
+        first = jnp.full((batch,), plan.num_steps - 1, jnp.int32)
+        x_t = q_sample(plan.schedule, x0=init.astype(jnp.float32), t=first, noise=x_t)
     x_t = _constrain(x_t, mesh, PartitionSpec(DATA_AXIS))
     records = {}
     if return_every is not None:
@@ -156,7 +177,8 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
 
 
 _STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "threshold",
-           "return_every", "progressive", "unroll", "guided", "mesh")
+           "return_every", "progressive", "unroll", "guided", "mesh", "start")
+STARTS = ("noise", "x_t", "q_x0")
 
 
 @functools.cache
@@ -242,29 +264,51 @@ class Sampler:
                 plan.timesteps)[progressive_indices(plan.num_steps, static["return_every"])])
 
     def __call__(self, params: Any, key: Array, example_offset: int | Array = 0,
-                 labels: Array | np.ndarray | None = None) -> dict[str, Array]:
+                 labels: Array | np.ndarray | None = None, *, init: Array | None = None,
+                 start: str = "noise", rows: Array | np.ndarray | None = None) -> dict[str, Array]:
         """params: the model's; key: PRNG key; example_offset: global index of row 0; labels:
         [B] int class labels of the rows (a class-conditional apply_fn such as `ModelApply` of
         a UNet with num_classes; None: the unconditional call, the null label).
+
+        The chain's first state (at the plan's first timestep t_S-1): start="noise" draws it
+        N(0, I); "x_t" takes `init` [B, H, W, C] as it is (decoding latents); "q_x0" draws it from
+        q(x_t | x0 = init) with init in [-1, 1] (SDEdit; see `make_sampler`'s start_t). rows: [B]
+        int, the global index n of each row's randomness (default example_offset + 0..B-1);
+        rows that share n share their noise.
 
         Returns images [B, H, W, C] (the final mean; in [-1, 1] when clip_denoised) and, with
         return_every, `pred_x0` / `x_t` [K, B, H, W, C] in chain order plus
         `progressive_timesteps` [K] (the original t of each record; the last is 0).
         """
         labels = self._check_labels(labels)
+        shape = self.static["shape"]
+        if start not in STARTS:
+            raise ValueError(f"Unknown start {start!r}; choose one of {', '.join(STARTS)}.")
+        if init is None and start != "noise":
+            raise ValueError(f"start={start!r} needs init [B, H, W, C].")
+        if init is not None and start == "noise":
+            raise ValueError("start='noise' takes no init; pass start='x_t' (init is the first "
+                             "state) or 'q_x0' (init is x0, noised to the first timestep).")
+        if init is not None and tuple(init.shape) != shape:
+            raise ValueError(f"init must have the sampler's shape {list(shape)}; got "
+                             f"{list(init.shape)}.")
+        if rows is not None:
+            if tuple(np.shape(rows)) != shape[:1]:
+                raise ValueError(f"rows must be [{shape[0]}] ints; got shape {np.shape(rows)}.")
+            rows = jnp.asarray(rows, dtype=jnp.int32)
         plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
         guidance = jnp.float32(self.guidance)
         if self.static["mesh"] is not None:
             params, plan, key, offset, labels, guidance = replicate(
                     (params, plan, key, offset, labels, guidance), self.static["mesh"])
-        args = (self.apply_fn, params, plan, key, offset, labels, guidance)
+        args = (self.apply_fn, params, plan, key, offset, labels, guidance, init, rows)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
         try:
-            result = _chain_jit(not traced)(*args, **self.static)
+            result = _chain_jit(not traced)(*args, **self.static, start=start)
         except ValueError as error:  # inside the caller's jit with only concrete inputs
             if "compiler_options" not in str(error):
                 raise
-            result = _chain_jit(False)(*args, **self.static)
+            result = _chain_jit(False)(*args, **self.static, start=start)
         if self.timesteps is not None:
             result["progressive_timesteps"] = self.timesteps
         return result
@@ -332,7 +376,8 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                  var_type: str = "fixedlarge", clip_denoised: bool = True,
                  threshold: float | None = None, return_every: int | None = None,
                  progressive: Sequence[str] = ("pred_x0",), unroll: int = 1,
-                 guidance: float | None = None, mesh: Mesh | None = None) -> Sampler:
+                 guidance: float | None = None, start_t: int | None = None,
+                 mesh: Mesh | None = None) -> Sampler:
     """Builds a sampler compiled once per (apply_fn, shape, number of steps, options).
 
     apply_fn(params, x_t [B,H,W,C], t [B] int) -> model output (`ModelApply(model)` for a Flax
@@ -350,7 +395,10 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     guidance: classifier-free guidance weight w >= 0 for a class-conditional apply_fn with a
     `null_label` (`ModelApply` of a UNet with num_classes); every call then needs labels and
     runs the model twice per step. None: no guidance (labels, if given, condition directly).
-    mesh: a Mesh with a "data" axis to shard the batch over (B divisible by its size).
+    start_t: the chain starts at this original timestep (0-based) instead of T-1: the steps'
+    timesteps below it plus start_t itself (SDEdit, interpolation at a step; the plan's
+    coefficients are computed for the shortened chain). mesh: a Mesh with a "data" axis to shard
+    the batch over (B divisible by its size).
     """
     progressive = tuple(progressive)
     if guidance is not None:
@@ -371,7 +419,8 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                          f"{threshold!r}.")
     if sampler == "dpm++" and order is None:
         order = 2
-    plan = make_plan(schedule, steps=steps, eta=eta, spacing=spacing, order=order)
+    plan = make_plan(schedule, steps=steps, eta=eta, spacing=spacing, order=order,
+                     start_t=start_t)
     return Sampler(apply_fn, plan, guidance or 0.0, shape=tuple(int(s) for s in shape),
                    sampler=sampler, mean_type=mean_type, var_type=var_type,
                    clip_denoised=bool(clip_denoised),

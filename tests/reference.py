@@ -193,3 +193,34 @@ def numpy_bound(betas, a, b, x0, noise, mean_type, var_type, clip):
     m, v = np.sqrt(abar[-1]) * x0, 1 - abar[-1]
     prior = np.mean(0.5 * (-1 - np.log(v) + v + m ** 2), axis=1) / np.log(2)
     return prior + terms.sum(1), terms, prior
+
+
+# ------------------------------------- Gaussian data (test_sampling.py, test_editing.py)
+
+def gaussian_chain_law(betas, kept, mu, s, sampler, eta=0.0, start=(0.0, 1.0)):
+    """Exact mean and variance of the chain's output for data N(mu, s^2) with the optimal eps
+    and no clipping: every step is affine in x_t plus Gaussian noise, so iterate the moments.
+    kept: the chain's original timesteps (ascending); start: (mean, variance) of its first
+    state (N(0, 1); SDEdit: q(x_t0 | x_guide)). Returns the output's (mean, variance)."""
+    abar_all = np.cumprod(1.0 - betas)
+    mean, var = start
+    for i in range(len(kept) - 1, -1, -1):
+        abar, abar_prev = abar_all[kept[i]], (abar_all[kept[i - 1]] if i > 0 else 1.0)
+        # eps_hat = e1 x + e0 (E[eps | x_t] for Gaussian data); x0_hat = (x - sqrt(1-a) eps)/sqrt(a)
+        e1 = np.sqrt(1 - abar) / (abar * s**2 + 1 - abar)
+        e0 = -e1 * np.sqrt(abar) * mu
+        x0_1 = (1 - np.sqrt(1 - abar) * e1) / np.sqrt(abar)
+        x0_0 = -np.sqrt(1 - abar) * e0 / np.sqrt(abar)
+        beta = 1 - abar / abar_prev
+        if sampler == "ddpm":  # fixedsmall: posterior mean and beta~
+            c_x0 = np.sqrt(abar_prev) * beta / (1 - abar)
+            c_x = np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+            noise_var = (1 - abar_prev) / (1 - abar) * beta
+            a1, a0 = c_x0 * x0_1 + c_x, c_x0 * x0_0
+        else:
+            noise_var = eta**2 * (1 - abar_prev) / (1 - abar) * beta
+            k = np.sqrt(1 - abar_prev - noise_var)
+            a1 = np.sqrt(abar_prev) * x0_1 + k * e1
+            a0 = np.sqrt(abar_prev) * x0_0 + k * e0
+        mean, var = a1 * mean + a0, a1**2 * var + (noise_var if i > 0 else 0.0)
+    return mean, var

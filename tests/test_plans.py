@@ -95,3 +95,15 @@ def test_dpm_solver_order_rules_warm_up_and_lower_order_final():
 def test_bad_solver_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plans.make_plan(Schedule.from_betas(scaled_linear(T)), **kwargs)
+
+
+def test_a_plan_started_part_way_keeps_the_spaced_timesteps_below_its_start():
+    schedule = Schedule.from_betas(scaled_linear(1000))
+    plan = plans.make_plan(schedule, steps=10, start_t=500)
+    full = np.round(np.linspace(0, 999, 10)).astype(int)
+    np.testing.assert_array_equal(plan.timesteps, np.append(full[full < 500], 500))
+    abar = np.cumprod(1.0 - scaled_linear(1000))
+    np.testing.assert_allclose(plan.schedule.alphas_cumprod, abar[np.asarray(plan.timesteps)],
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="start_t"):
+        plans.make_plan(schedule, start_t=1000)

@@ -22,7 +22,7 @@ from ddpm_jax import sampling, training
 from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from multihost import run_on_two_hosts
-from reference import scaled_linear
+from reference import gaussian_chain_law, scaled_linear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 50
@@ -383,33 +383,6 @@ def test_point_mass_marginals_are_the_forward_marginals():
         assert abs(standardized.mean()) < 0.05 and abs(standardized.std() - 1) < 0.05, t
 
 
-def _gaussian_chain_law(betas, kept, mu, s, sampler, eta=0.0):
-    """Exact mean and variance of the chain's output for data N(mu, s^2) with the optimal eps
-    and no clipping: every step is affine in x_t plus Gaussian noise, so iterate the moments."""
-    abar_all = np.cumprod(1.0 - betas)
-    mean, var = 0.0, 1.0
-    for i in range(len(kept) - 1, -1, -1):
-        abar, abar_prev = abar_all[kept[i]], (abar_all[kept[i - 1]] if i > 0 else 1.0)
-        # eps_hat = e1 x + e0 (E[eps | x_t] for Gaussian data); x0_hat = (x - sqrt(1-a) eps)/sqrt(a)
-        e1 = np.sqrt(1 - abar) / (abar * s**2 + 1 - abar)
-        e0 = -e1 * np.sqrt(abar) * mu
-        x0_1 = (1 - np.sqrt(1 - abar) * e1) / np.sqrt(abar)
-        x0_0 = -np.sqrt(1 - abar) * e0 / np.sqrt(abar)
-        beta = 1 - abar / abar_prev
-        if sampler == "ddpm":  # fixedsmall: posterior mean and beta~
-            c_x0 = np.sqrt(abar_prev) * beta / (1 - abar)
-            c_x = np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
-            noise_var = (1 - abar_prev) / (1 - abar) * beta
-            a1, a0 = c_x0 * x0_1 + c_x, c_x0 * x0_0
-        else:
-            noise_var = eta**2 * (1 - abar_prev) / (1 - abar) * beta
-            k = np.sqrt(1 - abar_prev - noise_var)
-            a1 = np.sqrt(abar_prev) * x0_1 + k * e1
-            a0 = np.sqrt(abar_prev) * x0_0 + k * e0
-        mean, var = a1 * mean + a0, a1**2 * var + (noise_var if i > 0 else 0.0)
-    return mean, var
-
-
 @pytest.mark.parametrize("sampler, steps, kept, data_tol", [
     ("ddpm", None, np.arange(1000), 0.005),
     ("ddim", None, np.arange(1000), 0.005),
@@ -429,7 +402,7 @@ def test_gaussian_data_samples_match_theory(sampler, steps, kept, data_tol):
     out = sample(eps_fn, schedule, (512, 4, 4, 1), jax.random.key(8), steps=steps,
                  clip_denoised=False, **options)
     x = np.asarray(out["images"], np.float64).ravel()
-    mean, var = _gaussian_chain_law(betas, kept, mu, s, sampler)
+    mean, var = gaussian_chain_law(betas, kept, mu, s, sampler)
     # The chain's law is near the data's (exactly so as the steps grow) ...
     assert abs(mean - mu) < data_tol and abs(np.sqrt(var) - s) < data_tol, (mean, np.sqrt(var))
     # ... and the samples follow it: 8192 draws, 5 standard errors.
