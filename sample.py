@@ -5,6 +5,14 @@
     python sample.py --workdir runs/digits --sampler dpm++ --steps 20 [--order 2] [--spacing logsnr]
     python sample.py --diffusers_dir PATH --num_samples 16 --batch_size 16 --out cifar.png
     python sample.py --workdir runs/digits_cond --labels balanced --guidance 1.0  # num_classes runs
+    python sample.py --workdir runs/digits --inpaint x.npz --mask m.png --steps 250 --out fill.png
+    python sample.py --workdir runs/digits --sdedit x.png --strength 0.5 --sampler ddim --steps 50
+    python sample.py --workdir runs/digits --encode x.npz --steps 100 --out recon.png
+    python sample.py --workdir runs/digits --interpolate a.png,b.png --lambdas 9 [--ddim_latent]
+    python sample.py --workdir runs/digits --progressive 100 --num_samples 8
+
+The editing jobs (ddpm_jax/edit_jobs.py) write a grid of (input, output) pairs and the outputs
+to the .npz ('images'; --encode adds 'latents', --progressive adds 'progressive').
 
 Unset sampler flags take the run's config.sampling (--workdir) or the paper's settings
 (--diffusers_dir). The chain is compiled once per (batch shape, steps) and reused for every
@@ -20,6 +28,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from ddpm_jax import edit_jobs
 from ddpm_jax.cli import (check_output_path, check_solver_flags, drop_closed_event_loop_noise,
                           parse_steps)
 from ddpm_jax.diffusion import VAR_TYPES
@@ -77,10 +86,12 @@ flags.DEFINE_integer("tile_px", 64, "Each grid tile is upscaled (nearest) to at 
 flags.DEFINE_integer("max_grid_tiles", 100, "The grid shows the first N images; every image "
                      "goes to the .npz.", lower_bound=1)
 flags.mark_flags_as_mutual_exclusive(["workdir", "diffusers_dir"], required=True)
+edit_jobs.define_flags()
 
 
-def _check_flags() -> Any:
-    """The checks that need no weights, before anything is loaded; returns the parsed --labels."""
+def _check_flags() -> tuple[Any, str | None]:
+    """The checks that need no weights, before anything is loaded; returns the parsed --labels
+    and the editing mode (None: plain sampling)."""
     if FLAGS.workdir is not None:
         if not os.path.isdir(FLAGS.workdir):
             raise app.UsageError(f"--workdir={FLAGS.workdir} does not exist; train into it with "
@@ -96,9 +107,10 @@ def _check_flags() -> Any:
         classes = check_label_text(FLAGS.labels, "--labels")
         check_labels_and_guidance(classes, FLAGS.guidance, labels_name="--labels",
                                   guidance_name="--guidance", class_lists=True)
+        mode = edit_jobs.check_flags(FLAGS)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    return classes
+    return classes, mode
 
 
 def _load() -> tuple[Any, Any, Any]:
@@ -119,7 +131,7 @@ def _load() -> tuple[Any, Any, Any]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
-    classes = _check_flags()
+    classes, mode = _check_flags()
     drop_closed_event_loop_noise()
 
     import jax
@@ -148,6 +160,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--batch_size={batch_size} must be a multiple of the "
                              f"{num_devices} devices.")
     # No bigger a batch than the samples need (rounded up to whole devices).
+    edit_batch = batch_size  # editing jobs batch their input images, not --num_samples
     batch_size = min(batch_size, round_up_to_devices(FLAGS.num_samples, num_devices))
     try:  # NumPy only: bad values fail here, before any compile.
         sampler = make_sampler(ModelApply(model), config_lib.schedule_from_config(config),
@@ -164,6 +177,9 @@ def main(argv: list[str]) -> None:
                  batch_size, "" if labels is None else
                  f", labels {FLAGS.labels}" + (f", guidance {FLAGS.guidance}"
                                                if FLAGS.guidance is not None else ""))
+    if mode is not None:
+        _edit(mode, model, params, config, options, edit_batch)
+        return
     images = draw_images(sampler, params, jax.random.key(FLAGS.seed), FLAGS.num_samples,
                          labels=labels, desc="batches")
     if jax.process_index() == 0:
@@ -171,6 +187,35 @@ def main(argv: list[str]) -> None:
         npz_path = save_samples(images, FLAGS.out, labels, nrow=FLAGS.nrow,
                                 tile_px=FLAGS.tile_px, max_tiles=FLAGS.max_grid_tiles)
         logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, images.shape)
+
+
+
+def _edit(mode: str, model: Any, params: Any, config: Any, options: dict, batch_size: int) -> None:
+    """Runs an editing job (edit_jobs) and writes its grid and .npz."""
+    import jax
+    import numpy as np
+
+    from ddpm_jax import config as config_lib
+    from ddpm_jax.images import save_image_grid
+    from ddpm_jax.parallel import make_mesh
+    from ddpm_jax.sampling import ModelApply
+
+    if jax.process_count() > 1:
+        raise app.UsageError(f"--{mode} runs on one host; start sample.py on a single process.")
+    try:
+        result = edit_jobs.run(mode, FLAGS, model_apply=ModelApply(model), params=params,
+                               schedule=config_lib.schedule_from_config(config),
+                               image_shape=config_lib.image_shape(config), options=options,
+                               batch_size=batch_size, key=jax.random.key(FLAGS.seed),
+                               mesh=make_mesh() if jax.device_count() > 1 else None)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    npz_path = FLAGS.out[:-len(".png")] + ".npz"
+    np.savez(npz_path, images=result.images, **result.extra)
+    save_image_grid(result.grid, FLAGS.out, nrow=FLAGS.nrow or result.nrow, tile_px=FLAGS.tile_px,
+                    max_tiles=FLAGS.max_grid_tiles)
+    logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, result.images.shape)
 
 
 if __name__ == "__main__":
