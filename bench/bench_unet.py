@@ -95,8 +95,8 @@ def lower_sampler(sampler: sampling.Sampler, params: Any) -> Any:
     """The executable `sampler(params, key)` runs, lowered (for XLA's cost and memory analysis)."""
     return sampling._chain_jit(True).lower(sampler.apply_fn, params, sampler.plan,
                                            jax.random.key(0), jnp.int32(0), None,
-                                           jnp.float32(sampler.guidance), None, None,
-                                           **sampler.static)
+                                           jnp.float32(sampler.guidance), None, None, None,
+                                           jnp.float32(0.0), **sampler.static)
 
 
 # ----------------------------------------------------------------------------- FLOP limit

@@ -1,7 +1,8 @@
 """Every knob once, with the official CIFAR-10 values; experiment files override a few fields.
 
 `config.model` holds exactly the keyword arguments of `ddpm_jax.models.unet.UNet` except `dtype`
-(from training.compute_dtype); `ddpm_jax.config.model_from_config` builds the module and fills
+(from training.compute_dtype), plus `kind` (the UNet, or the noise-conditional classifier built
+from its down path); `ddpm_jax.config.model_from_config` builds the module and fills
 `out_channels`. `ddpm_jax.config.validate` checks every value at start-up.
 """
 
@@ -23,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
         remat=False,                  # recompute block activations in the backward pass (memory)
         resamp_with_conv=True,        # strided-conv down / conv-after-nearest up (else avg-pool / none)
         num_groups=32,                # GroupNorm groups; every level's channels must divide by it
+        kind="unet",                  # unet: the denoiser | classifier: p(y | x_t, t) for classifier
+                                      # guidance (the UNet's down path + middle + a pooled head,
+                                      # num_classes outputs, trained with cross-entropy)
     )
 
     config.diffusion = dict(

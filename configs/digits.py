@@ -6,9 +6,10 @@ quality"): native 8x8 instead of 16x16 (4x fewer pixels per step), two res block
 attention at 4x4, batch 64, a larger learning rate than the paper's, and an EMA that ramps up
 (`ema_warmup`) so a short run's average does not keep its random initialisation.
 
-Variants: `configs/digits.py:tiny` (seconds, for tests) and `configs/digits.py:16px` (the
+Variants: `configs/digits.py:tiny` (seconds, for tests), `configs/digits.py:16px` (the
 previous default: the digits upsampled to 16x16, one res block per level, 2,000 steps at
-batch 32).
+batch 32), `configs/digits.py:classifier` (the noise-conditional classifier for classifier
+guidance; `classifier_tiny` for tests).
 """
 
 import ml_collections
@@ -44,7 +45,27 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.eval.bpd_batch_size = 64
     if variant == "16px":
         _previous_default(config)
-    return base.with_variant(config, variant, "digits", handled=("16px",))
+    if variant in ("classifier", "classifier_tiny"):
+        _classifier(config, tiny=variant == "classifier_tiny")
+    return base.with_variant(config, variant, "digits",
+                             handled=("16px", "classifier", "classifier_tiny"))
+
+
+def _classifier(config: ml_collections.ConfigDict, tiny: bool) -> None:
+    """The noise-conditional digits classifier p(y | x_t, t) for classifier guidance of the
+    default run: its down path and middle (same ch, ch_mult, blocks), a pooled head, 10 classes,
+    trained with cross-entropy on x_t at uniform t by the same loop."""
+    config.model.kind = "classifier"
+    config.model.num_classes = 10
+    config.training.label_dropout = 0.0
+    config.training.num_sample_images = 0
+    config.training.num_steps = 1000
+    config.training.lr = 1e-3
+    config.training.ema_decay = 0.99
+    config.training.checkpoint_every = 500
+    if tiny:
+        base.make_tiny(config)
+        config.training.num_sample_images = 0
 
 
 def _previous_default(config: ml_collections.ConfigDict) -> None:

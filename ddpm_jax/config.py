@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from ddpm_jax import training as training_lib
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
-from ddpm_jax.models.unet import UNet, check_architecture
+from ddpm_jax.models.unet import NoisyClassifier, UNet, check_architecture
 from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS, space_timesteps
 from ddpm_jax.sampling import SAMPLERS
 from ddpm_jax.schedule import SCHEDULES, Schedule
@@ -27,7 +27,8 @@ LEARNED_VAR_TYPES = ("learned", "learned_range")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval")
 MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_channels",
-                "num_classes", "remat", "resamp_with_conv", "num_groups")
+                "num_classes", "remat", "resamp_with_conv", "num_groups", "kind")
+MODEL_KINDS = ("unet", "classifier")
 
 
 class ConfigError(ValueError):
@@ -146,7 +147,15 @@ def validate(config: Any) -> None:
     attn_resolutions = model.int_tuple("attn_resolutions", 1, nonempty=False)
     model.number("dropout", 0.0, 1.0, high_open=True)
     out_channels = model.integer("out_channels", 1, optional=True)
-    model.integer("num_classes", 1, optional=True)
+    num_classes = model.integer("num_classes", 1, optional=True)
+    if model_kind(config) not in MODEL_KINDS:
+        raise model.fail("kind", f"use one of {MODEL_KINDS}")
+    if model_kind(config) == "classifier":
+        if num_classes is None:
+            raise model.fail("num_classes", "kind='classifier' predicts num_classes classes: set "
+                             "it (10 for digits)")
+        if out_channels is not None:
+            raise model.fail("out_channels", "a classifier outputs num_classes logits: leave it None")
     model.boolean("remat")
     model.boolean("resamp_with_conv")
     num_groups = model.integer("num_groups", 1)
@@ -231,17 +240,35 @@ def validate(config: Any) -> None:
                               evaluation.number("guidance", 0.0, inf, optional=True),
                               config.model.num_classes, labels_name="config.eval.labels",
                               guidance_name="config.eval.guidance")
+    if model_kind(config) == "classifier":
+        for checker, field, why in ((training, "label_dropout", "labels are its targets"),
+                                    (training, "num_sample_images", "it draws no samples"),
+                                    (evaluation, "every_steps", "evaluation scores samples")):
+            if checker.get(field):
+                raise checker.fail(field, f"set it to 0 for model.kind='classifier' ({why})")
     evaluation.choice("bpd_split", ("train", "test"))
     evaluation.integer("bpd_num_images", 1, optional=True)
     evaluation.integer("bpd_batch_size", 1)
 
 
+def model_kind(config: Any) -> str:
+    """config.model.kind: 'unet' (the denoiser; also configs saved before the field) or
+    'classifier'."""
+    return config.model.get("kind", "unet")
+
+
 def model_from_config(config: Any) -> UNet:
     """The UNet of a (validated) config: out_channels from data.channels and diffusion.var_type,
-    dtype from training.compute_dtype."""
+    dtype from training.compute_dtype; kind 'classifier': the NoisyClassifier with num_classes
+    outputs."""
     kwargs = dict(config.model)
+    kind = kwargs.pop("kind", "unet")
     kwargs["ch_mult"] = tuple(kwargs["ch_mult"])
     kwargs["attn_resolutions"] = tuple(kwargs["attn_resolutions"])
+    if kind == "classifier":
+        classes = kwargs.pop("num_classes")
+        return NoisyClassifier(**kwargs, classes=classes,
+                               dtype=COMPUTE_DTYPES[config.training.compute_dtype])
     if kwargs.get("out_channels") is None:
         learned = config.diffusion.var_type in LEARNED_VAR_TYPES
         kwargs["out_channels"] = config.data.channels * (2 if learned else 1)
@@ -273,7 +300,8 @@ def step_kwargs(config: Any, model: Any) -> dict[str, Any]:
                 mean_type=d.mean_type,
                 var_type=d.var_type, loss_type=d.loss_type,
                 use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,
-                microbatches=t.microbatches)
+                microbatches=t.microbatches,
+                objective="classify" if model_kind(config) == "classifier" else "denoise")
 
 
 def sampler_options(config: Any, **overrides: Any) -> dict[str, Any]:

@@ -200,7 +200,8 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
     k = t.steps_per_dispatch
     is_main = jax.process_index() == 0
     warn_if_remat_cannot_save_memory(config)
-    if config.model.num_classes is not None and t.label_dropout == 0.0:
+    if (config.model.num_classes is not None and t.label_dropout == 0.0
+            and config_lib.model_kind(config) == "unet"):
         logging.warning("model.num_classes=%d with training.label_dropout=0: the null label is "
                         "never trained, yet the sample grids, sample.py and evaluation draw with "
                         "it (unconditional). Set training.label_dropout > 0 (0.1 is usual).",

@@ -92,15 +92,19 @@ def row_keys(key: Array, rows: Array) -> tuple[Array, Array]:
 
 def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
                    example_offset: Array, labels: Array | None, guidance: Array,
-                   init: Array | None, rows: Array | None, *,
+                   init: Array | None, rows: Array | None, classifier_params: Any,
+                   classifier_scale: Array, *,
                    shape: tuple[int, ...], sampler: str, mean_type: str, var_type: str,
                    clip_denoised: bool, threshold: float | None, return_every: int | None,
                    progressive: tuple[str, ...], unroll: int, guided: bool,
-                   mesh: Mesh | None, start: str = "noise") -> dict[str, Array]:
+                   mesh: Mesh | None, start: str = "noise",
+                   classifier: ApplyFn | None = None) -> dict[str, Array]:
     batch, image_shape = shape[0], shape[1:]
     channels = image_shape[-1]
-    model_out = guided_model(apply_fn, params, labels, guidance, channels=channels, guided=guided,
-                             mesh=mesh)
+    # With a classifier the labels are its targets; the model sees them only if conditional.
+    conditional = classifier is None or getattr(apply_fn, "null_label", None) is not None
+    model_out = guided_model(apply_fn, params, labels if conditional else None, guidance,
+                             channels=channels, guided=guided, mesh=mesh)
     if rows is None:
         rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
     init_keys, step_keys = row_keys(key, _constrain(rows, mesh, PartitionSpec(DATA_AXIS)))
@@ -133,6 +137,10 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
             if sampler == "ddpm" and mean_type != "xprev":
                 out["mean"] = q_posterior_mean_variance(plan.schedule, x0=out["pred_x0"], x_t=x_t,
                                                         t=index)[0]
+        if classifier is not None:
+            out = classifier_guidance(out, classifier, classifier_params, classifier_scale,
+                                      labels, plan.schedule, x_t=x_t, t=t, index=index,
+                                      sampler=sampler)
         if sampler == "dpm++":
             # No noise: the probability-flow ODE. history[k] is x0_hat of the (k+1)-th step back.
             weights = per_step["dpm_x0"]
@@ -176,8 +184,36 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
     return result
 
 
+def classifier_log_prob_grad(classifier: ApplyFn, classifier_params: Any, x_t: Array, t: Array,
+                             labels: Array) -> Array:
+    """grad_x log p(y | x_t, t) of a classifier `(params, x_t, t) -> logits [B, K]`, per row
+    (the rows' log-probabilities are independent, so the gradient of their sum is each row's).
+    x_t: [B, H, W, C]; t, labels: [B] int. Returns [B, H, W, C] float32."""
+    def total(x: Array) -> Array:
+        log_probs = jax.nn.log_softmax(classifier(classifier_params, x, t).astype(jnp.float32))
+        return jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+    return jax.grad(total)(x_t)
+
+
+def classifier_guidance(out: dict[str, Array], classifier: ApplyFn, classifier_params: Any,
+                        scale: Array, labels: Array, schedule: Schedule, *, x_t: Array, t: Array,
+                        index: Array, sampler: str) -> dict[str, Array]:
+    """Classifier guidance (Dhariwal & Nichol 2021) of one step's `p_mean_variance` output, with
+    g = grad_x log p(y | x_t, t): ancestral steps shift the mean, mu + s Sigma g (their Alg. 1);
+    DDIM and DPM-Solver++ use eps - s sqrt(1 - abar_t) g (Alg. 2), i.e. x0_hat + s (1 - abar_t)
+    / sqrt(abar_t) g. t: the original timesteps (the classifier's); index: the chain's."""
+    grad = classifier_log_prob_grad(classifier, classifier_params, x_t, t, labels)
+    out = dict(out)
+    if sampler == "ddpm":
+        out["mean"] = out["mean"] + scale * jnp.exp(out["log_variance"]) * grad
+    else:
+        abar = jnp.take(schedule.alphas_cumprod, index)[:, None, None, None]
+        out["pred_x0"] = out["pred_x0"] + scale * (1.0 - abar) / jnp.sqrt(abar) * grad
+    return out
+
+
 _STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "threshold",
-           "return_every", "progressive", "unroll", "guided", "mesh", "start")
+           "return_every", "progressive", "unroll", "guided", "mesh", "start", "classifier")
 STARTS = ("noise", "x_t", "q_x0")
 
 
@@ -245,6 +281,21 @@ class ModelApply:
         return getattr(self.model, "num_classes", None)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassifierApply:
+    """`(params, x_t, t) -> logits [B, K]` of a noise-conditional classifier (`NoisyClassifier`)
+    for classifier guidance; equal models give equal, cache-sharing functions."""
+
+    model: Any
+
+    def __call__(self, params: Any, x_t: Array, t: Array) -> Array:
+        return self.model.apply({"params": params}, x_t, t, train=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.classes
+
+
 def model_denoise_fn(model: Any, params: Any, y: Array | None = None) -> DenoiseFn:
     """`denoise_fn(x_t, t)` of a Flax model with bound `params` (and class labels y: [B])."""
     return lambda x_t, t: model.apply({"params": params}, x_t, t, y, train=False)
@@ -257,15 +308,18 @@ class Sampler:
     mesh, params are replicated and every output is sharded over the batch ("data" axis).
     """
 
-    def __init__(self, apply_fn: ApplyFn, plan: SamplingPlan, guidance: float = 0.0, **static: Any):
+    def __init__(self, apply_fn: ApplyFn, plan: SamplingPlan, guidance: float = 0.0,
+                 classifier_scale: float = 0.0, **static: Any):
         self.apply_fn, self.plan, self.static = apply_fn, plan, static
         self.guidance = float(guidance)
+        self.classifier_scale = float(classifier_scale)
         self.timesteps = (None if static["return_every"] is None else np.asarray(
                 plan.timesteps)[progressive_indices(plan.num_steps, static["return_every"])])
 
     def __call__(self, params: Any, key: Array, example_offset: int | Array = 0,
                  labels: Array | np.ndarray | None = None, *, init: Array | None = None,
-                 start: str = "noise", rows: Array | np.ndarray | None = None) -> dict[str, Array]:
+                 start: str = "noise", rows: Array | np.ndarray | None = None,
+                 classifier_params: Any = None) -> dict[str, Array]:
         """params: the model's; key: PRNG key; example_offset: global index of row 0; labels:
         [B] int class labels of the rows (a class-conditional apply_fn such as `ModelApply` of
         a UNet with num_classes; None: the unconditional call, the null label).
@@ -274,7 +328,8 @@ class Sampler:
         N(0, I); "x_t" takes `init` [B, H, W, C] as it is (decoding latents); "q_x0" draws it from
         q(x_t | x0 = init) with init in [-1, 1] (SDEdit; see `make_sampler`'s start_t). rows: [B]
         int, the global index n of each row's randomness (default example_offset + 0..B-1);
-        rows that share n share their noise.
+        rows that share n share their noise. classifier_params: the guiding classifier's, for a
+        sampler made with `classifier=` (then labels [B] are the classes to guide towards).
 
         Returns images [B, H, W, C] (the final mean; in [-1, 1] when clip_denoised) and, with
         return_every, `pred_x0` / `x_t` [K, B, H, W, C] in chain order plus
@@ -296,12 +351,17 @@ class Sampler:
             if tuple(np.shape(rows)) != shape[:1]:
                 raise ValueError(f"rows must be [{shape[0]}] ints; got shape {np.shape(rows)}.")
             rows = jnp.asarray(rows, dtype=jnp.int32)
+        if (classifier_params is None) != (self.static["classifier"] is None):
+            raise ValueError("Pass classifier_params exactly when the sampler was made with a "
+                             "classifier (make_sampler(..., classifier=ClassifierApply(model))).")
         plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
-        guidance = jnp.float32(self.guidance)
+        guidance, scale = jnp.float32(self.guidance), jnp.float32(self.classifier_scale)
         if self.static["mesh"] is not None:
-            params, plan, key, offset, labels, guidance = replicate(
-                    (params, plan, key, offset, labels, guidance), self.static["mesh"])
-        args = (self.apply_fn, params, plan, key, offset, labels, guidance, init, rows)
+            params, plan, key, offset, labels, guidance, classifier_params, scale = replicate(
+                    (params, plan, key, offset, labels, guidance, classifier_params, scale),
+                    self.static["mesh"])
+        args = (self.apply_fn, params, plan, key, offset, labels, guidance, init, rows,
+                classifier_params, scale)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
         try:
             result = _chain_jit(not traced)(*args, **self.static, start=start)
@@ -316,8 +376,9 @@ class Sampler:
     def _check_labels(self, labels: Any) -> Array | None:
         """labels as int32 [B], after the checks that can name the problem."""
         null = getattr(self.apply_fn, "null_label", None)
+        classifier = self.static["classifier"]
         if labels is None:
-            if self.static["guided"]:
+            if self.static["guided"] or classifier is not None:
                 raise ValueError("This sampler was built with guidance: pass labels [B], the "
                                  "classes to guide towards.")
             return None
@@ -330,7 +391,12 @@ class Sampler:
         if values.shape != (batch,) or not np.issubdtype(values.dtype, np.integer):
             raise ValueError(f"labels must be {batch} integers (one per row); got "
                              f"{values.dtype} {values.shape}.")
-        if isinstance(self.apply_fn, ModelApply) and null is None:
+        if classifier is not None:
+            classes = getattr(classifier, "num_classes", None)
+            if classes is not None and (values.min() < 0 or values.max() >= classes):
+                raise ValueError(f"labels must lie in 0..{classes - 1}, the classifier's classes; "
+                                 f"got {values.min()}..{values.max()}.")
+        elif isinstance(self.apply_fn, ModelApply) and null is None:
             raise ValueError("Got labels, but the model is unconditional (num_classes=None); sample "
                              "without labels, or train with model.num_classes set.")
         if null is not None and (values.min() < 0 or values.max() > null):
@@ -349,11 +415,11 @@ def balanced_labels(apply_fn: ApplyFn, num_samples: int) -> np.ndarray:
 
 def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,
                 labels: Sequence[int] | np.ndarray | None = None, progress: bool = True,
-                desc: str = "sampling") -> np.ndarray:
+                desc: str = "sampling", classifier_params: Any = None) -> np.ndarray:
     """num_samples images as uint8 [N, H, W, C] on every process, by calling `sampler` on
     consecutive batches (image n depends only on (key, n) and labels[n], whatever the batch size
-    or device count); labels: [N] class of each image (class-conditional samplers; every process
-    passes the same). A tqdm bar counts batches on process 0 when progress is set."""
+    or device count); labels: [N] class of each image (class-conditional or classifier-guided
+    samplers; every process passes the same); classifier_params: a classifier-guided sampler's. A tqdm bar counts batches on process 0 when progress is set."""
     batch = sampler.static["shape"][0]
     num_batches = -(-num_samples // batch)
     if labels is not None:
@@ -366,7 +432,8 @@ def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,
     out = []
     for b in tqdm(range(num_batches), desc=desc, disable=not progress or jax.process_index() != 0):
         rows = None if labels is None else labels[b * batch:(b + 1) * batch]
-        out.append(to_uint8(gather_to_host(sampler(params, key, b * batch, rows)["images"])))
+        out.append(to_uint8(gather_to_host(sampler(params, key, b * batch, rows,
+                                                   classifier_params=classifier_params)["images"])))
     return np.concatenate(out)[:num_samples]
 
 
@@ -377,6 +444,7 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                  threshold: float | None = None, return_every: int | None = None,
                  progressive: Sequence[str] = ("pred_x0",), unroll: int = 1,
                  guidance: float | None = None, start_t: int | None = None,
+                 classifier: ApplyFn | None = None, classifier_scale: float = 0.0,
                  mesh: Mesh | None = None) -> Sampler:
     """Builds a sampler compiled once per (apply_fn, shape, number of steps, options).
 
@@ -398,7 +466,10 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     start_t: the chain starts at this original timestep (0-based) instead of T-1: the steps'
     timesteps below it plus start_t itself (SDEdit, interpolation at a step; the plan's
     coefficients are computed for the shortened chain). mesh: a Mesh with a "data" axis to shard
-    the batch over (B divisible by its size).
+    the batch over (B divisible by its size). classifier: a noise-conditional classifier
+    `(params, x_t, t) -> logits` (`ClassifierApply(NoisyClassifier)`) for classifier guidance
+    of scale `classifier_scale` >= 0 towards the call's labels (`classifier_guidance`); its
+    params come with each call, like the model's.
     """
     progressive = tuple(progressive)
     if guidance is not None:
@@ -419,9 +490,14 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                          f"{threshold!r}.")
     if sampler == "dpm++" and order is None:
         order = 2
+    if not classifier_scale >= 0.0:
+        raise ValueError(f"classifier_scale must be >= 0; got {classifier_scale!r}.")
+    if classifier_scale and classifier is None:
+        raise ValueError("classifier_scale needs a classifier (make_sampler(..., classifier=...)).")
     plan = make_plan(schedule, steps=steps, eta=eta, spacing=spacing, order=order,
                      start_t=start_t)
-    return Sampler(apply_fn, plan, guidance or 0.0, shape=tuple(int(s) for s in shape),
+    return Sampler(apply_fn, plan, guidance or 0.0, classifier_scale,
+                   classifier=classifier, shape=tuple(int(s) for s in shape),
                    sampler=sampler, mean_type=mean_type, var_type=var_type,
                    clip_denoised=bool(clip_denoised),
                    threshold=None if threshold is None else float(threshold),

@@ -177,7 +177,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
                loss_type: str = "mse", hybrid_lambda: float = 1e-3,
                use_labels: bool = False, label_dropout: float = 0.0,
                microbatches: int = 1,
-               unroll_microbatches: bool | None = None) -> tuple[TrainState, Metrics]:
+               unroll_microbatches: bool | None = None,
+               objective: str = "denoise") -> tuple[TrainState, Metrics]:
     """One optimizer step: (state, batch, schedule) -> (state, metrics).
 
     The schedule is an argument (data), not a constant, so that jit's cache can be shared by
@@ -198,12 +199,18 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     and the non-finite counters go up; otherwise nonfinite_in_a_row resets to 0.
     Metrics: a flat dict of float32 / int32 scalars (loss and its terms averaged over the batch,
     grad_norm before clipping, lr, nonfinite counters).
+    objective="classify" trains a noise-conditional classifier instead (`model` returns logits
+    [B, K] of x_t ~ q(x_t | x0) at the same uniform t; labels as given, never dropped): loss is
+    the cross-entropy, with `accuracy` and `accuracy_t{0,1,2}`, the accuracy in the low, middle
+    and high third of t (the batch's share of each third weighs it; 0 when a third is empty).
     """
     x0 = batch["image"]
     step_rng = jax.random.fold_in(state.rng, state.step)
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
     labels = None
-    if use_labels:
+    if objective == "classify":
+        labels = batch["label"]
+    elif use_labels:
         labels = drop_labels(batch["label"], jax.random.fold_in(step_rng, 3), label_dropout,
                              model.num_classes)
     t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
@@ -211,6 +218,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
 
     def loss_fn(params: PyTree, x0: Array, t: Array, noise: Array, labels: Array | None,
                 dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
+        if objective == "classify":
+            return _classifier_loss(model, params, schedule, x0, t, noise, labels, dropout_rng)
         denoise_fn = _model_denoise_fn(model, params, labels, dropout_rng)
         terms = diffusion.training_losses(schedule, denoise_fn, x0=x0, t=t, noise=noise,
                                           mean_type=mean_type, var_type=var_type,
@@ -250,6 +259,23 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
                    nonfinite_in_a_row=new_state.nonfinite_in_a_row,
                    nonfinite_total=new_state.nonfinite_total)
     return new_state, metrics
+
+
+def _classifier_loss(model: nn.Module, params: PyTree, schedule: Schedule, x0: Array, t: Array,
+                     noise: Array, labels: Array, dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
+    """Cross-entropy of p(y | x_t, t) on x_t ~ q(x_t | x0), with accuracy overall and per third
+    of t (each third's correct count over the batch's rows in it)."""
+    x_t = diffusion.q_sample(schedule, x0=x0, t=t, noise=noise)
+    logits = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_rng})
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    loss = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+    correct = (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
+    terms = dict(loss=loss, accuracy=jnp.mean(correct))
+    band = jnp.minimum(3 * t // schedule.num_timesteps, 2)
+    for k in range(3):
+        rows = (band == k).astype(jnp.float32)
+        terms[f"accuracy_t{k}"] = jnp.sum(correct * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+    return loss, terms
 
 
 def train_steps(state: TrainState, batches: Batch, schedule: Schedule, *,

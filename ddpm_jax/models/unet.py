@@ -254,54 +254,14 @@ class UNet(nn.Module):
         """
         if x.ndim != 4:
             raise ValueError(f"x must be [B, H, W, C], got shape {x.shape}.")
-        batch, height, width, in_channels = x.shape
+        batch, _, _, in_channels = x.shape
         if t.shape != (batch,):
             raise ValueError(f"t must have shape [B] = ({batch},), got {t.shape}: pass one timestep per "
                              "image, e.g. jnp.full((B,), t).")
-        check_architecture(height, self.ch, self.ch_mult, self.attn_resolutions, self.num_groups)
-        check_architecture(width, self.ch, self.ch_mult, (), self.num_groups)
-        res_block_cls = RematResBlock if self.remat else ResBlock
-        attn_block_cls = RematAttnBlock if self.remat else AttnBlock
+        temb = self._embed(t, y, batch)
+        h, hs = self._encode(x, temb, train)
+        res_block, maybe_attn = self._blocks(temb, train)
         num_levels = len(self.ch_mult)
-        dtype = self.dtype
-
-        def res_block(h: Array, out_ch: int, name: str) -> Array:
-            return res_block_cls(out_ch, self.num_groups, self.dropout, not train, dtype, name=name)(h, temb)
-
-        def maybe_attn(h: Array, name: str) -> Array:
-            if h.shape[1] in self.attn_resolutions:
-                h = attn_block_cls(self.num_groups, dtype, name=name)(h)
-            return h
-
-        temb_dim = 4 * self.ch
-        temb = timestep_embedding(t, self.ch)
-        temb = nn.Dense(temb_dim, kernel_init=default_init, dtype=dtype, param_dtype=jnp.float32,
-                        name="time_dense_0")(temb)
-        temb = nn.Dense(temb_dim, kernel_init=default_init, dtype=dtype, param_dtype=jnp.float32,
-                        name="time_dense_1")(nn.swish(temb))
-        if self.num_classes is not None:
-            if y is None:
-                y = jnp.full((batch,), self.num_classes, dtype=jnp.int32)
-            if y.shape != (batch,):
-                raise ValueError(f"y must have shape [B] = ({batch},), got {y.shape}.")
-            temb = temb + nn.Embed(self.num_classes + 1, temb_dim, dtype=dtype, param_dtype=jnp.float32,
-                                   name="class_embed")(y)
-        elif y is not None:
-            raise ValueError("got class labels y but the UNet has num_classes=None: set "
-                             "model.num_classes to train a class-conditional model.")
-
-        # Down path: every intermediate output is kept as a skip connection.
-        hs = [conv(self.ch, dtype, "conv_in")(x)]
-        for level in range(num_levels):
-            for i in range(self.num_res_blocks):
-                h = res_block(hs[-1], self.ch * self.ch_mult[level], f"down_{level}_block_{i}")
-                hs.append(maybe_attn(h, f"down_{level}_attn_{i}"))
-            if level != num_levels - 1:
-                hs.append(self._downsample(hs[-1], f"down_{level}_downsample"))
-
-        h = res_block(hs[-1], hs[-1].shape[-1], "mid_block_0")
-        h = attn_block_cls(self.num_groups, dtype, name="mid_attn")(h)
-        h = res_block(h, h.shape[-1], "mid_block_1")
 
         for level in reversed(range(num_levels)):
             for i in range(self.num_res_blocks + 1):
@@ -312,10 +272,67 @@ class UNet(nn.Module):
                 h = self._upsample(h, f"up_{level}_upsample")
         assert not hs, "every skip connection must be consumed"
 
-        h = nn.swish(group_norm(h, self.num_groups, dtype, "norm_out"))
+        h = nn.swish(group_norm(h, self.num_groups, self.dtype, "norm_out"))
         out_channels = in_channels if self.out_channels is None else self.out_channels
-        h = conv(out_channels, dtype, "conv_out", kernel_init=zero_init)(h)
+        h = conv(out_channels, self.dtype, "conv_out", kernel_init=zero_init)(h)
         return h.astype(jnp.float32)
+
+    def _blocks(self, temb: Array, train: bool) -> tuple[Any, Any]:
+        """(res_block(h, out_ch, name), maybe_attn(h, name)) closures with this module's settings."""
+        res_block_cls = RematResBlock if self.remat else ResBlock
+        attn_block_cls = RematAttnBlock if self.remat else AttnBlock
+
+        def res_block(h: Array, out_ch: int, name: str) -> Array:
+            return res_block_cls(out_ch, self.num_groups, self.dropout, not train, self.dtype,
+                                 name=name)(h, temb)
+
+        def maybe_attn(h: Array, name: str) -> Array:
+            if h.shape[1] in self.attn_resolutions:
+                h = attn_block_cls(self.num_groups, self.dtype, name=name)(h)
+            return h
+        return res_block, maybe_attn
+
+    def _embed(self, t: Array, y: Array | None, batch: int) -> Array:
+        """The timestep (and class) embedding [B, 4 ch]."""
+        temb_dim = 4 * self.ch
+        temb = timestep_embedding(t, self.ch)
+        temb = nn.Dense(temb_dim, kernel_init=default_init, dtype=self.dtype, param_dtype=jnp.float32,
+                        name="time_dense_0")(temb)
+        temb = nn.Dense(temb_dim, kernel_init=default_init, dtype=self.dtype, param_dtype=jnp.float32,
+                        name="time_dense_1")(nn.swish(temb))
+        if self.num_classes is not None:
+            if y is None:
+                y = jnp.full((batch,), self.num_classes, dtype=jnp.int32)
+            if y.shape != (batch,):
+                raise ValueError(f"y must have shape [B] = ({batch},), got {y.shape}.")
+            temb = temb + nn.Embed(self.num_classes + 1, temb_dim, dtype=self.dtype,
+                                   param_dtype=jnp.float32, name="class_embed")(y)
+        elif y is not None:
+            raise ValueError("got class labels y but the UNet has num_classes=None: set "
+                             "model.num_classes to train a class-conditional model.")
+        return temb
+
+    def _encode(self, x: Array, temb: Array, train: bool) -> tuple[Array, list[Array]]:
+        """The down path and the middle: (h [B, H/2^(L-1), W/2^(L-1), C_L], the skip
+        connections of the down path)."""
+        check_architecture(x.shape[1], self.ch, self.ch_mult, self.attn_resolutions, self.num_groups)
+        check_architecture(x.shape[2], self.ch, self.ch_mult, (), self.num_groups)
+        res_block, maybe_attn = self._blocks(temb, train)
+        num_levels = len(self.ch_mult)
+        # Down path: every intermediate output is kept as a skip connection.
+        hs = [conv(self.ch, self.dtype, "conv_in")(x)]
+        for level in range(num_levels):
+            for i in range(self.num_res_blocks):
+                h = res_block(hs[-1], self.ch * self.ch_mult[level], f"down_{level}_block_{i}")
+                hs.append(maybe_attn(h, f"down_{level}_attn_{i}"))
+            if level != num_levels - 1:
+                hs.append(self._downsample(hs[-1], f"down_{level}_downsample"))
+
+        attn_block_cls = RematAttnBlock if self.remat else AttnBlock
+        h = res_block(hs[-1], hs[-1].shape[-1], "mid_block_0")
+        h = attn_block_cls(self.num_groups, self.dtype, name="mid_attn")(h)
+        h = res_block(h, h.shape[-1], "mid_block_1")
+        return h, hs
 
     def _downsample(self, x: Array, name: str) -> Array:
         """[B, H, W, C] -> [B, H/2, W/2, C]."""
@@ -331,6 +348,30 @@ class UNet(nn.Module):
         if self.resamp_with_conv:
             x = conv(x.shape[-1], self.dtype, name)(x)
         return x
+
+
+class NoisyClassifier(UNet):
+    """A noise-conditional classifier p(y | x_t, t) for classifier guidance (Dhariwal & Nichol
+    2021; guided-diffusion's EncoderUNetModel): the UNet's time embedding, down path and middle
+    (the same blocks and names), then GroupNorm, swish, a global average pool and a Dense layer
+    to `classes` logits. The UNet fields set the shape; num_classes (class conditioning) and
+    out_channels are unused and must stay None."""
+
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool) -> Array:
+        """x: [B, H, W, C] in [-1, 1] (a noisy x_t); t: [B] int (0-based) -> logits [B, classes]
+        float32. y must be None (the classifier predicts it)."""
+        if x.ndim != 4 or t.shape != (x.shape[0],):
+            raise ValueError(f"x must be [B, H, W, C] and t [B]; got {x.shape} and {t.shape}.")
+        if y is not None or self.num_classes is not None:
+            raise ValueError("a NoisyClassifier takes no class labels (num_classes=None, y=None); "
+                             "its output size is `classes`.")
+        h, _ = self._encode(x, self._embed(t, None, x.shape[0]), train)
+        h = nn.swish(group_norm(h, self.num_groups, self.dtype, "norm_out"))
+        h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+        return nn.Dense(self.classes, kernel_init=default_init, name="head")(h)
 
 
 def count_params(params: Any) -> int:
