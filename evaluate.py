@@ -58,6 +58,10 @@ flags.DEFINE_enum("labels", None, list(LABEL_MODES), "Class-conditional models: 
                   "class n mod N (default config.eval.labels).")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (needs "
                    "--labels=balanced; default config.eval.guidance).")
+flags.DEFINE_string("classifier", None, "Classifier guidance: a classifier run's work dir "
+                    "(configs/digits.py:classifier); needs --labels=balanced.")
+flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale s >= 0 (default 1); "
+                   "one scale per report.", lower_bound=0.0)
 flags.DEFINE_integer("seed", None, "PRNG seed (default config.training.seed).")
 flags.DEFINE_string("cache_dir", None, "Classifier weights and reference statistics "
                     "(default $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
@@ -102,17 +106,28 @@ def main(argv: Sequence[str]) -> None:
                 reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
                 inception_weights=FLAGS.inception_weights, seed=FLAGS.seed,
                 cache_dir=FLAGS.cache_dir, save_samples=FLAGS.save_samples, labels=FLAGS.labels,
-                guidance=FLAGS.guidance)
-        check_labels_and_guidance(options.labels, options.guidance, model.num_classes,
-                                  labels_name="--labels", guidance_name="--guidance")
+                guidance=FLAGS.guidance, classifier=FLAGS.classifier,
+                classifier_scale=FLAGS.classifier_scale)
+        if options.classifier is None:
+            check_labels_and_guidance(options.labels, options.guidance, model.num_classes,
+                                      labels_name="--labels", guidance_name="--guidance")
         cli.check_solver_flags(options.sampler, options.eta, FLAGS.order)
         evaluate.sampling_plan(config_lib.schedule_from_config(config), options)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    classifier = None
+    if options.classifier is not None:
+        try:
+            _, clf_model, clf_params = checkpoint.load_classifier(options.classifier,
+                                                                  for_config=config)
+        except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+            raise app.UsageError(" ".join(str(e).split("\n"))) from None
+        classifier = (sampling.ClassifierApply(clf_model), clf_params)
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None
     report = evaluate.run_evaluation(config, sampling.ModelApply(model), params, options,
                                      workdir=FLAGS.workdir, step=step, weights=FLAGS.weights,
-                                     mesh=mesh, progress=FLAGS.progress and jax.process_index() == 0)
+                                     mesh=mesh, progress=FLAGS.progress and jax.process_index() == 0,
+                                     classifier=classifier)
     if jax.process_index() == 0:
         for line in report["protocol"]:
             print(line)

@@ -5,6 +5,7 @@
     python sample.py --workdir runs/digits --sampler dpm++ --steps 20 [--order 2] [--spacing logsnr]
     python sample.py --diffusers_dir PATH --num_samples 16 --batch_size 16 --out cifar.png
     python sample.py --workdir runs/digits_cond --labels balanced --guidance 1.0  # num_classes runs
+    python sample.py --workdir runs/digits --classifier runs/digits-clf --labels 3,7 --classifier_scale 2
     python sample.py --workdir runs/digits --inpaint x.npz --mask m.png --steps 250 --out fill.png
     python sample.py --workdir runs/digits --sdedit x.png --strength 0.5 --sampler ddim --steps 50
     python sample.py --workdir runs/digits --encode x.npz --steps 100 --out recon.png
@@ -74,10 +75,16 @@ flags.DEFINE_string("labels", None, "Class-conditional runs (model.num_classes):
                     "to draw, 'balanced' (sample n is class n mod num_classes; 'all' is a "
                     "deprecated alias) or a comma-separated list cycled over the samples ('3' "
                     "draws only 3s). Default ('none'): the null label, i.e. the unconditional "
-                    "model that label dropout trained.")
+                    "model that label dropout trained. With --classifier: the classes the "
+                    "classifier guides towards (any model).")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 with --labels: "
                    "(1 + w) eps(x, y) - w eps(x, null); two model calls per step.",
                    lower_bound=0.0)
+flags.DEFINE_string("classifier", None, "Classifier guidance: the work dir of a noise-"
+                    "conditional classifier run (configs/digits.py:classifier); needs --labels.")
+flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale s >= 0 (default 1 with "
+                   "--classifier): mu + s Sigma grad log p(y|x_t) (ancestral), eps - s "
+                   "sqrt(1 - abar) grad log p(y|x_t) (ddim, dpm++).", lower_bound=0.0)
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("nrow", None, "Images per row of the grid (default ceil(sqrt(N))).",
                      lower_bound=1)
@@ -108,9 +115,36 @@ def _check_flags() -> tuple[Any, str | None]:
         check_labels_and_guidance(classes, FLAGS.guidance, labels_name="--labels",
                                   guidance_name="--guidance", class_lists=True)
         mode = edit_jobs.check_flags(FLAGS)
+        _check_classifier_flags(classes)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     return classes, mode
+
+
+def _check_classifier_flags(classes: Any) -> None:
+    if FLAGS.classifier_scale is not None and FLAGS.classifier is None:
+        raise ValueError("--classifier_scale needs --classifier (a classifier run's work dir).")
+    if FLAGS.classifier is None:
+        return
+    if not os.path.isdir(FLAGS.classifier):
+        raise ValueError(f"--classifier={FLAGS.classifier} does not exist; train one with "
+                         "train.py --config configs/digits.py:classifier.")
+    if classes is None:
+        raise ValueError("--classifier needs --labels: the classes to guide towards (e.g. "
+                         "--labels 3,7 or --labels balanced).")
+    if FLAGS.guidance is not None:
+        raise ValueError("--guidance (classifier-free) and --classifier are two methods; pick one.")
+
+
+def _load_classifier(config: Any) -> tuple[Any, Any]:
+    """(ClassifierApply, params) of --classifier, checked against the model's config."""
+    from ddpm_jax import checkpoint
+    from ddpm_jax.sampling import ClassifierApply
+    try:
+        _, model, params = checkpoint.load_classifier(FLAGS.classifier, for_config=config)
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+        raise app.UsageError(" ".join(str(e).split("\n"))) from None
+    return ClassifierApply(model), params
 
 
 def _load() -> tuple[Any, Any, Any]:
@@ -142,6 +176,8 @@ def main(argv: list[str]) -> None:
     from ddpm_jax.sampling import ModelApply, draw_images, make_sampler
 
     config, model, params = _load()
+    classifier, classifier_params = (None, None) if FLAGS.classifier is None else \
+        _load_classifier(config)
     num_devices = jax.device_count()
     batch_size = FLAGS.batch_size or config.sampling.batch_size
     try:  # flags over the run's config.sampling (or the paper's settings)
@@ -150,8 +186,8 @@ def main(argv: list[str]) -> None:
                 spacing=FLAGS.spacing, order=FLAGS.order, threshold=FLAGS.threshold,
                 var_type=FLAGS.var_type, clip_denoised=FLAGS.clip_denoised)
         check_solver_flags(options["sampler"], FLAGS.eta, FLAGS.order)
-        labels = sample_labels(classes, getattr(model, "num_classes", None), FLAGS.num_samples,
-                               name="--labels")
+        labels = sample_labels(classes, getattr(model, "num_classes", None) if classifier is None
+                               else classifier.num_classes, FLAGS.num_samples, name="--labels")
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if options["sampler"] != "ddim":  # a DDIM config's eta, when a flag picks another sampler
@@ -165,7 +201,10 @@ def main(argv: list[str]) -> None:
     try:  # NumPy only: bad values fail here, before any compile.
         sampler = make_sampler(ModelApply(model), config_lib.schedule_from_config(config),
                                (batch_size, *config_lib.image_shape(config)), **options,
-                               guidance=FLAGS.guidance,
+                               guidance=FLAGS.guidance, classifier=classifier,
+                               classifier_scale=(0.0 if classifier is None else
+                                                 1.0 if FLAGS.classifier_scale is None
+                                                 else FLAGS.classifier_scale),
                                mesh=make_mesh() if num_devices > 1 else None)
     except ValueError as e:
         raise app.UsageError(f"Bad sampling option (--sampler / --steps / --spacing / --order / "
@@ -176,12 +215,14 @@ def main(argv: list[str]) -> None:
                          options["sampler"], options["var_type"]) + f", {options['spacing']} spacing",
                  batch_size, "" if labels is None else
                  f", labels {FLAGS.labels}" + (f", guidance {FLAGS.guidance}"
-                                               if FLAGS.guidance is not None else ""))
+                                               if FLAGS.guidance is not None else "")
+                 + ("" if classifier is None else f", classifier {FLAGS.classifier} scale "
+                    f"{sampler.classifier_scale:g}"))
     if mode is not None:
         _edit(mode, model, params, config, options, edit_batch)
         return
     images = draw_images(sampler, params, jax.random.key(FLAGS.seed), FLAGS.num_samples,
-                         labels=labels, desc="batches")
+                         labels=labels, desc="batches", classifier_params=classifier_params)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         npz_path = save_samples(images, FLAGS.out, labels, nrow=FLAGS.nrow,

@@ -348,6 +348,29 @@ def load_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = 
 
 # ----------------------------------------------------------------------------- preemption
 
+
+def load_classifier(workdir: str, *, for_config: Any, flag: str = "--classifier"
+                    ) -> tuple[ml_collections.ConfigDict, Any, PyTree]:
+    """(config, model, EMA params) of a noise-conditional classifier run (model.kind
+    'classifier') that can guide a model of `for_config`: same image shape, same T.
+    FileNotFoundError / CheckpointError / ValueError with one line naming `flag` otherwise."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{flag}={workdir} does not exist; train one with train.py "
+                                "--config configs/digits.py:classifier.")
+    config, model, params = load_for_sampling(workdir, "ema")
+    where = f"{flag}={workdir}"
+    if config_lib.model_kind(config) != "classifier":
+        raise ValueError(f"{where} is a denoiser run (model.kind='unet'), not a classifier; "
+                         "train one with --config configs/digits.py:classifier.")
+    if config_lib.image_shape(config) != config_lib.image_shape(for_config):
+        raise ValueError(f"{where} takes {config_lib.image_shape(config)} images, the model "
+                         f"makes {config_lib.image_shape(for_config)}; train the classifier on "
+                         "the model's data and size.")
+    if config.diffusion.timesteps != for_config.diffusion.timesteps:
+        raise ValueError(f"{where} was trained on T={config.diffusion.timesteps} timesteps, the "
+                         f"model on T={for_config.diffusion.timesteps}.")
+    return config, model, params
+
 def _free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ddpm_jax import config as config_lib
 from ddpm_jax import diffusion, features, images, parallel, plans, plots, sampling, xla_cpu
-from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
+from ddpm_jax.labels import LABEL_MODES, balanced, check_labels_and_guidance
 from ddpm_jax.sampling import ApplyFn
 from ddpm_jax.schedule import Schedule
 
@@ -131,17 +131,19 @@ def bpd_summary(result: dict[str, Any]) -> dict[str, float]:
 def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, *, num_samples: int,
                      image_shape: Sequence[int], batch_size: int, key: Array,
                      mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-                     labels: np.ndarray | None = None, **sampler_options: Any) -> np.ndarray:
+                     labels: np.ndarray | None = None, classifier_params: Any = None,
+                     **sampler_options: Any) -> np.ndarray:
     """num_samples uint8 images [N, H, W, C] from `sampling.make_sampler` (sample n depends
     only on (key, n) and labels[n]). labels: [N] classes for a class-conditional apply_fn, or
     None. sampler_options: sampler, steps, eta, spacing, order, mean_type, var_type,
-    clip_denoised, threshold, guidance."""
+    clip_denoised, threshold, guidance, classifier, classifier_scale (classifier_params: the
+    guiding classifier's)."""
     batch = parallel.round_up_to_devices(min(batch_size, num_samples),
                                          1 if mesh is None else mesh.size)
     sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), mesh=mesh,
                                     **sampler_options)
     return sampling.draw_images(sampler, params, key, num_samples, labels=labels,
-                                progress=progress)
+                                progress=progress, classifier_params=classifier_params)
 
 
 # ------------------------------------------------------------------------- the protocol
@@ -173,6 +175,8 @@ class EvalOptions:
     kid_subset_size: int = 1000
     labels: str = "none"                     # none (the null label) | balanced (n mod N)
     guidance: float | None = None           # classifier-free guidance weight (labels=balanced)
+    classifier: str | None = None           # classifier guidance: a classifier run's work dir
+    classifier_scale: float | None = None   # its scale s (None: 1 with a classifier)
     seed: int = 0
     cache_dir: str | None = None
     save_samples: bool = True
@@ -191,6 +195,17 @@ class EvalOptions:
                              f"{plans.MAX_SOLVER_ORDER}.")
         config_lib.check_choice("labels", self.labels, LABEL_MODES)
         check_labels_and_guidance(self.labels, self.guidance)
+        if self.classifier_scale is not None and self.classifier is None:
+            raise ValueError("classifier_scale needs a classifier (a classifier run's work dir).")
+        if self.classifier is not None:
+            if self.labels != "balanced":
+                raise ValueError("Classifier guidance needs labels=balanced (image n asks for "
+                                 "class n mod N).")
+            if self.guidance is not None:
+                raise ValueError("guidance (classifier-free) and classifier guidance are two "
+                                 "methods; pick one.")
+            if self.classifier_scale is not None and not self.classifier_scale >= 0:
+                raise ValueError(f"classifier_scale must be >= 0; got {self.classifier_scale}.")
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> EvalOptions:
@@ -213,6 +228,10 @@ class EvalOptions:
         return cls(**defaults)
 
 
+def _classifier_scale(options: EvalOptions) -> float:
+    return 1.0 if options.classifier_scale is None else options.classifier_scale
+
+
 def _solver_order(options: EvalOptions) -> int | None:
     """The DPM-Solver++ order the sampler gets: options.order for dpm++, None otherwise."""
     return options.order if options.sampler == "dpm++" else None
@@ -233,6 +252,8 @@ def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) 
         if options.labels != "none":
             parts.append(options.labels + ("" if options.guidance is None
                                            else f"-w{options.guidance:g}"))
+        if options.classifier is not None:
+            parts.append(f"clf{_classifier_scale(options):g}")
     return "_".join(parts)
 
 
@@ -278,14 +299,20 @@ def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptio
 
 def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions,
                     schedule: Schedule, key: Array, mesh: jax.sharding.Mesh | None,
-                    progress: bool, stem: str, where: str,
-                    write: bool) -> tuple[dict[str, Any], dict[str, Any], str]:
+                    progress: bool, stem: str, where: str, write: bool,
+                    classifier: tuple[Any, Any] | None) -> tuple[dict[str, Any], dict[str, Any], str]:
     """FID / IS / KID of generated samples: (samples info, scores, protocol line)."""
     d, data_cfg = config.diffusion, config.data
     image_shape = config_lib.image_shape(config)
     # Before the reference statistics: an unconditional model fails here, not minutes later.
-    labels = (sampling.balanced_labels(apply_fn, options.num_samples)
-              if options.labels == "balanced" else None)
+    if classifier is not None:
+        labels = balanced(classifier[0].num_classes, options.num_samples)
+    else:
+        labels = (sampling.balanced_labels(apply_fn, options.num_samples)
+                  if options.labels == "balanced" else None)
+    guide = {} if classifier is None else dict(classifier=classifier[0],
+                                               classifier_scale=_classifier_scale(options),
+                                               classifier_params=classifier[1])
     net = features.make_feature_net(options.feature_net, image_size=data_cfg.image_size,
                                     inception_weights=options.inception_weights,
                                     cache_dir=options.cache_dir)
@@ -302,13 +329,15 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             labels=labels, sampler=options.sampler, steps=options.steps, eta=options.eta,
             spacing=options.spacing, order=_solver_order(options), mean_type=d.mean_type,
             var_type=var_type, clip_denoised=options.clip_denoised, threshold=options.threshold,
-            guidance=options.guidance)
+            guidance=options.guidance, **guide)
     num_steps = sampling_plan(schedule, options).num_steps
     info = dict(num_samples=options.num_samples, sampler=options.sampler, steps=num_steps,
                 eta=options.eta, spacing=options.spacing, order=_solver_order(options),
                 threshold=options.threshold, var_type=var_type, labels=options.labels,
                 guidance=options.guidance, seed=options.seed,
                 seconds=round(time.time() - start, 1))
+    if classifier is not None:
+        info.update(classifier=options.classifier, classifier_scale=_classifier_scale(options))
     scores = features.sample_quality(
             net, samples, reference, scores=tuple(m for m in options.metrics if m != "bpd"),
             is_splits=options.is_splits, kid_subsets=options.kid_subsets,
@@ -317,7 +346,15 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
               f"{e['label']} {e['mean']:.4g} +- {e['std']:.2g}" for name, e in scores.items()]
     how = {"ddim": f"eta {options.eta}", "dpm++": f"order {options.order}"}.get(
             options.sampler, f"{var_type} variance") + f", {options.spacing} spacing"
-    if labels is not None:
+    if labels is not None and net.kind == "digits":
+        # What guidance is for: the share the (clean-image) digits classifier labels as asked.
+        _, logits = features.compute_features(net, samples, progress=False)
+        info["requested_class_share"] = float(np.mean(np.argmax(logits, axis=1) == labels))
+        values.append(f"labelled as requested {100 * info['requested_class_share']:.1f}%")
+    if classifier is not None:
+        how += (f", classes n mod {classifier[0].num_classes}, classifier guidance s="
+                f"{_classifier_scale(options):g} ({options.classifier})")
+    elif labels is not None:
         how += (f", classes n mod {apply_fn.null_label}"
                 + ("" if options.guidance is None else f", guidance w={options.guidance:g}"))
     elif getattr(apply_fn, "null_label", None) is not None:
@@ -334,8 +371,10 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
 
 def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions, *,
                    workdir: str, step: int, weights: str = "ema",
-                   mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict[str, Any]:
+                   mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                   classifier: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Evaluates `params` of the run described by `config`; every process must call it.
+    classifier: (ClassifierApply, params) of options.classifier, for classifier guidance.
 
     Writes (process 0) workdir/eval/report_<...>.json; for bpd the per-t curve as .npz and
     .png beside it; for sample scores the samples as .npz and a PNG grid
@@ -367,7 +406,8 @@ def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOpt
         report["protocol"].append(line)
     if set(options.metrics) - {"bpd"}:
         report["samples"], report["scores"], line = _scores_section(
-                config, apply_fn, params, options, key=jax.random.fold_in(key, 2), **common)
+                config, apply_fn, params, options, key=jax.random.fold_in(key, 2),
+                classifier=classifier, **common)
         report["protocol"].append(line)
     for line in report["protocol"]:
         logging.info("%s", line)

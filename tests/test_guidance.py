@@ -5,6 +5,8 @@ For a two-component Gaussian mixture both the optimal noise predictor and the cl
 p(y | x_t) are closed form, so guided samples can be checked against the theory: at scale 1 the
 guided score is the conditional score, and the samples follow p(x0 | y)."""
 
+import os
+import subprocess
 import sys
 from math import erf, sqrt
 from pathlib import Path
@@ -157,19 +159,31 @@ def test_guided_samplers_refuse_missing_pieces():
         chain(None, jax.random.key(0), labels=np.array([0, 2]), classifier_params=())
 
 
-def test_the_classifier_config_trains_by_the_loop_and_reports_accuracy_per_t_band(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(classifier work dir, denoiser work dir): tiny digits runs of 30 and 1 steps."""
     from configs import digits
-    from ddpm_jax import checkpoint, data, loop, writers
+    from ddpm_jax import data, loop
 
-    data_dir = str(tmp_path / "tfds")
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
     data.prepare_dataset("digits", data_dir, image_size=8)
-    config = digits.get_config("classifier_tiny")
-    config.data.data_dir = data_dir
-    config.training.num_steps = 30
-    config.training.log_every = 10
-    config.training.checkpoint_every = 30
-    workdir = str(tmp_path / "clf")
-    loop.train_and_evaluate(config, workdir)
+    dirs = []
+    for variant, steps in (("classifier_tiny", 30), ("tiny", 1)):
+        config = digits.get_config(variant)
+        config.data.data_dir = data_dir
+        config.training.num_steps = steps
+        config.training.log_every = 10 if steps > 1 else 1
+        config.training.checkpoint_every = steps
+        config.training.num_sample_images = 0
+        dirs.append(str(tmp_path_factory.mktemp(variant)))
+        loop.train_and_evaluate(config, dirs[-1])
+    return tuple(dirs)
+
+
+def test_the_classifier_config_trains_by_the_loop_and_reports_accuracy_per_t_band(runs):
+    from ddpm_jax import checkpoint, writers
+
+    workdir = runs[0]
     records = [r for r in writers.read_metrics(workdir) if "accuracy" in r]
     assert [r["step"] for r in records] == [10, 20, 30]
     for record in records:
@@ -181,6 +195,30 @@ def test_the_classifier_config_trains_by_the_loop_and_reports_accuracy_per_t_ban
     assert isinstance(model, NoisyClassifier) and model.classes == 10
     logits = ClassifierApply(model)(params, jnp.zeros((2, 8, 8, 1)), jnp.array([0, 999]))
     assert logits.shape == (2, 10)
+
+
+def _script(name, *args):
+    return subprocess.run([sys.executable, str(REPO / name), *args], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_sample_py_guides_an_unconditional_run_with_a_classifier_run(runs, tmp_path):
+    classifier, denoiser = runs
+    out = tmp_path / "guided.png"
+    proc = _script("sample.py", "--workdir", denoiser, "--classifier", classifier, "--labels",
+                   "3,7", "--classifier_scale", "2", "--num_samples", "4", "--steps", "5",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = np.load(tmp_path / "guided.npz")
+    np.testing.assert_array_equal(written["labels"], [3, 7, 3, 7])
+    assert written["images"].shape == (4, 8, 8, 1)
+    for args, message in (
+            (("--classifier", denoiser, "--labels", "3"), "is a denoiser run"),
+            (("--classifier_scale", "2"), "--classifier_scale needs --classifier"),
+            (("--classifier", classifier), "--classifier needs --labels"),
+            (("--classifier", classifier, "--labels", "12"), "classes 0..9")):
+        proc = _script("sample.py", "--workdir", denoiser, *args, "--out", str(out))
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-1500:])
 
 
 def test_a_classifier_config_refuses_label_dropout_and_sample_grids():
