@@ -235,3 +235,16 @@ def test_a_classifier_config_refuses_label_dropout_and_sample_grids():
     with pytest.raises(ValueError, match="num_classes"):
         config_lib.validate(config)
 
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(classifier_scale=2.0), "classifier_scale needs a classifier"),
+    (dict(classifier="runs/clf"), "needs labels=balanced"),
+    (dict(classifier="runs/clf", labels="balanced", guidance=1.0), "two methods"),
+])
+def test_evaluate_options_check_classifier_guidance(changes, message):
+    from ddpm_jax.evaluate import EvalOptions
+
+    with pytest.raises(ValueError, match=message):
+        EvalOptions(**changes)
+    assert EvalOptions(classifier="runs/clf", labels="balanced").classifier_scale is None
