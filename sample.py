@@ -30,7 +30,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from ddpm_jax import edit_jobs
-from ddpm_jax.cli import (check_output_path, check_solver_flags, drop_closed_event_loop_noise,
+from ddpm_jax.cli import (check_classifier_flags, check_output_path, check_solver_flags, drop_closed_event_loop_noise,
                           parse_steps)
 from ddpm_jax.diffusion import VAR_TYPES
 from ddpm_jax.labels import check_label_text, check_labels_and_guidance, sample_labels
@@ -115,25 +115,11 @@ def _check_flags() -> tuple[Any, str | None]:
         check_labels_and_guidance(classes, FLAGS.guidance, labels_name="--labels",
                                   guidance_name="--guidance", class_lists=True)
         mode = edit_jobs.check_flags(FLAGS)
-        _check_classifier_flags(classes)
+        check_classifier_flags(FLAGS.classifier, FLAGS.classifier_scale, classes,
+                               FLAGS.guidance)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     return classes, mode
-
-
-def _check_classifier_flags(classes: Any) -> None:
-    if FLAGS.classifier_scale is not None and FLAGS.classifier is None:
-        raise ValueError("--classifier_scale needs --classifier (a classifier run's work dir).")
-    if FLAGS.classifier is None:
-        return
-    if not os.path.isdir(FLAGS.classifier):
-        raise ValueError(f"--classifier={FLAGS.classifier} does not exist; train one with "
-                         "train.py --config configs/digits.py:classifier.")
-    if classes is None:
-        raise ValueError("--classifier needs --labels: the classes to guide towards (e.g. "
-                         "--labels 3,7 or --labels balanced).")
-    if FLAGS.guidance is not None:
-        raise ValueError("--guidance (classifier-free) and --classifier are two methods; pick one.")
 
 
 def _load_classifier(config: Any) -> tuple[Any, Any]:
@@ -219,7 +205,13 @@ def main(argv: list[str]) -> None:
                  + ("" if classifier is None else f", classifier {FLAGS.classifier} scale "
                     f"{sampler.classifier_scale:g}"))
     if mode is not None:
-        _edit(mode, model, params, config, options, edit_batch)
+        if jax.process_count() > 1:
+            raise app.UsageError(f"--{mode} runs on one host; start sample.py on one process.")
+        try:
+            edit_jobs.run_and_write(mode, FLAGS, model=model, params=params, config=config,
+                                    options=options, batch_size=edit_batch)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
         return
     images = draw_images(sampler, params, jax.random.key(FLAGS.seed), FLAGS.num_samples,
                          labels=labels, desc="batches", classifier_params=classifier_params)
@@ -229,34 +221,6 @@ def main(argv: list[str]) -> None:
                                 tile_px=FLAGS.tile_px, max_tiles=FLAGS.max_grid_tiles)
         logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, images.shape)
 
-
-
-def _edit(mode: str, model: Any, params: Any, config: Any, options: dict, batch_size: int) -> None:
-    """Runs an editing job (edit_jobs) and writes its grid and .npz."""
-    import jax
-    import numpy as np
-
-    from ddpm_jax import config as config_lib
-    from ddpm_jax.images import save_image_grid
-    from ddpm_jax.parallel import make_mesh
-    from ddpm_jax.sampling import ModelApply
-
-    if jax.process_count() > 1:
-        raise app.UsageError(f"--{mode} runs on one host; start sample.py on a single process.")
-    try:
-        result = edit_jobs.run(mode, FLAGS, model_apply=ModelApply(model), params=params,
-                               schedule=config_lib.schedule_from_config(config),
-                               image_shape=config_lib.image_shape(config), options=options,
-                               batch_size=batch_size, key=jax.random.key(FLAGS.seed),
-                               mesh=make_mesh() if jax.device_count() > 1 else None)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    npz_path = FLAGS.out[:-len(".png")] + ".npz"
-    np.savez(npz_path, images=result.images, **result.extra)
-    save_image_grid(result.grid, FLAGS.out, nrow=FLAGS.nrow or result.nrow, tile_px=FLAGS.tile_px,
-                    max_tiles=FLAGS.max_grid_tiles)
-    logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, result.images.shape)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 
 def parse_steps(text: str | None) -> int | str | None:
@@ -110,3 +111,22 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def check_classifier_flags(classifier: str | None, scale: float | None, classes: Any,
+                           guidance: float | None) -> None:
+    """ValueError (one line) for classifier-guidance flags that cannot work: a scale without a
+    classifier, a classifier dir that does not exist, no --labels to guide towards, or
+    classifier-free --guidance as well."""
+    if scale is not None and classifier is None:
+        raise ValueError("--classifier_scale needs --classifier (a classifier run's work dir).")
+    if classifier is None:
+        return
+    if not os.path.isdir(classifier):
+        raise ValueError(f"--classifier={classifier} does not exist; train one with "
+                         "train.py --config configs/digits.py:classifier.")
+    if classes is None:
+        raise ValueError("--classifier needs --labels: the classes to guide towards (e.g. "
+                         "--labels 3,7 or --labels balanced).")
+    if guidance is not None:
+        raise ValueError("--guidance (classifier-free) and --classifier are two methods; pick one.")

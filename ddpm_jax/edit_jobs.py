@@ -12,6 +12,7 @@ a grid to look at, and any extra arrays for the .npz.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -248,3 +249,25 @@ def _progressive(values: Any, model_apply: Any, params: Any, schedule: Any,
 def _keep(records: list, result: dict) -> jax.Array:
     records.append(result["pred_x0"])
     return result["images"]
+
+
+def run_and_write(mode: str, values: Any, *, model: Any, params: Any, config: Any,
+                  options: dict[str, Any], batch_size: int) -> None:
+    """sample.py's editing path: `run` on the run's model, then the grid at values.out and the
+    .npz beside it ('images' plus the job's extra arrays)."""
+    from ddpm_jax import config as config_lib
+    from ddpm_jax.images import save_image_grid
+    from ddpm_jax.parallel import make_mesh
+    from ddpm_jax.sampling import ModelApply
+
+    result = run(mode, values, model_apply=ModelApply(model), params=params,
+                 schedule=config_lib.schedule_from_config(config),
+                 image_shape=config_lib.image_shape(config), options=options,
+                 batch_size=batch_size, key=jax.random.key(values.seed),
+                 mesh=make_mesh() if jax.device_count() > 1 else None)
+    os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
+    npz_path = values.out[:-len(".png")] + ".npz"
+    np.savez(npz_path, images=result.images, **result.extra)
+    save_image_grid(result.grid, values.out, nrow=values.nrow or result.nrow,
+                    tile_px=values.tile_px, max_tiles=values.max_grid_tiles)
+    logging.info("Wrote %s and %s: uint8 %s.", values.out, npz_path, result.images.shape)
