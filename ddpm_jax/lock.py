@@ -4,7 +4,8 @@ The file is created with O_CREAT | O_EXCL (atomic on local and on NFS-style shar
 and holds JSON {host, pid, start}. A second trainer finds it and stops at once, naming the
 holder. A lock whose holder ran on this host and is no longer alive (killed, crashed) is stale
 and taken over; a holder on another host cannot be checked from here, so its lock is only ever
-removed by hand. Only process 0 of a multi-host run takes the lock. Whatever cleans the work
+removed by hand. Only process 0 of a multi-host run takes the lock, and tells every other
+process whether it got it (`hold_on_every_process`). Whatever cleans the work
 dir at start-up (orbax's removal of half-written checkpoints) must run under it.
 """
 
@@ -120,3 +121,40 @@ def hold(workdir: str, *, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         release(workdir, mine)
+
+
+MESSAGE_BYTES = 2048  # the refusal as process 0 wrote it, shared with every process
+
+
+@contextlib.contextmanager
+def hold_on_every_process(workdir: str) -> Iterator[None]:
+    """The lock of a (multi-process) run: process 0 takes it, and every process learns the
+    outcome through one collective (`broadcast_one_to_all`), so a refused lock stops all of them
+    at once with process 0's message (the holder named) instead of leaving the others waiting
+    in their first collective. One process: `hold`."""
+    import jax  # here: the lock itself needs no jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        with hold(workdir):
+            yield
+        return
+    mine, refusal = None, b""
+    if jax.process_index() == 0:
+        try:
+            mine = acquire(workdir)
+        except WorkdirLockedError as e:
+            refusal = str(e).encode()[:MESSAGE_BYTES]
+    buffer = np.zeros(MESSAGE_BYTES, np.uint8)
+    buffer[:len(refusal)] = np.frombuffer(refusal, np.uint8)
+    shared = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8))
+    message = shared.rstrip(b"\0").decode(errors="replace")
+    if message:
+        where = "" if jax.process_index() == 0 else " (process 0's lock; this process stops too)"
+        raise WorkdirLockedError(message + where)
+    try:
+        yield
+    finally:
+        if mine is not None:
+            release(workdir, mine)

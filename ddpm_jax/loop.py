@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     config_lib.validate(config)
     # Before anything touches the work dir: a second trainer stops here, naming the holder.
-    with lock.hold(workdir, enabled=jax.process_index() == 0):
+    with lock.hold_on_every_process(workdir):
         return _train_under_lock(config, workdir, progress)
 
 

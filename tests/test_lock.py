@@ -5,7 +5,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from ddpm_jax import lock
@@ -62,3 +64,44 @@ def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):
     _write_lock(str(tmp_path), pid=1)
     lock.release(str(tmp_path), mine)
     assert os.listdir(tmp_path) == [lock.LOCK_FILE]
+
+
+def test_a_refused_lock_stops_every_process_of_a_multi_host_run(tmp_path):
+    # A live holder (this test's own process) owns the work dir: process 0 is refused and must
+    # tell process 1, which would otherwise wait in its first collective.
+    from multihost import run_on_two_hosts
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time()}
+    (workdir / lock.LOCK_FILE).write_text(json.dumps(holder))
+    outs = run_on_two_hosts(
+            "import numpy as np\n"
+            "from ddpm_jax import lock\n"
+            "try:\n"
+            "    with lock.hold_on_every_process(args[0]):\n"
+            "        message = 'entered'\n"
+            "except lock.WorkdirLockedError as e:\n"
+            "    message = str(e)\n"
+            "np.save(out, np.array(message))\n", tmp_path, str(workdir))
+    messages = [str(np.load(o)) for o in outs]
+    for message in messages:
+        assert f"pid {os.getpid()}" in message and "in use by another trainer" in message, message
+    assert "process 0's lock" in messages[1] and "process 0's lock" not in messages[0]
+    assert json.loads((workdir / lock.LOCK_FILE).read_text()) == holder  # left alone
+
+
+def test_every_process_enters_when_process_0_gets_the_lock(tmp_path):
+    from multihost import run_on_two_hosts
+
+    workdir = tmp_path / "run"
+    outs = run_on_two_hosts(
+            "import os\n"
+            "import numpy as np\n"
+            "from ddpm_jax import lock\n"
+            "with lock.hold_on_every_process(args[0]):\n"
+            "    # Process 0 holds the file here; process 1 only knows it was let in.\n"
+            "    held = os.path.exists(os.path.join(args[0], lock.LOCK_FILE)) or jax.process_index()\n"
+            "np.save(out, np.array(bool(held)))\n", tmp_path, str(workdir))
+    assert all(bool(np.load(o)) for o in outs)
+    assert not (workdir / lock.LOCK_FILE).exists()  # released on the way out
