@@ -182,11 +182,24 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, config: Mappi
     # From the arrays being saved, before the (async) write starts.
     checksums = {"arrays": checksums_lib.array_checksums(state),
                  "config_crc32": checksums_lib.config_crc32(config_dict)}
+    if data_iterator is not None:
+        # One CRC per process (each writes its own iterator file), gathered on every process.
+        checksums["data_crc32"] = _gather_ints(
+                checksums_lib.config_crc32(data_iterator.get_state()))
     items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_dict),
              CHECKSUMS: ocp.args.JsonSave(checksums)}
     if data_iterator is not None:
         items[DATA] = _grain_args(save=True)(data_iterator)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def _gather_ints(value: int) -> list[int]:
+    """[value of process 0, value of process 1, ...] on every process (a collective)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+    gathered = multihost_utils.process_allgather(np.array([value], np.int64))
+    return [int(v) for v in np.asarray(gathered).reshape(-1)]
 
 
 def _grain_args(*, save: bool) -> Any:
@@ -294,6 +307,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
                     f"{manager.directory}: {type(e).__name__}: {e}\nThe input settings (data set, "
                     "batch size, seed, image shape) must match the run that wrote it. Nothing was "
                     "deleted.") from e
+        expected = (checksums or {}).get("data_crc32")
+        if expected is not None:
+            mine = checksums_lib.config_crc32(data_iterator.get_state())
+            if jax.process_index() >= len(expected) or expected[jax.process_index()] != mine:
+                raise _corrupt(manager, step, "its data iterator state (the input position) does "
+                               "not match the checksum saved with it")
     return restored[STATE]
 
 

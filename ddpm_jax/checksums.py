@@ -61,5 +61,6 @@ def array_checksums(tree: PyTree) -> dict[str, dict[str, Any]]:
 
 
 def config_crc32(config: Mapping[str, Any]) -> int:
-    """CRC-32 of a JSON config, independent of key order."""
+    """CRC-32 of a JSON config (or any JSON-able dict, such as a data iterator's state),
+    independent of key order."""
     return zlib.crc32(json.dumps(config, sort_keys=True).encode())

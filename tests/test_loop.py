@@ -596,3 +596,33 @@ def test_due_fires_when_a_multiple_falls_in_the_dispatch_or_at_the_last_step():
     assert [s for p, s in ((0, 3), (3, 6), (6, 9), (9, 10)) if loop.due(s, 4, 10, prev_step=p)] \
         == [6, 9, 10]
     assert [s for s in range(1, 11) if loop.due(s, 0, 10)] == [10]
+
+
+def test_an_edited_data_iterator_position_fails_the_restore_naming_the_step(
+        tmp_path, data_dir, straight_run):
+    # The iterator file is JSON that still parses after a change of its position: only the
+    # checksum saved with the step can tell (a resume would silently skip or repeat batches).
+    workdir = str(tmp_path / "edited")
+    shutil.copytree(straight_run[0], workdir)
+    state, config = straight_run[1], tiny_config(data_dir)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    manager = checkpoint.make_manager(workdir, max_to_keep=1, read_only=True)
+
+    def iterator():
+        return data.make_input_iterator(
+                "digits", "train", global_batch_size=config.training.batch_size,
+                seed=config.training.seed, image_size=8, channels=1, random_flip=False,
+                mesh=parallel.make_mesh(), data_dir=data_dir)
+    intact = iterator()
+    checkpoint.restore(manager, 6, abstract, config, data_iterator=intact)
+    position = intact.get_state()["grain"]
+    path = Path(checkpoint.checkpoint_dir(workdir)) / "6" / "data" / "process_0-of-1.json"
+    saved = json.loads(path.read_text())
+    assert saved["grain"] == position  # the position that was saved, restored
+    saved["grain"] = {key: value + 1 if isinstance(value, int) else value
+                      for key, value in saved["grain"].items()}
+    path.write_text(json.dumps(saved))
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 6 .*data iterator state"):
+        checkpoint.restore(manager, 6, abstract, config, data_iterator=iterator())
+    manager.close()
