@@ -24,3 +24,19 @@ def digits_net(cache_dir):
     from ddpm_jax import features
 
     return features.digits_feature_net(16, cache_dir=cache_dir)
+
+
+def write_untrained_run(config, workdir: str) -> None:
+    """A work dir whose one checkpoint (step 0) holds `config`'s freshly initialised weights:
+    all that the sampling, editing and guidance command-line tests load, without compiling a
+    train step."""
+    from ddpm_jax import checkpoint, training
+    from ddpm_jax import config as config_lib
+
+    state = training.create_train_state(config_lib.model_from_config(config),
+                                        config_lib.optimizer_from_config(config),
+                                        jax.random.PRNGKey(0), config_lib.image_shape(config))
+    manager = checkpoint.make_manager(workdir, max_to_keep=1)
+    checkpoint.save(manager, 0, state, config)
+    manager.wait_until_finished()
+    manager.close()

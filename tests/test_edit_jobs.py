@@ -1,4 +1,4 @@
-"""sample.py's editing jobs (ddpm_jax/edit_jobs.py) on a one-step tiny digits run: every mode
+"""sample.py's editing jobs (ddpm_jax/edit_jobs.py) on an untrained tiny digits run: every mode
 end to end in process, one through sample.py itself, and the flag checks."""
 
 import os
@@ -16,24 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 
 from configs import digits  # noqa: E402
-from ddpm_jax import checkpoint, config as config_lib, data, edit_jobs, loop  # noqa: E402
+from conftest import write_untrained_run  # noqa: E402
+from ddpm_jax import checkpoint, config as config_lib, edit_jobs  # noqa: E402
 from ddpm_jax.sampling import ModelApply  # noqa: E402
 
-TINY = {"data.image_size": 8, "model.attn_resolutions": (4,), "training.batch_size": 8,
-        "training.num_steps": 1, "training.num_sample_images": 0, "training.checkpoint_every": 1}
+TINY = {"data.image_size": 8, "model.attn_resolutions": (4,)}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(workdir, config, model, params) of a one-step tiny digits run, and 4 real digits."""
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare_dataset("digits", data_dir, image_size=8)
+    """(workdir, config, model, params) of an untrained tiny digits run (step 0)."""
     config = digits.get_config("tiny")
-    for key, value in {**TINY, "data.data_dir": data_dir}.items():
+    for key, value in TINY.items():
         section, field = key.split(".")
         config[section][field] = value
     workdir = str(tmp_path_factory.mktemp("run"))
-    loop.train_and_evaluate(config, workdir)
+    write_untrained_run(config, workdir)
     config, model, params = checkpoint.load_for_sampling(workdir, "ema")
     return workdir, config, model, params
 

@@ -5,6 +5,7 @@ For a two-component Gaussian mixture both the optimal noise predictor and the cl
 p(y | x_t) are closed form, so guided samples can be checked against the theory: at scale 1 the
 guided score is the conditional score, and the samples follow p(x0 | y)."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -116,13 +117,16 @@ def test_the_guidance_gradient_matches_finite_differences():
                             num_groups=4, classes=3)
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 1))
     t = jnp.array([10, 500], jnp.int32)
-    params = model.init(jax.random.key(3), x, t, train=False)["params"]
+    params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(3), x, t)["params"]
     apply = ClassifierApply(model)
     labels = jnp.array([2, 0], jnp.int32)
-    grad = np.asarray(classifier_log_prob_grad(apply, params, x, t, labels))
+    grad = np.asarray(jax.jit(classifier_log_prob_grad, static_argnums=0)(apply, params, x, t,
+                                                                           labels))
+
+    logits_of = jax.jit(apply)
 
     def log_prob(z):
-        logits = np.asarray(apply(params, z, t), np.float64)
+        logits = np.asarray(logits_of(params, z, t), np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         return log_probs[np.arange(2), np.asarray(labels)]
@@ -161,23 +165,24 @@ def test_guided_samplers_refuse_missing_pieces():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(classifier work dir, denoiser work dir): tiny digits runs of 30 and 1 steps."""
+    """(classifier work dir, denoiser work dir): a tiny digits classifier trained 30 steps by
+    the loop, and an untrained tiny denoiser (step 0)."""
     from configs import digits
+    from conftest import write_untrained_run
     from ddpm_jax import data, loop
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     data.prepare_dataset("digits", data_dir, image_size=8)
-    dirs = []
-    for variant, steps in (("classifier_tiny", 30), ("tiny", 1)):
-        config = digits.get_config(variant)
-        config.data.data_dir = data_dir
-        config.training.num_steps = steps
-        config.training.log_every = 10 if steps > 1 else 1
-        config.training.checkpoint_every = steps
-        config.training.num_sample_images = 0
-        dirs.append(str(tmp_path_factory.mktemp(variant)))
-        loop.train_and_evaluate(config, dirs[-1])
-    return tuple(dirs)
+    config = digits.get_config("classifier_tiny")
+    config.data.data_dir = data_dir
+    config.training.num_steps = 30
+    config.training.log_every = 10
+    config.training.checkpoint_every = 30
+    classifier = str(tmp_path_factory.mktemp("classifier"))
+    loop.train_and_evaluate(config, classifier)
+    denoiser = str(tmp_path_factory.mktemp("denoiser"))
+    write_untrained_run(digits.get_config("tiny"), denoiser)
+    return classifier, denoiser
 
 
 def test_the_classifier_config_trains_by_the_loop_and_reports_accuracy_per_t_band(runs):
