@@ -146,6 +146,7 @@ def make_tiny(config: ml_collections.ConfigDict) -> None:
     config.training.sample_every = 5
     config.training.num_sample_images = 4
     config.sampling.sampler = "ddim"
+    config.sampling.spacing = "time"
     config.sampling.steps = 10
     config.sampling.batch_size = 4
     config.eval.fid_num_samples = 16
