@@ -65,10 +65,12 @@ def test_step_kwargs_carry_the_training_and_diffusion_fields():
                           base_lr=t.lr, warmup_steps=t.warmup_steps, ema_decay=t.ema_decay,
                           ema_warmup=t.ema_warmup, mean_type=d.mean_type, var_type=d.var_type,
                           loss_type=d.loss_type, use_labels=True, label_dropout=0.1,
-                          microbatches=t.microbatches)
+                          microbatches=t.microbatches, objective="denoise")
     hash(tuple(sorted(kwargs.items())))  # static jit arguments: hashable
     config.model.num_classes = None
     assert config_lib.step_kwargs(config, model)["use_labels"] is False
+    config.model.kind, config.model.num_classes = "classifier", 10
+    assert config_lib.step_kwargs(config, model)["objective"] == "classify"
 
 
 def test_sampler_options_resolve_order_var_type_and_overrides():
