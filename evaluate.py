@@ -26,7 +26,8 @@ flags.DEFINE_integer("num_samples", None, "Generated images for FID / IS / KID "
 flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "ddpm (ancestral) | ddim | "
                   "dpm++ (DPM-Solver++) (default config.sampling.sampler).")
 flags.DEFINE_enum("spacing", None, list(plans.SPACINGS), "time (as --steps says) | logsnr "
-                  "(int --steps uniform in log-SNR) (default config.sampling.spacing).")
+                  "(int --steps uniform in log-SNR) (default config.sampling.spacing with the "
+                  "config's sampler, else time).")
 flags.DEFINE_integer("order", None, "DPM-Solver++ order with --sampler=dpm++ (default "
                      "config.sampling.order).", lower_bound=1, upper_bound=plans.MAX_SOLVER_ORDER)
 flags.DEFINE_float("threshold", None, "Dynamic thresholding percentile of x0 predictions, "

@@ -57,7 +57,7 @@ flags.DEFINE_string("steps", None, "Reverse steps: an int S (evenly spaced, t=0 
                     "config.sampling.steps, or all T).")
 flags.DEFINE_enum("spacing", None, list(SPACINGS), "Which timesteps --steps keeps: time "
                   "(as --steps says) or logsnr (S steps uniform in log-SNR; --steps an int). "
-                  "Default config.sampling.spacing, or time.")
+                  "Default config.sampling.spacing with the config's sampler, else time.")
 flags.DEFINE_integer("order", None, "DPM-Solver++ order with --sampler=dpm++ (default "
                      "config.sampling.order, or 2; 1 is DDIM with eta 0).", lower_bound=1,
                      upper_bound=MAX_SOLVER_ORDER)

@@ -310,7 +310,9 @@ def sampler_options(config: Any, **overrides: Any) -> dict[str, Any]:
 
     overrides (e.g. command-line flags) replace the config's values, None keeping them. Older
     configs without spacing / order / threshold get time / 2 / None; order goes only to
-    DPM-Solver++ (None for the other samplers); var_type None is the trained one.
+    DPM-Solver++ (None for the other samplers); var_type None is the trained one. The config's
+    spacing belongs to its sampler: an override naming another sampler gets "time" spacing
+    unless it names a spacing too.
     """
     s = config.sampling
     options = dict(sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.get("spacing", "time"),
@@ -319,6 +321,8 @@ def sampler_options(config: Any, **overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(options))
     if unknown:
         raise TypeError(f"sampler_options got unknown options {unknown}; it takes {sorted(options)}.")
+    if overrides.get("sampler") not in (None, s.sampler) and overrides.get("spacing") is None:
+        options["spacing"] = "time"
     options.update({k: v for k, v in overrides.items() if v is not None})
     if options["sampler"] != "dpm++":
         options["order"] = None

@@ -224,6 +224,8 @@ class EvalOptions:
                         "digits" if config.data.dataset == "digits" else "inception"),
                 inception_weights=e.get("inception_weights"), labels=e.get("labels", "none"),
                 guidance=e.get("guidance"), seed=config.training.seed)
+        if overrides.get("sampler") not in (None, s.sampler) and overrides.get("spacing") is None:
+            defaults["spacing"] = "time"  # the config's spacing belongs to its sampler
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**defaults)
 

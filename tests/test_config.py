@@ -176,3 +176,22 @@ def test_validate_holds_the_loops_config_only_checks():
         config_lib.validate(config)
     config.training.keep_every = 12
     config_lib.validate(config)
+
+
+def test_a_sampler_override_does_not_inherit_the_config_samplers_spacing():
+    config = _tiny()
+    config.sampling.sampler, config.sampling.spacing, config.sampling.steps = "dpm++", "logsnr", 20
+    assert config_lib.sampler_options(config)["spacing"] == "logsnr"
+    assert config_lib.sampler_options(config, sampler="dpm++")["spacing"] == "logsnr"
+    assert config_lib.sampler_options(config, sampler="ddim")["spacing"] == "time"
+    assert config_lib.sampler_options(config, sampler="ddim", spacing="logsnr")["spacing"] == "logsnr"
+
+
+def test_evaluate_options_follow_the_same_spacing_rule():
+    from ddpm_jax.evaluate import EvalOptions
+
+    config = _tiny()
+    config.sampling.sampler, config.sampling.spacing, config.sampling.steps = "dpm++", "logsnr", 20
+    assert EvalOptions.from_config(config).spacing == "logsnr"
+    assert EvalOptions.from_config(config, sampler="ddim").spacing == "time"
+    assert EvalOptions.from_config(config, sampler="ddim", spacing="logsnr").spacing == "logsnr"
