@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Put before every worker body: joins the two processes and leaves `mesh` (every device of both),
@@ -35,7 +37,7 @@ def run_on_two_hosts(code: str, tmp_path: Path, *extra_args: str, devices_per_ho
     worker.write_text(PREAMBLE + code)
     outs = [tmp_path / f"out{i}.npy" for i in range(2)]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_host}")
+               XLA_FLAGS=xla_flags(devices_per_host))
     procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), *extra_args, str(out)],
                               env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
              for i, out in enumerate(outs)]

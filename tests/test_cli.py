@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ddpm_jax import cli
+from conftest import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +130,7 @@ def test_train_py_says_the_data_is_not_prepared(tmp_path):
 @pytest.mark.slow
 def test_train_py_tells_to_change_the_batch_size_when_the_devices_do_not_divide_it(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=3")
+               XLA_FLAGS=xla_flags(3))
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY_TRAIN,
                            f"--workdir={tmp_path}/run", "--config.training.batch_size=16"],
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)

@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 from ddpm_jax import data, parallel
 from ddpm_jax.data import builders, pipeline
 from multihost import run_on_two_hosts
+from conftest import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +402,7 @@ def test_batch_not_divisible_by_devices_fails_naming_both(data_dir):
             print("ERROR", err, "OPENED", len(opened))
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert "ERROR" in out.stdout, out.stderr[-2000:]

@@ -17,6 +17,7 @@ from ddpm_jax import evaluate
 from ddpm_jax.schedule import Schedule, get_beta_schedule
 from multihost import run_on_two_hosts
 from reference import numpy_bound
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +95,7 @@ def test_bpd_sharded_over_8_devices_equals_single_device():
         np.testing.assert_allclose(run(batch_size=8, mesh=mesh), run(batch_size=3), rtol=1e-6)
         print("ok")
     """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             timeout=300, cwd=REPO, check=False)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

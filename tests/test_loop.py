@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 from configs import digits
 from ddpm_jax import checkpoint, data, images, lock, loop, parallel, sampling, writers
 from ddpm_jax import config as config_lib
+from conftest import xla_flags
 
 # The tiny setting, as command-line overrides and as config changes.
 TINY = {"data.image_size": 8, "model.attn_resolutions": (4,), "training.batch_size": 16,
@@ -72,9 +73,7 @@ class PreemptedRun:
 
     def __init__(self, name, tmp, data_dir, num_processes=1, devices_per_process=1):
         self.workdir = str(tmp / name)
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-            f"--xla_force_host_platform_device_count={devices_per_process} "
-            "--xla_backend_optimization_level=0"))
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices_per_process))
         command = train_command(data_dir, self.workdir, **LONG_RUN)
         if num_processes > 1:
             port = _free_port()
@@ -519,7 +518,7 @@ def _wait_for(condition, seconds: float, what: str) -> None:
 def test_a_second_trainer_stops_at_once_and_a_killed_ones_lock_is_taken_over(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     command = train_command(data_dir, workdir, **LONG_RUN)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     procs = []
 
     def start(name):

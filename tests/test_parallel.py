@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from ddpm_jax import parallel
+from conftest import xla_flags
 
 
 def run_with_devices(code: str, num_devices: int = 8, timeout: float = 120.0) -> str:
     """Runs `code` in a fresh Python with `num_devices` CPU devices; returns its stdout."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+               XLA_FLAGS=xla_flags(num_devices))
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,6 +23,7 @@ from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from multihost import run_on_two_hosts
 from reference import gaussian_chain_law, scaled_linear
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 50
@@ -593,7 +594,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_batch_split_over_eight_devices_matches_one_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
     proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
