@@ -17,6 +17,10 @@ from safetensors.numpy import load_file, save_file
 from ddpm_jax.convert import _diffusers_keys, load_diffusers_unet, unet_kwargs_from_diffusers
 from ddpm_jax.models.unet import UNet, count_params, param_shapes, timestep_embedding
 
+# End-to-end through the loop, the command line or a reference framework: see pyproject's
+# `slow` marker.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The architecture of the released DDPM checkpoints, at test size: two levels, attention at 8x8.

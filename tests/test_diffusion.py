@@ -692,6 +692,7 @@ def test_training_losses_fixed_variance_ignores_variance_channels(loss_type, mea
     assert_close(got["loss"], ref["loss"], rtol=1e-4, atol=1e-5, scaled=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type,mean_type,var_type", GRAD_CASES)
 def test_training_losses_gradients_are_finite(loss_type, mean_type, var_type):
     sched, tb = setup("linear10")
@@ -741,6 +742,7 @@ def test_training_losses_mse_gradient_matches_hand_derivative(mean_type):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var_type", ["learned", "learned_range"])
 def test_hybrid_vb_trains_only_the_variance(var_type):
     sched, tb = setup("linear10")
@@ -786,6 +788,7 @@ def test_training_losses_bad_types_raise():
 # --------------------------------------------------------------------------- jit / vmap
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_agree_with_plain_calls():
     sched, _ = setup("cosine50")
     rng = np.random.default_rng(17)

@@ -20,6 +20,10 @@ from conftest import write_untrained_run  # noqa: E402
 from ddpm_jax import checkpoint, config as config_lib, edit_jobs  # noqa: E402
 from ddpm_jax.sampling import ModelApply  # noqa: E402
 
+# End-to-end through the loop, the command line or a reference framework: see pyproject's
+# `slow` marker.
+pytestmark = pytest.mark.slow
+
 TINY = {"data.image_size": 8, "model.attn_resolutions": (4,)}
 
 

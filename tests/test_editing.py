@@ -112,6 +112,7 @@ def test_repaint_keeps_the_known_pixels_exactly():
     assert np.abs(to_uint8(out)[~mask].astype(int) - pixels[~mask]).max() > 0  # the rest is drawn
 
 
+@pytest.mark.slow
 def test_repaint_samples_the_true_conditional_law_of_gaussian_data():
     # x_u | x_k ~ N(mu_u + C_uk C_kk^-1 (x_k - mu_k), C_uu - C_uk C_kk^-1 C_ku), in float64.
     num = 3000

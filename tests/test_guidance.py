@@ -22,6 +22,10 @@ from ddpm_jax.sampling import (ClassifierApply, classifier_log_prob_grad, make_s
 from ddpm_jax.schedule import Schedule
 from reference import scaled_linear
 
+# End-to-end through the loop, the command line or a reference framework: see pyproject's
+# `slow` marker.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

@@ -9,6 +9,10 @@ import pytest
 from ddpm_jax import features
 from ddpm_jax.models import inception
 
+# End-to-end through the loop, the command line or a reference framework: see pyproject's
+# `slow` marker.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def inception_variables():

@@ -25,6 +25,7 @@ def test_group_norm_matches_float64_reference(groups, channels, group_matmul):
     np.testing.assert_allclose(out, np_group_norm(x, scale, bias, groups, 1e-6), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_matmul", [True, False])
 def test_group_norm_parameters_and_gradients_match_flax(group_matmul):
     """Same parameter tree as nn.GroupNorm (checkpoints interchange) and the same gradients,
@@ -80,6 +81,7 @@ def test_conv_parameters_match_flax():
         assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, "SAME"), (3, 2, ((0, 1), (0, 1)))])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_gradients_match_flax(kernel, stride, padding, dtype):

@@ -597,6 +597,7 @@ def test_due_fires_when_a_multiple_falls_in_the_dispatch_or_at_the_last_step():
     assert [s for s in range(1, 11) if loop.due(s, 0, 10)] == [10]
 
 
+@pytest.mark.slow
 def test_an_edited_data_iterator_position_fails_the_restore_naming_the_step(
         tmp_path, data_dir, straight_run):
     # The iterator file is JSON that still parses after a change of its position: only the

@@ -243,6 +243,7 @@ def test_dpm_solver_compiles_once_for_two_spacings_of_the_same_length():
 ANCESTRAL_SMALL = dict(var_type="fixedsmall", return_every=7, unroll=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(var_type="fixedlarge", return_every=7),
                                      ANCESTRAL_SMALL,
                                      dict(var_type="learned_range", return_every=7),
@@ -311,6 +312,7 @@ class MeanHalf:
         return self.model.apply({"params": params}, x_t, t)[..., :self.channels]
 
 
+@pytest.mark.slow
 def test_trained_learned_variance_model_samples_with_a_fixed_variance():
     # A learned-variance model (2C outputs) trained two hybrid steps, then sampled with its
     # learned variance and with a fixed one (this used to fail: a broadcasting TypeError, for
@@ -384,6 +386,7 @@ def test_point_mass_marginals_are_the_forward_marginals():
         assert abs(standardized.mean()) < 0.05 and abs(standardized.std() - 1) < 0.05, t
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler, steps, kept, data_tol", [
     ("ddpm", None, np.arange(1000), 0.005),
     ("ddim", None, np.arange(1000), 0.005),
@@ -482,6 +485,7 @@ def test_dpm_solver_order_one_is_ddim_eta_zero(spacing):
     assert np.abs(np.asarray(second) - np.asarray(dpm)).max() > 1e-3  # order 2 is another method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
 def test_dynamic_threshold_replaces_the_clip(sampler):
     model, params = tiny()
@@ -495,6 +499,7 @@ def test_dynamic_threshold_replaces_the_clip(sampler):
     assert (np.abs(thresholded) >= 1 - 1e-6).sum() < (np.abs(clipped) >= 1 - 1e-6).sum()
 
 
+@pytest.mark.slow
 def test_dpm_solver_convergence_order_on_gaussian_data():
     """Data x0 ~ N(mu, s^2): the exact eps is linear in x_t and the probability-flow ODE keeps
     each coordinate's standardized value z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2),
@@ -800,6 +805,7 @@ def test_labels_as_data_match_the_closure_and_do_not_retrace():
     assert sampling._chain_jit(True)._cache_size() == cached
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
 @pytest.mark.parametrize("learned_var", [False, True])
 @pytest.mark.parametrize("w", [0.0, 1.5])

@@ -56,6 +56,7 @@ def test_learning_rate_is_linear_warmup_from_zero():
     assert float(training.learning_rate(0, base_lr=1e-3, warmup_steps=0)) == pytest.approx(1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_clip, mean_type", [
     (0.05, "eps"), (100.0, "eps"),  # clipping active / inactive
     (0.05, "v"), (100.0, "xstart"), (0.05, "xprev")])
@@ -125,6 +126,7 @@ class VarToy(nn.Module):
         return jnp.concatenate([x * w + b, jnp.tanh(x * u + c)], axis=-1)
 
 
+@pytest.mark.slow
 def test_hybrid_loss_trains_the_mean_by_mse_alone_and_the_variance_by_the_bound():
     # Hybrid = mse + lambda T vb with the mean stop-gradiented inside vb. With clipping off,
     # Adam moves each parameter by its own gradient alone, so the mean's parameters follow the
@@ -172,6 +174,7 @@ def test_nonfinite_batch_is_skipped_and_counted():
     assert np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unroll", [False, True])  # lax.scan (accelerators) / unrolled (CPU)
 def test_k_steps_in_one_call_equal_k_steps(unroll):
     schedule = Schedule.create("linear", T)
@@ -233,6 +236,7 @@ def test_label_dropout_replaces_the_given_share_of_labels_by_the_null_label():
     np.testing.assert_array_equal(dropped[~is_null], np.asarray(labels)[~is_null])
 
 
+@pytest.mark.slow
 def test_full_label_dropout_trains_exactly_the_unconditional_null_label_model():
     schedule = Schedule.create("linear", T)
     batch = dict(_batch(), label=jnp.arange(8, dtype=jnp.int32) % 3)
@@ -249,6 +253,7 @@ def test_full_label_dropout_trains_exactly_the_unconditional_null_label_model():
     assert runs["labelled"][1] != runs["unconditional"][1]  # the labels do reach the model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unroll", [False, True])  # lax.scan (accelerators) / unrolled (CPU)
 @pytest.mark.parametrize("model, overrides", [
     (Toy(), {}),
@@ -286,6 +291,7 @@ class ConvToy(nn.Module):
         return nn.Conv(x.shape[-1], (3, 3))(nn.Conv(8, (3, 3))(x))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a premise about XLA's CPU backend")
 def test_cpu_unrolls_microbatches_because_its_loop_bodies_get_naive_convolutions():
     # XLA's CPU backend hands convolutions in the canonical layout (b01f_01io->b01f) to its fast

@@ -171,6 +171,7 @@ def test_bfloat16_compute_keeps_float32_params(minimal_model_and_params):
     assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_remat_gives_same_params_output_and_gradients(minimal_model_and_params):
     model, params = minimal_model_and_params
     remat = UNet(**MINIMAL, remat=True)
