@@ -31,17 +31,13 @@ def check_labels_and_guidance(labels: Any, guidance: float | None,
         raise ValueError(f"{guidance_name}={guidance!r}: use a weight >= 0.")
     if guidance is not None and not has_labels:
         raise ValueError(
-                f"{guidance_name}={guidance!r}: guidance steers samples towards their class, so "
-                f"{guidance_name} needs {labels_name}: it needs {labels_name}='balanced' (class "
-                f"n mod N){' or a list of classes' if class_lists else ''}, or {guidance_name} "
-                "None.")
+                f"{guidance_name}={guidance!r} needs {labels_name}: guidance steers each sample "
+                f"towards its class, so set {labels_name}='balanced' (class n mod N)"
+                f"{' or a list of classes' if class_lists else ''}, or leave {guidance_name} unset.")
     if has_labels and num_classes is None:
-        what = ("'balanced' samples each class of a class-conditional model" if labels == "balanced"
-                else "a list of classes draws those classes of a class-conditional model")
-        raise ValueError(f"{labels_name}={labels!r}: {what}; {labels_name}={labels} needs a "
-                         "class-conditional model, and this model is unconditional (trained "
-                         f"without model.num_classes): train with model.num_classes set, or use "
-                         f"{labels_name}='none'.")
+        raise ValueError(f"{labels_name}={labels!r} needs a class-conditional model, and this "
+                         "model is unconditional (trained without model.num_classes): train with "
+                         f"model.num_classes set, or use {labels_name}='none'.")
 
 
 def canonical_mode(text: str, name: str = "labels") -> str:

@@ -112,12 +112,12 @@ def test_check_choice_names_the_field_and_the_choices():
 @pytest.mark.parametrize("labels_, guidance, num_classes, names, message", [
     ("none", -1.0, 10, ("labels", "guidance"), r"^guidance=-1.0: use a weight >= 0\.$"),
     ("none", 1.5, 10, ("config.eval.labels", "config.eval.guidance"),
-     r"^config\.eval\.guidance=1\.5: guidance steers samples towards their class, so "
-     r"config\.eval\.guidance needs config\.eval\.labels: it needs config\.eval\.labels='balanced'"),
-    (None, 1.0, labels.UNKNOWN, ("--labels", "--guidance"), r"--guidance needs --labels"),
+     r"^config\.eval\.guidance=1\.5 needs config\.eval\.labels: guidance steers each sample "
+     r"towards its class, so set config\.eval\.labels='balanced' \(class n mod N\), or leave "
+     r"config\.eval\.guidance unset\.$"),
+    (None, 1.0, labels.UNKNOWN, ("--labels", "--guidance"), r"^--guidance=1.0 needs --labels: "),
     ("balanced", None, None, ("--labels", "--guidance"),
-     r"^--labels='balanced': 'balanced' samples each class of a class-conditional model; "
-     r"--labels=balanced needs a class-conditional model, and this model is unconditional .*"
+     r"^--labels='balanced' needs a class-conditional model, and this model is unconditional .*"
      r"use --labels='none'\.$"),
 ])
 def test_the_labels_and_guidance_rule_names_the_fields_as_given(labels_, guidance, num_classes,
@@ -139,7 +139,7 @@ def test_validate_applies_the_rule_to_config_eval():
     config.model.num_classes, config.eval.labels, config.eval.guidance = 10, "balanced", 1.5
     config_lib.validate(config)
     config.eval.labels = "none"
-    with pytest.raises(ValueError, match="config.eval.guidance=1.5: guidance steers samples"):
+    with pytest.raises(ValueError, match="config.eval.guidance=1.5 needs config.eval.labels"):
         config_lib.validate(config)
 
 

@@ -239,7 +239,7 @@ def test_class_options_are_checked():
     options = evaluate.EvalOptions.from_config(config)
     assert (options.labels, options.guidance) == ("balanced", 1.5)
     assert evaluate.EvalOptions.from_config(config, guidance=3.0).guidance == 3.0
-    with pytest.raises(ValueError, match="it needs labels='balanced'"):
+    with pytest.raises(ValueError, match="needs labels: .* set labels='balanced'"):
         evaluate.EvalOptions(guidance=1.0)
     with pytest.raises(ValueError, match="labels='perclass': choose one of"):
         evaluate.EvalOptions(labels="perclass")
@@ -313,7 +313,7 @@ def test_evaluate_command_line_on_a_tiny_checkpoint(tmp_path):
             cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
             timeout=300, check=False)
     assert refused.returncode != 0
-    assert "--labels=balanced needs a class-conditional model" in refused.stderr
+    assert "--labels='balanced' needs a class-conditional model" in refused.stderr
     for args, message in ((["--sampler=ddim", "--order=2"], "--order=2 only applies"),
                           (["--sampler=dpm++", "--steps=2", "--order=3"], "needs at least 3")):
         refused = subprocess.run(

@@ -336,7 +336,7 @@ def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir,
     np.testing.assert_array_equal(saved["labels"], [3, 7, 3, 7, 3])
     for args, message in ((["--labels", "10"], "this model has classes 0..9"),
                           (["--labels", "3,x"], "comma-separated class numbers"),
-                          (["--guidance", "1"], "--guidance needs --labels")):
+                          (["--guidance", "1"], "--guidance=1.0 needs --labels")):
         proc = _sample_py("--workdir", workdir, *args, "--out", str(out))
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     proc = _sample_py("--workdir", straight_run[0], "--labels", "1", "--out", str(out))

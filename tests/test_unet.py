@@ -276,8 +276,8 @@ def _set(path: str, value, *more):
     (_set("eval.metrics", ""), r"config.eval.metrics='': use a comma-separated string"),
     (_set("training.keep_every", 0), r"config.training.keep_every=0: use an integer >= 1"),
     (_set("training.label_dropout", 1.5), r"config.training.label_dropout=1.5: use a value in \[0.0, 1.0\]"),
-    (_set("eval.labels", "balanced"), r"config.eval.labels='balanced': 'balanced' samples each class"),
-    (_set("eval.guidance", 1.5), r"config.eval.guidance=1.5: guidance steers samples"),
+    (_set("eval.labels", "balanced"), r"config.eval.labels='balanced' needs a class-conditional model"),
+    (_set("eval.guidance", 1.5), r"config.eval.guidance=1.5 needs config.eval.labels: guidance steers"),
     (_set("training.microbatches", 0), r"config.training.microbatches=0: use an integer >= 1"),
     (_set("training.microbatches", 3), r"config.training.microbatches=3: it must divide training.batch_size=128"),
 ])
