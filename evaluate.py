@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from ddpm_jax import cli, features, plans, sampling
+from ddpm_jax import cli, features, sampling
 from ddpm_jax.evaluate import METRICS
 from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
 
@@ -23,19 +23,7 @@ flags.DEFINE_string("workdir", None, "Training work dir; its latest checkpoint (
 flags.DEFINE_list("metrics", "bpd,fid,is", f"Comma-separated, from {','.join(METRICS)}.")
 flags.DEFINE_integer("num_samples", None, "Generated images for FID / IS / KID "
                      "(default config.eval.fid_num_samples).", lower_bound=2)
-flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "ddpm (ancestral) | ddim | "
-                  "dpm++ (DPM-Solver++) (default config.sampling.sampler).")
-flags.DEFINE_enum("spacing", None, list(plans.SPACINGS), "time (as --steps says) | logsnr "
-                  "(int --steps uniform in log-SNR) (default config.sampling.spacing with the "
-                  "config's sampler, else time).")
-flags.DEFINE_integer("order", None, "DPM-Solver++ order with --sampler=dpm++ (default "
-                     "config.sampling.order).", lower_bound=1, upper_bound=plans.MAX_SOLVER_ORDER)
-flags.DEFINE_float("threshold", None, "Dynamic thresholding percentile of x0 predictions, "
-                   "e.g. 0.995, instead of the clip (default config.sampling.threshold).",
-                   lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_string("steps", None, "Reverse steps: an int S, 'ddimS' or 'S1,S2,...' "
-                    "(default config.sampling.steps).")
-flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default config.sampling.eta).")
+cli.define_sampler_flags(variance=False)
 flags.DEFINE_integer("batch_size", None, "Images per sampler call (default "
                      "config.eval.fid_batch_size).", lower_bound=1)
 flags.DEFINE_enum("split", None, ["train", "test"], "Split for bits/dim (default "
@@ -57,12 +45,7 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_enum("labels", None, list(LABEL_MODES), "Class-conditional models: "
                   "none draws with the null label (unconditional); balanced gives sample n "
                   "class n mod N (default config.eval.labels).")
-flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (needs "
-                   "--labels=balanced; default config.eval.guidance).")
-flags.DEFINE_string("classifier", None, "Classifier guidance: a classifier run's work dir "
-                    "(configs/digits.py:classifier); needs --labels=balanced.")
-flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale s >= 0 (default 1); "
-                   "one scale per report.", lower_bound=0.0)
+cli.define_guidance_flags("--labels=balanced")
 flags.DEFINE_integer("seed", None, "PRNG seed (default config.training.seed).")
 flags.DEFINE_string("cache_dir", None, "Classifier weights and reference statistics "
                     "(default $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
@@ -100,9 +83,7 @@ def main(argv: Sequence[str]) -> None:
     try:  # NumPy only: a bad option stops here, before anything compiles
         options = evaluate.EvalOptions.from_config(
                 config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
-                sampler=FLAGS.sampler, steps=cli.parse_steps(FLAGS.steps), eta=FLAGS.eta,
-                spacing=FLAGS.spacing, order=FLAGS.order, threshold=FLAGS.threshold,
-                sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
+                **cli.sampler_flag_values(FLAGS), sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
                 bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
                 reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
                 inception_weights=FLAGS.inception_weights, seed=FLAGS.seed,
@@ -116,14 +97,11 @@ def main(argv: Sequence[str]) -> None:
         evaluate.sampling_plan(config_lib.schedule_from_config(config), options)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    classifier = None
-    if options.classifier is not None:
-        try:
-            _, clf_model, clf_params = checkpoint.load_classifier(options.classifier,
-                                                                  for_config=config)
-        except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
-            raise app.UsageError(" ".join(str(e).split("\n"))) from None
-        classifier = (sampling.ClassifierApply(clf_model), clf_params)
+    try:
+        classifier = None if options.classifier is None else \
+            cli.load_classifier(options.classifier, config)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None
     report = evaluate.run_evaluation(config, sampling.ModelApply(model), params, options,
                                      workdir=FLAGS.workdir, step=step, weights=FLAGS.weights,

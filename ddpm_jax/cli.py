@@ -55,6 +55,57 @@ def check_output_path(path: str, flag: str, *, directory: bool = False) -> None:
                          "file system or no permission): choose a writable location.")
 
 
+def check_run_dir(workdir: str | None, flag: str) -> None:
+    """ValueError (one line) unless `workdir` (None: not given) is a directory holding something
+    to load: a training run's checkpoints."""
+    if workdir is None:
+        return
+    if not os.path.isdir(workdir):
+        raise ValueError(f"{flag}={workdir} does not exist; train into it with train.py first, "
+                         "or pass --diffusers_dir for released weights.")
+    if not os.listdir(workdir):
+        raise ValueError(f"{flag}={workdir} is empty: it holds no checkpoint to sample; train "
+                         "into it with train.py first.")
+
+
+def check_batch_size(batch_size: int, num_devices: int, flag: str) -> int:
+    """`batch_size`, or ValueError (one line) when the devices do not divide it."""
+    if batch_size % num_devices:
+        raise ValueError(f"{flag}={batch_size} must be a multiple of the {num_devices} devices.")
+    return batch_size
+
+
+def load_model(workdir: str | None, diffusers_dir: str | None, weights: str) -> tuple[Any, Any, Any]:
+    """(config, model, params) of a training run's latest checkpoint (`weights` 'ema' or 'raw')
+    or of a diffusers folder (the paper's settings); ValueError naming the flag when neither
+    loads."""
+    if workdir is not None:
+        from ddpm_jax import checkpoint
+        try:
+            return checkpoint.load_for_sampling(workdir, weights=weights)
+        except (FileNotFoundError, checkpoint.CheckpointError) as e:
+            raise ValueError(f"--workdir={workdir}: {e}") from None
+    from ddpm_jax import convert
+    try:
+        return convert.load_for_sampling(diffusers_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--diffusers_dir={diffusers_dir}: {e}") from None
+
+
+def describe_guidance(labels: str | None, guidance: float | None, classifier: str | None,
+                      classifier_scale: float) -> str:
+    """', labels 3,7, guidance 1.5' / ', labels 3,7, classifier DIR scale 2' or '' for a log
+    line."""
+    if labels is None:
+        return ""
+    text = f", labels {labels}"
+    if guidance is not None:
+        text += f", guidance {guidance}"
+    if classifier is not None:
+        text += f", classifier {classifier} scale {classifier_scale:g}"
+    return text
+
+
 def drop_closed_event_loop_noise() -> None:
     """Called at the start of the command lines: when a checkpoint restore fails, orbax leaves
     the other arrays' tensorstore reads in flight; each that finishes after orbax's event loop
@@ -130,3 +181,77 @@ def check_classifier_flags(classifier: str | None, scale: float | None, classes:
                          "--labels 3,7 or --labels balanced).")
     if guidance is not None:
         raise ValueError("--guidance (classifier-free) and --classifier are two methods; pick one.")
+
+
+# --------------------------------------------------------------- flags shared by the scripts
+
+def define_sampler_flags(*, variance: bool) -> None:
+    """The sampler flags of sample.py and evaluate.py (absl, module-global), each unset by
+    default: the run's config.sampling decides (see `config.sampler_options`). `variance`: also
+    --var_type and --clip_denoised."""
+    from absl import flags
+
+    from ddpm_jax.diffusion import VAR_TYPES
+    from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS
+    from ddpm_jax.sampling import SAMPLERS
+    flags.DEFINE_enum("sampler", None, list(SAMPLERS), "ddpm: ancestral; ddim: Song et al.; "
+                      "dpm++: DPM-Solver++ multistep, deterministic, near-converged in 15-25 "
+                      "steps (default config.sampling.sampler).")
+    flags.DEFINE_string("steps", None, "Reverse steps: an int S (evenly spaced, t=0 and t=T-1 "
+                        "kept), 'ddimS' (stride range(0, T, c)) or 'S1,S2,...' (default "
+                        "config.sampling.steps).")
+    flags.DEFINE_enum("spacing", None, list(SPACINGS), "Which timesteps --steps keeps: time (as "
+                      "--steps says) or logsnr (S steps uniform in log-SNR; --steps an int). "
+                      "Default config.sampling.spacing with the config's sampler, else time.")
+    flags.DEFINE_integer("order", None, "DPM-Solver++ order with --sampler=dpm++ (default "
+                         "config.sampling.order; 1 is DDIM with eta 0).", lower_bound=1,
+                         upper_bound=MAX_SOLVER_ORDER)
+    flags.DEFINE_float("threshold", None, "Dynamic thresholding of each x0 prediction at this "
+                       "percentile (Imagen: 0.995) instead of the [-1, 1] clip (default "
+                       "config.sampling.threshold).", lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]: 0 deterministic, 1 DDPM's beta~ "
+                       "variance (default config.sampling.eta).", lower_bound=0.0, upper_bound=1.0)
+    if variance:
+        flags.DEFINE_enum("var_type", None, list(VAR_TYPES), "Reverse variance of "
+                          "--sampler=ddpm (default: the run's).")
+        flags.DEFINE_boolean("clip_denoised", None, "Clip each x0 prediction to [-1, 1] "
+                             "(default config.sampling.clip_denoised).")
+
+
+def sampler_flag_values(values: Any) -> dict[str, Any]:
+    """The sampler flags that `define_sampler_flags` defined, parsed, as keyword arguments of
+    `config.sampler_options` (None: the config's value)."""
+    kwargs = dict(sampler=values.sampler, steps=parse_steps(values.steps), eta=values.eta,
+                  spacing=values.spacing, order=values.order, threshold=values.threshold)
+    for name in ("var_type", "clip_denoised"):
+        if name in values:
+            kwargs[name] = values[name].value
+    return kwargs
+
+
+def define_guidance_flags(labels_rule: str) -> None:
+    """--guidance, --classifier and --classifier_scale; `labels_rule` says which --labels they
+    need (the two scripts' --labels differ)."""
+    from absl import flags
+    flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w >= 0 (needs "
+                       f"{labels_rule}): (1 + w) eps(x, y) - w eps(x, null), two model calls per "
+                       "step (default config.eval.guidance in evaluate.py, else none).",
+                       lower_bound=0.0)
+    flags.DEFINE_string("classifier", None, "Classifier guidance: the work dir of a noise-"
+                        f"conditional classifier run (configs/digits.py:classifier); needs "
+                        f"{labels_rule}.")
+    flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale s >= 0 (default 1 "
+                       "with --classifier): mu + s Sigma grad log p(y|x_t) (ancestral), eps - s "
+                       "sqrt(1 - abar) grad log p(y|x_t) (ddim, dpm++).", lower_bound=0.0)
+
+
+def load_classifier(workdir: str, config: Any) -> tuple[Any, Any]:
+    """(ClassifierApply, params) of the classifier run in `workdir`, checked against the
+    diffusion run's `config`; ValueError (one line) when it cannot serve."""
+    from ddpm_jax import checkpoint
+    from ddpm_jax.sampling import ClassifierApply
+    try:
+        _, model, params = checkpoint.load_classifier(workdir, for_config=config)
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+        raise ValueError(" ".join(str(e).split("\n"))) from None
+    return ClassifierApply(model), params

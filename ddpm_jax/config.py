@@ -310,9 +310,9 @@ def sampler_options(config: Any, **overrides: Any) -> dict[str, Any]:
 
     overrides (e.g. command-line flags) replace the config's values, None keeping them. Older
     configs without spacing / order / threshold get time / 2 / None; order goes only to
-    DPM-Solver++ (None for the other samplers); var_type None is the trained one. The config's
-    spacing belongs to its sampler: an override naming another sampler gets "time" spacing
-    unless it names a spacing too.
+    DPM-Solver++ (None for the other samplers), eta only to DDIM (0 for the others); var_type
+    None is the trained one. The config's spacing belongs to its sampler: an override naming
+    another sampler gets "time" spacing unless it names a spacing too.
     """
     s = config.sampling
     options = dict(sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.get("spacing", "time"),
@@ -326,6 +326,8 @@ def sampler_options(config: Any, **overrides: Any) -> dict[str, Any]:
     options.update({k: v for k, v in overrides.items() if v is not None})
     if options["sampler"] != "dpm++":
         options["order"] = None
+    if options["sampler"] != "ddim":  # a DDIM config's eta, when an override picks another
+        options["eta"] = 0.0
     options["var_type"] = options["var_type"] or config.diffusion.var_type
     options["mean_type"] = config.diffusion.mean_type
     return options

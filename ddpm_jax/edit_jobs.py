@@ -255,6 +255,8 @@ def run_and_write(mode: str, values: Any, *, model: Any, params: Any, config: An
                   options: dict[str, Any], batch_size: int) -> None:
     """sample.py's editing path: `run` on the run's model, then the grid at values.out and the
     .npz beside it ('images' plus the job's extra arrays)."""
+    if jax.process_count() > 1:
+        raise ValueError(f"--{mode} runs on one host; start sample.py on one process.")
     from ddpm_jax import config as config_lib
     from ddpm_jax.images import save_image_grid
     from ddpm_jax.parallel import make_mesh

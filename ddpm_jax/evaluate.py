@@ -346,8 +346,8 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             kid_subset_size=options.kid_subset_size, progress=progress)
     values = [f"{e['label']} {e['value']:.4f}" if name == "fid" else
               f"{e['label']} {e['mean']:.4g} +- {e['std']:.2g}" for name, e in scores.items()]
-    how = {"ddim": f"eta {options.eta}", "dpm++": f"order {options.order}"}.get(
-            options.sampler, f"{var_type} variance") + f", {options.spacing} spacing"
+    how = sampling.describe(options.sampler, eta=options.eta, order=options.order,
+                            var_type=var_type, spacing=options.spacing)
     if labels is not None and net.kind == "digits":
         # What guidance is for: the share the (clean-image) digits classifier labels as asked.
         _, logits = features.compute_features(net, samples, progress=False)

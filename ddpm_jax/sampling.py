@@ -405,6 +405,13 @@ class Sampler:
         return jnp.asarray(values, dtype=jnp.int32)
 
 
+def describe(sampler: str, *, eta: float, order: int | None, var_type: str, spacing: str) -> str:
+    """What a sampler's options do, for logs and reports: 'eta 0.0, time spacing',
+    'order 2, logsnr spacing' or 'fixedlarge variance, time spacing'."""
+    how = {"ddim": f"eta {eta}", "dpm++": f"order {order}"}.get(sampler, f"{var_type} variance")
+    return f"{how}, {spacing} spacing"
+
+
 def balanced_labels(apply_fn: ApplyFn, num_samples: int) -> np.ndarray:
     """[num_samples] int32 classes n mod N of a class-conditional apply_fn (N classes, the
     null label N excluded); ValueError for an unconditional one."""
@@ -444,7 +451,7 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                  threshold: float | None = None, return_every: int | None = None,
                  progressive: Sequence[str] = ("pred_x0",), unroll: int = 1,
                  guidance: float | None = None, start_t: int | None = None,
-                 classifier: ApplyFn | None = None, classifier_scale: float = 0.0,
+                 classifier: ApplyFn | None = None, classifier_scale: float | None = None,
                  mesh: Mesh | None = None) -> Sampler:
     """Builds a sampler compiled once per (apply_fn, shape, number of steps, options).
 
@@ -468,8 +475,8 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     coefficients are computed for the shortened chain). mesh: a Mesh with a "data" axis to shard
     the batch over (B divisible by its size). classifier: a noise-conditional classifier
     `(params, x_t, t) -> logits` (`ClassifierApply(NoisyClassifier)`) for classifier guidance
-    of scale `classifier_scale` >= 0 towards the call's labels (`classifier_guidance`); its
-    params come with each call, like the model's.
+    of scale `classifier_scale` >= 0 (None: 1) towards the call's labels
+    (`classifier_guidance`); its params come with each call, like the model's.
     """
     progressive = tuple(progressive)
     if guidance is not None:
@@ -490,6 +497,8 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
                          f"{threshold!r}.")
     if sampler == "dpm++" and order is None:
         order = 2
+    if classifier_scale is None:  # 1 with a classifier, else unused
+        classifier_scale = 0.0 if classifier is None else 1.0
     if not classifier_scale >= 0.0:
         raise ValueError(f"classifier_scale must be >= 0; got {classifier_scale!r}.")
     if classifier_scale and classifier is None:
