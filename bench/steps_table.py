@@ -4,8 +4,8 @@ paper's Table 1, on digits): digits-FID at the native 8x8 (bench/digits_yardstic
     python bench/steps_table.py --workdir runs/quality/ours --steps 10,20,50,100 --seeds 0,1
 
 Each cell draws --num_samples images from the run's EMA weights with our compiled chain. The
-samplers: ancestral (the run's variance), DDIM (eta 0) and DPM-Solver++ (order 2, logsnr
-spacing unless --dpm_spacing). Prints JSON lines and a Markdown table (mean and range over the
+samplers: ancestral (the run's variance), DDIM (eta 0), DPM-Solver++ and SDE-DPM-Solver++
+(dpm++sde) (order 2, logsnr spacing unless --dpm_spacing). Prints JSON lines and a Markdown table (mean and range over the
 seeds, seconds per 1,000 images). Never run by CI.
 """
 
@@ -42,7 +42,7 @@ def main() -> None:
         for num_steps in steps:
             for seed in (int(s) for s in args.seeds.split(",")):
                 options = dict(sampler=sampler, steps=num_steps)
-                if sampler == "dpm++":
+                if sampler in ("dpm++", "dpm++sde"):
                     options.update(spacing=args.dpm_spacing, order=2)
                 images, secs = sample_checkpoint(args.workdir, seed=seed,
                                                  num_samples=args.num_samples, **options)

@@ -20,11 +20,11 @@ def parse_steps(text: str | None) -> int | str | None:
 
 def check_solver_flags(sampler: str, eta: float | None, order: int | None) -> None:
     """ValueError (one line) for a non-zero --eta with a sampler other than ddim, or an --order
-    with one other than dpm++: options that would silently do nothing."""
+    with one other than dpm++ / dpm++sde: options that would silently do nothing."""
     if eta and sampler != "ddim":
         raise ValueError(f"--eta={eta} only applies to --sampler=ddim.")
-    if order is not None and sampler != "dpm++":
-        raise ValueError(f"--order={order} only applies to --sampler=dpm++.")
+    if order is not None and sampler not in ("dpm++", "dpm++sde"):
+        raise ValueError(f"--order={order} only applies to --sampler=dpm++ or dpm++sde.")
 
 
 def check_output_path(path: str, flag: str, *, directory: bool = False) -> None:
@@ -196,15 +196,17 @@ def define_sampler_flags(*, variance: bool) -> None:
     from ddpm_jax.sampling import SAMPLERS
     flags.DEFINE_enum("sampler", None, list(SAMPLERS), "ddpm: ancestral; ddim: Song et al.; "
                       "dpm++: DPM-Solver++ multistep, deterministic, near-converged in 15-25 "
-                      "steps (default config.sampling.sampler).")
+                      "steps; dpm++sde: its SDE variant, stochastic (default "
+                      "config.sampling.sampler).")
     flags.DEFINE_string("steps", None, "Reverse steps: an int S (evenly spaced, t=0 and t=T-1 "
                         "kept), 'ddimS' (stride range(0, T, c)) or 'S1,S2,...' (default "
                         "config.sampling.steps).")
     flags.DEFINE_enum("spacing", None, list(SPACINGS), "Which timesteps --steps keeps: time (as "
                       "--steps says) or logsnr (S steps uniform in log-SNR; --steps an int). "
                       "Default config.sampling.spacing with the config's sampler, else time.")
-    flags.DEFINE_integer("order", None, "DPM-Solver++ order with --sampler=dpm++ (default "
-                         "config.sampling.order; 1 is DDIM with eta 0).", lower_bound=1,
+    flags.DEFINE_integer("order", None, "Solver order with --sampler=dpm++ (1-3; 1 is DDIM with "
+                         "eta 0) or dpm++sde (1-2; 1 is DDIM with eta 1) (default "
+                         "config.sampling.order).", lower_bound=1,
                          upper_bound=MAX_SOLVER_ORDER)
     flags.DEFINE_float("threshold", None, "Dynamic thresholding of each x0 prediction at this "
                        "percentile (Imagen: 0.995) instead of the [-1, 1] clip (default "

@@ -19,7 +19,8 @@ from ddpm_jax import training as training_lib
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
 from ddpm_jax.models.unet import NoisyClassifier, UNet, check_architecture
-from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS, space_timesteps
+from ddpm_jax.plans import (DPM_SOLVERS, MAX_SDE_SOLVER_ORDER, MAX_SOLVER_ORDER, SPACINGS,
+                            space_timesteps)
 from ddpm_jax.sampling import SAMPLERS
 from ddpm_jax.schedule import SCHEDULES, Schedule
 
@@ -213,7 +214,9 @@ def validate(config: Any) -> None:
     order = sampling.integer("order", 1)
     if order > MAX_SOLVER_ORDER:
         raise sampling.fail("order", f"DPM-Solver++ has orders 1..{MAX_SOLVER_ORDER}")
-    if sampling.get("sampler") == "dpm++":
+    if sampling.get("sampler") == "dpm++sde" and order > MAX_SDE_SOLVER_ORDER:
+        raise sampling.fail("order", f"SDE-DPM-Solver++ has orders 1..{MAX_SDE_SOLVER_ORDER}")
+    if sampling.get("sampler") in DPM_SOLVERS:
         num_steps = timesteps if steps is None else len(space_timesteps(timesteps, steps))
         if num_steps < order:
             raise sampling.fail("steps", f"DPM-Solver++ of order {order} needs at least {order} "
@@ -324,7 +327,7 @@ def sampler_options(config: Any, **overrides: Any) -> dict[str, Any]:
     if overrides.get("sampler") not in (None, s.sampler) and overrides.get("spacing") is None:
         options["spacing"] = "time"
     options.update({k: v for k, v in overrides.items() if v is not None})
-    if options["sampler"] != "dpm++":
+    if options["sampler"] not in DPM_SOLVERS:
         options["order"] = None
     if options["sampler"] != "ddim":  # a DDIM config's eta, when an override picks another
         options["eta"] = 0.0

@@ -235,14 +235,15 @@ def _classifier_scale(options: EvalOptions) -> float:
 
 
 def _solver_order(options: EvalOptions) -> int | None:
-    """The DPM-Solver++ order the sampler gets: options.order for dpm++, None otherwise."""
-    return options.order if options.sampler == "dpm++" else None
+    """The DPM-Solver++ order the sampler gets: options.order for dpm++ / dpm++sde, else None."""
+    return options.order if options.sampler in plans.DPM_SOLVERS else None
 
 
 def sampling_plan(schedule: Schedule, options: EvalOptions) -> plans.SamplingPlan:
     """The plan of the sampler that options describe (NumPy only: bad steps fail here)."""
     return plans.make_plan(schedule, steps=options.steps, eta=options.eta,
-                           spacing=options.spacing, order=_solver_order(options))
+                           spacing=options.spacing, order=_solver_order(options),
+                           sde=options.sampler == "dpm++sde")
 
 
 def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) -> str:

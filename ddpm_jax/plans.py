@@ -28,6 +28,8 @@ Array = jax.Array
 
 SPACINGS = ("time", "logsnr")
 MAX_SOLVER_ORDER = 3
+MAX_SDE_SOLVER_ORDER = 2  # SDE-DPM-Solver++: 1 (DDIM with eta 1) and 2M
+DPM_SOLVERS = ("dpm++", "dpm++sde")  # the samplers that take an order
 
 
 def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int]) -> np.ndarray:
@@ -135,6 +137,8 @@ class SamplingPlan:
     # + sum_k dpm_coef_x0[i, k] x0_hat_{i+k}, k = 0..K-1 (x0_hat of this step and the K-1 before).
     dpm_coef_xt: Array | None = None   # [S] float32
     dpm_coef_x0: Array | None = None   # [S, K] float32
+    # SDE-DPM-Solver++ adds dpm_coef_z[i] z_i (z_i the chain's noise at index i); 0 for the ODE.
+    dpm_coef_z: Array | None = None    # [S] float32
 
     @property
     def num_steps(self) -> int:
@@ -142,12 +146,12 @@ class SamplingPlan:
 
 
 def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float = 0.0,
-              spacing: str = "time", order: int | None = None,
+              spacing: str = "time", order: int | None = None, sde: bool = False,
               start_t: int | None = None) -> SamplingPlan:
     """Respaces `schedule` onto `steps` (None: all T; see `space_timesteps` for int / str; with
     spacing="logsnr" an int S, see `logsnr_timesteps`) and precomputes DDIM's per-step
     coefficients for `eta` in [0, 1] and, given `order` K in 1..3, DPM-Solver++'s (see
-    `dpm_solver_coefficients`); float64 math, stored float32.
+    `dpm_solver_coefficients`; `sde`: SDE-DPM-Solver++, K in 1..2); float64 math, stored float32.
 
     DDIM (Song et al. 2021, eq. 12), with abar_i and abar_{i-1} from the respaced schedule:
         sigma_i = eta * sqrt((1 - abar_{i-1}) / (1 - abar_i)) * sqrt(1 - abar_i / abar_{i-1})
@@ -194,18 +198,29 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
         if order > len(kept):
             raise ValueError(f"DPM-Solver++ of order {order} needs at least {order} steps; got "
                              f"{len(kept)}. Use more steps or a lower order.")
-        dpm_xt, dpm_x0 = dpm_solver_coefficients(alphas_cumprod, order)
-        solver = dict(dpm_coef_xt=f32(dpm_xt), dpm_coef_x0=f32(dpm_x0))
+        if sde and order > MAX_SDE_SOLVER_ORDER:
+            raise ValueError(f"SDE-DPM-Solver++ has orders 1 and 2; got order {order}.")
+        dpm_xt, dpm_x0, dpm_z = dpm_solver_coefficients(alphas_cumprod, order, sde=sde)
+        solver = dict(dpm_coef_xt=f32(dpm_xt), dpm_coef_x0=f32(dpm_x0), dpm_coef_z=f32(dpm_z))
     return SamplingPlan(schedule=spaced, timesteps=jnp.asarray(timestep_map, dtype=jnp.int32),
                         ddim_coef_x0=f32(coef_x0), ddim_coef_xt=f32(coef_xt), ddim_sigma=f32(sigma),
                         **solver)
 
 
-def dpm_solver_coefficients(alphas_cumprod: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+def dpm_solver_coefficients(alphas_cumprod: np.ndarray, order: int, *, sde: bool = False
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DPM-Solver++ multistep (Lu et al. 2022b, Alg. 2; data prediction) as per-step linear
-    weights, float64: returns (coef_xt [S], coef_x0 [S, order]) with
-        x_{i-1} = coef_xt[i] x_i + sum_k coef_x0[i, k] x0_hat_{i+k}.
+    weights, float64: returns (coef_xt [S], coef_x0 [S, order], coef_z [S]) with
+        x_{i-1} = coef_xt[i] x_i + sum_k coef_x0[i, k] x0_hat_{i+k} + coef_z[i] z_i.
     alphas_cumprod: [S] of the chain's schedule, index i = time t_i (t_{S-1} first).
+
+    sde=False (coef_z = 0): the probability-flow ODE solver. sde=True: SDE-DPM-Solver++ (the
+    same paper, Sec. 5 / App.; diffusers' "sde-dpmsolver++"), orders 1-2, which solves the
+    reverse SDE: with phi2 = 1 - e^{-2h},
+        x_{i-1} = (sigma_{i-1} / sigma_i) e^{-h} x_i + alpha_{i-1} phi2 (D0 + D1 / 2)
+                  + sigma_{i-1} sqrt(phi2) z,
+    D0 = x0_hat_i, D1 = (x0_hat_i - x0_hat_{i+1}) / r (order 2; 0 at order 1); order 1 is DDIM
+    with eta = 1 on the same grid.
 
     The step at index i goes from lambda_i to lambda_{i-1} (lambda = log(alpha / sigma)); the
     last one (i = 0) goes to alpha = 1, sigma = 0 (lambda = +inf, diffusers'
@@ -217,7 +232,7 @@ def dpm_solver_coefficients(alphas_cumprod: np.ndarray, order: int) -> tuple[np.
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
     num_steps = abar.shape[0]
     alpha, sigma, lam = np.sqrt(abar), np.sqrt(1.0 - abar), _half_log_snr(abar)
-    coef_xt = np.zeros(num_steps)
+    coef_xt, coef_z = np.zeros(num_steps), np.zeros(num_steps)
     coef_x0 = np.zeros((num_steps, order))
     for i in range(num_steps):
         taken = num_steps - 1 - i
@@ -229,9 +244,19 @@ def dpm_solver_coefficients(alphas_cumprod: np.ndarray, order: int) -> tuple[np.
             k = min(k, 2)
         # phi = 1 - e^{-h} (written as -expm1(-h) for small h); r_j = h_j / h
         h = lam[i - 1] - lam[i]
+        a = alpha[i - 1]
+        if sde:
+            phi2 = -np.expm1(-2.0 * h)
+            coef_xt[i] = sigma[i - 1] / sigma[i] * np.exp(-h)
+            coef_z[i] = sigma[i - 1] * np.sqrt(phi2)
+            if k == 1:
+                coef_x0[i, 0] = a * phi2
+            else:
+                r = (lam[i] - lam[i + 1]) / h
+                coef_x0[i, :2] = a * phi2 * np.array([1.0 + 0.5 / r, -0.5 / r])
+            continue
         phi = -np.expm1(-h)
         coef_xt[i] = sigma[i - 1] / sigma[i]
-        a = alpha[i - 1]
         if k == 1:
             coef_x0[i, 0] = a * phi
         elif k == 2:
@@ -245,7 +270,7 @@ def dpm_solver_coefficients(alphas_cumprod: np.ndarray, order: int) -> tuple[np.
             d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             coef_x0[i, :3] = a * (phi * m0 + (1.0 - phi / h) * d1 - ((h - phi) / h**2 - 0.5) * d2)
-    return coef_xt, coef_x0
+    return coef_xt, coef_x0, coef_z
 
 
 def progressive_indices(num_steps: int, return_every: int) -> np.ndarray:

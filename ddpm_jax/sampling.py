@@ -1,5 +1,5 @@
-"""Sampling the reverse process as one XLA program: ancestral (DDPM), DDIM and DPM-Solver++
-(multistep, orders 1-3), on all T steps or on a respaced sub-sequence of S <= T steps, each a
+"""Sampling the reverse process as one XLA program: ancestral (DDPM), DDIM, DPM-Solver++
+(multistep, orders 1-3) and SDE-DPM-Solver++ (orders 1-2), on all T steps or on a respaced sub-sequence of S <= T steps, each a
 single `lax.scan` over the steps.
 
 Everything that varies per step (the original timestep fed to the model, the DDIM
@@ -46,13 +46,14 @@ from ddpm_jax.diffusion import (MEAN_TYPES, VAR_TYPES, DenoiseFn, dynamic_thresh
 from ddpm_jax.images import to_uint8
 from ddpm_jax.labels import balanced, check_labels_and_guidance
 from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
-from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS, SamplingPlan, make_plan, progressive_indices
+from ddpm_jax.plans import (DPM_SOLVERS, MAX_SOLVER_ORDER, SPACINGS, SamplingPlan, make_plan,
+                            progressive_indices)
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]   # (params, x_t [B,H,W,C], t [B][, y [B]]) -> output
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = ("ddpm", "ddim") + DPM_SOLVERS
 PROGRESSIVE = ("pred_x0", "x_t")
 
 
@@ -141,20 +142,23 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
             out = classifier_guidance(out, classifier, classifier_params, classifier_scale,
                                       labels, plan.schedule, x_t=x_t, t=t, index=index,
                                       sampler=sampler)
-        if sampler == "dpm++":
-            # No noise: the probability-flow ODE. history[k] is x0_hat of the (k+1)-th step back.
+        if sampler in DPM_SOLVERS:
+            # history[k] is x0_hat of the (k+1)-th step back; dpm++ adds no noise (the
+            # probability-flow ODE), dpm++sde adds dpm_z z (0 on the last step).
             weights = per_step["dpm_x0"]
-            x_prev = per_step["dpm_xt"] * x_t + weights[0] * out["pred_x0"]
+            mean = per_step["dpm_xt"] * x_t + weights[0] * out["pred_x0"]
             for k, past in enumerate(history):
-                x_prev = x_prev + weights[k + 1] * past
-            x_prev = constrain(x_prev)
+                mean = mean + weights[k + 1] * past
+            std = per_step["dpm_z"] if sampler == "dpm++sde" else None
             history = ((out["pred_x0"],) + history)[:len(history)]
+        elif sampler == "ddim":
+            mean = per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t
+            std = per_step["sigma"]
         else:
-            if sampler == "ddim":
-                mean = per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t
-                std = per_step["sigma"]
-            else:
-                mean, std = out["mean"], jnp.exp(0.5 * out["log_variance"])
+            mean, std = out["mean"], jnp.exp(0.5 * out["log_variance"])
+        if std is None:
+            x_prev = constrain(mean)
+        else:
             noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), image_shape,
                                                          jnp.float32))(step_keys)
             # No noise on the last step: the chain returns its final mean, as the official sampler.
@@ -171,8 +175,8 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
     per_step = dict(index=jnp.arange(plan.num_steps, dtype=jnp.int32), timestep=plan.timesteps,
                     coef_x0=plan.ddim_coef_x0, coef_xt=plan.ddim_coef_xt, sigma=plan.ddim_sigma)
     history = ()
-    if sampler == "dpm++":
-        per_step.update(dpm_xt=plan.dpm_coef_xt, dpm_x0=plan.dpm_coef_x0)
+    if sampler in DPM_SOLVERS:
+        per_step.update(dpm_xt=plan.dpm_coef_xt, dpm_x0=plan.dpm_coef_x0, dpm_z=plan.dpm_coef_z)
         # Zeros until the warm-up fills them (their weights are 0 there); the order is the
         # plan's K, a shape: order 1 carries no history.
         history = tuple(jnp.zeros_like(x_t) for _ in range(plan.dpm_coef_x0.shape[1] - 1))
@@ -408,7 +412,8 @@ class Sampler:
 def describe(sampler: str, *, eta: float, order: int | None, var_type: str, spacing: str) -> str:
     """What a sampler's options do, for logs and reports: 'eta 0.0, time spacing',
     'order 2, logsnr spacing' or 'fixedlarge variance, time spacing'."""
-    how = {"ddim": f"eta {eta}", "dpm++": f"order {order}"}.get(sampler, f"{var_type} variance")
+    how = f"order {order}" if sampler in DPM_SOLVERS else \
+        f"eta {eta}" if sampler == "ddim" else f"{var_type} variance"
     return f"{how}, {spacing} spacing"
 
 
@@ -458,9 +463,10 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     apply_fn(params, x_t [B,H,W,C], t [B] int) -> model output (`ModelApply(model)` for a Flax
     UNet); it must be hashable and stable, since it keys the compilation cache.
     shape: [B, H, W, C]. sampler: "ddpm" (ancestral; `var_type` fixedlarge is the CIFAR-10
-    default, fixedsmall the 256px one), "ddim" (`eta` in [0, 1]) or "dpm++" (DPM-Solver++
+    default, fixedsmall the 256px one), "ddim" (`eta` in [0, 1]), "dpm++" (DPM-Solver++
     multistep of `order` 1, 2 (default) or 3, deterministic; ends on x0_hat at the last
-    timestep; see `plans.dpm_solver_coefficients`). steps: None (all T), an int S
+    timestep; see `plans.dpm_solver_coefficients`) or "dpm++sde" (SDE-DPM-Solver++, `order` 1
+    or 2 (default), stochastic; order 1 is DDIM with eta 1). steps: None (all T), an int S
     (round(linspace(0, T-1, S))), "ddimS" (stride range(0, T, c)) or "S1,S2,..."; see
     `plans.space_timesteps`. spacing: "time" (as steps says) or "logsnr" (S steps uniform in
     log-SNR; steps an int). clip_denoised clips x0_hat to [-1, 1]; threshold=p in (0, 1)
@@ -490,12 +496,13 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta={eta!r} only applies to sampler='ddim' (got {sampler!r}); for "
                          "DDPM's beta~ variance use var_type='fixedsmall'.")
-    if order is not None and sampler != "dpm++":
-        raise ValueError(f"order={order!r} only applies to sampler='dpm++' (got {sampler!r}).")
+    if order is not None and sampler not in DPM_SOLVERS:
+        raise ValueError(f"order={order!r} only applies to sampler='dpm++' or 'dpm++sde' (got "
+                         f"{sampler!r}).")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold is a percentile in (0, 1) such as 0.995 (None: off); got "
                          f"{threshold!r}.")
-    if sampler == "dpm++" and order is None:
+    if sampler in DPM_SOLVERS and order is None:
         order = 2
     if classifier_scale is None:  # 1 with a classifier, else unused
         classifier_scale = 0.0 if classifier is None else 1.0
@@ -504,7 +511,7 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     if classifier_scale and classifier is None:
         raise ValueError("classifier_scale needs a classifier (make_sampler(..., classifier=...)).")
     plan = make_plan(schedule, steps=steps, eta=eta, spacing=spacing, order=order,
-                     start_t=start_t)
+                     sde=sampler == "dpm++sde", start_t=start_t)
     return Sampler(apply_fn, plan, guidance or 0.0, classifier_scale,
                    classifier=classifier, shape=tuple(int(s) for s in shape),
                    sampler=sampler, mean_type=mean_type, var_type=var_type,

@@ -224,3 +224,52 @@ def gaussian_chain_law(betas, kept, mu, s, sampler, eta=0.0, start=(0.0, 1.0)):
             a0 = np.sqrt(abar_prev) * x0_0 + k * e0
         mean, var = a1 * mean + a0, a1**2 * var + (noise_var if i > 0 else 0.0)
     return mean, var
+
+
+# ------------------------------------------- SDE-DPM-Solver++ (test_plans.py, test_sampling.py)
+
+def reference_sde_dpm_weights(betas, kept, order):
+    """(coef_xt, [weight of x0_hat at i, at i+1], noise scale) per chain index for
+    SDE-DPM-Solver++ (Lu et al. 2022b; the 2M "midpoint" form that diffusers' sde-dpmsolver++
+    uses), from s = t_i to t = t_{i-1}, h = lambda_t - lambda_s, float64:
+        x_t = sigma_t / sigma_s e^{-h} x_s + alpha_t (1 - e^{-2h}) (D0 + D1 / 2)
+              + sigma_t sqrt(1 - e^{-2h}) z,   D0 = m_s, D1 = (m_s - m_prev) h / h_prev.
+    Written with e^{-h} = alpha_s sigma_t / (sigma_s alpha_t). Same order rules as the ODE."""
+    abar = np.cumprod(1.0 - betas)[kept]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    lam = np.log(alpha / sigma)
+    S = len(kept)
+    out = []
+    for i in range(S):
+        k = min(order, S - i, 2 if (i == 1 and S < 15) else order)
+        if i == 0:
+            out.append((0.0, [1.0, 0.0], 0.0))
+            continue
+        decay = alpha[i] * sigma[i - 1] / (sigma[i] * alpha[i - 1])     # e^{-h}
+        gain = alpha[i - 1] * (1.0 - decay**2)
+        noise = sigma[i - 1] * np.sqrt(1.0 - decay**2)
+        if k == 1:
+            w = [gain, 0.0]
+        else:
+            d1 = (lam[i - 1] - lam[i]) / (lam[i] - lam[i + 1])          # D1 = d1 (m_s - m_prev)
+            w = [gain * (1.0 + 0.5 * d1), -gain * 0.5 * d1]
+        out.append((sigma[i - 1] / sigma[i] * decay, w, noise))
+    return out
+
+
+def gaussian_sde_dpm_law(betas, kept, mu, s, order):
+    """Exact (mean, variance) of SDE-DPM-Solver++'s output for data N(mu, s^2) with the optimal
+    eps and no clipping: the state (x_i, x0_hat_{i+1}) evolves affinely plus Gaussian noise, so
+    iterate its mean vector and 2x2 covariance."""
+    abar_all = np.cumprod(1.0 - betas)
+    mean, cov = np.zeros(2), np.diag([1.0, 0.0])
+    for i, (c, w, n) in reversed(list(enumerate(reference_sde_dpm_weights(betas, kept, order)))):
+        abar = abar_all[kept[i]]
+        e1 = np.sqrt(1 - abar) / (abar * s**2 + 1 - abar)      # E[eps | x_t] = e1 x + e0
+        e0 = -e1 * np.sqrt(abar) * mu
+        x0_1 = (1 - np.sqrt(1 - abar) * e1) / np.sqrt(abar)    # x0_hat = x0_1 x + x0_0
+        x0_0 = -np.sqrt(1 - abar) * e0 / np.sqrt(abar)
+        A = np.array([[c + w[0] * x0_1, w[1]], [x0_1, 0.0]])
+        b = np.array([w[0] * x0_0, x0_0])
+        mean, cov = A @ mean + b, A @ cov @ A.T + np.diag([n**2, 0.0])
+    return mean[0], cov[0, 0]

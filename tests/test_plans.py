@@ -7,7 +7,7 @@ import pytest
 from ddpm_jax import plans
 from ddpm_jax.plans import space_timesteps
 from ddpm_jax.schedule import Schedule
-from reference import reference_dpm_weights, scaled_linear
+from reference import reference_dpm_weights, reference_sde_dpm_weights, scaled_linear
 
 T = 50
 
@@ -74,6 +74,36 @@ def test_dpm_solver_weights_follow_the_published_update(order, num_steps, spacin
     if order == 1:  # order 1 is DDIM with eta = 0 on the same grid
         np.testing.assert_allclose(coef_xt, plan.ddim_coef_xt, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(coef_x0[:, 0], plan.ddim_coef_x0, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("order, num_steps, spacing", [(1, 7, "time"), (2, 10, "logsnr"),
+                                                       (2, 16, "time")])
+def test_sde_dpm_solver_weights_follow_the_published_update(order, num_steps, spacing):
+    betas = scaled_linear(T)
+    plan = plans.make_plan(Schedule.from_betas(betas), steps=num_steps, spacing=spacing,
+                           order=order, sde=True)
+    kept = np.asarray(plan.timesteps)
+    coef_xt, coef_x0 = np.asarray(plan.dpm_coef_xt), np.asarray(plan.dpm_coef_x0)
+    coef_z = np.asarray(plan.dpm_coef_z)
+    assert coef_x0.shape == (num_steps, order)
+    for i, (xt, w, z) in enumerate(reference_sde_dpm_weights(betas, kept, order)):
+        np.testing.assert_allclose(coef_xt[i], xt, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(coef_x0[i], w[:order], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(coef_z[i], z, rtol=1e-5, atol=1e-7)
+    if order == 1:  # order 1 is DDIM with eta = 1 on the same grid
+        ddim = plans.make_plan(Schedule.from_betas(betas), steps=num_steps, spacing=spacing,
+                               eta=1.0)
+        np.testing.assert_allclose(coef_xt, ddim.ddim_coef_xt, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(coef_x0[:, 0], ddim.ddim_coef_x0, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(coef_z[1:], ddim.ddim_sigma[1:], rtol=1e-5, atol=1e-7)
+    # The ODE solver's plan carries no noise.
+    ode = plans.make_plan(Schedule.from_betas(betas), steps=num_steps, spacing=spacing, order=order)
+    assert not np.asarray(ode.dpm_coef_z).any()
+
+
+def test_sde_dpm_solver_refuses_order_three():
+    with pytest.raises(ValueError, match="SDE-DPM-Solver\\+\\+ has orders 1 and 2; got order 3"):
+        plans.make_plan(Schedule.from_betas(scaled_linear(T)), steps=10, order=3, sde=True)
 
 
 def test_dpm_solver_order_rules_warm_up_and_lower_order_final():

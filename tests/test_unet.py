@@ -266,6 +266,8 @@ def _set(path: str, value, *more):
     (_set("sampling.sampler", "euler"), r"config.sampling.sampler='euler'"),
     (_set("sampling.order", 4), r"config.sampling.order=4: DPM-Solver\+\+ has orders 1..3"),
     (_set("sampling.spacing", "karras"), r"config.sampling.spacing='karras': use one of"),
+    (_set("sampling.sampler", "dpm++sde", "sampling.order", 3),
+     r"config.sampling.order=3: SDE-DPM-Solver\+\+ has orders 1..2"),
     (_set("sampling.steps", None, "sampling.steps", "ddim50", "sampling.spacing", "logsnr"),
      r"config.sampling.steps='ddim50': spacing='logsnr' places an int number of steps"),
     (_set("sampling.sampler", "dpm++", "sampling.steps", 2, "sampling.order", 3),
