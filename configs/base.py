@@ -76,10 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     config.sampling = dict(
-        sampler="ddpm",               # ddpm (ancestral) | ddim | dpm++ (DPM-Solver++ multistep, ODE)
+        sampler="ddpm",               # ddpm (ancestral) | ddim | dpm++ (DPM-Solver++, ODE) | dpm++sde (its SDE variant)
         steps=1000,                   # reverse steps S <= T (fewer respaces), 'ddimS', or None: all T
         spacing="time",               # time (as steps says) | logsnr (S steps uniform in log-SNR; int steps)
-        order=2,                      # DPM-Solver++ order 1..3 (used by sampler dpm++ only; 1 = DDIM eta 0)
+        order=2,                      # solver order: dpm++ 1..3 (1 = DDIM eta 0), dpm++sde 1..2 (1 = DDIM eta 1)
         eta=0.0,                      # DDIM noise: 0 deterministic, 1 matches DDPM's beta~
         clip_denoised=True,           # clip the predicted x0 to [-1, 1], as the official sampler
         threshold=placeholder(float),  # dynamic thresholding percentile (Imagen: 0.995) instead of the clip; None: off

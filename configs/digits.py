@@ -42,10 +42,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.training.checkpoint_every = 500
     config.training.sample_every = 900
     config.training.num_sample_images = 36
-    # DPM-Solver++(2M), 20 steps uniform in log-SNR: the grids, sample.py and evaluate default to
-    # it (1,000 images in about 20 s; ancestral 1000 steps took 15 min); --sampler ddpm for the
-    # paper's sampler.
-    config.sampling.sampler = "dpm++"
+    # SDE-DPM-Solver++(2M), 20 steps uniform in log-SNR: the grids, sample.py and evaluate
+    # default to it (1,000 images in about 40 s; ancestral 1000 steps took 15 min). On this
+    # run's checkpoint it scored digits-FID 2.65 against the ODE solver's (dpm++) 3.76 at the
+    # same 20 calls; --sampler ddpm for the paper's sampler.
+    config.sampling.sampler = "dpm++sde"
     config.sampling.steps = 20
     config.sampling.spacing = "logsnr"
     config.sampling.batch_size = 500
