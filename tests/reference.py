@@ -126,12 +126,17 @@ def mmd2_unbiased_loops(x, y):
 # ------------------------------------------------------- DPM-Solver++ plans (test_plans.py)
 
 
+def _chain_alpha_sigma_lambda(betas, kept):
+    """alpha_i, sigma_i and lambda_i = log(alpha_i / sigma_i) at the kept timesteps, float64."""
+    abar = np.cumprod(1.0 - betas)[kept]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    return alpha, sigma, np.log(alpha / sigma)
+
+
 def reference_dpm_weights(betas, kept, order):
     """(coef_xt, weights on x0_hat at i, i+1, i+2) per chain index, from REFERENCE.md's
     DPM-Solver++ formulas with diffusers' order rules, in float64."""
-    abar = np.cumprod(1.0 - betas)[kept]
-    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
-    lam = np.log(alpha / sigma)
+    alpha, sigma, lam = _chain_alpha_sigma_lambda(betas, kept)
     S = len(kept)
     out = []
     for i in range(S):
@@ -235,9 +240,7 @@ def reference_sde_dpm_weights(betas, kept, order):
         x_t = sigma_t / sigma_s e^{-h} x_s + alpha_t (1 - e^{-2h}) (D0 + D1 / 2)
               + sigma_t sqrt(1 - e^{-2h}) z,   D0 = m_s, D1 = (m_s - m_prev) h / h_prev.
     Written with e^{-h} = alpha_s sigma_t / (sigma_s alpha_t). Same order rules as the ODE."""
-    abar = np.cumprod(1.0 - betas)[kept]
-    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
-    lam = np.log(alpha / sigma)
+    alpha, sigma, lam = _chain_alpha_sigma_lambda(betas, kept)
     S = len(kept)
     out = []
     for i in range(S):
