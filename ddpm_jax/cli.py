@@ -23,7 +23,8 @@ def check_solver_flags(sampler: str, eta: float | None, order: int | None) -> No
     with one other than dpm++ / dpm++sde: options that would silently do nothing."""
     if eta and sampler != "ddim":
         raise ValueError(f"--eta={eta} only applies to --sampler=ddim.")
-    if order is not None and sampler not in ("dpm++", "dpm++sde"):
+    from ddpm_jax.plans import DPM_SOLVERS
+    if order is not None and sampler not in DPM_SOLVERS:
         raise ValueError(f"--order={order} only applies to --sampler=dpm++ or dpm++sde.")
 
 

@@ -202,6 +202,13 @@ def numpy_bound(betas, a, b, x0, noise, mean_type, var_type, clip):
 
 # ------------------------------------- Gaussian data (test_sampling.py, test_editing.py)
 
+def assert_follows_gaussian(x, mean, var):
+    """The draws x (float64, flattened) have mean `mean` and variance `var`, each within 5
+    standard errors of its estimate."""
+    assert abs(x.mean() - mean) < 5 * np.sqrt(var / x.size), (x.mean(), mean)
+    assert abs(x.std() - np.sqrt(var)) < 5 * np.sqrt(var / (2 * x.size)), (x.std(), np.sqrt(var))
+
+
 def gaussian_chain_law(betas, kept, mu, s, sampler, eta=0.0, start=(0.0, 1.0)):
     """Exact mean and variance of the chain's output for data N(mu, s^2) with the optimal eps
     and no clipping: every step is affine in x_t plus Gaussian noise, so iterate the moments.

@@ -22,7 +22,7 @@ from ddpm_jax import sampling, training
 from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from multihost import run_on_two_hosts
-from reference import gaussian_chain_law, gaussian_sde_dpm_law, scaled_linear
+from reference import assert_follows_gaussian, gaussian_chain_law, gaussian_sde_dpm_law, scaled_linear
 from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -387,6 +387,15 @@ def test_point_mass_marginals_are_the_forward_marginals():
         assert abs(standardized.mean()) < 0.05 and abs(standardized.std() - 1) < 0.05, t
 
 
+def gaussian_data_eps(schedule, mu, s):
+    """eps_fn(x_t, t) = E[eps | x_t], the optimal noise predictor for x0 ~ N(mu, s^2)."""
+
+    def eps_fn(x_t, t):
+        a = schedule.alphas_cumprod[t][:, None, None, None]
+        return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / (a * s**2 + 1 - a)
+    return eps_fn
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler, steps, kept, data_tol", [
     ("ddpm", None, np.arange(1000), 0.005),
@@ -398,10 +407,7 @@ def test_gaussian_data_samples_match_theory(sampler, steps, kept, data_tol):
     mu, s = 0.3, 0.2
     betas = scaled_linear(1000)
     schedule = Schedule.from_betas(betas)
-
-    def eps_fn(x_t, t):  # E[eps | x_t] for x0 ~ N(mu, s^2)
-        a = schedule.alphas_cumprod[t][:, None, None, None]
-        return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / (a * s**2 + 1 - a)
+    eps_fn = gaussian_data_eps(schedule, mu, s)
 
     options = dict(var_type="fixedsmall") if sampler == "ddpm" else dict(sampler="ddim")
     out = sample(eps_fn, schedule, (512, 4, 4, 1), jax.random.key(8), steps=steps,
@@ -411,8 +417,7 @@ def test_gaussian_data_samples_match_theory(sampler, steps, kept, data_tol):
     # The chain's law is near the data's (exactly so as the steps grow) ...
     assert abs(mean - mu) < data_tol and abs(np.sqrt(var) - s) < data_tol, (mean, np.sqrt(var))
     # ... and the samples follow it: 8192 draws, 5 standard errors.
-    assert abs(x.mean() - mean) < 5 * np.sqrt(var / x.size), (x.mean(), mean)
-    assert abs(x.std() - np.sqrt(var)) < 5 * np.sqrt(var / (2 * x.size)), (x.std(), np.sqrt(var))
+    assert_follows_gaussian(x, mean, var)
 
 
 # ------------------------------------------------------------------------- DPM-Solver++
@@ -499,10 +504,7 @@ def test_sde_dpm_solver_samples_gaussian_data_by_its_exact_law(order, steps, dat
     mu, s = 0.3, 0.2
     betas = scaled_linear(1000)
     schedule = Schedule.from_betas(betas)
-
-    def eps_fn(x_t, t):  # E[eps | x_t] for x0 ~ N(mu, s^2)
-        a = schedule.alphas_cumprod[t][:, None, None, None]
-        return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / (a * s**2 + 1 - a)
+    eps_fn = gaussian_data_eps(schedule, mu, s)
 
     out = sample(eps_fn, schedule, (512, 4, 4, 1), jax.random.key(9), sampler="dpm++sde",
                  order=order, steps=steps, spacing="logsnr", clip_denoised=False)
@@ -513,8 +515,7 @@ def test_sde_dpm_solver_samples_gaussian_data_by_its_exact_law(order, steps, dat
                                                                    eta=1.0), rtol=1e-9)
     assert abs(mean - mu) < data_tol and abs(np.sqrt(var) - s) < data_tol, (mean, np.sqrt(var))
     x = np.asarray(out["images"], np.float64).ravel()
-    assert abs(x.mean() - mean) < 5 * np.sqrt(var / x.size), (x.mean(), mean)
-    assert abs(x.std() - np.sqrt(var)) < 5 * np.sqrt(var / (2 * x.size)), (x.std(), np.sqrt(var))
+    assert_follows_gaussian(x, mean, var)
 
 
 @pytest.mark.slow
