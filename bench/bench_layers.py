@@ -12,7 +12,10 @@ Measures, at batch 32 and UNet shapes:
     PyTorch's group_norm + silu;
   * conv_dw: the kernel gradient under XLA's defaults (YNNPACK) and the train preset (Eigen),
     and PyTorch's conv2d_weight (oneDNN), GFLOP/s;
-  * conv_dtype: a 3x3 conv forward in float32 and bfloat16 under each preset, GFLOP/s.
+  * conv_dtype: a 3x3 conv forward in float32 and bfloat16 under each preset, GFLOP/s;
+  * dense_conv (`--only dense_conv`, batch 500 as the digits sampler runs): a 3x3 conv on 1x1 to
+    8x8 images through XLA's convolution and as Conv(dense=True)'s one matmul, forward and
+    forward+backward (ms), and PyTorch's conv2d; the threshold of `xla_cpu.prefers_dense_conv`.
 Prints one JSON line per measurement and a table. Never run by CI.
 """
 
@@ -33,7 +36,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ddpm_jax import xla_cpu  # noqa: E402
-from ddpm_jax.models.unet import NORM_EPS, GroupNorm  # noqa: E402
+from ddpm_jax.models.unet import NORM_EPS, Conv, GroupNorm  # noqa: E402
 
 BATCH = 32
 # (H, C_in, C_out) of the 3x3 convs / GroupNorms that dominate the two benchmark UNets.
@@ -134,10 +137,45 @@ def bench_conv_dtype(repeats: int, emit) -> None:
                           impl=jnp.dtype(dtype).name, gflops=gflop / median_ms(lambda: fn(xd, kd), repeats) * 1e3))
 
 
+DENSE_SHAPES = [(1, 64, 64), (2, 64, 64), (2, 128, 64), (4, 64, 64), (4, 128, 64), (8, 32, 32)]
+
+
+def bench_dense_conv(repeats: int, emit) -> None:
+    batch, options = 500, xla_cpu.compiler_options("inference")
+    for height, c_in, c_out in DENSE_SHAPES:
+        x = jax.random.normal(jax.random.key(0), (batch, height, height, c_in))
+        dy = jax.random.normal(jax.random.key(1), (batch, height, height, c_out))
+        shape = [batch, height, height, c_in, c_out]
+        params = Conv(c_out).init(jax.random.key(2), x)
+        for impl, dense in (("xla_conv", False), ("dense_matmul", True)):
+            module = Conv(c_out, dense=dense)
+            fwd = jax.jit(module.apply, compiler_options=options)
+            both = jax.jit(lambda p, x, m=module: jax.vjp(m.apply, p, x)[1](dy), compiler_options=options)
+            emit(dict(kind="dense_conv", shape=shape, preset="inference_preset", impl=impl,
+                      forward_ms=median_ms(lambda: fwd(params, x), repeats),
+                      fwd_bwd_ms=median_ms(lambda: both(params, x), repeats)))
+        try:
+            import torch
+        except ImportError:
+            continue
+        torch.set_num_threads(os.cpu_count() or 1)
+        xt = torch.randn(batch, c_in, height, height, requires_grad=True)
+        wt = torch.randn(c_out, c_in, 3, 3, requires_grad=True)
+        dyt = torch.randn(batch, c_out, height, height)
+        conv = lambda: torch.nn.functional.conv2d(xt, wt, padding=1)  # noqa: E731
+
+        def torch_forward():
+            with torch.no_grad():
+                return conv()
+        emit(dict(kind="dense_conv", shape=shape, preset="-", impl="torch",
+                  forward_ms=median_ms(torch_forward, repeats),
+                  fwd_bwd_ms=median_ms(lambda: torch.autograd.grad(conv(), (xt, wt), dyt), repeats)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--only", choices=["groupnorm", "conv", "conv_dtype"], default=None)
+    parser.add_argument("--only", choices=["groupnorm", "conv", "conv_dtype", "dense_conv"], default=None)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
 
@@ -153,12 +191,14 @@ def main() -> None:
         bench_conv_grads(args.repeats, emit)
     if args.only in (None, "conv_dtype"):
         bench_conv_dtype(args.repeats, emit)
+    if args.only in (None, "dense_conv"):
+        bench_dense_conv(args.repeats, emit)
 
     print()
     for row in rows:
         shape = "x".join(map(str, row["shape"]))
-        if row["kind"] == "groupnorm":
-            print(f"groupnorm+swish {shape:<16} {row['preset']:<17} {row['impl']:<6} "
+        if row["kind"] in ("groupnorm", "dense_conv"):
+            print(f"{row['kind']:<15} {shape:<16} {row['preset']:<17} {row['impl']:<12} "
                   f"forward {row['forward_ms']:6.2f} ms  fwd+bwd {row['fwd_bwd_ms']:6.2f} ms")
         else:
             print(f"{row['kind']:<15} {shape:<16} {row['preset']:<17} {row['impl']:<12} "

@@ -4,6 +4,7 @@ The backend-dependent defaults, named so that the model and step code read as ma
 function's docstring says what was measured):
 
   prefers_group_matmul             GroupNorm moves between channels and groups by tiny matmuls
+  prefers_dense_conv               convolutions on images of <= 4 pixels run as one matmul
   prefers_unrolled_gradient_loops  the microbatch and K-step scans are unrolled
   remat_pays                       whether model.remat can save memory (the loop warns if not)
 
@@ -57,6 +58,23 @@ def prefers_group_matmul() -> bool:
     and broadcasts, while each matmul would be a kernel of its own.
     """
     return _on_cpu()
+
+
+DENSE_CONV_MAX_PIXELS = 4
+
+
+def prefers_dense_conv(height: int, width: int) -> bool:
+    """Conv's default (`dense=None`) for a k x k convolution over [B, height, width, C]: one
+    matmul with the kernel's matrix on this image size instead of XLA's convolution, on the CPU
+    backend for images of at most DENSE_CONV_MAX_PIXELS pixels.
+
+    There XLA's convolution runs 3x3 kernels on 2x2 images at about 10 GFLOP/s: at batch 500, 64
+    -> 64 channels, 11-12 ms forward and 24-26 ms for both gradients, against 0.7-0.8 and 1.5 ms
+    as the matmul (bench/bench_layers.py --dense_conv, BENCHMARKS.md); the digits UNet has 14 such
+    convolutions. From 4x4 up XLA's convolution is faster (the matrix grows with the square of
+    the pixels). Other backends keep their convolutions.
+    """
+    return _on_cpu() and height * width <= DENSE_CONV_MAX_PIXELS
 
 
 def prefers_unrolled_gradient_loops() -> bool:

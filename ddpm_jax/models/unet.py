@@ -140,7 +140,12 @@ class Conv(nn.Module):
     `bias` [C_out], float32, named and shaped as flax's `nn.Conv` (checkpoints interchange).
 
     1x1 kernels (the ResBlock shortcuts) run as one matmul over the channels, which needs no
-    layout change in either gradient; the rest through XLA's convolution.
+    layout change in either gradient. The rest run through XLA's convolution, or, when `dense`,
+    as one matmul of the flattened image [B, H*W*C_in] with the [H*W*C_in, H'*W'*C_out] matrix
+    the kernel defines on this image size (`dense_conv_matrix`): the same sums, with the
+    padding's zero taps left out. None (default): `xla_cpu.prefers_dense_conv(H, W)`, on the CPU
+    backend for images of at most 4 pixels (the 2x2 level of the digits UNet), where XLA's
+    convolution runs 10-17x slower than the matmul (BENCHMARKS.md).
     """
 
     features: int
@@ -149,6 +154,7 @@ class Conv(nn.Module):
     padding: Any = "SAME"
     kernel_init: Any = default_init
     dtype: Any = jnp.float32
+    dense: bool | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -157,12 +163,42 @@ class Conv(nn.Module):
                             jnp.float32).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         x = x.astype(self.dtype)
+        height, width = x.shape[1:3]
+        dense = xla_cpu.prefers_dense_conv(height, width) if self.dense is None else self.dense
         if self.kernel == 1 and self.strides == 1:
             y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+        elif dense:
+            matrix, out_hw = dense_conv_matrix(kernel, (height, width), self.strides, self.padding)
+            y = (x.reshape(x.shape[0], -1) @ matrix).reshape(x.shape[0], *out_hw, self.features)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), self.padding,
                                              dimension_numbers=_NHWC)
         return y + bias.reshape(1, 1, 1, -1)
+
+
+def dense_conv_matrix(kernel: Array, image_hw: tuple[int, int], strides: int,
+                      padding: Any) -> tuple[Array, tuple[int, int]]:
+    """The convolution with `kernel` [k, k, C_in, C_out] on images of size image_hw as a matrix.
+
+    Returns ([H*W*C_in, H'*W'*C_out], (H', W')) such that flattened [B, H*W*C_in] images times
+    the matrix are the convolution's [B, H', W', C_out] outputs, flattened. Entry (h, w, c; i, j,
+    d) is kernel[h - i*s + p_top, w - j*s + p_left, c, d] where that tap exists, else 0.
+    padding: "SAME", "VALID" or ((top, bottom), (left, right)), as jax.lax.conv_general_dilated.
+    """
+    k = kernel.shape[0]
+    pads = (jax.lax.padtype_to_pads(image_hw, (k, k), (strides, strides), padding)
+            if isinstance(padding, str) else padding)
+    out_hw = tuple((size + lo + hi - k) // strides + 1 for size, (lo, hi) in zip(image_hw, pads))
+
+    def taps(size: int, out: int, pad_lo: int) -> np.ndarray:           # [size, out], k = none
+        tap = np.arange(size)[:, None] - strides * np.arange(out)[None, :] + pad_lo
+        return np.where((tap >= 0) & (tap < k), tap, k)
+
+    rows, cols = (taps(size, out, lo) for size, out, (lo, _) in zip(image_hw, out_hw, pads))
+    padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))          # tap k: zeros
+    matrix = padded[rows[:, None, :, None], cols[None, :, None, :]]      # [H, W, H', W', Ci, Co]
+    matrix = matrix.transpose(0, 1, 4, 2, 3, 5)
+    return matrix.reshape(np.prod(image_hw) * kernel.shape[2], -1), out_hw
 
 
 def conv(features: int, dtype: Any, name: str, *, kernel: int = 3, strides: int = 1, padding: Any = "SAME",
