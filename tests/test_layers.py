@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.models.unet import Conv, GroupNorm
+from ddpm_jax.models.unet import Conv, GroupNorm, dense_conv_matrix
 from reference import np_conv, np_group_norm
 
 
@@ -60,17 +60,53 @@ def test_group_norm_rejects_indivisible_channels():
         GroupNorm(4).init(jax.random.key(0), jnp.ones((1, 2, 2, 6)))
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [
-    (3, 1, "SAME"), (1, 1, "SAME"), (3, 2, ((0, 1), (0, 1)))])
-def test_conv_matches_float64_reference(kernel, stride, padding):
+_CONV_CASES = [  # (kernel, stride, padding, image size) with at least one output pixel
+    (kernel, stride, padding, size)
+    for kernel, stride, padding in [(3, 1, "SAME"), (1, 1, "SAME"), (3, 2, ((0, 1), (0, 1))),
+                                    (3, 1, "VALID")]
+    for size in (6, 2, 1)
+    if padding == "SAME" or size + (padding != "VALID") >= kernel]
+
+
+@pytest.mark.parametrize("dense", [None, True, False])
+@pytest.mark.parametrize("kernel,stride,padding,size", _CONV_CASES)
+def test_conv_matches_float64_reference(kernel, stride, padding, size, dense):
+    """Both formulations (XLA's convolution, the dense matrix) at image sizes on both sides of
+    the CPU default's 4-pixel threshold."""
+    pad = {"SAME": ((kernel // 2, kernel // 2),) * 2, "VALID": ((0, 0),) * 2}.get(padding, padding)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 6, 6, 5)).astype(np.float32)
+    x = rng.standard_normal((2, size, size, 5)).astype(np.float32)
     k = rng.standard_normal((kernel, kernel, 5, 7)).astype(np.float32)
     bias = rng.standard_normal(7).astype(np.float32)
     params = {"params": {"kernel": jnp.asarray(k), "bias": jnp.asarray(bias)}}
-    out = Conv(7, kernel, stride, padding).apply(params, jnp.asarray(x))
-    pad = ((kernel // 2, kernel // 2),) * 2 if padding == "SAME" else padding
+    out = Conv(7, kernel, stride, padding, dense=dense).apply(params, jnp.asarray(x))
     np.testing.assert_allclose(out, np_conv(x, k, stride, pad) + bias, atol=1e-4, rtol=1e-5)
+
+
+def test_dense_conv_matrix_entries_are_the_kernel_taps():
+    """On a 2x2 image with SAME padding every output pixel sees every input pixel; entry
+    (input (h, w), output (i, j)) is the kernel tap (h - i + 1, w - j + 1)."""
+    k = jnp.arange(9.0).reshape(3, 3, 1, 1)
+    matrix, out_hw = dense_conv_matrix(k, (2, 2), 1, "SAME")
+    assert out_hw == (2, 2) and matrix.shape == (4, 4)
+    expected = np.array([[k[h - i + 1, w - j + 1, 0, 0] for i in range(2) for j in range(2)]
+                         for h in range(2) for w in range(2)])
+    np.testing.assert_array_equal(matrix, expected)
+    matrix, out_hw = dense_conv_matrix(k, (3, 1), 2, ((0, 1), (1, 1)))   # taps off the image: 0
+    assert out_hw == (1, 1)
+    np.testing.assert_array_equal(matrix[:, 0], [k[0, 1, 0, 0], k[1, 1, 0, 0], k[2, 1, 0, 0]])
+
+
+def test_conv_default_on_the_cpu_is_dense_up_to_four_pixels():
+    def lowered(size: int, **kwargs) -> str:
+        x = jnp.ones((2, size, size, 3))
+        module = Conv(4, **kwargs)
+        return jax.jit(module.apply).lower(module.init(jax.random.key(0), x), x).as_text()
+
+    assert jax.default_backend() == "cpu"
+    assert "convolution" not in lowered(2) and "convolution" not in lowered(1)
+    assert "convolution" in lowered(4) and "convolution" in lowered(2, dense=False)
+    assert "convolution" not in lowered(4, dense=True)
 
 
 def test_conv_parameters_match_flax():
@@ -82,15 +118,18 @@ def test_conv_parameters_match_flax():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, "SAME"), (3, 2, ((0, 1), (0, 1)))])
+@pytest.mark.parametrize("kernel,stride,padding,dense", [
+    (1, 1, "SAME", None), (3, 2, ((0, 1), (0, 1)), None), (3, 1, "SAME", True),
+    (3, 2, ((0, 1), (0, 1)), True)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_conv_gradients_match_flax(kernel, stride, padding, dtype):
-    """The 1x1 matmul path and the strided path differentiate like nn.Conv, in both dtypes."""
+def test_conv_gradients_match_flax(kernel, stride, padding, dense, dtype):
+    """The 1x1 matmul path, the strided path and the dense matrix differentiate like nn.Conv, in
+    both dtypes."""
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
     ref = nn.Conv(7, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype)
     params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape),
                           ref.init(jax.random.key(1), x))
-    ours = Conv(7, kernel, stride, padding, dtype=dtype)
+    ours = Conv(7, kernel, stride, padding, dtype=dtype, dense=dense)
     loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))  # noqa: E731
     assert ours.apply(params, x).dtype == ref.apply(params, x).dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
