@@ -36,12 +36,14 @@ def to_native(images: np.ndarray) -> np.ndarray:
 
 
 class Yardstick:
-    """Scores uint8 digit images [N, H, W, 1] at 8x8 against the train split's statistics."""
+    """Scores uint8 digit images [N, H, W, 1] at 8x8 against one split's statistics."""
 
-    def __init__(self, cache_dir: str | None = None):
+    def __init__(self, cache_dir: str | None = None, reference_split: str = REFERENCE_SPLIT):
+        """reference_split: "train" (the 1,437 images the models learn from; evaluate's default)
+        or "test" (the 360 held-out images, which no model and no train-image row has seen)."""
         self.net = features.make_feature_net("digits", image_size=SIZE, cache_dir=cache_dir)
         self.reference = features.reference_statistics(
-                self.net, dataset="digits", split=REFERENCE_SPLIT, image_size=SIZE, channels=1,
+                self.net, dataset="digits", split=reference_split, image_size=SIZE, channels=1,
                 cache_dir=cache_dir, progress=False)
 
     def protocol(self) -> str:

@@ -136,8 +136,10 @@ class Peer:
                     cpu_s=round(time.process_time() - cpu, 1),
                     final_loss=round(float(np.mean(losses[-50:])), 4))
 
-    def sample(self, kind: str, num: int, seed: int, batch: int = 500) -> tuple[np.ndarray, float]:
-        """uint8 [num, 8, 8, 1] from the EMA weights with the named diffusers scheduler."""
+    def sample(self, kind: str, num: int, seed: int, batch: int = 500,
+               steps: int | None = None) -> tuple[np.ndarray, float]:
+        """uint8 [num, 8, 8, 1] from the EMA weights with the named diffusers scheduler; steps:
+        that scheduler's number of steps instead of the kind's (1000, 50 or 20)."""
         torch = self.torch
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
         common = dict(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02,
@@ -145,6 +147,7 @@ class Peer:
         model = type(self.model).from_config(self.model.config)
         model.load_state_dict(self.ema)
         model.eval()
+        override = steps
         out, start = [], time.perf_counter()
         for b in range(math.ceil(num / batch)):
             n = min(batch, num - b * batch)
@@ -156,7 +159,7 @@ class Peer:
             else:
                 sched, steps = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++",
                                                            solver_order=2), 20
-            sched.set_timesteps(steps)
+            sched.set_timesteps(steps if override is None else override)
             gen = torch.Generator().manual_seed(seed * 1000 + b)
             x = torch.randn((n, 1, 8, 8), generator=gen)
             with torch.no_grad():

@@ -3,7 +3,9 @@ paper's Table 1, on digits): digits-FID at the native 8x8 (bench/digits_yardstic
 
     python bench/steps_table.py --workdir runs/quality/ours --steps 10,20,50,100 --seeds 0,1
 
-Each cell draws --num_samples images from the run's EMA weights with our compiled chain. The
+With --reference_split test the reference is the 360 held-out images (which no model saw), and
+a row of --num_samples real train images is scored against it first: the real-data row of a
+fair comparison. Each cell draws --num_samples images from the run's EMA weights with our compiled chain. The
 samplers: ancestral (the run's variance), DDIM (eta 0), DPM-Solver++ and SDE-DPM-Solver++
 (dpm++sde) (order 2, logsnr spacing unless --dpm_spacing). Prints JSON lines and a Markdown table (mean and range over the
 seeds, seconds per 1,000 images). Never run by CI.
@@ -32,12 +34,21 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--dpm_spacing", default="logsnr", choices=("time", "logsnr"))
     parser.add_argument("--out", default=None, help="JSON-lines file to append the cells to.")
+    parser.add_argument("--reference_split", default="train", choices=("train", "test"),
+                        help="the FID reference: the train images (default) or the 360 held-out "
+                             "ones, with a row of 1,000 train images scored the same way")
     args = parser.parse_args()
-    yardstick = Yardstick()
+    yardstick = Yardstick(reference_split=args.reference_split)
     print(yardstick.protocol(), flush=True)
     steps = [int(s) for s in args.steps.split(",")]
     samplers = args.samplers.split(",")
     cells: dict = {}
+    if args.reference_split == "test":   # real images no model has seen as the FID reference
+        from ddpm_jax.data import builders
+        train = builders.digits_arrays(8)["train"][0]
+        picked = train[np.random.RandomState(0).permutation(len(train))[:args.num_samples]]
+        real = dict(sampler=f"{len(picked)} real train images", **yardstick.score(picked))
+        print(json.dumps(real), flush=True)
     for sampler in samplers:
         for num_steps in steps:
             for seed in (int(s) for s in args.seeds.split(",")):

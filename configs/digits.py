@@ -1,13 +1,14 @@
-"""The offline default: scikit-learn's 8x8 digits at their native size, a 1.6M-parameter UNet, 1,800
-steps; the main job took 9.4 minutes on a quiet 2-core CPU (563 s, 2026-12-03; the target is 10).
-Samples (grids, sample.py, evaluate.py) default to DPM-Solver++(2M) on 20 log-SNR steps.
+"""The offline default: scikit-learn's 8x8 digits at their native size, a 1.6M-parameter UNet, 2,500
+steps; the main job took 8.9 minutes on a quiet 2-core CPU (535 s, 2026-12-03; the target is 10).
+Samples (grids, sample.py, evaluate.py) default to SDE-DPM-Solver++(2M) on 20 log-SNR steps.
 
 The settings come from a measured study of quality per CPU minute (BENCHMARKS.md, "Digits
 quality"): native 8x8 instead of 16x16 (4x fewer pixels per step), two res blocks per level with
 attention at 4x4, batch 64, a larger learning rate than the paper's, and an EMA that ramps up
-(`ema_warmup`) so a short run's average does not keep its random initialisation. 3,000 steps
-(15.8 minutes) scored better (DDIM-50 digits-FID 2.62 against 4.58) but broke the 10-minute
-bound; 2,000 steps took 602 s, on the bound.
+(`ema_warmup`) so a short run's average does not keep its random initialisation. The step count
+is what fits the 10 minutes: 1,800 steps (563 s) before the 2x2 convolutions became matmuls
+(models/unet.py `Conv`, 1.25x faster steps); 2,500 steps now (SDE-DPM-Solver++ 20 digits-FID
+2.24 over five seeds, against 2.27 at 2,200 steps and 2.65 at the old 1,800).
 
 Variants: `configs/digits.py:tiny` (seconds, for tests), `configs/digits.py:16px` (the
 previous default: the digits upsampled to 16x16, one res block per level, 2,000 steps at
@@ -35,17 +36,17 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.training.batch_size = 64
     config.training.lr = 5e-4             # a small model for few steps tolerates a larger rate
     config.training.warmup_steps = 100
-    config.training.num_steps = 1800      # 0.23-0.30 s/step at batch 64 on 2 CPU cores
+    config.training.num_steps = 2500      # 0.18-0.20 s/step at batch 64 on 2 CPU cores
     config.training.ema_decay = 0.999
     config.training.ema_warmup = True     # min(0.999, (1+n)/(10+n)): forgets the init early
     config.training.log_every = 50
     config.training.checkpoint_every = 500
-    config.training.sample_every = 900
+    config.training.sample_every = 1250
     config.training.num_sample_images = 36
     # SDE-DPM-Solver++(2M), 20 steps uniform in log-SNR: the grids, sample.py and evaluate
-    # default to it (1,000 images in about 40 s; ancestral 1000 steps took 15 min). On this
-    # run's checkpoint it scored digits-FID 2.65 against the ODE solver's (dpm++) 3.76 at the
-    # same 20 calls; --sampler ddpm for the paper's sampler.
+    # default to it (1,000 images in about 12 s). On the 1,800-step run's checkpoint it scored
+    # digits-FID 2.65 against the ODE solver's (dpm++) 3.76 at the same 20 calls; on this
+    # run's, 2.24 against 2.37 (five seeds); --sampler ddpm for the paper's sampler.
     config.sampling.sampler = "dpm++sde"
     config.sampling.steps = 20
     config.sampling.spacing = "logsnr"
