@@ -4,8 +4,8 @@ paper's Table 1, on digits): digits-FID at the native 8x8 (bench/digits_yardstic
     python bench/steps_table.py --workdir runs/quality/ours --steps 10,20,50,100 --seeds 0,1
 
 With --reference_split test the reference is the 360 held-out images (which no model saw), and
-a row of --num_samples real train images is scored against it first: the real-data row of a
-fair comparison. Each cell draws --num_samples images from the run's EMA weights with our compiled chain. The
+rows of --num_samples real train images (one random subset per seed) are scored against it
+first: the real-data row of a fair comparison. Each cell draws --num_samples images from the run's EMA weights with our compiled chain. The
 samplers: ancestral (the run's variance), DDIM (eta 0), DPM-Solver++ and SDE-DPM-Solver++
 (dpm++sde) (order 2, logsnr spacing unless --dpm_spacing). Prints JSON lines and a Markdown table (mean and range over the
 seeds, seconds per 1,000 images). Never run by CI.
@@ -46,9 +46,15 @@ def main() -> None:
     if args.reference_split == "test":   # real images no model has seen as the FID reference
         from ddpm_jax.data import builders
         train = builders.digits_arrays(8)["train"][0]
-        picked = train[np.random.RandomState(0).permutation(len(train))[:args.num_samples]]
-        real = dict(sampler=f"{len(picked)} real train images", **yardstick.score(picked))
-        print(json.dumps(real), flush=True)
+        real = []
+        for seed in (int(s) for s in args.seeds.split(",")):   # one random subset per seed
+            picked = train[np.random.RandomState(seed).permutation(len(train))[:args.num_samples]]
+            real.append(dict(sampler=f"{len(picked)} real train images", seed=seed,
+                             **yardstick.score(picked)))
+            print(json.dumps(real[-1]), flush=True)
+        fids = [r["fid"] for r in real]
+        print(f"real train images: digits-FID {np.mean(fids):.2f} ({min(fids):.2f}-{max(fids):.2f})",
+              flush=True)
     for sampler in samplers:
         for num_steps in steps:
             for seed in (int(s) for s in args.seeds.split(",")):
