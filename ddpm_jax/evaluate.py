@@ -241,9 +241,9 @@ def _solver_order(options: EvalOptions) -> int | None:
 
 def sampling_plan(schedule: Schedule, options: EvalOptions) -> plans.SamplingPlan:
     """The plan of the sampler that options describe (NumPy only: bad steps fail here)."""
-    return plans.make_plan(schedule, steps=options.steps, eta=options.eta,
-                           spacing=options.spacing, order=_solver_order(options),
-                           sde=options.sampler == "dpm++sde")
+    return plans.plan_for_sampler(schedule, options.sampler, steps=options.steps,
+                                  eta=options.eta, spacing=options.spacing,
+                                  order=_solver_order(options))
 
 
 def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) -> str:

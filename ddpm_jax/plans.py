@@ -145,6 +145,18 @@ class SamplingPlan:
         return self.timesteps.shape[0]
 
 
+def plan_for_sampler(schedule: Schedule, sampler: str, *, steps: int | str | None = None,
+                     eta: float = 0.0, spacing: str = "time", order: int | None = None,
+                     start_t: int | None = None) -> SamplingPlan:
+    """`make_plan` with the solver settings a sampler name implies: a DPM-Solver++ order only for
+    the samplers in DPM_SOLVERS (`order`, default 2; ignored for the others) and the SDE
+    variant's noise for "dpm++sde". The one place that maps sampler options to a plan."""
+    solver = sampler in DPM_SOLVERS
+    return make_plan(schedule, steps=steps, eta=eta, spacing=spacing,
+                     order=(2 if order is None else order) if solver else None,
+                     sde=sampler == "dpm++sde", start_t=start_t)
+
+
 def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float = 0.0,
               spacing: str = "time", order: int | None = None, sde: bool = False,
               start_t: int | None = None) -> SamplingPlan:

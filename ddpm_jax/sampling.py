@@ -46,8 +46,8 @@ from ddpm_jax.diffusion import (MEAN_TYPES, VAR_TYPES, DenoiseFn, dynamic_thresh
 from ddpm_jax.images import to_uint8
 from ddpm_jax.labels import balanced, check_labels_and_guidance
 from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
-from ddpm_jax.plans import (DPM_SOLVERS, MAX_SOLVER_ORDER, SPACINGS, SamplingPlan, make_plan,
-                            progressive_indices)
+from ddpm_jax.plans import (DPM_SOLVERS, MAX_SOLVER_ORDER, SPACINGS, SamplingPlan,  # noqa: F401
+                            make_plan, plan_for_sampler, progressive_indices)
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -502,16 +502,14 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold is a percentile in (0, 1) such as 0.995 (None: off); got "
                          f"{threshold!r}.")
-    if sampler in DPM_SOLVERS and order is None:
-        order = 2
     if classifier_scale is None:  # 1 with a classifier, else unused
         classifier_scale = 0.0 if classifier is None else 1.0
     if not classifier_scale >= 0.0:
         raise ValueError(f"classifier_scale must be >= 0; got {classifier_scale!r}.")
     if classifier_scale and classifier is None:
         raise ValueError("classifier_scale needs a classifier (make_sampler(..., classifier=...)).")
-    plan = make_plan(schedule, steps=steps, eta=eta, spacing=spacing, order=order,
-                     sde=sampler == "dpm++sde", start_t=start_t)
+    plan = plan_for_sampler(schedule, sampler, steps=steps, eta=eta, spacing=spacing,
+                            order=order, start_t=start_t)
     return Sampler(apply_fn, plan, guidance or 0.0, classifier_scale,
                    classifier=classifier, shape=tuple(int(s) for s in shape),
                    sampler=sampler, mean_type=mean_type, var_type=var_type,

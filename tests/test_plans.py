@@ -137,3 +137,24 @@ def test_a_plan_started_part_way_keeps_the_spaced_timesteps_below_its_start():
                                rtol=1e-5)
     with pytest.raises(ValueError, match="start_t"):
         plans.make_plan(schedule, start_t=1000)
+
+
+def test_plan_for_sampler_maps_sampler_options_to_the_plan():
+    """Orders only for the DPM-Solver++ samplers (default 2), the SDE noise only for dpm++sde."""
+    schedule = Schedule.create("linear", 100)
+
+    def same(a: plans.SamplingPlan, b: plans.SamplingPlan) -> bool:
+        fields = ("timesteps", "ddim_coef_xt", "dpm_coef_xt", "dpm_coef_x0", "dpm_coef_z")
+        pairs = [(getattr(a, f), getattr(b, f)) for f in fields]
+        return all((x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+                   for x, y in pairs)
+
+    assert same(plans.plan_for_sampler(schedule, "dpm++", steps=10, spacing="logsnr"),
+                plans.make_plan(schedule, steps=10, spacing="logsnr", order=2))
+    assert same(plans.plan_for_sampler(schedule, "dpm++sde", steps=10, order=1),
+                plans.make_plan(schedule, steps=10, order=1, sde=True))
+    ddim = plans.plan_for_sampler(schedule, "ddim", steps=10, eta=0.5, order=3)
+    assert ddim.dpm_coef_xt is None and same(ddim, plans.make_plan(schedule, steps=10, eta=0.5))
+    sde = plans.plan_for_sampler(schedule, "dpm++sde", steps=10)
+    assert sde.dpm_coef_z is not None and np.sum(np.asarray(sde.dpm_coef_z) > 0) >= 9
+    assert not np.any(np.asarray(plans.plan_for_sampler(schedule, "dpm++", steps=10).dpm_coef_z))
