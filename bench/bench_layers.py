@@ -58,6 +58,26 @@ def _plain_conv(x, k):
     return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=_DN)
 
 
+def fwd_bwd_ms(apply: Callable, params: Any, x: Any, dy: Any, options: dict | None,
+               repeats: int) -> dict[str, float]:
+    """Milliseconds of apply(params, x) forward, and forward + both gradients against dy."""
+    fwd = jax.jit(apply, compiler_options=options)
+    both = jax.jit(lambda p, x: jax.vjp(apply, p, x)[1](dy), compiler_options=options)
+    return dict(forward_ms=median_ms(lambda: fwd(params, x), repeats),
+                fwd_bwd_ms=median_ms(lambda: both(params, x), repeats))
+
+
+def torch_fwd_bwd_ms(fn: Callable, inputs: tuple, dy: Any, repeats: int) -> dict[str, float]:
+    """The same for a PyTorch function of the tensors `inputs` (which require grad)."""
+    import torch
+
+    def forward():
+        with torch.no_grad():
+            return fn()
+    return dict(forward_ms=median_ms(forward, repeats),
+                fwd_bwd_ms=median_ms(lambda: torch.autograd.grad(fn(), inputs, dy), repeats))
+
+
 def presets() -> dict[str, dict[str, str] | None]:
     os.environ[xla_cpu.ENV_VAR] = "tuned"
     return {"xla_default": None, "train_preset": xla_cpu.compiler_options("train"),
@@ -74,12 +94,9 @@ def bench_groupnorm(repeats: int, emit) -> None:
         params = modules["flax"].init(jax.random.key(2), x)
         for preset, options in presets().items():
             for name, module in modules.items():
-                fwd = jax.jit(lambda p, x, m=module: nn.swish(m.apply(p, x)), compiler_options=options)
-                both = jax.jit(lambda p, x, m=module: jax.vjp(lambda p, x: nn.swish(m.apply(p, x)), p, x)[1](dy),
-                               compiler_options=options)
                 emit(dict(kind="groupnorm", shape=[BATCH, height, height, channels], preset=preset, impl=name,
-                          forward_ms=median_ms(lambda: fwd(params, x), repeats),
-                          fwd_bwd_ms=median_ms(lambda: both(params, x), repeats)))
+                          **fwd_bwd_ms(lambda p, x, m=module: nn.swish(m.apply(p, x)), params, x, dy,
+                                       options, repeats)))
         try:
             import torch
         except ImportError:
@@ -90,14 +107,8 @@ def bench_groupnorm(repeats: int, emit) -> None:
         weight, bias = torch.ones(channels, requires_grad=True), torch.zeros(channels, requires_grad=True)
         gn = lambda: torch.nn.functional.silu(  # noqa: E731
             torch.nn.functional.group_norm(xt, 32, weight, bias, NORM_EPS))
-
-        def torch_forward():
-            with torch.no_grad():
-                return gn()
         emit(dict(kind="groupnorm", shape=[BATCH, height, height, channels], preset="-",
-                  impl="torch", forward_ms=median_ms(torch_forward, repeats),
-                  fwd_bwd_ms=median_ms(lambda: torch.autograd.grad(gn(), (xt, weight, bias), dyt),
-                                       repeats)))
+                  impl="torch", **torch_fwd_bwd_ms(gn, (xt, weight, bias), dyt, repeats)))
 
 
 def bench_conv_grads(repeats: int, emit) -> None:
@@ -148,12 +159,8 @@ def bench_dense_conv(repeats: int, emit) -> None:
         shape = [batch, height, height, c_in, c_out]
         params = Conv(c_out).init(jax.random.key(2), x)
         for impl, dense in (("xla_conv", False), ("dense_matmul", True)):
-            module = Conv(c_out, dense=dense)
-            fwd = jax.jit(module.apply, compiler_options=options)
-            both = jax.jit(lambda p, x, m=module: jax.vjp(m.apply, p, x)[1](dy), compiler_options=options)
             emit(dict(kind="dense_conv", shape=shape, preset="inference_preset", impl=impl,
-                      forward_ms=median_ms(lambda: fwd(params, x), repeats),
-                      fwd_bwd_ms=median_ms(lambda: both(params, x), repeats)))
+                      **fwd_bwd_ms(Conv(c_out, dense=dense).apply, params, x, dy, options, repeats)))
         try:
             import torch
         except ImportError:
@@ -163,13 +170,8 @@ def bench_dense_conv(repeats: int, emit) -> None:
         wt = torch.randn(c_out, c_in, 3, 3, requires_grad=True)
         dyt = torch.randn(batch, c_out, height, height)
         conv = lambda: torch.nn.functional.conv2d(xt, wt, padding=1)  # noqa: E731
-
-        def torch_forward():
-            with torch.no_grad():
-                return conv()
         emit(dict(kind="dense_conv", shape=shape, preset="-", impl="torch",
-                  forward_ms=median_ms(torch_forward, repeats),
-                  fwd_bwd_ms=median_ms(lambda: torch.autograd.grad(conv(), (xt, wt), dyt), repeats)))
+                  **torch_fwd_bwd_ms(conv, (xt, wt), dyt, repeats)))
 
 
 def main() -> None:
