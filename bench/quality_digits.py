@@ -147,19 +147,18 @@ class Peer:
         model = type(self.model).from_config(self.model.config)
         model.load_state_dict(self.ema)
         model.eval()
-        override = steps
         out, start = [], time.perf_counter()
         for b in range(math.ceil(num / batch)):
             n = min(batch, num - b * batch)
             if kind == "ancestral-1000":
-                sched, steps = DDPMScheduler(**common, variance_type="fixed_large",
-                                             clip_sample=True), T
+                sched, kind_steps = DDPMScheduler(**common, variance_type="fixed_large",
+                                                  clip_sample=True), T
             elif kind == "DDIM-50":
-                sched, steps = DDIMScheduler(**common, clip_sample=True), 50
+                sched, kind_steps = DDIMScheduler(**common, clip_sample=True), 50
             else:
-                sched, steps = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++",
-                                                           solver_order=2), 20
-            sched.set_timesteps(steps if override is None else override)
+                sched, kind_steps = DPMSolverMultistepScheduler(
+                        **common, algorithm_type="dpmsolver++", solver_order=2), 20
+            sched.set_timesteps(kind_steps if steps is None else steps)
             gen = torch.Generator().manual_seed(seed * 1000 + b)
             x = torch.randn((n, 1, 8, 8), generator=gen)
             with torch.no_grad():

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.digits_yardstick import Yardstick, sample_checkpoint  # noqa: E402
+from ddpm_jax.plans import DPM_SOLVERS  # noqa: E402
 
 
 def main() -> None:
@@ -41,13 +42,14 @@ def main() -> None:
     yardstick = Yardstick(reference_split=args.reference_split)
     print(yardstick.protocol(), flush=True)
     steps = [int(s) for s in args.steps.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     samplers = args.samplers.split(",")
     cells: dict = {}
     if args.reference_split == "test":   # real images no model has seen as the FID reference
         from ddpm_jax.data import builders
         train = builders.digits_arrays(8)["train"][0]
         real = []
-        for seed in (int(s) for s in args.seeds.split(",")):   # one random subset per seed
+        for seed in seeds:   # one random subset per seed
             picked = train[np.random.RandomState(seed).permutation(len(train))[:args.num_samples]]
             real.append(dict(sampler=f"{len(picked)} real train images", seed=seed,
                              **yardstick.score(picked)))
@@ -57,9 +59,9 @@ def main() -> None:
               flush=True)
     for sampler in samplers:
         for num_steps in steps:
-            for seed in (int(s) for s in args.seeds.split(",")):
+            for seed in seeds:
                 options = dict(sampler=sampler, steps=num_steps)
-                if sampler in ("dpm++", "dpm++sde"):
+                if sampler in DPM_SOLVERS:
                     options.update(spacing=args.dpm_spacing, order=2)
                 images, secs = sample_checkpoint(args.workdir, seed=seed,
                                                  num_samples=args.num_samples, **options)

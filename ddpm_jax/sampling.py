@@ -46,8 +46,7 @@ from ddpm_jax.diffusion import (MEAN_TYPES, VAR_TYPES, DenoiseFn, dynamic_thresh
 from ddpm_jax.images import to_uint8
 from ddpm_jax.labels import balanced, check_labels_and_guidance
 from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
-from ddpm_jax.plans import (DPM_SOLVERS, MAX_SOLVER_ORDER, SPACINGS, SamplingPlan,  # noqa: F401
-                            make_plan, plan_for_sampler, progressive_indices)
+from ddpm_jax.plans import DPM_SOLVERS, SamplingPlan, plan_for_sampler, progressive_indices
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array

@@ -69,9 +69,9 @@ def prefers_dense_conv(height: int, width: int) -> bool:
     backend for images of at most DENSE_CONV_MAX_PIXELS pixels.
 
     There XLA's convolution runs 3x3 kernels on 2x2 images at about 10 GFLOP/s: at batch 500, 64
-    -> 64 channels, 11-12 ms forward and 24-26 ms for both gradients, against 0.7-0.8 and 1.5 ms
-    as the matmul (bench/bench_layers.py --dense_conv, BENCHMARKS.md); the digits UNet has 14 such
-    convolutions. From 4x4 up XLA's convolution is faster (the matrix grows with the square of
+    -> 64 channels, 12.3 ms forward and 21.8 ms with both gradients, against 1.3 and 1.3 ms as
+    the matmul (`bench/bench_layers.py --only dense_conv`, BENCHMARKS.md); the digits UNet has 14
+    such convolutions. From 4x4 up XLA's convolution is faster (the matrix grows with the square of
     the pixels). Other backends keep their convolutions.
     """
     return _on_cpu() and height * width <= DENSE_CONV_MAX_PIXELS

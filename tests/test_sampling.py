@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import sampling, training
+from ddpm_jax import plans, sampling, training
 from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from multihost import run_on_two_hosts
@@ -508,7 +508,7 @@ def test_sde_dpm_solver_samples_gaussian_data_by_its_exact_law(order, steps, dat
 
     out = sample(eps_fn, schedule, (512, 4, 4, 1), jax.random.key(9), sampler="dpm++sde",
                  order=order, steps=steps, spacing="logsnr", clip_denoised=False)
-    kept = np.asarray(sampling.make_plan(schedule, steps=steps, spacing="logsnr").timesteps)
+    kept = np.asarray(plans.make_plan(schedule, steps=steps, spacing="logsnr").timesteps)
     mean, var = gaussian_sde_dpm_law(betas, kept, mu, s, order)
     if order == 1:  # the recursion agrees with the DDIM (eta 1) chain law, derived separately
         np.testing.assert_allclose((mean, var), gaussian_chain_law(betas, kept, mu, s, "ddim",
