@@ -7,9 +7,12 @@ then score each run's EMA weights with the 8x8 digits yardstick (bench/digits_ya
 Each variant is a list of command-line overrides of configs/digits.py (the shipped default);
 `--num_steps` (if given) overrides every variant's training length, so a screen at a shorter
 length compares settings at equal steps. Results (train wall time, seconds per step, digits-FID
-of DDIM-50 and, with --ancestral_samples, of the 1000-step ancestral sampler) are appended to
+of each of --samplers for each of --seeds against each of --reference_splits) are appended to
 OUT/study.jsonl, one line per variant, and printed as a table. Runs that already have a line are
 not retrained (delete the line to redo one). Never run by CI.
+
+    python bench/digits_study.py --out runs/study8 --only default,cosine,minsnr5 \
+        --samplers ddim50,dpm++sde20 --seeds 0,1,2 --reference_splits train,test
 """
 
 from __future__ import annotations
@@ -52,6 +55,20 @@ VARIANTS: dict[str, list[str]] = {
     "lr5e-4-ema9995": NATIVE + OURS + ["--config.training.ema_decay=0.9995"],
     "lr5e-4-b128": NATIVE + OURS + ["--config.training.batch_size=128"],
     "lr5e-4-ch48": NATIVE + OURS + ["--config.model.ch=48"],
+    # Eighth session: on top of the 2,500-step default.
+    "cosine": ["--config.training.lr_decay=cosine"],
+    "linear": ["--config.training.lr_decay=linear"],
+    "minsnr5": ["--config.training.loss_weight=min_snr"],
+    "cosine+minsnr5": ["--config.training.lr_decay=cosine", "--config.training.loss_weight=min_snr"],
+    "cosine-lr1e-3": ["--config.training.lr_decay=cosine", "--config.training.lr=1e-3"],
+    "cosine-ema998": ["--config.training.lr_decay=cosine", "--config.training.ema_decay=0.998"],
+}
+# name -> make_sampler options of the scored samplers (--samplers).
+SAMPLERS: dict[str, dict] = {
+    "ddim50": dict(sampler="ddim", steps=50),
+    "dpm++sde20": dict(sampler="dpm++sde", steps=20, spacing="logsnr", order=2),
+    "dpm++20": dict(sampler="dpm++", steps=20, spacing="logsnr", order=2),
+    "ancestral1000": dict(sampler="ddpm", steps=None),
 }
 
 
@@ -74,51 +91,105 @@ def train(name: str, overrides: list[str], out: str, num_steps: int | None) -> d
                 s_per_step_median=round(1.0 / rates[len(rates) // 2], 4) if rates else None)
 
 
+def _last_step(workdir: str) -> int:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]["step"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="Folder for the runs and study.jsonl.")
     parser.add_argument("--only", default=None, help=f"Comma-separated subset of {list(VARIANTS)}.")
     parser.add_argument("--num_steps", type=int, default=None, help="Train length for every variant.")
     parser.add_argument("--num_samples", type=int, default=1000)
-    parser.add_argument("--ancestral_samples", type=int, default=0,
-                        help="Also score this many ancestral-1000 samples (0: skip).")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    parser.add_argument("--samplers", default="ddim50",
+                        help=f"Comma-separated samplers to score, of {list(SAMPLERS)}.")
+    parser.add_argument("--seeds", default="0", help="Comma-separated sampling seeds.")
+    parser.add_argument("--reference_splits", default="train",
+                        help="Comma-separated FID references: train (the 1,437 train images) "
+                             "and / or test (the 360 held-out ones).")
+    parser.add_argument("--reuse", default="",
+                        help="Comma-separated NAME=WORKDIR: score an existing run of the variant "
+                             "(same overrides and steps) instead of training it again.")
     args = parser.parse_args()
+    reuse = dict(item.split("=", 1) for item in args.reuse.split(",") if item)
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    samplers = args.samplers.split(",")
+    if any(s not in SAMPLERS for s in samplers):
+        parser.error(f"--samplers {args.samplers!r}: choose from {list(SAMPLERS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    splits = args.reference_splits.split(",")
+    if any(s not in ("train", "test") for s in splits):
+        parser.error(f"--reference_splits {args.reference_splits!r}: use train and / or test")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "study.jsonl")
     done = {}
     if os.path.exists(path):
         with open(path) as f:
             done = {row["name"]: row for row in map(json.loads, f)}
-    yardstick = Yardstick()
-    print(yardstick.protocol(), flush=True)
+    yardsticks = {split: Yardstick(reference_split=split) for split in splits}
+    for yardstick in yardsticks.values():
+        print(yardstick.protocol(), flush=True)
     for name in names:
         if name in done:
             continue
         row = dict(name=name, overrides=VARIANTS[name], num_steps=args.num_steps)
-        row.update(train(name, VARIANTS[name], args.out, args.num_steps))
-        images, secs = sample_checkpoint(row["workdir"], sampler="ddim", steps=50,
-                                         num_samples=args.num_samples, seed=args.seed)
-        row["ddim50"] = dict(yardstick.score(images), seconds=round(secs, 1))
-        if args.ancestral_samples:
-            images, secs = sample_checkpoint(row["workdir"], sampler="ddpm", steps=None,
-                                             num_samples=args.ancestral_samples, seed=args.seed)
-            row["ancestral1000"] = dict(yardstick.score(images), seconds=round(secs, 1))
+        if name in reuse:
+            row.update(workdir=reuse[name], train_wall_s=None, s_per_step_median=None,
+                       steps=_last_step(reuse[name]))
+        else:
+            row.update(train(name, VARIANTS[name], args.out, args.num_steps))
+        row["scores"] = []
+        for sampler in samplers:
+            for seed in seeds:
+                images, secs = sample_checkpoint(row["workdir"], num_samples=args.num_samples,
+                                                 seed=seed, **SAMPLERS[sampler])
+                for split, yardstick in yardsticks.items():
+                    row["scores"].append(dict(sampler=sampler, seed=seed, reference=split,
+                                              seconds=round(secs, 1), **yardstick.score(images)))
+                    print(json.dumps(row["scores"][-1]), flush=True)
         print(json.dumps(row), flush=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         done[name] = row
-    print("\n| variant | steps | train wall s | s/step | DDIM-50 digits-FID | ancestral-1000 digits-FID |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name in names:
-        r = done[name]
-        anc = r.get("ancestral1000", {}).get("fid")
-        print(f"| {name} | {r['steps']} | {r['train_wall_s']} | {r['s_per_step_median']} | "
-              f"{r['ddim50']['fid']:.3f} | {'-' if anc is None else f'{anc:.3f}'} |")
+    print_table([done[name] for name in names])
+
+
+def _cells(row: dict) -> dict[tuple[str, str], list[float]]:
+    """(sampler, reference) -> digits-FIDs over the seeds; older rows held one DDIM-50 seed."""
+    if "scores" not in row:
+        cells = {("ddim50", "train"): [row["ddim50"]["fid"]]}
+        if "ancestral1000" in row:
+            cells[("ancestral1000", "train")] = [row["ancestral1000"]["fid"]]
+        return cells
+    cells: dict[tuple[str, str], list[float]] = {}
+    for score in row["scores"]:
+        cells.setdefault((score["sampler"], score["reference"]), []).append(score["fid"])
+    return cells
+
+
+def print_table(rows: list[dict]) -> None:
+    """Markdown: one row per variant, one column per (sampler, reference): mean (min-max)."""
+    columns = sorted({key for row in rows for key in _cells(row)})
+    print("\n| variant | steps | train wall s | s/step | "
+          + " | ".join(f"{s} vs {r}" for s, r in columns) + " |")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in columns) + " |")
+    for row in rows:
+        cells = _cells(row)
+        parts = []
+        for key in columns:
+            fids = cells.get(key)
+            if not fids:
+                parts.append("-")
+            elif len(fids) == 1:
+                parts.append(f"{fids[0]:.2f}")
+            else:
+                parts.append(f"{sum(fids) / len(fids):.2f} ({min(fids):.2f}-{max(fids):.2f})")
+        print(f"| {row['name']} | {row['steps']} | {row['train_wall_s']} | "
+              f"{row['s_per_step_median']} | " + " | ".join(parts) + " |")
 
 
 if __name__ == "__main__":

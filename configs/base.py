@@ -51,9 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=128,               # global batch, split over all devices
         lr=2e-4,                      # Adam learning rate after warmup
         warmup_steps=5000,            # linear learning-rate warmup from 0
+        lr_decay="none",              # after the warmup: none (constant, the paper) | cosine | linear (to 0 at num_steps)
         grad_clip=1.0,                # global-norm gradient clipping; None disables it
         ema_decay=0.9999,             # EMA of the parameters, used for sampling and evaluation
         ema_warmup=False,             # decay min(ema_decay, (1+n)/(10+n)) at update n (the paper: off)
+        loss_weight="uniform",        # uniform (L_simple, the paper) | min_snr (Min-SNR-gamma weighting)
+        min_snr_gamma=5.0,            # gamma of loss_weight='min_snr'
         num_steps=800_000,            # optimizer steps in total
         adam_eps=1e-8,                # Adam epsilon
         seed=0,                       # initialisation, noise and data-order seed

@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from ddpm_jax import training as training_lib
-from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTS, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
 from ddpm_jax.models.unet import NoisyClassifier, UNet, check_architecture
 from ddpm_jax.plans import (DPM_SOLVERS, MAX_SDE_SOLVER_ORDER, MAX_SOLVER_ORDER, SPACINGS,
@@ -173,7 +173,18 @@ def validate(config: Any) -> None:
     training.number("grad_clip", 0.0, inf, low_open=True, optional=True)
     training.number("ema_decay", 0.0, 1.0, high_open=True)
     training.boolean("ema_warmup")
-    training.integer("num_steps", 1)
+    num_steps = training.integer("num_steps", 1)
+    if training.choice("lr_decay", training_lib.LR_DECAYS) != "none" and num_steps <= training.get("warmup_steps"):
+        raise training.fail("lr_decay", f"a decay after the warmup needs training.num_steps="
+                            f"{num_steps} > training.warmup_steps={training.get('warmup_steps')}: "
+                            "shorten the warmup or use lr_decay='none'")
+    loss_weight = training.choice("loss_weight", LOSS_WEIGHTS)
+    training.number("min_snr_gamma", 0.0, inf, low_open=True)
+    if loss_weight != "uniform" and (diffusion.get("loss_type") == "kl"
+                                     or diffusion.get("mean_type") == "xprev"):
+        raise training.fail("loss_weight", "it weighs the regression loss of eps / xstart / v "
+                            "predictions; with diffusion.loss_type='kl' or mean_type='xprev' use "
+                            "'uniform'")
     training.number("adam_eps", 0.0, inf, low_open=True)
     training.integer("seed")
     training.integer("keep_every", 1, optional=True)
@@ -300,6 +311,9 @@ def step_kwargs(config: Any, model: Any) -> dict[str, Any]:
     t, d = config.training, config.diffusion
     return dict(model=model, optimizer=optimizer_from_config(config), base_lr=t.lr,
                 warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
+                lr_decay=t.get("lr_decay", "none"), total_steps=t.num_steps,
+                loss_weight=t.get("loss_weight", "uniform"),
+                min_snr_gamma=float(t.get("min_snr_gamma", 5.0)),
                 mean_type=d.mean_type,
                 var_type=d.var_type, loss_type=d.loss_type,
                 use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,

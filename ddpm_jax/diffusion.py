@@ -27,6 +27,7 @@ DenoiseFn = Callable[[Array, Array], Array]
 MEAN_TYPES = ("eps", "xstart", "xprev", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "kl", "hybrid")
+LOSS_WEIGHTS = ("uniform", "min_snr")
 
 
 def _check(kind: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -258,19 +259,55 @@ def mse_target(schedule: Schedule, *, x0: Array, x_t: Array, t: Array, noise: Ar
     return q_posterior_mean_variance(schedule, x0=x0, x_t=x_t, t=t)[0]
 
 
+def snr(schedule: Schedule, *, t: Array) -> Array:
+    """The signal-to-noise ratio alphabar_t / (1 - alphabar_t) at 0-based t [B]; float32 [B].
+    From sqrt(1 / alphabar_t - 1) (derived in float64), not from float32's 1 - alphabar_t,
+    which loses ~1e-4 relative near t = 0."""
+    return 1.0 / jnp.square(schedule.sqrt_recipm1_alphas_cumprod[t])
+
+
+def mse_weight(schedule: Schedule, *, t: Array, mean_type: str, loss_weight: str = "uniform",
+               min_snr_gamma: float = 5.0) -> Array:
+    """Per-example weight [B] of the regression loss at 0-based t [B].
+
+    "uniform": 1 (L_simple). "min_snr" (Min-SNR-gamma, Hang et al. 2023): the x0 error
+    ||x0 - x0_hat||^2 weighted by min(SNR_t, gamma), expressed in what the network predicts.
+    Since ||x0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR_t = ||v - v_hat||^2 / (1 + SNR_t), the
+    weight is min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) for xstart and
+    min(SNR_t, gamma) / (SNR_t + 1) for v. Under eps the noisy steps (SNR_t <= gamma) keep
+    L_simple's weight 1 and the nearly clean ones weigh gamma / SNR_t < 1. Not defined for xprev.
+    """
+    _check("loss_weight", loss_weight, LOSS_WEIGHTS)
+    if loss_weight == "uniform":
+        return jnp.ones(t.shape, jnp.float32)
+    if mean_type == "xprev":
+        raise ValueError("loss_weight='min_snr' weighs eps, xstart or v predictions; mean_type "
+                         "'xprev' has no such form: use loss_weight='uniform'.")
+    ratio = snr(schedule, t=t)
+    clipped = jnp.minimum(ratio, min_snr_gamma)
+    if mean_type == "eps":
+        return clipped / ratio
+    if mean_type == "xstart":
+        return clipped
+    return clipped / (ratio + 1.0)
+
+
 def training_losses(schedule: Schedule, denoise_fn: DenoiseFn, *, x0: Array, t: Array,
                     noise: Array, mean_type: str = "eps", var_type: str = "fixedlarge",
-                    loss_type: str = "mse", hybrid_lambda: float = 1e-3) -> dict[str, Array]:
+                    loss_type: str = "mse", hybrid_lambda: float = 1e-3,
+                    loss_weight: str = "uniform", min_snr_gamma: float = 5.0) -> dict[str, Array]:
     """Per-example training losses, each [B].
 
-    `mse` is L_simple (the paper's): mean over pixels of ||target - output||^2. `kl` is the
-    bound's term at t in bits/dim. `hybrid` (improved DDPM) is mse + lambda * T * vb with the
-    mean part stop-gradiented inside vb, so only the variance learns from the bound.
+    `mse` is L_simple (the paper's): mean over pixels of ||target - output||^2, times
+    `mse_weight` (1 unless loss_weight='min_snr'). `kl` is the bound's term at t in bits/dim
+    (never weighted). `hybrid` (improved DDPM) is mse + lambda * T * vb with the mean part
+    stop-gradiented inside vb, so only the variance learns from the bound.
     x0, noise: [B, H, W, C] in [-1, 1]; t: [B] int, 0-based.
     """
     _check("loss_type", loss_type, LOSS_TYPES)
     _check("mean_type", mean_type, MEAN_TYPES)
     _check("var_type", var_type, VAR_TYPES)
+    _check("loss_weight", loss_weight, LOSS_WEIGHTS)
     x_t = q_sample(schedule, x0=x0, t=t, noise=noise)
     model_output = denoise_fn(x_t, t)
     mean_part, var_part = split_model_output(model_output=model_output, var_type=var_type,
@@ -284,6 +321,10 @@ def training_losses(schedule: Schedule, denoise_fn: DenoiseFn, *, x0: Array, t: 
     target = mse_target(schedule, x0=x0, x_t=x_t, t=t, noise=noise, mean_type=mean_type)
     terms["mse"] = mean_flat(jnp.square(target - mean_part))
     terms["loss"] = terms["mse"]
+    if loss_weight != "uniform":
+        terms["loss"] = terms["mse"] * mse_weight(schedule, t=t, mean_type=mean_type,
+                                                  loss_weight=loss_weight,
+                                                  min_snr_gamma=min_snr_gamma)
     if loss_type == "hybrid":
         if var_part is None:
             raise ValueError("loss_type 'hybrid' learns the variance: set var_type to 'learned' "
@@ -291,7 +332,7 @@ def training_losses(schedule: Schedule, denoise_fn: DenoiseFn, *, x0: Array, t: 
         frozen = jnp.concatenate([jax.lax.stop_gradient(mean_part), var_part], axis=-1)
         terms["vb"], _ = vb_terms_bpd(schedule, model_output=frozen, x0=x0, x_t=x_t, t=t,
                                       mean_type=mean_type, var_type=var_type, clip_denoised=False)
-        terms["loss"] = terms["mse"] + hybrid_lambda * schedule.num_timesteps * terms["vb"]
+        terms["loss"] = terms["loss"] + hybrid_lambda * schedule.num_timesteps * terms["vb"]
     return terms
 
 

@@ -1,7 +1,8 @@
 """The train state and the train step, as pure functions (no I/O, no globals).
 
 The recipe is the official one (`diffusion_tf/diffusion_utils_2.py` + `scripts/run_cifar.py`):
-Adam (eps 1e-8) with a linear warmup `lr * min(1, step / warmup_steps)` (0 at step 0),
+Adam (eps 1e-8) with a linear warmup `lr * min(1, step / warmup_steps)` (0 at step 0; an
+optional cosine or linear decay to 0 after it, off by default),
 global-norm gradient clipping before Adam, and an EMA of the parameters updated after every
 step from the new parameters, `ema = decay * ema + (1 - decay) * params` (no num_updates ramp).
 
@@ -55,12 +56,33 @@ class TrainState:
     nonfinite_total: Array
 
 
-def learning_rate(step: Array | int, *, base_lr: float, warmup_steps: int) -> Array:
-    """The official schedule: base_lr * min(1, step / warmup_steps); 0 at step 0. float32 []."""
+LR_DECAYS = ("none", "cosine", "linear")
+
+
+def learning_rate(step: Array | int, *, base_lr: float, warmup_steps: int, decay: str = "none",
+                  total_steps: int | None = None) -> Array:
+    """The learning rate of the update made at 0-based `step`; float32 [].
+
+    decay="none" is the official schedule: base_lr * min(1, step / warmup_steps) (0 at step 0,
+    then constant). "cosine" / "linear" multiply that by a factor falling from 1 at the end of
+    the warmup to 0 at `total_steps`: 0.5 (1 + cos(pi f)) or 1 - f, with
+    f = (step - warmup_steps) / (total_steps - warmup_steps) clipped to [0, 1].
+    """
+    if decay not in LR_DECAYS:
+        raise ValueError(f"Unknown lr decay {decay!r}; choose one of {', '.join(LR_DECAYS)}.")
     step = jnp.asarray(step, jnp.float32)
     if warmup_steps <= 0:
-        return jnp.full((), base_lr, jnp.float32)
-    return base_lr * jnp.minimum(1.0, step / warmup_steps)
+        lr = jnp.full((), base_lr, jnp.float32)
+    else:
+        lr = base_lr * jnp.minimum(1.0, step / warmup_steps)
+    if decay == "none":
+        return lr
+    if total_steps is None or total_steps <= warmup_steps:
+        raise ValueError(f"lr decay {decay!r} needs total_steps > warmup_steps={warmup_steps}; "
+                         f"got {total_steps!r}.")
+    f = jnp.clip((step - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+    factor = 0.5 * (1.0 + jnp.cos(jnp.pi * f)) if decay == "cosine" else 1.0 - f
+    return lr * factor
 
 
 @functools.cache
@@ -175,6 +197,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
                ema_decay: float, ema_warmup: bool = False, mean_type: str = "eps",
                var_type: str = "fixedlarge",
                loss_type: str = "mse", hybrid_lambda: float = 1e-3,
+               lr_decay: str = "none", total_steps: int | None = None,
+               loss_weight: str = "uniform", min_snr_gamma: float = 5.0,
                use_labels: bool = False, label_dropout: float = 0.0,
                microbatches: int = 1,
                unroll_microbatches: bool | None = None,
@@ -195,6 +219,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     ema_warmup: use `ema_decay_at(step)` = min(ema_decay, (1 + n) / (10 + n)) for the n-th update
     instead of the constant decay (off: the official recipe), so a short run's EMA forgets the
     random initialisation within a few hundred steps.
+    lr_decay / total_steps: `learning_rate`'s decay after the warmup ("none": the official
+    constant rate). loss_weight / min_snr_gamma: `diffusion.mse_weight` ("uniform": L_simple).
     When the loss or the gradient norm is not finite, params, opt_state and ema_params are kept,
     and the non-finite counters go up; otherwise nonfinite_in_a_row resets to 0.
     Metrics: a flat dict of float32 / int32 scalars (loss and its terms averaged over the batch,
@@ -223,7 +249,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
         denoise_fn = _model_denoise_fn(model, params, labels, dropout_rng)
         terms = diffusion.training_losses(schedule, denoise_fn, x0=x0, t=t, noise=noise,
                                           mean_type=mean_type, var_type=var_type,
-                                          loss_type=loss_type, hybrid_lambda=hybrid_lambda)
+                                          loss_type=loss_type, hybrid_lambda=hybrid_lambda,
+                                          loss_weight=loss_weight, min_snr_gamma=min_snr_gamma)
         terms = {name: jnp.mean(value) for name, value in terms.items()}
         return terms["loss"], terms
 
@@ -237,7 +264,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    lr = learning_rate(state.step, base_lr=base_lr, warmup_steps=warmup_steps)
+    lr = learning_rate(state.step, base_lr=base_lr, warmup_steps=warmup_steps, decay=lr_decay,
+                       total_steps=total_steps)
     direction, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
     decay = ema_decay_at(state.step, ema_decay=ema_decay, warmup=ema_warmup)

@@ -662,6 +662,50 @@ def test_training_losses_mse_hand_formula():
     np.testing.assert_allclose(got["loss"], got["mse"])
 
 
+@pytest.mark.parametrize("mean_type", ["eps", "xstart", "v"])
+def test_min_snr_weight_is_the_x0_error_weighted_by_min_snr_gamma(mean_type):
+    # Independent of the weight formulas: for any output, weight * ||target - output||^2 equals
+    # min(SNR_t, gamma) * ||x0 - x0_hat||^2, x0_hat the output's x0 prediction, all in float64.
+    sched, tb = setup("linear1000")
+    rng = np.random.default_rng(5)
+    shape, gamma = (6, 3, 3, 1), 5.0
+    x0, noise = on_grid(rng, shape), f32(rng, shape)
+    t = np.array([0, 3, 40, 120, 500, 999], np.int32)
+    out = f32(rng, shape)
+    got = D.training_losses(sched, lambda x, t: out, x0=x0, t=t, noise=noise, mean_type=mean_type,
+                            loss_weight="min_snr", min_snr_gamma=gamma)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))[t][:, None, None, None]
+    x_t = np.sqrt(abar) * f64(x0) + np.sqrt(1 - abar) * f64(noise)
+    x0_hat = {"eps": (x_t - np.sqrt(1 - abar) * f64(out)) / np.sqrt(abar),
+              "xstart": f64(out),
+              "v": np.sqrt(abar) * x_t - np.sqrt(1 - abar) * f64(out)}[mean_type]
+    snr = abar[:, 0, 0, 0] / (1 - abar[:, 0, 0, 0])
+    assert snr.min() < gamma < snr.max()
+    expected = np.minimum(snr, gamma) * mean_flat64((f64(x0) - x0_hat) ** 2)
+    np.testing.assert_allclose(got["loss"], expected, rtol=2e-4)
+    # mse stays the unweighted L_simple term; uniform weighting leaves loss == mse.
+    plain = D.training_losses(sched, lambda x, t: out, x0=x0, t=t, noise=noise, mean_type=mean_type)
+    np.testing.assert_allclose(got["mse"], plain["mse"], rtol=1e-6)
+    np.testing.assert_allclose(plain["loss"], plain["mse"])
+
+
+def test_min_snr_weight_under_eps_is_one_on_the_noisy_steps_and_refuses_xprev():
+    sched, _ = setup("linear1000")
+    t = np.arange(1000, dtype=np.int32)
+    w = np.asarray(D.mse_weight(sched, t=t, mean_type="eps", loss_weight="min_snr", min_snr_gamma=5.0))
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    snr = abar / (1 - abar)
+    np.testing.assert_allclose(w[snr <= 5.0], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-4)
+    assert w[0] < 1e-3 and (np.diff(w) >= -1e-7).all()   # grows with t, up to 1
+    with pytest.raises(ValueError, match="mean_type 'xprev' has no such form"):
+        D.mse_weight(sched, t=t, mean_type="xprev", loss_weight="min_snr")
+    with pytest.raises(ValueError, match="Unknown loss_weight 'p2'"):
+        D.training_losses(sched, lambda x, t: x, x0=np.zeros((1, 2, 2, 1), np.float32),
+                          t=np.zeros(1, np.int32), noise=np.zeros((1, 2, 2, 1), np.float32),
+                          loss_weight="p2")
+
+
 @pytest.mark.parametrize(
     "loss_type,mean_type,var_type", [("mse", "eps", "fixedlarge"), ("kl", "v", "fixedsmall")]
 )

@@ -56,6 +56,56 @@ def test_learning_rate_is_linear_warmup_from_zero():
     assert float(training.learning_rate(0, base_lr=1e-3, warmup_steps=0)) == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_learning_rate_decays_to_zero_after_the_warmup(decay):
+    base, warmup, total = 1e-3, 100, 1100
+    lr = functools.partial(training.learning_rate, base_lr=base, warmup_steps=warmup, decay=decay,
+                           total_steps=total)
+    steps = np.array([0, 50, 100, 350, 600, 850, 1099, 1100, 5000])
+    f = np.clip((steps - warmup) / (total - warmup), 0.0, 1.0)
+    factor = (np.cos(np.pi * f) + 1.0) / 2.0 if decay == "cosine" else 1.0 - f
+    expected = base * np.minimum(1.0, steps / warmup) * factor
+    np.testing.assert_allclose([float(lr(s)) for s in steps], expected, rtol=1e-5, atol=base * 1e-6)
+    assert float(lr(100)) == pytest.approx(base) and float(lr(1100)) == 0.0
+    assert float(lr(600)) == pytest.approx(base / 2, rel=1e-5)   # both halve at the midpoint
+    with pytest.raises(ValueError, match="needs total_steps > warmup_steps=100"):
+        training.learning_rate(5, base_lr=base, warmup_steps=warmup, decay=decay, total_steps=100)
+    with pytest.raises(ValueError, match="Unknown lr decay 'step'"):
+        training.learning_rate(5, base_lr=base, warmup_steps=warmup, decay="step", total_steps=total)
+
+
+def test_train_step_applies_the_decayed_rate_and_the_min_snr_weight():
+    # The step's lr metric follows learning_rate's decay, and its loss is the per-example mse
+    # weighted by min(SNR_t, gamma) / SNR_t (eps), SNR_t = abar_t / (1 - abar_t) in float64.
+    schedule = Schedule.create("linear", T)
+    state, step = _setup(grad_clip=1e6, lr_decay="cosine", total_steps=7, loss_weight="min_snr",
+                         min_snr_gamma=2.0)
+    batch = _batch()
+    x0 = np.asarray(batch["image"], np.float64)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    w, b = (np.asarray(state.params[k], np.float64) for k in ("w", "b"))
+    t_key, noise_key, _ = jax.random.split(jax.random.fold_in(state.rng, 0), 3)
+    t = np.asarray(jax.random.randint(t_key, (8,), 0, T))
+    noise = np.asarray(jax.random.normal(noise_key, x0.shape), np.float64)
+    a = abar[t][:, None, None, None]
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    mse = np.mean((noise - (w * x_t + b)) ** 2, axis=(1, 2, 3))
+    snr = abar[t] / (1 - abar[t])
+    assert (snr > 2.0).any() and (snr < 2.0).any()   # both sides of gamma in this batch
+    _, metrics = step(state, batch, schedule)
+    np.testing.assert_allclose(metrics["mse"], np.mean(mse), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], np.mean(mse * np.minimum(snr, 2.0) / snr), rtol=1e-4)
+    lrs = []
+    for _ in range(7):
+        state, metrics = step(state, batch, schedule)
+        lrs.append(float(metrics["lr"]))
+    # updates 0..6 of warmup 3, total 7: 0, 1/3, 2/3 of the rate, then the cosine to ~0.
+    n = np.arange(7)
+    f = np.clip((n - 3) / 4, 0, 1)
+    expected = 0.1 * np.minimum(1, n / 3) * (1 + np.cos(np.pi * f)) / 2
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("grad_clip, mean_type", [
     (0.05, "eps"), (100.0, "eps"),  # clipping active / inactive

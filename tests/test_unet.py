@@ -281,6 +281,14 @@ def _set(path: str, value, *more):
     (_set("eval.labels", "balanced"), r"config.eval.labels='balanced' needs a class-conditional model"),
     (_set("eval.guidance", 1.5), r"config.eval.guidance=1.5 needs config.eval.labels: guidance steers"),
     (_set("training.microbatches", 0), r"config.training.microbatches=0: use an integer >= 1"),
+    (_set("training.lr_decay", "exp"), r"config.training.lr_decay='exp': use one of \('none', 'cosine'"),
+    (_set("training.lr_decay", "cosine", "training.num_steps", 5000),
+     r"config.training.lr_decay='cosine': a decay after the warmup needs training.num_steps=5000 > "
+     r"training.warmup_steps=5000"),
+    (_set("training.loss_weight", "p2"), r"config.training.loss_weight='p2': use one of \('uniform', 'min_snr'\)"),
+    (_set("training.loss_weight", "min_snr", "diffusion.mean_type", "xprev"),
+     r"config.training.loss_weight='min_snr': it weighs the regression loss"),
+    (_set("training.min_snr_gamma", 0.0), r"config.training.min_snr_gamma=0.0: use a value in \(0.0, inf\]"),
     (_set("training.microbatches", 3), r"config.training.microbatches=3: it must divide training.batch_size=128"),
 ])
 def test_validate_rejects_with_field_and_fix(mutate, match):
@@ -294,6 +302,7 @@ def test_validate_rejects_with_field_and_fix(mutate, match):
 # Every float field of the config; guidance and grad_clip may also be None.
 FLOAT_FIELDS = ("diffusion.beta_start", "diffusion.beta_end", "model.dropout", "training.lr",
                 "training.grad_clip", "training.ema_decay", "training.adam_eps",
+                "training.min_snr_gamma",
                 "training.label_dropout", "sampling.eta", "eval.guidance")
 
 
