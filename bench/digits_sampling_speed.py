@@ -3,7 +3,7 @@ the same 1.62M-parameter UNet at 8x8, 1,000 images in batches of 500, on this CP
 
     python bench/digits_sampling_speed.py --workdir runs/q6/ours                 # ancestral 1000
     python bench/digits_sampling_speed.py --workdir runs/q6/ours --steps 100 --rounds 3
-    python bench/digits_sampling_speed.py --workdir runs/q6/ours --score         # + digits-FID
+    python bench/digits_sampling_speed.py --workdir runs/q6/ours --score         # + digits-FIDs
 
 Ours: the run's EMA weights through the compiled one-scan chain (`sampling.make_sampler`,
 ancestral with the run's variance, x0 clipped), first call included (the scan body compiles in
@@ -38,10 +38,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the peer")
-    parser.add_argument("--score", action="store_true", help="digits-FID of ours' samples")
+    parser.add_argument("--score", action="store_true",
+                        help="digits-FID of ours' samples against the train split and, as "
+                             "fid_test, against the 360 held-out test images")
     args = parser.parse_args()
     peer = Peer(args.threads)
     yardstick = Yardstick() if args.score else None
+    held_out = Yardstick(reference_split="test") if args.score else None
     seconds: dict[str, list[float]] = {"ours": [], "peer": []}
     for round_ in range(args.rounds):
         images, secs = sample_checkpoint(args.workdir, sampler="ddpm", steps=args.steps,
@@ -49,6 +52,7 @@ def main() -> None:
         row = dict(model="ours", round=round_, steps=args.steps, num=args.num, seconds=round(secs, 1))
         if yardstick is not None:
             row.update(yardstick.score(images))
+            row["fid_test"] = held_out.score(images)["fid"]
         print(json.dumps(row), flush=True)
         seconds["ours"].append(secs)
         _, secs = peer.sample("ancestral-1000", args.num, seed=round_, batch=args.batch,

@@ -62,6 +62,9 @@ VARIANTS: dict[str, list[str]] = {
     "cosine+minsnr5": ["--config.training.lr_decay=cosine", "--config.training.loss_weight=min_snr"],
     "cosine-lr1e-3": ["--config.training.lr_decay=cosine", "--config.training.lr=1e-3"],
     "cosine-ema998": ["--config.training.lr_decay=cosine", "--config.training.ema_decay=0.998"],
+    "default-3000": ["--config.training.num_steps=3000", "--config.training.sample_every=1500"],
+    "minsnr5-3000": ["--config.training.loss_weight=min_snr", "--config.training.num_steps=3000",
+                     "--config.training.sample_every=1500"],
 }
 # name -> make_sampler options of the scored samplers (--samplers).
 SAMPLERS: dict[str, dict] = {
