@@ -66,7 +66,7 @@ def test_step_kwargs_carry_the_training_and_diffusion_fields():
                           ema_warmup=t.ema_warmup, mean_type=d.mean_type, var_type=d.var_type,
                           loss_type=d.loss_type, use_labels=True, label_dropout=0.1,
                           microbatches=t.microbatches, objective="denoise",
-                          lr_decay="none", total_steps=t.num_steps, loss_weight="uniform",
+                          lr_decay="none", total_steps=None, loss_weight="uniform",
                           min_snr_gamma=5.0)
     hash(tuple(sorted(kwargs.items())))  # static jit arguments: hashable
     config.model.num_classes = None
@@ -74,6 +74,7 @@ def test_step_kwargs_carry_the_training_and_diffusion_fields():
     t.lr_decay, t.loss_weight, t.min_snr_gamma = "cosine", "min_snr", 2.5
     got = config_lib.step_kwargs(config, model)
     assert (got["lr_decay"], got["loss_weight"], got["min_snr_gamma"]) == ("cosine", "min_snr", 2.5)
+    assert got["total_steps"] == t.num_steps   # only a decay needs the run's length
     for field in ("lr_decay", "loss_weight", "min_snr_gamma"):  # a run's config from before them
         del t[field]
     got = config_lib.step_kwargs(config, model)
