@@ -174,10 +174,11 @@ def validate(config: Any) -> None:
     training.number("ema_decay", 0.0, 1.0, high_open=True)
     training.boolean("ema_warmup")
     num_steps = training.integer("num_steps", 1)
-    if training.choice("lr_decay", training_lib.LR_DECAYS) != "none" and num_steps <= training.get("warmup_steps"):
+    warmup = training.get("warmup_steps")
+    if training.choice("lr_decay", training_lib.LR_DECAYS) != "none" and num_steps <= warmup:
         raise training.fail("lr_decay", f"a decay after the warmup needs training.num_steps="
-                            f"{num_steps} > training.warmup_steps={training.get('warmup_steps')}: "
-                            "shorten the warmup or use lr_decay='none'")
+                            f"{num_steps} > training.warmup_steps={warmup}: shorten the warmup "
+                            "or use lr_decay='none'")
     loss_weight = training.choice("loss_weight", LOSS_WEIGHTS)
     training.number("min_snr_gamma", 0.0, inf, low_open=True)
     if loss_weight != "uniform" and (diffusion.get("loss_type") == "kl"
