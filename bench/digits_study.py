@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.digits_yardstick import Yardstick, sample_checkpoint  # noqa: E402
+from ddpm_jax import writers  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -85,18 +86,12 @@ def train(name: str, overrides: list[str], out: str, num_steps: int | None) -> d
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = writers.read_metrics(workdir)
     rates = [r["steps_per_sec"] for r in rows[1:] if "steps_per_sec" in r]
     rates.sort()
     return dict(workdir=workdir, train_wall_s=round(wall, 1), steps=rows[-1]["step"],
                 final_loss=round(rows[-1]["loss"], 4),
                 s_per_step_median=round(1.0 / rates[len(rates) // 2], 4) if rates else None)
-
-
-def _last_step(workdir: str) -> int:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]["step"]
 
 
 def main() -> None:
@@ -142,7 +137,7 @@ def main() -> None:
         row = dict(name=name, overrides=VARIANTS[name], num_steps=args.num_steps)
         if name in reuse:
             row.update(workdir=reuse[name], train_wall_s=None, s_per_step_median=None,
-                       steps=_last_step(reuse[name]))
+                       steps=writers.read_metrics(reuse[name])[-1]["step"])
         else:
             row.update(train(name, VARIANTS[name], args.out, args.num_steps))
         row["scores"] = []

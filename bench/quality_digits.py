@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.digits_yardstick import Yardstick, blurred, sample_checkpoint  # noqa: E402
-from ddpm_jax import sampling  # noqa: E402
+from ddpm_jax import sampling, writers  # noqa: E402
 from ddpm_jax.data import builders  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -231,8 +231,7 @@ def main() -> None:
     budget = args.budget_s or (ours_cpu if args.budget_clock == "cpu" else ours_wall)
     if args.peer_steps:
         budget = float("inf")
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        last = [json.loads(line) for line in f][-1]
+    last = writers.read_metrics(workdir)[-1]
     result["ours_train"] = dict(wall_s=round(ours_wall, 1), cpu_s=round(ours_cpu, 1),
                                 steps=last["step"],
                                 final_loss=round(last["loss"], 4))

@@ -310,12 +310,12 @@ def optimizer_from_config(config: Any) -> Any:
 def step_kwargs(config: Any, model: Any) -> dict[str, Any]:
     """The static keyword arguments of `training.train_step` for a config (all hashable)."""
     t, d = config.training, config.diffusion
+    lr_decay = t.get("lr_decay", "none")  # absent from the configs of runs made before it
     return dict(model=model, optimizer=optimizer_from_config(config), base_lr=t.lr,
                 warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
                 # total_steps only shapes a decay: without one, a resume that extends
                 # num_steps keeps the compiled step.
-                lr_decay=t.get("lr_decay", "none"),
-                total_steps=None if t.get("lr_decay", "none") == "none" else t.num_steps,
+                lr_decay=lr_decay, total_steps=None if lr_decay == "none" else t.num_steps,
                 loss_weight=t.get("loss_weight", "uniform"),
                 min_snr_gamma=float(t.get("min_snr_gamma", 5.0)),
                 mean_type=d.mean_type,

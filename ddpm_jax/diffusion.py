@@ -300,7 +300,7 @@ def training_losses(schedule: Schedule, denoise_fn: DenoiseFn, *, x0: Array, t: 
 
     `mse` is L_simple (the paper's): mean over pixels of ||target - output||^2, times
     `mse_weight` (1 unless loss_weight='min_snr'). `kl` is the bound's term at t in bits/dim
-    (never weighted). `hybrid` (improved DDPM) is mse + lambda * T * vb with the mean part
+    (never weighted: another loss_weight raises). `hybrid` (improved DDPM) is mse + lambda * T * vb with the mean part
     stop-gradiented inside vb, so only the variance learns from the bound.
     x0, noise: [B, H, W, C] in [-1, 1]; t: [B] int, 0-based.
     """
@@ -314,6 +314,9 @@ def training_losses(schedule: Schedule, denoise_fn: DenoiseFn, *, x0: Array, t: 
                                              channels=x0.shape[-1])
     terms: dict[str, Array] = {}
     if loss_type == "kl":
+        if loss_weight != "uniform":
+            raise ValueError(f"loss_weight={loss_weight!r} weighs the regression loss; loss_type "
+                             "'kl' trains on the bound: use loss_weight='uniform'.")
         terms["vb"], _ = vb_terms_bpd(schedule, model_output=model_output, x0=x0, x_t=x_t, t=t,
                                       mean_type=mean_type, var_type=var_type, clip_denoised=False)
         terms["loss"] = terms["vb"]

@@ -700,6 +700,10 @@ def test_min_snr_weight_under_eps_is_one_on_the_noisy_steps_and_refuses_xprev():
     assert w[0] < 1e-3 and (np.diff(w) >= -1e-7).all()   # grows with t, up to 1
     with pytest.raises(ValueError, match="mean_type 'xprev' has no such form"):
         D.mse_weight(sched, t=t, mean_type="xprev", loss_weight="min_snr")
+    zeros = np.zeros((1, 2, 2, 1), np.float32)
+    with pytest.raises(ValueError, match="loss_type 'kl' trains on the bound"):
+        D.training_losses(sched, lambda x, t: x, x0=zeros, t=np.zeros(1, np.int32), noise=zeros,
+                          loss_type="kl", loss_weight="min_snr")
     with pytest.raises(ValueError, match="Unknown loss_weight 'p2'"):
         D.training_losses(sched, lambda x, t: x, x0=np.zeros((1, 2, 2, 1), np.float32),
                           t=np.zeros(1, np.int32), noise=np.zeros((1, 2, 2, 1), np.float32),
