@@ -6,7 +6,7 @@
     python sample.py --workdir runs/digits_cond --labels balanced --guidance 1.0
     python sample.py --workdir runs/digits --classifier runs/digits-clf --labels 3,7 --classifier_scale 2
     python sample.py --workdir runs/digits --inpaint x.npz --mask m.png --steps 250 --out fill.png
-    (--sdedit / --encode / --interpolate / --progressive: see ddpm_jax/edit_jobs.py)
+    (--sdedit / --encode / --interpolate / --progressive: see ddpm_jax/editing/jobs.py)
 
 Unset sampler flags take the run's config.sampling (--workdir) or the paper's settings
 (--diffusers_dir). The chain compiles once per (batch shape, steps); sample n is drawn from
@@ -19,7 +19,8 @@ import os
 
 from absl import app, flags, logging
 
-from ddpm_jax import cli, edit_jobs
+from ddpm_jax import cli
+from ddpm_jax.editing import jobs as edit_jobs
 from ddpm_jax.labels import check_label_text, check_labels_and_guidance, sample_labels
 
 FLAGS = flags.FLAGS

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.digits_yardstick import Yardstick  # noqa: E402
 from ddpm_jax import checkpoint, config as config_lib, features  # noqa: E402
 from ddpm_jax.labels import balanced  # noqa: E402
-from ddpm_jax.sampling import ClassifierApply, ModelApply, draw_images, make_sampler  # noqa: E402
+from ddpm_jax.guidance import ClassifierApply  # noqa: E402
+from ddpm_jax.sampling import ModelApply, draw_images, make_sampler  # noqa: E402
 
 
 def main() -> None:

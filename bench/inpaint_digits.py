@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ddpm_jax import checkpoint, config as config_lib, editing, features  # noqa: E402
 from ddpm_jax.data.builders import digits_arrays  # noqa: E402
-from ddpm_jax.edit_io import bottom_half_mask  # noqa: E402
+from ddpm_jax.editing.inputs import bottom_half_mask  # noqa: E402
 from ddpm_jax.images import save_image_grid, to_uint8  # noqa: E402
 from ddpm_jax.plans import make_plan  # noqa: E402
 from ddpm_jax.sampling import ModelApply  # noqa: E402

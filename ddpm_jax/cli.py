@@ -252,7 +252,7 @@ def load_classifier(workdir: str, config: Any) -> tuple[Any, Any]:
     """(ClassifierApply, params) of the classifier run in `workdir`, checked against the
     diffusion run's `config`; ValueError (one line) when it cannot serve."""
     from ddpm_jax import checkpoint
-    from ddpm_jax.sampling import ClassifierApply
+    from ddpm_jax.guidance import ClassifierApply
     try:
         _, model, params = checkpoint.load_classifier(workdir, for_config=config)
     except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:

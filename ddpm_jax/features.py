@@ -26,7 +26,7 @@ from absl import logging
 from tqdm import tqdm
 
 from ddpm_jax import metrics
-from ddpm_jax.models import classifier, inception
+from ddpm_jax.models import digits_features, inception
 
 FEATURE_NETS = ("digits", "inception")
 # KID draws subsets of at most this many reference features; more are not cached.
@@ -55,11 +55,11 @@ class FeatureNet:
 
 def digits_feature_net(image_size: int, *, cache_dir: str | None = None) -> FeatureNet:
     """The digits classifier for `image_size` (trained and cached on first use)."""
-    params, info = classifier.load_or_train(image_size, cache_dir=cache_dir)
+    params, info = digits_features.load_or_train(image_size, cache_dir=cache_dir)
     logging.info("Feature net %s (sha256 %s, digits test accuracy %.4f).", info["name"],
                  info["sha256"][:16], info["test_accuracy"])
     # Weights enter as arguments, not as constants folded into the compiled program.
-    apply = functools.partial(jax.jit(classifier.DigitsClassifier().apply), {"params": params})
+    apply = functools.partial(jax.jit(digits_features.DigitsClassifier().apply), {"params": params})
     return FeatureNet(kind="digits", name=info["name"], weights_sha256=info["sha256"],
                       score_prefix="digits-", channels=1, apply=apply, batch_size=512)
 
@@ -131,7 +131,7 @@ def reference_statistics(net: FeatureNet, *, dataset: str, split: str, image_siz
     (Inception Score of the real images), protocol dict(dataset, split, image_size,
     num_images, feature_net, feature_net_sha256)).
     """
-    cache_dir = classifier.default_cache_dir(cache_dir)
+    cache_dir = digits_features.default_cache_dir(cache_dir)
     count = "all" if max_images is None else str(max_images)
     fname = (f"ref_{dataset}-{image_size}px-{split}-{count}_{net.name}-"
              f"{net.weights_sha256[:12]}.npz")

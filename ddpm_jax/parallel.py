@@ -49,6 +49,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def constrain(x: jax.Array, mesh: Mesh | None, spec: P = P(DATA_AXIS)) -> jax.Array:
+    """x inside a jitted function, constrained to `spec` over `mesh` (default: the batch, the
+    leading axis, split over "data"); x as it is without a mesh."""
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def round_up_to_devices(n: int, num_devices: int) -> int:
     """The smallest multiple of num_devices >= n: a batch of n rows that splits over the mesh."""
     return -(-n // num_devices) * num_devices

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 from tqdm import tqdm
 
 from ddpm_jax import xla_cpu
@@ -45,44 +45,18 @@ from ddpm_jax.diffusion import (MEAN_TYPES, VAR_TYPES, DenoiseFn, dynamic_thresh
                                 p_mean_variance, q_posterior_mean_variance, q_sample)
 from ddpm_jax.images import to_uint8
 from ddpm_jax.labels import balanced, check_labels_and_guidance
-from ddpm_jax.parallel import DATA_AXIS, gather_to_host, replicate
+from ddpm_jax.guidance import ApplyFn, classifier_guidance, guided_model
+from ddpm_jax.parallel import DATA_AXIS, constrain, gather_to_host, replicate
 from ddpm_jax.plans import DPM_SOLVERS, SamplingPlan, plan_for_sampler, progressive_indices
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
-ApplyFn = Callable[..., Array]   # (params, x_t [B,H,W,C], t [B][, y [B]]) -> output
 
 SAMPLERS = ("ddpm", "ddim") + DPM_SOLVERS
 PROGRESSIVE = ("pred_x0", "x_t")
 
 
 # ----------------------------------------------------------------------------- the chain
-
-def _constrain(x: Array, mesh: Mesh | None, spec: PartitionSpec) -> Array:
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def guided_model(apply_fn: ApplyFn, params: Any, labels: Array | None, guidance: Array, *,
-                 channels: int, guided: bool, mesh: Mesh | None) -> Callable[[Array, Array], Array]:
-    """`model_out(x_t [B,H,W,C], t [B]) -> output` of apply_fn with its params bound: the
-    unconditional call (labels None), the conditional one, or with `guided` classifier-free
-    guidance on the first `channels` output channels (a learned variance stays conditional)."""
-    if labels is not None:
-        labels = _constrain(labels, mesh, PartitionSpec(DATA_AXIS))
-        null = jnp.full_like(labels, apply_fn.null_label) if guided else None
-
-    def model_out(x_t: Array, t: Array) -> Array:
-        if labels is None:
-            return apply_fn(params, x_t, t)
-        cond = apply_fn(params, x_t, t, labels)
-        if not guided:
-            return cond
-        # Two calls of B rows, not one of 2B: no batch concatenation to reshard over the mesh.
-        uncond = apply_fn(params, x_t, t, null)
-        mixed = cond[..., :channels] + guidance * (cond[..., :channels] - uncond[..., :channels])
-        return jnp.concatenate([mixed, cond[..., channels:]], axis=-1)
-    return model_out
-
 
 def row_keys(key: Array, rows: Array) -> tuple[Array, Array]:
     """(init_keys, step_keys), each [B]: split(fold_in(key, n)) of each row's global index n."""
@@ -107,22 +81,19 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
                              channels=channels, guided=guided, mesh=mesh)
     if rows is None:
         rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
-    init_keys, step_keys = row_keys(key, _constrain(rows, mesh, PartitionSpec(DATA_AXIS)))
+    init_keys, step_keys = row_keys(key, constrain(rows, mesh))
     x_t = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(init_keys)
     if start == "x_t":  # the chain's first state, given (decoding latents, interpolation)
         x_t = init.astype(jnp.float32)
     elif start == "q_x0":  # SDEdit: x ~ q(x_t | x0 = init) at the plan's first timestep
         first = jnp.full((batch,), plan.num_steps - 1, jnp.int32)
         x_t = q_sample(plan.schedule, x0=init.astype(jnp.float32), t=first, noise=x_t)
-    x_t = _constrain(x_t, mesh, PartitionSpec(DATA_AXIS))
+    x_t = constrain(x_t, mesh)
     records = {}
     if return_every is not None:
         num_records = len(progressive_indices(plan.num_steps, return_every))
-        records = {name: _constrain(jnp.zeros((num_records,) + shape, jnp.float32), mesh,
-                                    PartitionSpec(None, DATA_AXIS)) for name in progressive}
-
-    def constrain(x: Array) -> Array:
-        return _constrain(x, mesh, PartitionSpec(DATA_AXIS))
+        records = {name: constrain(jnp.zeros((num_records,) + shape, jnp.float32), mesh,
+                                   PartitionSpec(None, DATA_AXIS)) for name in progressive}
 
     def step(carry, per_step):
         x_t, history, records = carry
@@ -140,7 +111,7 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         if classifier is not None:
             out = classifier_guidance(out, classifier, classifier_params, classifier_scale,
                                       labels, plan.schedule, x_t=x_t, t=t, index=index,
-                                      sampler=sampler)
+                                      shift_mean=sampler == "ddpm")
         if sampler in DPM_SOLVERS:
             # history[k] is x0_hat of the (k+1)-th step back; dpm++ adds no noise (the
             # probability-flow ODE), dpm++sde adds dpm_z z (0 on the last step).
@@ -156,12 +127,12 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         else:
             mean, std = out["mean"], jnp.exp(0.5 * out["log_variance"])
         if std is None:
-            x_prev = constrain(mean)
+            x_prev = constrain(mean, mesh)
         else:
             noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), image_shape,
                                                          jnp.float32))(step_keys)
             # No noise on the last step: the chain returns its final mean, as the official sampler.
-            x_prev = constrain(mean + jnp.where(i > 0, std, 0.0) * noise)
+            x_prev = constrain(mean + jnp.where(i > 0, std, 0.0) * noise, mesh)
         if records:
             # Slot i // k is rewritten at every index of its block; the chain runs i downwards,
             # so the value left is the one at i = slot * k, with no conditional.
@@ -185,34 +156,6 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
     result = dict(images=images)
     result.update({name: jnp.flip(buf, axis=0) for name, buf in records.items()})
     return result
-
-
-def classifier_log_prob_grad(classifier: ApplyFn, classifier_params: Any, x_t: Array, t: Array,
-                             labels: Array) -> Array:
-    """grad_x log p(y | x_t, t) of a classifier `(params, x_t, t) -> logits [B, K]`, per row
-    (the rows' log-probabilities are independent, so the gradient of their sum is each row's).
-    x_t: [B, H, W, C]; t, labels: [B] int. Returns [B, H, W, C] float32."""
-    def total(x: Array) -> Array:
-        log_probs = jax.nn.log_softmax(classifier(classifier_params, x, t).astype(jnp.float32))
-        return jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
-    return jax.grad(total)(x_t)
-
-
-def classifier_guidance(out: dict[str, Array], classifier: ApplyFn, classifier_params: Any,
-                        scale: Array, labels: Array, schedule: Schedule, *, x_t: Array, t: Array,
-                        index: Array, sampler: str) -> dict[str, Array]:
-    """Classifier guidance (Dhariwal & Nichol 2021) of one step's `p_mean_variance` output, with
-    g = grad_x log p(y | x_t, t): ancestral steps shift the mean, mu + s Sigma g (their Alg. 1);
-    DDIM and DPM-Solver++ use eps - s sqrt(1 - abar_t) g (Alg. 2), i.e. x0_hat + s (1 - abar_t)
-    / sqrt(abar_t) g. t: the original timesteps (the classifier's); index: the chain's."""
-    grad = classifier_log_prob_grad(classifier, classifier_params, x_t, t, labels)
-    out = dict(out)
-    if sampler == "ddpm":
-        out["mean"] = out["mean"] + scale * jnp.exp(out["log_variance"]) * grad
-    else:
-        abar = jnp.take(schedule.alphas_cumprod, index)[:, None, None, None]
-        out["pred_x0"] = out["pred_x0"] + scale * (1.0 - abar) / jnp.sqrt(abar) * grad
-    return out
 
 
 _STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "threshold",
@@ -282,21 +225,6 @@ class ModelApply:
     def null_label(self) -> int | None:
         """The label that means "no class" (= model.num_classes); None: unconditional model."""
         return getattr(self.model, "num_classes", None)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierApply:
-    """`(params, x_t, t) -> logits [B, K]` of a noise-conditional classifier (`NoisyClassifier`)
-    for classifier guidance; equal models give equal, cache-sharing functions."""
-
-    model: Any
-
-    def __call__(self, params: Any, x_t: Array, t: Array) -> Array:
-        return self.model.apply({"params": params}, x_t, t, train=False)
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.classes
 
 
 def model_denoise_fn(model: Any, params: Any, y: Array | None = None) -> DenoiseFn:

@@ -1,4 +1,4 @@
-"""Editing on the chain (ddpm_jax/editing.py and the sampler's start options): RePaint, SDEdit,
+"""Editing on the chain (ddpm_jax/editing/chain.py and the sampler's start options): RePaint, SDEdit,
 DDIM inversion, interpolation. The distributions are checked against closed forms: for Gaussian
 data the optimal noise predictor is analytic, so the true conditional law of the unknown pixels,
 the law of an SDEdit output and the ODE's encoding are known."""
@@ -140,9 +140,9 @@ def test_repaint_compiles_once_for_two_routes_of_equal_length():
     eps = GaussianEps(betas, MU, COV)
     images, mask = np.zeros((4, 2, 2, 1), np.float32), np.ones((4, 2, 2, 1), bool)
     mask[:, 1] = False
-    before = editing._repaint_jit()._cache_size()
+    before = editing.chain._repaint_jit()._cache_size()
     outs = [repaint(eps, None, plan, moves, jax.random.key(3), images, mask) for moves in (a, b)]
-    assert editing._repaint_jit()._cache_size() == before + 1
+    assert editing.chain._repaint_jit()._cache_size() == before + 1
     assert not np.allclose(outs[0], outs[1])  # the routes differ, and so do their draws
 
 

@@ -1,4 +1,4 @@
-"""ddpm_jax.features: the digits feature net (the classifier of ddpm_jax/models/classifier.py)
+"""ddpm_jax.features: the digits feature net (the classifier of ddpm_jax/models/digits_features.py)
 reaches its accuracy and separates real digits from noise by FID. Its fixtures, `cache_dir` and
 `digits_net`, live in conftest.py: test_evaluate.py uses them too."""
 
@@ -7,7 +7,7 @@ import pytest
 
 from ddpm_jax import features, metrics
 from ddpm_jax.data import builders
-from ddpm_jax.models import classifier
+from ddpm_jax.models import digits_features as classifier
 
 
 @pytest.mark.slow

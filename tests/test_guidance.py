@@ -1,4 +1,4 @@
-"""Classifier guidance (sampling.classifier_guidance) and the noise-conditional classifier
+"""Classifier guidance (guidance.classifier_guidance) and the noise-conditional classifier
 (models.unet.NoisyClassifier, trained by the loop with objective "classify").
 
 For a two-component Gaussian mixture both the optimal noise predictor and the class posterior
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models.unet import NoisyClassifier
-from ddpm_jax.sampling import (ClassifierApply, classifier_log_prob_grad, make_sampler)
+from ddpm_jax.guidance import ClassifierApply, classifier_log_prob_grad
+from ddpm_jax.sampling import make_sampler
 from ddpm_jax.schedule import Schedule
 from reference import scaled_linear
 

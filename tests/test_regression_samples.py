@@ -24,7 +24,8 @@ import pytest
 from ddpm_jax import editing
 from ddpm_jax.models.unet import NoisyClassifier, UNet
 from ddpm_jax.plans import make_plan
-from ddpm_jax.sampling import ClassifierApply, ModelApply, make_sampler
+from ddpm_jax.guidance import ClassifierApply
+from ddpm_jax.sampling import ModelApply, make_sampler
 from ddpm_jax.schedule import Schedule
 
 pytestmark = pytest.mark.slow  # about 30 compiles of a small UNet chain

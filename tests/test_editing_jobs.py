@@ -1,4 +1,4 @@
-"""sample.py's editing jobs (ddpm_jax/edit_jobs.py) on an untrained tiny digits run: every mode
+"""sample.py's editing jobs (ddpm_jax/editing/jobs.py) on an untrained tiny digits run: every mode
 end to end in process, one through sample.py itself, and the flag checks."""
 
 import os
@@ -17,7 +17,8 @@ sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 
 from configs import digits  # noqa: E402
 from conftest import write_untrained_run  # noqa: E402
-from ddpm_jax import checkpoint, config as config_lib, edit_jobs  # noqa: E402
+from ddpm_jax import checkpoint, config as config_lib  # noqa: E402
+from ddpm_jax.editing import jobs as edit_jobs  # noqa: E402
 from ddpm_jax.sampling import ModelApply  # noqa: E402
 
 # End-to-end through the loop, the command line or a reference framework: see pyproject's

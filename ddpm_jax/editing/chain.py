@@ -1,4 +1,4 @@
-"""Image editing on the compiled reverse chain: RePaint inpainting, SDEdit, DDIM inversion and
+"""Editing on the compiled reverse chain: RePaint inpainting, SDEdit, DDIM inversion and
 interpolation, each one `lax.scan` whose per-step data is passed in as arrays.
 
 * RePaint (Lugmayr et al. 2022, Alg. 1): every reverse step's result keeps the unknown pixels
@@ -27,13 +27,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from ddpm_jax import xla_cpu
 from ddpm_jax.diffusion import extract, p_mean_variance, predict_eps_from_x0
-from ddpm_jax.parallel import DATA_AXIS, replicate
+from ddpm_jax.guidance import ApplyFn, guided_model
+from ddpm_jax.parallel import constrain, replicate
 from ddpm_jax.plans import SamplingPlan
-from ddpm_jax.sampling import ApplyFn, _constrain, guided_model, row_keys
+from ddpm_jax.sampling import row_keys
 
 Array = jax.Array
 
@@ -79,9 +80,8 @@ def _repaint_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, moves: di
     batch, image_shape = shape[0], shape[1:]
     model_out = guided_model(apply_fn, params, labels, guidance, channels=image_shape[-1],
                              guided=guided, mesh=mesh)
-    data = PartitionSpec(DATA_AXIS)
-    images = _constrain(images.astype(jnp.float32), mesh, data)
-    known = _constrain(mask.astype(jnp.float32), mesh, data)
+    images = constrain(images.astype(jnp.float32), mesh)
+    known = constrain(mask.astype(jnp.float32), mesh)
     rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
     init_keys, move_keys = row_keys(key, rows)
     x = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(init_keys)
@@ -103,11 +103,11 @@ def _repaint_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, moves: di
         prev = jnp.maximum(i - 1, 0)
         abar_prev = jnp.where(last, 1.0, schedule.alphas_cumprod[prev])
         given = jnp.sqrt(abar_prev) * images + jnp.where(last, 0.0, jnp.sqrt(1.0 - abar_prev)) * z_known
-        return _constrain(known * given + (1.0 - known) * unknown, mesh, data)
+        return constrain(known * given + (1.0 - known) * unknown, mesh)
 
     def forward(x: Array, i: Array, m: Array) -> Array:
         beta = schedule.betas[i]
-        return _constrain(jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * normals(m)[0], mesh, data)
+        return constrain(jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * normals(m)[0], mesh)
 
     def step(x, move):
         return jax.lax.cond(move["reverse"], reverse, forward, x, move["index"], move["number"]), None

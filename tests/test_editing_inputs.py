@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax.edit_io import bottom_half_mask, load_images, load_mask
+from ddpm_jax.editing.inputs import bottom_half_mask, load_images, load_mask
 from ddpm_jax.images import save_image_grid
 
 GRAY, RGB = (8, 8, 1), (8, 8, 3)

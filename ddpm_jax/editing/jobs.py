@@ -1,5 +1,5 @@
 """sample.py's editing commands: their flags, their checks, and the jobs that run `editing` on
-batches of images read by `edit_io`. Each job returns what sample.py writes: the output images,
+batches of images read by `editing.inputs`. Each job returns what sample.py writes: the output images,
 a grid to look at, and any extra arrays for the .npz.
 
     --inpaint IMAGES --mask MASK [--jump_length 10 --resamplings 10]   RePaint
@@ -21,7 +21,7 @@ import numpy as np
 from absl import flags, logging
 from tqdm import tqdm
 
-from ddpm_jax import edit_io, editing
+from ddpm_jax.editing import chain as editing, inputs as edit_io
 from ddpm_jax.images import to_uint8
 from ddpm_jax.parallel import gather_to_host
 from ddpm_jax.plans import make_plan
