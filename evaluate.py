@@ -83,7 +83,8 @@ def main(argv: Sequence[str]) -> None:
     try:  # NumPy only: a bad option stops here, before anything compiles
         options = evaluate.EvalOptions.from_config(
                 config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
-                **cli.sampler_flag_values(FLAGS), sample_batch_size=FLAGS.batch_size, bpd_split=FLAGS.split,
+                sampler=cli.sampler_flag_values(FLAGS), sample_batch_size=FLAGS.batch_size,
+                bpd_split=FLAGS.split,
                 bpd_num_images=FLAGS.bpd_num_images, bpd_batch_size=FLAGS.bpd_batch_size,
                 reference_split=FLAGS.reference_split, feature_net=FLAGS.feature_net,
                 inception_weights=FLAGS.inception_weights, seed=FLAGS.seed,
@@ -93,13 +94,12 @@ def main(argv: Sequence[str]) -> None:
         if options.classifier is None:
             check_labels_and_guidance(options.labels, options.guidance, model.num_classes,
                                       labels_name="--labels", guidance_name="--guidance")
-        cli.check_solver_flags(options.sampler, options.eta, FLAGS.order)
-        evaluate.sampling_plan(config_lib.schedule_from_config(config), options)
+        options.sampler.plan(config_lib.schedule_from_config(config))
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:
         classifier = None if options.classifier is None else \
-            cli.load_classifier(options.classifier, config)
+            checkpoint.load_classifier(options.classifier, for_config=config)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None

@@ -73,41 +73,50 @@ def main(argv: list[str]) -> None:
     cli.drop_closed_event_loop_noise()
     import jax
 
+    from ddpm_jax import checkpoint, images, parallel, sampling
     from ddpm_jax import config as config_lib
-    from ddpm_jax import images, parallel, sampling
+    from ddpm_jax.spec import SamplerSpec
     try:  # loading, then NumPy only: bad values fail here, before any compile
         config, model, params = cli.load_model(FLAGS.workdir, FLAGS.diffusers_dir, FLAGS.weights)
         classifier, classifier_params = (None, None) if FLAGS.classifier is None else \
-            cli.load_classifier(FLAGS.classifier, config)
-        options = config_lib.sampler_options(config, **cli.sampler_flag_values(FLAGS))
-        cli.check_solver_flags(options["sampler"], FLAGS.eta, FLAGS.order)
+            checkpoint.load_classifier(FLAGS.classifier, for_config=config)
+        given = {k: v for k, v in cli.sampler_flag_values(FLAGS).items() if v is not None}
+        run_spec = SamplerSpec.from_config(config)
         labels = sample_labels(classes, getattr(classifier or model, "num_classes", None),
                                FLAGS.num_samples, name="--labels")
         batch_size = cli.check_batch_size(FLAGS.batch_size or config.sampling.batch_size,
                                           jax.device_count(), "--batch_size")
-        sample_batch = min(batch_size, parallel.round_up_to_devices(FLAGS.num_samples,
-                                                                    jax.device_count()))
-        sampler = sampling.make_sampler(
-                sampling.ModelApply(model), config_lib.schedule_from_config(config),
-                (sample_batch, *config_lib.image_shape(config)), **options, guidance=FLAGS.guidance,
-                classifier=classifier, classifier_scale=FLAGS.classifier_scale,
-                mesh=parallel.make_mesh() if jax.device_count() > 1 else None)
+        mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+        schedule = config_lib.schedule_from_config(config)
+        spec = SamplerSpec.from_config(config, **given)
+        if mode is None:
+            sample_batch = min(batch_size, parallel.round_up_to_devices(FLAGS.num_samples,
+                                                                        jax.device_count()))
+            sampler = sampling.make_sampler(
+                    sampling.ModelApply(model), schedule,
+                    (sample_batch, *config_lib.image_shape(config)), spec,
+                    guidance=FLAGS.guidance, classifier=classifier,
+                    classifier_scale=FLAGS.classifier_scale, mesh=mesh)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    logging.info("Sampling %d images of %s: %s, %d steps, %s, batch %d%s.", FLAGS.num_samples,
-                 config_lib.image_shape(config), options["sampler"], sampler.plan.num_steps,
-                 sampling.describe(**{k: options[k] for k in ("sampler", "eta", "order",
-                                                              "var_type", "spacing")}),
-                 sample_batch,
-                 cli.describe_guidance(FLAGS.labels, FLAGS.guidance, FLAGS.classifier,
-                                       sampler.classifier_scale))
     if mode is not None:  # editing: batches of the input images, not of --num_samples
+        context = edit_jobs.Context(
+                model_apply=sampling.ModelApply(model), params=params, schedule=schedule,
+                image_shape=config_lib.image_shape(config), batch_size=batch_size,
+                key=jax.random.key(FLAGS.seed), run_spec=run_spec, flags=given, spec=spec, mesh=mesh,
+                labels=labels, guidance=FLAGS.guidance,
+                classifier=None if classifier is None else (classifier, classifier_params),
+                classifier_scale=FLAGS.classifier_scale)
         try:
-            edit_jobs.run_and_write(mode, FLAGS, model=model, params=params, config=config,
-                                    options=options, batch_size=batch_size)
+            edit_jobs.run_and_write(mode, FLAGS, context)
         except ValueError as e:
             raise app.UsageError(str(e)) from None
         return
+    logging.info("Sampling %d images of %s: %s, batch %d%s.", FLAGS.num_samples,
+                 config_lib.image_shape(config), spec.describe(sampler.plan.num_steps),
+                 sample_batch,
+                 cli.describe_guidance(FLAGS.labels, FLAGS.guidance, FLAGS.classifier,
+                                       sampler.classifier_scale))
     samples = sampling.draw_images(sampler, params, jax.random.key(FLAGS.seed), FLAGS.num_samples,
                                    labels=labels, desc="batches",
                                    classifier_params=classifier_params)

@@ -36,6 +36,7 @@ from ddpm_jax import sampling, xla_cpu  # noqa: E402
 from ddpm_jax.convert import convert_state_dict, unet_kwargs_from_diffusers  # noqa: E402
 from ddpm_jax.models.unet import UNet, param_shapes  # noqa: E402
 from ddpm_jax.schedule import Schedule  # noqa: E402
+from ddpm_jax.spec import SamplerSpec  # noqa: E402
 
 # A smoke-test size (16x16, two levels); GroupNorm(32) needs channels divisible by 32.
 BENCH_CONFIGS = dict(CONFIGS, tiny=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1,
@@ -60,9 +61,7 @@ class OursDPM:
         self.schedule, self.steps = Schedule.create("linear", 1000), steps
 
     def sampler(self, batch: int, order: int = 2) -> sampling.Sampler:
-        return sampling.make_sampler(sampling.ModelApply(self.model), self.schedule,
-                                     (batch, *self.shape), sampler="dpm++", steps=self.steps,
-                                     order=order, clip_denoised=False)
+        return sampling.make_sampler(sampling.ModelApply(self.model), self.schedule, (batch, *self.shape), SamplerSpec(sampler="dpm++", steps=self.steps, order=order, clip_denoised=False))
 
     def sample_fn(self, batch: int) -> tuple[Callable[[], Any], float]:
         """(run, seconds of the first call: compile + one chain)."""

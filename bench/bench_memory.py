@@ -27,6 +27,7 @@ from bench_unet import CONFIGS, forward_jit, lower_sampler, memory_mib, train_st
 from ddpm_jax import sampling, training  # noqa: E402
 from ddpm_jax.models.unet import UNet  # noqa: E402
 from ddpm_jax.schedule import Schedule  # noqa: E402
+from ddpm_jax.spec import SamplerSpec  # noqa: E402
 
 
 def main() -> None:
@@ -62,8 +63,7 @@ def main() -> None:
                 state.params, jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
                 jax.ShapeDtypeStruct((batch,), jnp.int32))
         if "sample" not in skip:
-            sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (batch, *shape),
-                                            sampler="ddpm", var_type="fixedlarge")
+            sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (batch, *shape), SamplerSpec(sampler="ddpm", var_type="fixedlarge"))
             programs["sample_1000_steps"] = lower_sampler(sampler, state.params)
         for name, lowered in programs.items():
             row = dict(kind=name, config=args.config, batch=batch, dtype=args.dtype, remat=args.remat,

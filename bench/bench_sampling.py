@@ -30,6 +30,7 @@ from ddpm_jax import plans, sampling, xla_cpu  # noqa: E402
 from ddpm_jax.diffusion import p_mean_variance  # noqa: E402
 from ddpm_jax.models.unet import UNet  # noqa: E402
 from ddpm_jax.schedule import Schedule  # noqa: E402
+from ddpm_jax.spec import SamplerSpec  # noqa: E402
 
 MODELS = {
     # configs/digits.py's UNet on 16x16x1.
@@ -102,7 +103,7 @@ def main() -> None:
     # One lax.scan over the whole chain, per unroll factor.
     variants = {}
     for unroll in (int(u) for u in args.unroll.split(",")):
-        sampler = sampling.make_sampler(apply_fn, schedule, shape, steps=args.steps, unroll=unroll)
+        sampler = sampling.make_sampler(apply_fn, schedule, shape, SamplerSpec(steps=args.steps), unroll=unroll)
         variants[f"scan_unroll{unroll}"] = lambda sampler=sampler: sampler(params, jax.random.key(2))
     variants["fori_loop"] = lambda: fori(params, jax.random.key(4))
     variants["python_loop"] = loop

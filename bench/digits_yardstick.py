@@ -18,6 +18,7 @@ import numpy as np
 
 from ddpm_jax import features, sampling
 from ddpm_jax.images import to_uint8
+from ddpm_jax.spec import spec_and_options
 
 SIZE = 8                      # every score is taken at the data's native 8x8
 REFERENCE_SPLIT = "train"     # FID against the 1,437 train images, as evaluate's default
@@ -77,9 +78,7 @@ def sample_checkpoint(workdir: str, *, sampler: str, steps: int | None, num_samp
     schedule = Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start,
                                beta_end=d.beta_end)
     shape = (min(batch_size, num_samples), data.image_size, data.image_size, data.channels)
-    chain = sampling.make_sampler(sampling.ModelApply(model), schedule, shape, sampler=sampler,
-                                  steps=steps, mean_type=d.mean_type, var_type=d.var_type,
-                                  **options)
+    chain = sampling.make_sampler(sampling.ModelApply(model), schedule, shape, **spec_and_options(sampler=sampler, steps=steps, mean_type=d.mean_type, var_type=d.var_type, **options))
     start = time.perf_counter()
     images = sampling.draw_images(chain, params, jax.random.key(seed), num_samples,
                                   progress=False)

@@ -284,7 +284,9 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
     CheckpointError, naming the step, when the checkpoint cannot be read; nothing is deleted.
     """
     checksums = _read_checksums(manager, step)
-    check_config_compatible(restore_config(manager, step, checksums), config, step=step,
+    # Both sides brought up to date: a field added since the run was made is no difference.
+    check_config_compatible(config_lib.upgrade(restore_config(manager, step, checksums)),
+                            config_lib.upgrade(config_to_dict(config)), step=step,
                             directory=str(manager.directory))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
@@ -318,19 +320,27 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
 
 # ------------------------------------------------------------------------------- sampling
 
-def load_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = None,
-                      sharding: jax.sharding.Sharding | None = None
+def load_for_sampling(workdir: str | None, weights: str = "ema", *, step: int | None = None,
+                      sharding: jax.sharding.Sharding | None = None,
+                      diffusers_dir: str | None = None
                       ) -> tuple[ml_collections.ConfigDict, Any, PyTree]:
-    """(config, model, params) of a run's checkpoint, for sampling and evaluation.
+    """(config, model, params) for sampling and evaluation: of a run's checkpoint in `workdir`,
+    or of a diffusers UNet2DModel folder `diffusers_dir` (`convert.load_diffusers_run`: the
+    paper's settings, its weights as they are). The one loader of the scripts.
 
     weights: "ema" (the paper evaluates the EMA) or "raw"; step: default the latest.
     Only the requested parameters are read, placed with `sharding` (default: replicated over
-    every device). The model is rebuilt from the checkpoint's own config.
+    every device). The model is rebuilt from the checkpoint's own config (`config.upgrade`d).
     """
     fields = {"ema": "ema_params", "raw": "params"}
     if weights not in fields:
         raise ValueError(f"weights={weights!r}: choose 'ema' (the EMA, used for the paper's "
                          "samples) or 'raw' (the trained parameters).")
+    if (workdir is None) == (diffusers_dir is None):
+        raise ValueError("Pass exactly one of a work dir and a diffusers_dir.")
+    if diffusers_dir is not None:
+        from ddpm_jax import convert  # reads PyTorch / safetensors files: only when asked
+        return convert.load_diffusers_run(diffusers_dir)
     manager = make_manager(workdir, max_to_keep=1, read_only=True)
     if step is None:
         step = manager.latest_step()
@@ -341,7 +351,7 @@ def load_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = 
         raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; it "
                                 f"holds steps {list(manager.all_steps())}.")
     checksums = _read_checksums(manager, step)
-    config = ml_collections.ConfigDict(restore_config(manager, step, checksums))
+    config = config_lib.upgrade(restore_config(manager, step, checksums))
     model = config_lib.model_from_config(config)
     image_shape = config_lib.image_shape(config)
     shapes = jax.eval_shape(lambda rng: training.init_params(model, rng, image_shape),
@@ -369,15 +379,20 @@ def load_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = 
 
 
 def load_classifier(workdir: str, *, for_config: Any, flag: str = "--classifier"
-                    ) -> tuple[ml_collections.ConfigDict, Any, PyTree]:
-    """(config, model, EMA params) of a noise-conditional classifier run (model.kind
-    'classifier') that can guide a model of `for_config`: same image shape, same T.
-    FileNotFoundError / CheckpointError / ValueError with one line naming `flag` otherwise."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"{flag}={workdir} does not exist; train one with train.py "
-                                "--config configs/digits.py:classifier.")
-    config, model, params = load_for_sampling(workdir, "ema")
+                    ) -> tuple[Any, PyTree]:
+    """(guidance.ClassifierApply, EMA params) of a noise-conditional classifier run (model.kind
+    'classifier') that can guide a model of `for_config`: same image shape, same T. ValueError
+    with one line naming `flag` otherwise. The one loader of a guiding classifier."""
+    from ddpm_jax.guidance import ClassifierApply
+
     where = f"{flag}={workdir}"
+    if not os.path.isdir(workdir):
+        raise ValueError(f"{where} does not exist; train one with train.py --config "
+                         "configs/digits.py:classifier.")
+    try:
+        config, model, params = load_for_sampling(workdir, "ema")
+    except (FileNotFoundError, CheckpointError) as e:
+        raise ValueError(f"{where}: {' '.join(str(e).split())}") from None
     if config_lib.model_kind(config) != "classifier":
         raise ValueError(f"{where} is a denoiser run (model.kind='unet'), not a classifier; "
                          "train one with --config configs/digits.py:classifier.")
@@ -388,7 +403,7 @@ def load_classifier(workdir: str, *, for_config: Any, flag: str = "--classifier"
     if config.diffusion.timesteps != for_config.diffusion.timesteps:
         raise ValueError(f"{where} was trained on T={config.diffusion.timesteps} timesteps, the "
                          f"model on T={for_config.diffusion.timesteps}.")
-    return config, model, params
+    return ClassifierApply(model), params
 
 def _free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

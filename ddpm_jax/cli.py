@@ -18,16 +18,6 @@ def parse_steps(text: str | None) -> int | str | None:
     return int(text) if text.isdigit() else text
 
 
-def check_solver_flags(sampler: str, eta: float | None, order: int | None) -> None:
-    """ValueError (one line) for a non-zero --eta with a sampler other than ddim, or an --order
-    with one other than dpm++ / dpm++sde: options that would silently do nothing."""
-    if eta and sampler != "ddim":
-        raise ValueError(f"--eta={eta} only applies to --sampler=ddim.")
-    from ddpm_jax.plans import DPM_SOLVERS
-    if order is not None and sampler not in DPM_SOLVERS:
-        raise ValueError(f"--order={order} only applies to --sampler=dpm++ or dpm++sde.")
-
-
 def check_output_path(path: str, flag: str, *, directory: bool = False) -> None:
     """Raises ValueError (one line naming `flag` and the fix) when `path` cannot be written: a
     file (directory=False) or a directory to create or fill (directory=True). Runs before any
@@ -77,20 +67,14 @@ def check_batch_size(batch_size: int, num_devices: int, flag: str) -> int:
 
 
 def load_model(workdir: str | None, diffusers_dir: str | None, weights: str) -> tuple[Any, Any, Any]:
-    """(config, model, params) of a training run's latest checkpoint (`weights` 'ema' or 'raw')
-    or of a diffusers folder (the paper's settings); ValueError naming the flag when neither
-    loads."""
-    if workdir is not None:
-        from ddpm_jax import checkpoint
-        try:
-            return checkpoint.load_for_sampling(workdir, weights=weights)
-        except (FileNotFoundError, checkpoint.CheckpointError) as e:
-            raise ValueError(f"--workdir={workdir}: {e}") from None
-    from ddpm_jax import convert
+    """(config, model, params) of --workdir's latest checkpoint (`weights` 'ema' or 'raw') or of
+    --diffusers_dir (`checkpoint.load_for_sampling`); ValueError naming the flag otherwise."""
+    from ddpm_jax import checkpoint
+    flag = f"--workdir={workdir}" if workdir is not None else f"--diffusers_dir={diffusers_dir}"
     try:
-        return convert.load_for_sampling(diffusers_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--diffusers_dir={diffusers_dir}: {e}") from None
+        return checkpoint.load_for_sampling(workdir, weights=weights, diffusers_dir=diffusers_dir)
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+        raise ValueError(f"{flag}: {e}") from None
 
 
 def describe_guidance(labels: str | None, guidance: float | None, classifier: str | None,
@@ -188,13 +172,13 @@ def check_classifier_flags(classifier: str | None, scale: float | None, classes:
 
 def define_sampler_flags(*, variance: bool) -> None:
     """The sampler flags of sample.py and evaluate.py (absl, module-global), each unset by
-    default: the run's config.sampling decides (see `config.sampler_options`). `variance`: also
-    --var_type and --clip_denoised."""
+    default: the run's config.sampling decides (`SamplerSpec.from_config` with the flags as
+    overrides). `variance`: also --var_type and --clip_denoised."""
     from absl import flags
 
     from ddpm_jax.diffusion import VAR_TYPES
     from ddpm_jax.plans import MAX_SOLVER_ORDER, SPACINGS
-    from ddpm_jax.sampling import SAMPLERS
+    from ddpm_jax.spec import SAMPLERS
     flags.DEFINE_enum("sampler", None, list(SAMPLERS), "ddpm: ancestral; ddim: Song et al.; "
                       "dpm++: DPM-Solver++ multistep, deterministic, near-converged in 15-25 "
                       "steps; dpm++sde: its SDE variant, stochastic (default "
@@ -222,8 +206,8 @@ def define_sampler_flags(*, variance: bool) -> None:
 
 
 def sampler_flag_values(values: Any) -> dict[str, Any]:
-    """The sampler flags that `define_sampler_flags` defined, parsed, as keyword arguments of
-    `config.sampler_options` (None: the config's value)."""
+    """The sampler flags that `define_sampler_flags` defined, parsed, as overrides of the run's
+    `SamplerSpec` (None: the config's value)."""
     kwargs = dict(sampler=values.sampler, steps=parse_steps(values.steps), eta=values.eta,
                   spacing=values.spacing, order=values.order, threshold=values.threshold)
     for name in ("var_type", "clip_denoised"):
@@ -246,15 +230,3 @@ def define_guidance_flags(labels_rule: str) -> None:
     flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale s >= 0 (default 1 "
                        "with --classifier): mu + s Sigma grad log p(y|x_t) (ancestral), eps - s "
                        "sqrt(1 - abar) grad log p(y|x_t) (ddim, dpm++).", lower_bound=0.0)
-
-
-def load_classifier(workdir: str, config: Any) -> tuple[Any, Any]:
-    """(ClassifierApply, params) of the classifier run in `workdir`, checked against the
-    diffusion run's `config`; ValueError (one line) when it cannot serve."""
-    from ddpm_jax import checkpoint
-    from ddpm_jax.guidance import ClassifierApply
-    try:
-        _, model, params = checkpoint.load_classifier(workdir, for_config=config)
-    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
-        raise ValueError(" ".join(str(e).split("\n"))) from None
-    return ClassifierApply(model), params

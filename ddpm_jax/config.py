@@ -2,27 +2,29 @@
 
 `validate(config)` raises ValueError naming the field, its value and the fix, before anything
 expensive runs. The builders (`model_from_config`, `schedule_from_config`, `image_shape`,
-`optimizer_from_config`, `step_kwargs`, `sampler_options`) are the one place where a config
-becomes library arguments: library code never reads a ConfigDict; only the command lines, the
-loop and evaluation do, through these.
+`optimizer_from_config`, `step_kwargs`; `spec.SamplerSpec.from_config`) are the one place where
+a config becomes library arguments: library code never reads a ConfigDict; only the command
+lines and the loop do, through these. `upgrade` brings the stored config of an older run up to
+date.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import ml_collections
 
 from ddpm_jax import training as training_lib
 from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTS, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
 from ddpm_jax.models.unet import NoisyClassifier, UNet, check_architecture
-from ddpm_jax.plans import (DPM_SOLVERS, MAX_SDE_SOLVER_ORDER, MAX_SOLVER_ORDER, SPACINGS,
-                            space_timesteps)
-from ddpm_jax.sampling import SAMPLERS
+from ddpm_jax.plans import DPM_SOLVERS, SPACINGS
 from ddpm_jax.schedule import SCHEDULES, Schedule
+from ddpm_jax.spec import SAMPLERS, SamplerSpec, check_choice  # noqa: F401 (check_choice: re-export)
 
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -35,14 +37,6 @@ MODEL_KINDS = ("unet", "classifier")
 class ConfigError(ValueError):
     """A config value that cannot work on this run's setup (e.g. a batch that does not split over
     the devices): an expected mistake, reported in one line naming the field and the fix."""
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any], *, verb: str = "choose") -> Any:
-    """`value` when it is one of `choices`; else ValueError '<name>=<value>: <verb> one of (...)'.
-    The one choice check of configs (verb 'use'), option objects and command lines."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: {verb} one of {tuple(choices)}.")
-    return value
 
 
 class _Checker:
@@ -104,25 +98,33 @@ class _Checker:
 
 
 def validate(config: Any) -> None:
-    """Raises ValueError for the first bad value in an experiment config (see configs/base.py)."""
-    inf = float("inf")
+    """Raises ValueError for the first bad value in an experiment config (see configs/base.py),
+    section by section."""
     for section in SECTIONS:
         _Checker(config, section)
+    _validate_data(_Checker(config, "data"))
+    _validate_diffusion(_Checker(config, "diffusion"))
+    _validate_model(_Checker(config, "model"), config)
+    _validate_training(_Checker(config, "training"), config)
+    _validate_sampling(_Checker(config, "sampling"), config)
+    _validate_eval(_Checker(config, "eval"), config)
 
-    data = _Checker(config, "data")
+
+def _validate_data(data: _Checker) -> None:
     from ddpm_jax import data as data_lib  # here, not at the top: it imports TFDS (seconds)
 
     dataset = data.get("dataset")
     if not (dataset in data_lib.NAMES or (isinstance(dataset, str) and dataset.startswith("tfds:"))):
         raise data.fail("dataset", f"use one of {data_lib.NAMES} or 'tfds:<name>'")
-    image_size = data.integer("image_size", 1)
-    channels = data.integer("channels", 1)
+    data.integer("image_size", 1)
+    data.integer("channels", 1)
     data.boolean("random_flip")
     if data.get("data_dir") is not None and not isinstance(data.get("data_dir"), str):
         raise data.fail("data_dir", "use a path string or None")
 
-    diffusion = _Checker(config, "diffusion")
-    timesteps = diffusion.integer("timesteps", 1)
+
+def _validate_diffusion(diffusion: _Checker) -> None:
+    diffusion.integer("timesteps", 1)
     diffusion.choice("schedule", SCHEDULES)
     beta_start = diffusion.number("beta_start", 0.0, 1.0, low_open=True, high_open=True)
     diffusion.number("beta_end", beta_start, 1.0, high_open=True)
@@ -137,7 +139,8 @@ def validate(config: Any) -> None:
         raise diffusion.fail("loss_type", f"'hybrid' trains a learned variance: set diffusion.var_type "
                              f"to one of {LEARNED_VAR_TYPES}, or use loss_type='mse'")
 
-    model = _Checker(config, "model")
+
+def _validate_model(model: _Checker, config: Any) -> None:
     unknown = sorted(set(model.values) - set(MODEL_FIELDS))
     if unknown:
         raise ValueError(f"config.model has unknown fields {unknown}: config.model holds exactly the UNet "
@@ -149,9 +152,8 @@ def validate(config: Any) -> None:
     model.number("dropout", 0.0, 1.0, high_open=True)
     out_channels = model.integer("out_channels", 1, optional=True)
     num_classes = model.integer("num_classes", 1, optional=True)
-    if model_kind(config) not in MODEL_KINDS:
-        raise model.fail("kind", f"use one of {MODEL_KINDS}")
-    if model_kind(config) == "classifier":
+    kind = model.choice("kind", MODEL_KINDS)
+    if kind == "classifier":
         if num_classes is None:
             raise model.fail("num_classes", "kind='classifier' predicts num_classes classes: set "
                              "it (10 for digits)")
@@ -160,13 +162,16 @@ def validate(config: Any) -> None:
     model.boolean("remat")
     model.boolean("resamp_with_conv")
     num_groups = model.integer("num_groups", 1)
-    check_architecture(image_size, ch, ch_mult, attn_resolutions, num_groups)
+    check_architecture(config.data.image_size, ch, ch_mult, attn_resolutions, num_groups)
+    var_type, channels = config.diffusion.var_type, config.data.channels
     needed = 2 * channels if var_type in LEARNED_VAR_TYPES else channels
     if out_channels is not None and out_channels != needed:
         raise model.fail("out_channels", f"diffusion.var_type={var_type!r} with data.channels={channels} "
                          f"needs {needed} output channels: set it to {needed} or None")
 
-    training = _Checker(config, "training")
+
+def _validate_training(training: _Checker, config: Any) -> None:
+    inf = float("inf")
     batch_size = training.integer("batch_size", 1)
     training.number("lr", 0.0, inf, low_open=True)
     training.integer("warmup_steps", 0)
@@ -181,8 +186,8 @@ def validate(config: Any) -> None:
                             "or use lr_decay='none'")
     loss_weight = training.choice("loss_weight", LOSS_WEIGHTS)
     training.number("min_snr_gamma", 0.0, inf, low_open=True)
-    if loss_weight != "uniform" and (diffusion.get("loss_type") == "kl"
-                                     or diffusion.get("mean_type") == "xprev"):
+    if loss_weight != "uniform" and (config.diffusion.loss_type == "kl"
+                                     or config.diffusion.mean_type == "xprev"):
         raise training.fail("loss_weight", "it weighs the regression loss of eps / xstart / v "
                             "predictions; with diffusion.loss_type='kl' or mean_type='xprev' use "
                             "'uniform'")
@@ -209,39 +214,41 @@ def validate(config: Any) -> None:
         raise training.fail("microbatches", f"it must divide training.batch_size={batch_size} into "
                             "equal slices: pick a divisor of the batch, or 1 for no accumulation")
     training.choice("compute_dtype", tuple(COMPUTE_DTYPES))
+    if config.model.kind == "classifier":
+        for field, why in (("label_dropout", "labels are its targets"),
+                           ("num_sample_images", "it draws no samples")):
+            if training.get(field):
+                raise training.fail(field, f"set it to 0 for model.kind='classifier' ({why})")
 
-    sampling = _Checker(config, "sampling")
+
+def _validate_sampling(sampling: _Checker, config: Any) -> None:
+    """The field types here; what the sampler makes of them (orders, steps against T, eta,
+    spacing) by building its SamplerSpec and plan, whose error is reported with the section."""
     sampling.choice("sampler", SAMPLERS)
     steps = sampling.get("steps")  # None: all T; an int S; or a respacing string such as 'ddim50'
-    if isinstance(steps, int) and not isinstance(steps, bool) and not 1 <= steps <= timesteps:
-        raise sampling.fail("steps", f"use 1 to diffusion.timesteps={timesteps} steps, or None for all")
-    if steps is not None:
-        try:
-            space_timesteps(timesteps, steps)
-        except (ValueError, TypeError) as err:
-            raise sampling.fail("steps", f"{err} Use None, an int S, or e.g. 'ddim50'") from None
-    if sampling.choice("spacing", SPACINGS) == "logsnr" and (
-            not isinstance(steps, int) or isinstance(steps, bool)):
-        raise sampling.fail("steps", "spacing='logsnr' places an int number of steps S; use an int")
-    order = sampling.integer("order", 1)
-    if order > MAX_SOLVER_ORDER:
-        raise sampling.fail("order", f"DPM-Solver++ has orders 1..{MAX_SOLVER_ORDER}")
-    if sampling.get("sampler") == "dpm++sde" and order > MAX_SDE_SOLVER_ORDER:
-        raise sampling.fail("order", f"SDE-DPM-Solver++ has orders 1..{MAX_SDE_SOLVER_ORDER}")
-    if sampling.get("sampler") in DPM_SOLVERS:
-        num_steps = timesteps if steps is None else len(space_timesteps(timesteps, steps))
-        if num_steps < order:
-            raise sampling.fail("steps", f"DPM-Solver++ of order {order} needs at least {order} "
-                                "steps; use more steps or a lower sampling.order")
+    if steps is not None and not isinstance(steps, (int, str)) or isinstance(steps, bool):
+        raise sampling.fail("steps", "use None, an int S, or e.g. 'ddim50'")
+    sampling.integer("order", 1)
     sampling.number("eta", 0.0, 1.0)
     sampling.boolean("clip_denoised")
     sampling.number("threshold", 0.0, 1.0, low_open=True, high_open=True, optional=True)
-    sampling_var = sampling.get("var_type")
-    if sampling_var is not None:
-        sampling.choice("var_type", (None, "fixedlarge", "fixedsmall", var_type))
+    if sampling.get("var_type") is not None:
+        sampling.choice("var_type", (None, "fixedlarge", "fixedsmall", config.diffusion.var_type))
+    sampling.choice("spacing", SPACINGS)
     sampling.integer("batch_size", 1)
+    sampler = sampling.get("sampler")
+    try:
+        # The order field is DPM-Solver++'s whichever sampler the config names (a --sampler
+        # override may pick the solver): checked against the solver that would use it.
+        SamplerSpec(sampler=sampler if sampler in DPM_SOLVERS else "dpm++",
+                    order=sampling.get("order"))
+        SamplerSpec.from_config(config).plan(schedule_from_config(config))
+    except ValueError as error:
+        raise ValueError(f"config.sampling (sampler {sampling.get('sampler')!r}): {error}") from None
 
-    evaluation = _Checker(config, "eval")
+
+def _validate_eval(evaluation: _Checker, config: Any) -> None:
+    inf = float("inf")
     evaluation.integer("every_steps", 0)
     if not isinstance(evaluation.get("metrics"), str) or not evaluation.get("metrics"):
         raise evaluation.fail("metrics", "use a comma-separated string such as 'bpd,fid,is'")
@@ -255,21 +262,41 @@ def validate(config: Any) -> None:
                               evaluation.number("guidance", 0.0, inf, optional=True),
                               config.model.num_classes, labels_name="config.eval.labels",
                               guidance_name="config.eval.guidance")
-    if model_kind(config) == "classifier":
-        for checker, field, why in ((training, "label_dropout", "labels are its targets"),
-                                    (training, "num_sample_images", "it draws no samples"),
-                                    (evaluation, "every_steps", "evaluation scores samples")):
-            if checker.get(field):
-                raise checker.fail(field, f"set it to 0 for model.kind='classifier' ({why})")
+    if config.model.kind == "classifier" and evaluation.get("every_steps"):
+        raise evaluation.fail("every_steps", "set it to 0 for model.kind='classifier' (evaluation "
+                              "scores samples)")
     evaluation.choice("bpd_split", ("train", "test"))
     evaluation.integer("bpd_num_images", 1, optional=True)
     evaluation.integer("bpd_batch_size", 1)
 
 
+# Fields added to configs/base.py after its first release, each with the value that runs made
+# before it ran with (label_dropout: none existed, so 0.0, not today's default 0.1).
+ADDED_FIELDS = {
+    "model.kind": "unet", "training.ema_warmup": False, "training.grid_tile_px": 64,
+    "training.label_dropout": 0.0, "training.loss_weight": "uniform", "training.lr_decay": "none",
+    "training.microbatches": 1, "training.min_snr_gamma": 5.0, "sampling.spacing": "time",
+    "sampling.order": 2, "sampling.threshold": None, "eval.every_steps": 0, "eval.labels": "none",
+    "eval.guidance": None,
+}
+
+
+def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The config stored with a run (plain JSON types), brought up to date: every field of
+    ADDED_FIELDS it lacks gets the value its run was made with. The one place that knows how
+    older configs differ; everything downstream reads today's fields."""
+    config = ml_collections.ConfigDict(copy.deepcopy(dict(saved)))
+    for path, value in ADDED_FIELDS.items():
+        section, field = path.split(".")
+        if section in config and field not in config[section]:
+            with config.unlocked():
+                config[section][field] = value
+    return config
+
+
 def model_kind(config: Any) -> str:
-    """config.model.kind: 'unet' (the denoiser; also configs saved before the field) or
-    'classifier'."""
-    return config.model.get("kind", "unet")
+    """config.model.kind: 'unet' (the denoiser) or 'classifier'."""
+    return config.model.kind
 
 
 def model_from_config(config: Any) -> UNet:
@@ -310,45 +337,15 @@ def optimizer_from_config(config: Any) -> Any:
 def step_kwargs(config: Any, model: Any) -> dict[str, Any]:
     """The static keyword arguments of `training.train_step` for a config (all hashable)."""
     t, d = config.training, config.diffusion
-    lr_decay = t.get("lr_decay", "none")  # absent from the configs of runs made before it
+    lr_decay = t.lr_decay
     return dict(model=model, optimizer=optimizer_from_config(config), base_lr=t.lr,
                 warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
                 # total_steps only shapes a decay: without one, a resume that extends
                 # num_steps keeps the compiled step.
                 lr_decay=lr_decay, total_steps=None if lr_decay == "none" else t.num_steps,
-                loss_weight=t.get("loss_weight", "uniform"),
-                min_snr_gamma=float(t.get("min_snr_gamma", 5.0)),
+                loss_weight=t.loss_weight, min_snr_gamma=float(t.min_snr_gamma),
                 mean_type=d.mean_type,
                 var_type=d.var_type, loss_type=d.loss_type,
                 use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,
                 microbatches=t.microbatches,
                 objective="classify" if model_kind(config) == "classifier" else "denoise")
-
-
-def sampler_options(config: Any, **overrides: Any) -> dict[str, Any]:
-    """`sampling.make_sampler`'s options (sampler, steps, eta, spacing, order, threshold,
-    mean_type, var_type, clip_denoised) from config.sampling and config.diffusion.
-
-    overrides (e.g. command-line flags) replace the config's values, None keeping them. Older
-    configs without spacing / order / threshold get time / 2 / None; order goes only to
-    DPM-Solver++ (None for the other samplers), eta only to DDIM (0 for the others); var_type
-    None is the trained one. The config's spacing belongs to its sampler: an override naming
-    another sampler gets "time" spacing unless it names a spacing too.
-    """
-    s = config.sampling
-    options = dict(sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.get("spacing", "time"),
-                   order=s.get("order", 2), threshold=s.get("threshold"),
-                   var_type=s.get("var_type"), clip_denoised=s.clip_denoised)
-    unknown = sorted(set(overrides) - set(options))
-    if unknown:
-        raise TypeError(f"sampler_options got unknown options {unknown}; it takes {sorted(options)}.")
-    if overrides.get("sampler") not in (None, s.sampler) and overrides.get("spacing") is None:
-        options["spacing"] = "time"
-    options.update({k: v for k, v in overrides.items() if v is not None})
-    if options["sampler"] not in DPM_SOLVERS:
-        options["order"] = None
-    if options["sampler"] != "ddim":  # a DDIM config's eta, when an override picks another
-        options["eta"] = 0.0
-    options["var_type"] = options["var_type"] or config.diffusion.var_type
-    options["mean_type"] = config.diffusion.mean_type
-    return options

@@ -32,13 +32,13 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from ddpm_jax import config as config_lib
-from ddpm_jax import diffusion, features, images, parallel, plans, plots, sampling, xla_cpu
+from ddpm_jax import diffusion, features, images, parallel, plots, sampling, xla_cpu
 from ddpm_jax.labels import LABEL_MODES, balanced, check_labels_and_guidance
 from ddpm_jax.sampling import ApplyFn
 from ddpm_jax.schedule import Schedule
+from ddpm_jax.spec import SamplerSpec, finite_scale
 
 Array = jax.Array
 
@@ -91,25 +91,19 @@ def evaluate_bpd(apply_fn: ApplyFn, params: Any, schedule: Schedule, data: np.nd
                          f"{data.dtype} {data.shape}: the bound is defined on 8-bit data.")
     batch = parallel.round_up_to_devices(min(batch_size, len(data)),
                                          1 if mesh is None else mesh.size)
-    per_image = {k: [] for k in ("total_bpd", "prior_bpd", "decoder_bpd")}
-    sums: dict[str, np.ndarray] = {}
-    for start in tqdm(range(0, len(data), batch), desc="bits/dim", disable=not progress):
-        chunk = data[start:start + batch]
-        x0 = np.zeros((batch, *data.shape[1:]), np.float32)
-        # (x - 127.5) / 127.5, like the input pipeline: 0 and 255 map to exactly -1 and 1.
-        x0[:len(chunk)] = (chunk.astype(np.float32) - 127.5) / 127.5
+
+    def one_batch(start: int, chunk: np.ndarray) -> dict[str, Array]:
         indices = np.arange(start, start + batch, dtype=np.int32)
-        out = parallel.gather_to_host(_bpd_batch()(
-            apply_fn, params, schedule, _to_global(x0, mesh), _to_global(indices, mesh), key,
-            mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised))
-        out = {k: v[:len(chunk)].astype(np.float64) for k, v in out.items()}
-        per_image["total_bpd"].append(out["total_bpd"])
-        per_image["prior_bpd"].append(out["prior_bpd"])
-        per_image["decoder_bpd"].append(out["terms_bpd"][:, 0])
-        for name in ("terms_bpd", "x0_mse", "eps_mse"):
-            sums[name] = sums.get(name, 0.0) + out[name].sum(axis=0)
-    result: dict[str, Any] = {k: np.concatenate(v) for k, v in per_image.items()}
-    result.update({k: v / len(data) for k, v in sums.items()})
+        return _bpd_batch()(apply_fn, params, schedule,
+                            _to_global(images.to_model_range(chunk), mesh),
+                            _to_global(indices, mesh), key, mean_type=mean_type,
+                            var_type=var_type, clip_denoised=clip_denoised)
+
+    out = parallel.map_batches(one_batch, [data], batch, desc="bits/dim", progress=progress)
+    out = {k: v.astype(np.float64) for k, v in out.items()}
+    result: dict[str, Any] = dict(total_bpd=out["total_bpd"], prior_bpd=out["prior_bpd"],
+                                  decoder_bpd=out["terms_bpd"][:, 0])
+    result.update({k: out[k].mean(axis=0) for k in ("terms_bpd", "x0_mse", "eps_mse")})
     result["num_images"] = len(data)
     return result
 
@@ -128,20 +122,19 @@ def bpd_summary(result: dict[str, Any]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- samples
 
-def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, *, num_samples: int,
-                     image_shape: Sequence[int], batch_size: int, key: Array,
+def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, spec: SamplerSpec, *,
+                     num_samples: int, image_shape: Sequence[int], batch_size: int, key: Array,
                      mesh: jax.sharding.Mesh | None = None, progress: bool = True,
                      labels: np.ndarray | None = None, classifier_params: Any = None,
-                     **sampler_options: Any) -> np.ndarray:
-    """num_samples uint8 images [N, H, W, C] from `sampling.make_sampler` (sample n depends
-    only on (key, n) and labels[n]). labels: [N] classes for a class-conditional apply_fn, or
-    None. sampler_options: sampler, steps, eta, spacing, order, mean_type, var_type,
-    clip_denoised, threshold, guidance, classifier, classifier_scale (classifier_params: the
+                     **guidance: Any) -> np.ndarray:
+    """num_samples uint8 images [N, H, W, C] of the chain `spec` (sample n depends only on
+    (key, n) and labels[n]). labels: [N] classes for a class-conditional apply_fn, or None.
+    guidance: make_sampler's guidance, classifier, classifier_scale (classifier_params: the
     guiding classifier's)."""
     batch = parallel.round_up_to_devices(min(batch_size, num_samples),
                                          1 if mesh is None else mesh.size)
-    sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), mesh=mesh,
-                                    **sampler_options)
+    sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), spec, mesh=mesh,
+                                    **guidance)
     return sampling.draw_images(sampler, params, key, num_samples, labels=labels,
                                 progress=progress, classifier_params=classifier_params)
 
@@ -156,15 +149,8 @@ class EvalOptions:
     bpd_split: str = "test"
     bpd_num_images: int | None = None        # None: the whole split
     bpd_batch_size: int = 64
-    clip_denoised: bool = True
     num_samples: int = 1000
-    sampler: str = "ddpm"
-    steps: int | str | None = None           # None: all T; see plans.space_timesteps
-    eta: float = 0.0
-    spacing: str = "time"                    # time | logsnr (plans.make_plan)
-    order: int = 2                           # DPM-Solver++ order (sampler dpm++ only)
-    threshold: float | None = None           # dynamic thresholding percentile; None: the clip
-    var_type: str | None = None              # reverse variance of the sampler; None: trained
+    sampler: SamplerSpec = SamplerSpec()     # the samples' chain; its clip_denoised also bpd's
     sample_batch_size: int = 256
     reference_split: str = "train"
     reference_num_images: int | None = None  # None: the whole split
@@ -189,10 +175,10 @@ class EvalOptions:
         config_lib.check_choice("feature_net", self.feature_net, features.FEATURE_NETS)
         if self.num_samples < 2 and set(self.metrics) - {"bpd"}:
             raise ValueError(f"num_samples={self.num_samples}: FID/IS/KID need >= 2 samples.")
-        config_lib.check_choice("spacing", self.spacing, plans.SPACINGS)
-        if not 1 <= self.order <= plans.MAX_SOLVER_ORDER:
-            raise ValueError(f"order={self.order}: DPM-Solver++ has orders 1.."
-                             f"{plans.MAX_SOLVER_ORDER}.")
+        if not isinstance(self.sampler, SamplerSpec):
+            raise TypeError(f"sampler must be a SamplerSpec; got {type(self.sampler).__name__}.")
+        finite_scale("guidance", self.guidance)
+        finite_scale("classifier_scale", self.classifier_scale)
         config_lib.check_choice("labels", self.labels, LABEL_MODES)
         check_labels_and_guidance(self.labels, self.guidance)
         if self.classifier_scale is not None and self.classifier is None:
@@ -204,28 +190,24 @@ class EvalOptions:
             if self.guidance is not None:
                 raise ValueError("guidance (classifier-free) and classifier guidance are two "
                                  "methods; pick one.")
-            if self.classifier_scale is not None and not self.classifier_scale >= 0:
-                raise ValueError(f"classifier_scale must be >= 0; got {self.classifier_scale}.")
 
     @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> EvalOptions:
-        e, s = config.eval, config.sampling
-        metrics = e.get("metrics", "bpd,fid,is")
+    def from_config(cls, config: Any, *, sampler: dict[str, Any] | None = None,
+                    **overrides: Any) -> EvalOptions:
+        """config.eval's protocol and config.sampling's SamplerSpec; `sampler`: overrides of
+        the spec (`SamplerSpec.with_overrides`), `overrides`: of the other fields (None keeps
+        the config's)."""
+        e = config.eval
         defaults = dict(
-                metrics=tuple(metrics.split(",") if isinstance(metrics, str) else metrics),
-                bpd_split=e.bpd_split, bpd_num_images=e.bpd_num_images,
-                bpd_batch_size=e.bpd_batch_size, clip_denoised=s.clip_denoised,
-                num_samples=e.fid_num_samples, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                spacing=s.get("spacing", "time"), order=s.get("order", 2),
-                threshold=s.get("threshold"),
-                var_type=s.get("var_type"), sample_batch_size=e.fid_batch_size,
-                reference_split=e.fid_reference,
-                feature_net=e.get("feature_net") or (
+                metrics=tuple(e.metrics.split(",")), bpd_split=e.bpd_split,
+                bpd_num_images=e.bpd_num_images, bpd_batch_size=e.bpd_batch_size,
+                num_samples=e.fid_num_samples,
+                sampler=SamplerSpec.from_config(config, **(sampler or {})),
+                sample_batch_size=e.fid_batch_size, reference_split=e.fid_reference,
+                feature_net=e.feature_net or (
                         "digits" if config.data.dataset == "digits" else "inception"),
-                inception_weights=e.get("inception_weights"), labels=e.get("labels", "none"),
-                guidance=e.get("guidance"), seed=config.training.seed)
-        if overrides.get("sampler") not in (None, s.sampler) and overrides.get("spacing") is None:
-            defaults["spacing"] = "time"  # the config's spacing belongs to its sampler
+                inception_weights=e.inception_weights, labels=e.labels,
+                guidance=e.guidance, seed=config.training.seed)
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**defaults)
 
@@ -234,24 +216,13 @@ def _classifier_scale(options: EvalOptions) -> float:
     return 1.0 if options.classifier_scale is None else options.classifier_scale
 
 
-def _solver_order(options: EvalOptions) -> int | None:
-    """The DPM-Solver++ order the sampler gets: options.order for dpm++ / dpm++sde, else None."""
-    return options.order if options.sampler in plans.DPM_SOLVERS else None
-
-
-def sampling_plan(schedule: Schedule, options: EvalOptions) -> plans.SamplingPlan:
-    """The plan of the sampler that options describe (NumPy only: bad steps fail here)."""
-    return plans.plan_for_sampler(schedule, options.sampler, steps=options.steps,
-                                  eta=options.eta, spacing=options.spacing,
-                                  order=_solver_order(options))
-
-
 def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) -> str:
     parts = [f"report_step{step}", weights]
     if "bpd" in options.metrics:
         parts.append(f"bpd-{options.bpd_split}")
     if set(options.metrics) - {"bpd"}:
-        parts.append(f"{options.sampler}{num_steps}-n{options.num_samples}-{options.feature_net}")
+        parts.append(f"{options.sampler.sampler}{num_steps}-n{options.num_samples}-"
+                     f"{options.feature_net}")
         if options.labels != "none":
             parts.append(options.labels + ("" if options.guidance is None
                                            else f"-w{options.guidance:g}"))
@@ -278,12 +249,13 @@ def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptio
                                          data_cfg.get("data_dir"), image_size=data_cfg.image_size,
                                          channels=data_cfg.channels,
                                          max_examples=options.bpd_num_images)
+    clip_denoised = options.sampler.clip_denoised
     result = evaluate_bpd(apply_fn, params, schedule, split_images, key, mean_type=d.mean_type,
-                          var_type=d.var_type, clip_denoised=options.clip_denoised,
+                          var_type=d.var_type, clip_denoised=clip_denoised,
                           batch_size=options.bpd_batch_size, mesh=mesh, progress=progress)
     summary = bpd_summary(result)
     summary.update(split=options.bpd_split, seconds=round(time.time() - start, 1),
-                   clip_denoised=options.clip_denoised, curve=stem + "_bpd_terms.npz")
+                   clip_denoised=clip_denoised, curve=stem + "_bpd_terms.npz")
     line = (f"{options.bpd_split} bits/dim {summary['total']:.4f} (+- "
             f"{summary['total_stderr']:.4f} s.e.; prior {summary['prior']:.4g}, decoder "
             f"{summary['decoder']:.4f}, KL terms {summary['kl_terms']:.4f}): the full bound over "
@@ -324,21 +296,17 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             image_size=data_cfg.image_size, channels=data_cfg.channels,
             data_dir=data_cfg.get("data_dir"), cache_dir=options.cache_dir,
             max_images=options.reference_num_images, progress=progress)
-    var_type = options.var_type or d.var_type
+    spec = options.sampler
     start = time.time()
     samples = generate_samples(
-            apply_fn, params, schedule, num_samples=options.num_samples, image_shape=image_shape,
-            batch_size=options.sample_batch_size, key=key, mesh=mesh, progress=progress,
-            labels=labels, sampler=options.sampler, steps=options.steps, eta=options.eta,
-            spacing=options.spacing, order=_solver_order(options), mean_type=d.mean_type,
-            var_type=var_type, clip_denoised=options.clip_denoised, threshold=options.threshold,
-            guidance=options.guidance, **guide)
-    num_steps = sampling_plan(schedule, options).num_steps
-    info = dict(num_samples=options.num_samples, sampler=options.sampler, steps=num_steps,
-                eta=options.eta, spacing=options.spacing, order=_solver_order(options),
-                threshold=options.threshold, var_type=var_type, labels=options.labels,
-                guidance=options.guidance, seed=options.seed,
-                seconds=round(time.time() - start, 1))
+            apply_fn, params, schedule, spec, num_samples=options.num_samples,
+            image_shape=image_shape, batch_size=options.sample_batch_size, key=key, mesh=mesh,
+            progress=progress, labels=labels, guidance=options.guidance, **guide)
+    num_steps = spec.plan(schedule).num_steps
+    info = dict(num_samples=options.num_samples, sampler=spec.sampler, steps=num_steps,
+                eta=spec.eta, spacing=spec.spacing, order=spec.order, threshold=spec.threshold,
+                var_type=spec.var_type, labels=options.labels, guidance=options.guidance,
+                seed=options.seed, seconds=round(time.time() - start, 1))
     if classifier is not None:
         info.update(classifier=options.classifier, classifier_scale=_classifier_scale(options))
     scores = features.sample_quality(
@@ -347,8 +315,7 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
             kid_subset_size=options.kid_subset_size, progress=progress)
     values = [f"{e['label']} {e['value']:.4f}" if name == "fid" else
               f"{e['label']} {e['mean']:.4g} +- {e['std']:.2g}" for name, e in scores.items()]
-    how = sampling.describe(options.sampler, eta=options.eta, order=options.order,
-                            var_type=var_type, spacing=options.spacing)
+    how = spec.describe(num_steps)
     if labels is not None and net.kind == "digits":
         # What guidance is for: the share the (clean-image) digits classifier labels as asked.
         _, logits = features.compute_features(net, samples, progress=False)
@@ -363,8 +330,8 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
     elif getattr(apply_fn, "null_label", None) is not None:
         how += ", unconditional (null label)"
     ref = reference["protocol"]
-    line = (f"{', '.join(values)}: {options.num_samples} samples ({options.sampler} sampler, "
-            f"{num_steps} steps, {how}, seed {options.seed}, {where}) vs {ref['num_images']} "
+    line = (f"{', '.join(values)}: {options.num_samples} samples ({how}, seed {options.seed}, "
+            f"{where}) vs {ref['num_images']} "
             f"images of {ref['dataset']}/{ref['split']}; feature net {net.name} (sha256 "
             f"{net.weights_sha256[:16]}...).")
     if write and options.save_samples:
@@ -386,7 +353,7 @@ def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOpt
     """
     d, data_cfg = config.diffusion, config.data
     schedule = config_lib.schedule_from_config(config)
-    num_steps = sampling_plan(schedule, options).num_steps
+    num_steps = options.sampler.plan(schedule).num_steps
     eval_dir = os.path.join(workdir, "eval")
     stem = os.path.join(eval_dir, _report_name(step, weights, options, num_steps))
     write = jax.process_index() == 0

@@ -23,9 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
-from ddpm_jax import metrics
+from ddpm_jax import metrics, parallel
 from ddpm_jax.models import digits_features, inception
 
 FEATURE_NETS = ("digits", "inception")
@@ -99,7 +98,8 @@ def compute_features(net: FeatureNet, images: np.ndarray, *, desc: str = "featur
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, D], logits [N, K]) as float32 NumPy from uint8 images [N, H, W, C].
 
-    The last batch is padded to the batch size, so the network compiles once.
+    The last batch is padded to the batch size (`parallel.map_batches`), so the network
+    compiles once; each process computes every feature itself.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -108,17 +108,9 @@ def compute_features(net: FeatureNet, images: np.ndarray, *, desc: str = "featur
     if net.channels == 1 and images.shape[-1] != 1:
         raise ValueError(f"{net.name} takes 1-channel images, got {images.shape[-1]} channels; "
                          "use --feature_net=inception for colour data.")
-    batch = net.batch_size
-    features, logits = [], []
-    for start in tqdm(range(0, len(images), batch), desc=desc, disable=not progress,
-                      leave=False):
-        chunk = images[start:start + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]),
-                                                  np.uint8)]) if len(chunk) < batch else chunk
-        out = jax.device_get(net.apply(padded))
-        features.append(out["features"][:len(chunk)])
-        logits.append(out["logits"][:len(chunk)])
-    return np.concatenate(features), np.concatenate(logits)
+    out = parallel.map_batches(lambda start, chunk: net.apply(chunk), [images], net.batch_size,
+                               desc=desc, progress=progress, to_host=jax.device_get)
+    return out["features"], out["logits"]
 
 
 def reference_statistics(net: FeatureNet, *, dataset: str, split: str, image_size: int,

@@ -13,11 +13,18 @@ from PIL import Image
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[..., H, W, C] floats in [-1, 1] -> uint8 in 0..255: round((x + 1) * 127.5), clipped.
 
-    Inverse of the data scaling x / 127.5 - 1, so `to_uint8(x / 127.5 - 1) == x` on uint8 x.
+    Inverse of `to_model_range`: `to_uint8(to_model_range(x)) == x` on uint8 x.
     Accepts NumPy or JAX arrays (copied to host); returns a NumPy array.
     """
     images = np.asarray(images, dtype=np.float32)
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_model_range(images: Any) -> Any:
+    """uint8 [..., H, W, C] in 0..255 -> float32 in [-1, 1]: (x - 127.5) / 127.5, so 0 and 255
+    map to exactly -1 and 1 (the training input scaling; `to_uint8` inverts it). NumPy in,
+    NumPy out; a JAX array in (inside jit), a JAX array out."""
+    return (images.astype(np.float32) - 127.5) / 127.5
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
@@ -68,12 +75,15 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | Non
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.fspath(path))
 
 
-def save_samples(images: np.ndarray, png_path: str, labels: np.ndarray | None = None,
+def save_samples(images: np.ndarray, png_path: str, labels: np.ndarray | None = None, *,
+                 extra: dict[str, np.ndarray] | None = None, tiles: np.ndarray | None = None,
                  **grid: Any) -> str:
     """Writes uint8 images [N, H, W, C] as a PNG grid at png_path (`save_image_grid`'s
-    options in `grid`) and, beside it with the suffix .npz, every image ('images') and their
-    classes ('labels', [N] int, when given). Returns the .npz path."""
+    options in `grid`; `tiles` [M, H, W, C]: show these instead, e.g. input / output pairs) and,
+    beside it with the suffix .npz, every image ('images'), their classes ('labels', [N] int,
+    when given) and the `extra` arrays. Returns the .npz path."""
     npz_path = os.path.splitext(png_path)[0] + ".npz"
-    np.savez(npz_path, images=images, **({} if labels is None else {"labels": labels}))
-    save_image_grid(images, png_path, **grid)
+    arrays = dict(extra or {}, images=images, **({} if labels is None else {"labels": labels}))
+    np.savez(npz_path, **arrays)
+    save_image_grid(images if tiles is None else tiles, png_path, **grid)
     return npz_path

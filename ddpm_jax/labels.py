@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from ddpm_jax.spec import finite_scale
+
 LABEL_MODES = ("none", "balanced")  # class-conditional evaluation / grids: null label, n mod N
 DEPRECATED_ALIASES = {"all": "balanced"}  # sample.py's old word for n mod N
 UNKNOWN = object()  # num_classes not known yet (no model loaded)
@@ -27,8 +29,7 @@ def check_labels_and_guidance(labels: Any, guidance: float | None,
     labels other than None / 'none' have a class-conditional model (num_classes not None;
     UNKNOWN skips that check). class_lists: the labels may also be a list of classes."""
     has_labels = labels is not None and labels != "none"
-    if guidance is not None and not guidance >= 0:
-        raise ValueError(f"{guidance_name}={guidance!r}: use a weight >= 0.")
+    finite_scale(guidance_name, guidance)
     if guidance is not None and not has_labels:
         raise ValueError(
                 f"{guidance_name}={guidance!r} needs {labels_name}: guidance steers each sample "

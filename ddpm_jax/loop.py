@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ddpm_jax import checkpoint, data, images, lock, parallel, sampling, training, writers, xla_cpu
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
+from ddpm_jax.spec import SamplerSpec
 
 Array = jax.Array
 ProgressFn = Callable[[int, "Mapping[str, float] | None"], None]
@@ -169,7 +170,7 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: S
         labels = sampling.balanced_labels(apply_fn, count)
     sampler = sampling.make_sampler(
             apply_fn, schedule, (batch, *config_lib.image_shape(config)),
-            **config_lib.sampler_options(config), guidance=config.eval.guidance, mesh=mesh)
+            SamplerSpec.from_config(config), guidance=config.eval.guidance, mesh=mesh)
     pixels = sampling.draw_images(sampler, ema_params, jax.random.PRNGKey(config.training.seed + 1),
                                   count, labels=labels, progress=False)
     if jax.process_index() == 0:

@@ -9,7 +9,7 @@ Parameters are replicated (`replicated(mesh)`), batches are split over the axis
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -132,6 +132,33 @@ def gather_to_host(tree: Any) -> Any:
     from jax.experimental import multihost_utils
 
     return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+
+
+def map_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int, *,
+                desc: str = "batches", progress: bool = True,
+                to_host: Callable[[Any], Any] = gather_to_host) -> Any:
+    """fn(start, *chunks) on consecutive batches of `arrays` (each [N, ...], the same N), the
+    one "pad, run, gather, trim" loop of the package: the last batch is padded to batch_size by
+    repeating its last row (so fn compiles once), each output pytree is brought to the host with
+    `to_host` (default `gather_to_host`: a global array from every process; pass jax.device_get
+    for arrays each process computed alone), its padding rows dropped, and the batches
+    concatenated along axis 0. A tqdm bar counts batches on process 0 when progress is set."""
+    from tqdm import tqdm
+
+    total = len(arrays[0])
+    if total == 0 or any(len(a) != total for a in arrays):
+        raise ValueError(f"map_batches needs arrays of one non-zero length; got "
+                         f"{[len(a) for a in arrays]}.")
+    out = []
+    for start in tqdm(range(0, total, batch_size), desc=desc, leave=False,
+                      disable=not progress or jax.process_index() != 0):
+        chunks = [a[start:start + batch_size] for a in arrays]
+        pad = batch_size - len(chunks[0])
+        if pad:
+            chunks = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunks]
+        out.append(jax.tree.map(lambda x: np.asarray(x)[:batch_size - pad],
+                                to_host(fn(start, *chunks))))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
 
 
 def host_local_to_global(batch: Any, mesh: Mesh) -> Any:

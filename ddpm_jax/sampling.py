@@ -38,21 +38,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
-from tqdm import tqdm
 
 from ddpm_jax import xla_cpu
-from ddpm_jax.diffusion import (MEAN_TYPES, VAR_TYPES, DenoiseFn, dynamic_threshold,
+from ddpm_jax.diffusion import (DenoiseFn, dynamic_threshold,
                                 p_mean_variance, q_posterior_mean_variance, q_sample)
+from ddpm_jax.guidance import ApplyFn, classifier_guidance, guided_model
 from ddpm_jax.images import to_uint8
 from ddpm_jax.labels import balanced, check_labels_and_guidance
-from ddpm_jax.guidance import ApplyFn, classifier_guidance, guided_model
-from ddpm_jax.parallel import DATA_AXIS, constrain, gather_to_host, replicate
-from ddpm_jax.plans import DPM_SOLVERS, SamplingPlan, plan_for_sampler, progressive_indices
+from ddpm_jax.parallel import DATA_AXIS, constrain, gather_to_host, map_batches, replicate
+from ddpm_jax.plans import SamplingPlan, progressive_indices
 from ddpm_jax.schedule import Schedule
+from ddpm_jax.spec import SAMPLERS, SamplerSpec, finite_scale, spec_and_options
 
 Array = jax.Array
 
-SAMPLERS = ("ddpm", "ddim") + DPM_SOLVERS
 PROGRESSIVE = ("pred_x0", "x_t")
 
 
@@ -64,68 +63,142 @@ def row_keys(key: Array, rows: Array) -> tuple[Array, Array]:
     return keys[:, 0], keys[:, 1]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRule:
+    """One sampler's update of the chain, chosen once per compile from `STEP_RULES`.
+
+    update(out, x_t, per_step, history) -> (mean, std or None, history): `out` is the step's
+    `p_mean_variance` (after thresholding and guidance), `per_step` the plan's data at this
+    index, `history` the x0 predictions a multistep solver carries. std None: no noise.
+    ancestral: the step draws around the posterior mean (thresholding re-forms that mean from
+    the thresholded x0; classifier guidance shifts it); otherwise the step is built from x0.
+    solver: DPM-Solver++'s per-step weights and x0 history ride along."""
+
+    update: Callable[..., tuple[Array, Array | None, tuple[Array, ...]]]
+    ancestral: bool = False
+    solver: bool = False
+
+
+def _ancestral_update(out, x_t, per_step, history):
+    return out["mean"], jnp.exp(0.5 * out["log_variance"]), history
+
+
+def _ddim_update(out, x_t, per_step, history):
+    return per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t, per_step["sigma"], \
+        history
+
+
+def _solver_mean(out, x_t, per_step, history):
+    """DPM-Solver++'s mean; history[k] is x0_hat of the (k+1)-th step back."""
+    weights = per_step["dpm_x0"]
+    mean = per_step["dpm_xt"] * x_t + weights[0] * out["pred_x0"]
+    for k, past in enumerate(history):
+        mean = mean + weights[k + 1] * past
+    return mean, ((out["pred_x0"],) + history)[:len(history)]
+
+
+def _dpm_update(out, x_t, per_step, history):
+    mean, history = _solver_mean(out, x_t, per_step, history)
+    return mean, None, history  # the probability-flow ODE: no noise
+
+
+def _dpm_sde_update(out, x_t, per_step, history):
+    mean, history = _solver_mean(out, x_t, per_step, history)
+    return mean, per_step["dpm_z"], history  # dpm_z z (0 on the last step)
+
+
+STEP_RULES = {"ddpm": StepRule(_ancestral_update, ancestral=True),
+              "ddim": StepRule(_ddim_update),
+              "dpm++": StepRule(_dpm_update, solver=True),
+              "dpm++sde": StepRule(_dpm_sde_update, solver=True)}
+assert set(STEP_RULES) == set(SAMPLERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainOptions:
+    """What the compiled chain is specialised on (hashable; everything else is data): the
+    batch shape, the spec's sampler and output reading, recording, guidance, sharding, start."""
+
+    shape: tuple[int, ...]
+    sampler: str
+    mean_type: str
+    var_type: str
+    clip_denoised: bool
+    threshold: float | None
+    return_every: int | None = None
+    progressive: tuple[str, ...] = ("pred_x0",)
+    unroll: int = 1
+    guided: bool = False
+    mesh: Mesh | None = None
+    classifier: ApplyFn | None = None
+    start: str = "noise"
+
+    @classmethod
+    def of(cls, spec: SamplerSpec, shape: Sequence[int], **rest: Any) -> ChainOptions:
+        return cls(shape=tuple(int(s) for s in shape), sampler=spec.sampler,
+                   mean_type=spec.mean_type, var_type=spec.var_type,
+                   clip_denoised=spec.clip_denoised, threshold=spec.threshold, **rest)
+
+
+def _first_state(plan: SamplingPlan, init_keys: Array, init: Array | None,
+                 static: ChainOptions) -> Array:
+    """x at the plan's first timestep: N(0, I), `init` itself, or q(x_t | x0 = init)."""
+    batch, image_shape = static.shape[0], static.shape[1:]
+    x_t = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(init_keys)
+    if static.start == "x_t":  # the chain's first state, given (decoding latents, interpolation)
+        x_t = init.astype(jnp.float32)
+    elif static.start == "q_x0":  # SDEdit: x ~ q(x_t | x0 = init) at the plan's first timestep
+        first = jnp.full((batch,), plan.num_steps - 1, jnp.int32)
+        x_t = q_sample(plan.schedule, x0=init.astype(jnp.float32), t=first, noise=x_t)
+    return constrain(x_t, static.mesh)
+
+
+def _predict(model_out: Callable[[Array, Array], Array], plan: SamplingPlan, x_t: Array, t: Array,
+             index: Array, static: ChainOptions) -> dict[str, Array]:
+    """One step's p_mean_variance with the spec's clip or dynamic threshold."""
+    threshold = static.threshold
+    out = p_mean_variance(plan.schedule, model_output=model_out(x_t, t), x_t=x_t, t=index,
+                          mean_type=static.mean_type, var_type=static.var_type,
+                          clip_denoised=static.clip_denoised and threshold is None)
+    if threshold is not None:
+        out["pred_x0"] = dynamic_threshold(out["pred_x0"], ratio=threshold)
+        if STEP_RULES[static.sampler].ancestral and static.mean_type != "xprev":
+            out["mean"] = q_posterior_mean_variance(plan.schedule, x0=out["pred_x0"], x_t=x_t,
+                                                    t=index)[0]
+    return out
+
+
 def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
                    example_offset: Array, labels: Array | None, guidance: Array,
                    init: Array | None, rows: Array | None, classifier_params: Any,
-                   classifier_scale: Array, *,
-                   shape: tuple[int, ...], sampler: str, mean_type: str, var_type: str,
-                   clip_denoised: bool, threshold: float | None, return_every: int | None,
-                   progressive: tuple[str, ...], unroll: int, guided: bool,
-                   mesh: Mesh | None, start: str = "noise",
-                   classifier: ApplyFn | None = None) -> dict[str, Array]:
-    batch, image_shape = shape[0], shape[1:]
-    channels = image_shape[-1]
+                   classifier_scale: Array, *, static: ChainOptions) -> dict[str, Array]:
+    batch, image_shape = static.shape[0], static.shape[1:]
+    mesh, rule, classifier = static.mesh, STEP_RULES[static.sampler], static.classifier
     # With a classifier the labels are its targets; the model sees them only if conditional.
     conditional = classifier is None or getattr(apply_fn, "null_label", None) is not None
     model_out = guided_model(apply_fn, params, labels if conditional else None, guidance,
-                             channels=channels, guided=guided, mesh=mesh)
+                             channels=image_shape[-1], guided=static.guided, mesh=mesh)
     if rows is None:
         rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
     init_keys, step_keys = row_keys(key, constrain(rows, mesh))
-    x_t = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(init_keys)
-    if start == "x_t":  # the chain's first state, given (decoding latents, interpolation)
-        x_t = init.astype(jnp.float32)
-    elif start == "q_x0":  # SDEdit: x ~ q(x_t | x0 = init) at the plan's first timestep
-        first = jnp.full((batch,), plan.num_steps - 1, jnp.int32)
-        x_t = q_sample(plan.schedule, x0=init.astype(jnp.float32), t=first, noise=x_t)
-    x_t = constrain(x_t, mesh)
-    records = {}
-    if return_every is not None:
-        num_records = len(progressive_indices(plan.num_steps, return_every))
-        records = {name: constrain(jnp.zeros((num_records,) + shape, jnp.float32), mesh,
-                                   PartitionSpec(None, DATA_AXIS)) for name in progressive}
+    x_t = _first_state(plan, init_keys, init, static)
+    records, every = {}, static.return_every
+    if every is not None:
+        num_records = len(progressive_indices(plan.num_steps, every))
+        records = {name: constrain(jnp.zeros((num_records,) + static.shape, jnp.float32), mesh,
+                                   PartitionSpec(None, DATA_AXIS)) for name in static.progressive}
 
     def step(carry, per_step):
         x_t, history, records = carry
         i = per_step["index"]
         index = jnp.full((batch,), i, jnp.int32)
         t = jnp.full((batch,), per_step["timestep"], jnp.int32)
-        out = p_mean_variance(plan.schedule, model_output=model_out(x_t, t), x_t=x_t, t=index,
-                              mean_type=mean_type, var_type=var_type,
-                              clip_denoised=clip_denoised and threshold is None)
-        if threshold is not None:
-            out["pred_x0"] = dynamic_threshold(out["pred_x0"], ratio=threshold)
-            if sampler == "ddpm" and mean_type != "xprev":
-                out["mean"] = q_posterior_mean_variance(plan.schedule, x0=out["pred_x0"], x_t=x_t,
-                                                        t=index)[0]
+        out = _predict(model_out, plan, x_t, t, index, static)
         if classifier is not None:
             out = classifier_guidance(out, classifier, classifier_params, classifier_scale,
                                       labels, plan.schedule, x_t=x_t, t=t, index=index,
-                                      shift_mean=sampler == "ddpm")
-        if sampler in DPM_SOLVERS:
-            # history[k] is x0_hat of the (k+1)-th step back; dpm++ adds no noise (the
-            # probability-flow ODE), dpm++sde adds dpm_z z (0 on the last step).
-            weights = per_step["dpm_x0"]
-            mean = per_step["dpm_xt"] * x_t + weights[0] * out["pred_x0"]
-            for k, past in enumerate(history):
-                mean = mean + weights[k + 1] * past
-            std = per_step["dpm_z"] if sampler == "dpm++sde" else None
-            history = ((out["pred_x0"],) + history)[:len(history)]
-        elif sampler == "ddim":
-            mean = per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t
-            std = per_step["sigma"]
-        else:
-            mean, std = out["mean"], jnp.exp(0.5 * out["log_variance"])
+                                      shift_mean=rule.ancestral)
+        mean, std, history = rule.update(out, x_t, per_step, history)
         if std is None:
             x_prev = constrain(mean, mesh)
         else:
@@ -137,29 +210,26 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
             # Slot i // k is rewritten at every index of its block; the chain runs i downwards,
             # so the value left is the one at i = slot * k, with no conditional.
             values = dict(pred_x0=out["pred_x0"], x_t=x_t)
-            records = {name: jax.lax.dynamic_update_index_in_dim(buf, values[name],
-                                                                   i // return_every, 0)
+            records = {name: jax.lax.dynamic_update_index_in_dim(buf, values[name], i // every, 0)
                        for name, buf in records.items()}
         return (x_prev, history, records), None
 
     per_step = dict(index=jnp.arange(plan.num_steps, dtype=jnp.int32), timestep=plan.timesteps,
                     coef_x0=plan.ddim_coef_x0, coef_xt=plan.ddim_coef_xt, sigma=plan.ddim_sigma)
     history = ()
-    if sampler in DPM_SOLVERS:
+    if rule.solver:
         per_step.update(dpm_xt=plan.dpm_coef_xt, dpm_x0=plan.dpm_coef_x0, dpm_z=plan.dpm_coef_z)
         # Zeros until the warm-up fills them (their weights are 0 there); the order is the
         # plan's K, a shape: order 1 carries no history.
         history = tuple(jnp.zeros_like(x_t) for _ in range(plan.dpm_coef_x0.shape[1] - 1))
     per_step = jax.tree.map(lambda a: jnp.flip(a, axis=0), per_step)
     (images, _, records), _ = jax.lax.scan(step, (x_t, history, records), per_step,
-                                           unroll=unroll)
+                                           unroll=static.unroll)
     result = dict(images=images)
     result.update({name: jnp.flip(buf, axis=0) for name, buf in records.items()})
     return result
 
 
-_STATIC = ("shape", "sampler", "mean_type", "var_type", "clip_denoised", "threshold",
-           "return_every", "progressive", "unroll", "guided", "mesh", "start", "classifier")
 STARTS = ("noise", "x_t", "q_x0")
 
 
@@ -169,16 +239,12 @@ def _chain_jit(top_level: bool) -> Callable[..., dict[str, Array]]:
     jax accepts compiler options only on a top-level jit: a chain traced inside the caller's own
     jit (top_level=False) compiles with the caller's program and its options."""
     options = xla_cpu.compiler_options("inference") if top_level else None
-    return jax.jit(_reverse_chain, static_argnums=0, static_argnames=_STATIC, compiler_options=options)
+    return jax.jit(_reverse_chain, static_argnums=0, static_argnames=("static",),
+                   compiler_options=options)
 
 
-def _check_options(shape: Sequence[int], sampler: str, mean_type: str, var_type: str,
-                   return_every: int | None, progressive: Sequence[str], unroll: int,
-                   mesh: Mesh | None) -> None:
-    for kind, value, allowed in (("sampler", sampler, SAMPLERS), ("mean_type", mean_type, MEAN_TYPES),
-                                 ("var_type", var_type, VAR_TYPES)):
-        if value not in allowed:
-            raise ValueError(f"Unknown {kind} {value!r}; choose one of {', '.join(allowed)}.")
+def _check_options(shape: Sequence[int], return_every: int | None, progressive: Sequence[str],
+                   unroll: int, mesh: Mesh | None) -> None:
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f"shape must be [B, H, W, C] with positive sizes; got {tuple(shape)!r}.")
     if return_every is not None and return_every < 1:
@@ -239,13 +305,17 @@ class Sampler:
     mesh, params are replicated and every output is sharded over the batch ("data" axis).
     """
 
-    def __init__(self, apply_fn: ApplyFn, plan: SamplingPlan, guidance: float = 0.0,
-                 classifier_scale: float = 0.0, **static: Any):
-        self.apply_fn, self.plan, self.static = apply_fn, plan, static
+    def __init__(self, apply_fn: ApplyFn, plan: SamplingPlan, spec: SamplerSpec,
+                 static: ChainOptions, guidance: float = 0.0, classifier_scale: float = 0.0):
+        self.apply_fn, self.plan, self.spec, self.static = apply_fn, plan, spec, static
         self.guidance = float(guidance)
         self.classifier_scale = float(classifier_scale)
-        self.timesteps = (None if static["return_every"] is None else np.asarray(
-                plan.timesteps)[progressive_indices(plan.num_steps, static["return_every"])])
+        self.timesteps = (None if static.return_every is None else np.asarray(
+                plan.timesteps)[progressive_indices(plan.num_steps, static.return_every)])
+
+    @property
+    def batch_size(self) -> int:
+        return self.static.shape[0]
 
     def __call__(self, params: Any, key: Array, example_offset: int | Array = 0,
                  labels: Array | np.ndarray | None = None, *, init: Array | None = None,
@@ -267,7 +337,7 @@ class Sampler:
         `progressive_timesteps` [K] (the original t of each record; the last is 0).
         """
         labels = self._check_labels(labels)
-        shape = self.static["shape"]
+        shape = self.static.shape
         if start not in STARTS:
             raise ValueError(f"Unknown start {start!r}; choose one of {', '.join(STARTS)}.")
         if init is None and start != "noise":
@@ -282,24 +352,25 @@ class Sampler:
             if tuple(np.shape(rows)) != shape[:1]:
                 raise ValueError(f"rows must be [{shape[0]}] ints; got shape {np.shape(rows)}.")
             rows = jnp.asarray(rows, dtype=jnp.int32)
-        if (classifier_params is None) != (self.static["classifier"] is None):
+        if (classifier_params is None) != (self.static.classifier is None):
             raise ValueError("Pass classifier_params exactly when the sampler was made with a "
                              "classifier (make_sampler(..., classifier=ClassifierApply(model))).")
         plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
         guidance, scale = jnp.float32(self.guidance), jnp.float32(self.classifier_scale)
-        if self.static["mesh"] is not None:
+        if self.static.mesh is not None:
             params, plan, key, offset, labels, guidance, classifier_params, scale = replicate(
                     (params, plan, key, offset, labels, guidance, classifier_params, scale),
-                    self.static["mesh"])
+                    self.static.mesh)
         args = (self.apply_fn, params, plan, key, offset, labels, guidance, init, rows,
                 classifier_params, scale)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
+        static = dataclasses.replace(self.static, start=start)
         try:
-            result = _chain_jit(not traced)(*args, **self.static, start=start)
+            result = _chain_jit(not traced)(*args, static=static)
         except ValueError as error:  # inside the caller's jit with only concrete inputs
             if "compiler_options" not in str(error):
                 raise
-            result = _chain_jit(False)(*args, **self.static, start=start)
+            result = _chain_jit(False)(*args, static=static)
         if self.timesteps is not None:
             result["progressive_timesteps"] = self.timesteps
         return result
@@ -307,13 +378,13 @@ class Sampler:
     def _check_labels(self, labels: Any) -> Array | None:
         """labels as int32 [B], after the checks that can name the problem."""
         null = getattr(self.apply_fn, "null_label", None)
-        classifier = self.static["classifier"]
+        classifier = self.static.classifier
         if labels is None:
-            if self.static["guided"] or classifier is not None:
+            if self.static.guided or classifier is not None:
                 raise ValueError("This sampler was built with guidance: pass labels [B], the "
                                  "classes to guide towards.")
             return None
-        batch = self.static["shape"][0]
+        batch = self.batch_size
         if isinstance(labels, jax.core.Tracer):
             if labels.shape != (batch,):
                 raise ValueError(f"labels must have shape [{batch}] (one per row); got {labels.shape}.")
@@ -336,14 +407,6 @@ class Sampler:
         return jnp.asarray(values, dtype=jnp.int32)
 
 
-def describe(sampler: str, *, eta: float, order: int | None, var_type: str, spacing: str) -> str:
-    """What a sampler's options do, for logs and reports: 'eta 0.0, time spacing',
-    'order 2, logsnr spacing' or 'fixedlarge variance, time spacing'."""
-    how = f"order {order}" if sampler in DPM_SOLVERS else \
-        f"eta {eta}" if sampler == "ddim" else f"{var_type} variance"
-    return f"{how}, {spacing} spacing"
-
-
 def balanced_labels(apply_fn: ApplyFn, num_samples: int) -> np.ndarray:
     """[num_samples] int32 classes n mod N of a class-conditional apply_fn (N classes, the
     null label N excluded); ValueError for an unconditional one."""
@@ -358,29 +421,27 @@ def draw_images(sampler: Sampler, params: Any, key: Array, num_samples: int, *,
     """num_samples images as uint8 [N, H, W, C] on every process, by calling `sampler` on
     consecutive batches (image n depends only on (key, n) and labels[n], whatever the batch size
     or device count); labels: [N] class of each image (class-conditional or classifier-guided
-    samplers; every process passes the same); classifier_params: a classifier-guided sampler's. A tqdm bar counts batches on process 0 when progress is set."""
-    batch = sampler.static["shape"][0]
-    num_batches = -(-num_samples // batch)
+    samplers; every process passes the same); classifier_params: a classifier-guided
+    sampler's. A tqdm bar counts batches on process 0 when progress is set."""
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (num_samples,):
             raise ValueError(f"labels must hold one class per image, shape [{num_samples}]; got "
                              f"{labels.shape}.")
+
+    def one_batch(start: int, rows: np.ndarray) -> np.ndarray:
         # The last batch's spare rows repeat the last label; their images are dropped.
-        labels = np.concatenate([labels, np.full(num_batches * batch - num_samples, labels[-1])])
-    out = []
-    for b in tqdm(range(num_batches), desc=desc, disable=not progress or jax.process_index() != 0):
-        rows = None if labels is None else labels[b * batch:(b + 1) * batch]
-        out.append(to_uint8(gather_to_host(sampler(params, key, b * batch, rows,
-                                                   classifier_params=classifier_params)["images"])))
-    return np.concatenate(out)[:num_samples]
+        return to_uint8(gather_to_host(sampler(params, key, start,
+                                               None if labels is None else rows,
+                                               classifier_params=classifier_params)["images"]))
+
+    rows = np.zeros(num_samples, np.int32) if labels is None else labels
+    return map_batches(one_batch, [rows], sampler.batch_size, desc=desc, progress=progress,
+                       to_host=lambda images: images)
 
 
-def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
-                 sampler: str = "ddpm", steps: int | str | None = None, eta: float = 0.0,
-                 spacing: str = "time", order: int | None = None, mean_type: str = "eps",
-                 var_type: str = "fixedlarge", clip_denoised: bool = True,
-                 threshold: float | None = None, return_every: int | None = None,
+def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int],
+                 spec: SamplerSpec = SamplerSpec(), *, return_every: int | None = None,
                  progressive: Sequence[str] = ("pred_x0",), unroll: int = 1,
                  guidance: float | None = None, start_t: int | None = None,
                  classifier: ApplyFn | None = None, classifier_scale: float | None = None,
@@ -389,17 +450,9 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
 
     apply_fn(params, x_t [B,H,W,C], t [B] int) -> model output (`ModelApply(model)` for a Flax
     UNet); it must be hashable and stable, since it keys the compilation cache.
-    shape: [B, H, W, C]. sampler: "ddpm" (ancestral; `var_type` fixedlarge is the CIFAR-10
-    default, fixedsmall the 256px one), "ddim" (`eta` in [0, 1]), "dpm++" (DPM-Solver++
-    multistep of `order` 1, 2 (default) or 3, deterministic; ends on x0_hat at the last
-    timestep; see `plans.dpm_solver_coefficients`) or "dpm++sde" (SDE-DPM-Solver++, `order` 1
-    or 2 (default), stochastic; order 1 is DDIM with eta 1). steps: None (all T), an int S
-    (round(linspace(0, T-1, S))), "ddimS" (stride range(0, T, c)) or "S1,S2,..."; see
-    `plans.space_timesteps`. spacing: "time" (as steps says) or "logsnr" (S steps uniform in
-    log-SNR; steps an int). clip_denoised clips x0_hat to [-1, 1]; threshold=p in (0, 1)
-    instead applies dynamic thresholding at percentile p (`diffusion.dynamic_threshold`; Imagen
-    uses 0.995) to x0_hat. return_every=k also records
-    `progressive` ("pred_x0" and/or "x_t") at chain indices ..., 2k, k, 0. unroll: lax.scan's.
+    shape: [B, H, W, C]. spec: the sampler and its settings (`spec.SamplerSpec`; the default is
+    the paper's ancestral sampler on all T steps). return_every=k also records `progressive`
+    ("pred_x0" and/or "x_t") at chain indices ..., 2k, k, 0. unroll: lax.scan's.
     guidance: classifier-free guidance weight w >= 0 for a class-conditional apply_fn with a
     `null_label` (`ModelApply` of a UNet with num_classes); every call then needs labels and
     runs the model twice per step. None: no guidance (labels, if given, condition directly).
@@ -407,53 +460,38 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int], *,
     timesteps below it plus start_t itself (SDEdit, interpolation at a step; the plan's
     coefficients are computed for the shortened chain). mesh: a Mesh with a "data" axis to shard
     the batch over (B divisible by its size). classifier: a noise-conditional classifier
-    `(params, x_t, t) -> logits` (`ClassifierApply(NoisyClassifier)`) for classifier guidance
-    of scale `classifier_scale` >= 0 (None: 1) towards the call's labels
-    (`classifier_guidance`); its params come with each call, like the model's.
+    `(params, x_t, t) -> logits` (`guidance.ClassifierApply(NoisyClassifier)`) for classifier
+    guidance of scale `classifier_scale` >= 0 (None: 1) towards the call's labels
+    (`guidance.classifier_guidance`); its params come with each call, like the model's.
     """
+    if not isinstance(spec, SamplerSpec):
+        raise TypeError(f"spec must be a SamplerSpec; got {type(spec).__name__}.")
     progressive = tuple(progressive)
-    if guidance is not None:
-        if not guidance >= 0.0:
-            raise ValueError(f"guidance must be a weight >= 0 (0: plain conditional sampling); "
-                             f"got {guidance!r}.")
-        if getattr(apply_fn, "null_label", None) is None:
-            raise ValueError("guidance needs a class-conditional model: an apply_fn with a "
-                             "null_label, e.g. ModelApply of a UNet with num_classes set.")
-    _check_options(shape, sampler, mean_type, var_type, return_every, progressive, unroll, mesh)
-    if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta={eta!r} only applies to sampler='ddim' (got {sampler!r}); for "
-                         "DDPM's beta~ variance use var_type='fixedsmall'.")
-    if order is not None and sampler not in DPM_SOLVERS:
-        raise ValueError(f"order={order!r} only applies to sampler='dpm++' or 'dpm++sde' (got "
-                         f"{sampler!r}).")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold is a percentile in (0, 1) such as 0.995 (None: off); got "
-                         f"{threshold!r}.")
+    finite_scale("guidance", guidance)
+    if guidance is not None and getattr(apply_fn, "null_label", None) is None:
+        raise ValueError("guidance needs a class-conditional model: an apply_fn with a "
+                         "null_label, e.g. ModelApply of a UNet with num_classes set.")
+    _check_options(shape, return_every, progressive, unroll, mesh)
     if classifier_scale is None:  # 1 with a classifier, else unused
         classifier_scale = 0.0 if classifier is None else 1.0
-    if not classifier_scale >= 0.0:
-        raise ValueError(f"classifier_scale must be >= 0; got {classifier_scale!r}.")
+    finite_scale("classifier_scale", classifier_scale)
     if classifier_scale and classifier is None:
         raise ValueError("classifier_scale needs a classifier (make_sampler(..., classifier=...)).")
-    plan = plan_for_sampler(schedule, sampler, steps=steps, eta=eta, spacing=spacing,
-                            order=order, start_t=start_t)
-    return Sampler(apply_fn, plan, guidance or 0.0, classifier_scale,
-                   classifier=classifier, shape=tuple(int(s) for s in shape),
-                   sampler=sampler, mean_type=mean_type, var_type=var_type,
-                   clip_denoised=bool(clip_denoised),
-                   threshold=None if threshold is None else float(threshold),
-                   return_every=return_every,
-                   progressive=progressive, unroll=int(unroll), guided=guidance is not None,
-                   mesh=mesh)
+    static = ChainOptions.of(spec, shape, return_every=return_every, progressive=progressive,
+                             unroll=int(unroll), guided=guidance is not None, mesh=mesh,
+                             classifier=classifier)
+    return Sampler(apply_fn, spec.plan(schedule, start_t=start_t), spec, static,
+                   guidance or 0.0, classifier_scale)
 
 
 def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: Sequence[int], key: Array, *,
            example_offset: int = 0, **options: Any) -> dict[str, Array]:
     """Samples a batch from `denoise_fn(x_t, t) -> model output` (any test double or closure).
 
-    Same options and outputs as `make_sampler` / `Sampler.__call__`. The compiled chain is
+    options: `SamplerSpec`'s fields (sampler, steps, eta, ...) and `make_sampler`'s keyword
+    options, in one flat list for brevity; outputs as `Sampler.__call__`. The compiled chain is
     cached on the denoise_fn object, so reuse one function object to avoid retracing; for a
     Flax model prefer `make_sampler(ModelApply(model), ...)`, which passes params as data.
     """
-    return make_sampler(_DenoiseOnly(denoise_fn), schedule, shape, **options)(
+    return make_sampler(_DenoiseOnly(denoise_fn), schedule, shape, **spec_and_options(**options))(
             None, key, example_offset)

@@ -38,16 +38,28 @@ def digits_net(cache_dir):
     return features.digits_feature_net(16, cache_dir=cache_dir)
 
 
-def write_untrained_run(config, workdir: str) -> None:
-    """A work dir whose one checkpoint (step 0) holds `config`'s freshly initialised weights:
-    all that the sampling, editing and guidance command-line tests load, without compiling a
-    train step."""
+def perturbed(params, key, scale: float = 0.05):
+    """params plus scale * N(0, 1) noise per leaf: an untrained UNet's zero-initialised output
+    layers predict eps = 0 whatever its inputs (labels included); this one does not."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+                                     for leaf, k in zip(leaves, keys)])
+
+
+def write_untrained_run(config, workdir: str, perturb: float = 0.0) -> None:
+    """A work dir whose one checkpoint (step 0) holds `config`'s freshly initialised weights
+    (with `perturb`, those plus that much noise, `perturbed`): all that the sampling, editing
+    and guidance command-line tests load, without compiling a train step."""
     from ddpm_jax import checkpoint, training
     from ddpm_jax import config as config_lib
 
     state = training.create_train_state(config_lib.model_from_config(config),
                                         config_lib.optimizer_from_config(config),
                                         jax.random.PRNGKey(0), config_lib.image_shape(config))
+    if perturb:
+        params = perturbed(state.params, jax.random.PRNGKey(1), perturb)
+        state = state.replace(params=params, ema_params=params)
     manager = checkpoint.make_manager(workdir, max_to_keep=1)
     checkpoint.save(manager, 0, state, config)
     manager.wait_until_finished()

@@ -15,6 +15,7 @@ import pytest
 
 from ddpm_jax import evaluate
 from ddpm_jax.schedule import Schedule, get_beta_schedule
+from ddpm_jax.spec import SamplerSpec
 from multihost import run_on_two_hosts
 from reference import numpy_bound
 from conftest import xla_flags
@@ -149,8 +150,9 @@ def test_run_evaluation_writes_a_report_that_states_its_protocol(tmp_path, cache
     options = evaluate.EvalOptions.from_config(config, metrics=("bpd", "fid", "is", "kid"),
                                                num_samples=12, bpd_num_images=3,
                                                cache_dir=cache_dir)
-    assert (options.feature_net, options.sampler, options.steps) == ("digits", "ddim", 10)
-    options.steps = 5
+    assert (options.feature_net, options.sampler.sampler, options.sampler.steps) == (
+            "digits", "ddim", 10)
+    options.sampler = options.sampler.with_overrides(steps=5)
     workdir = str(tmp_path / "run")
     report = evaluate.run_evaluation(config, _linear_apply, params, options, workdir=workdir,
                                      step=7, progress=False)
@@ -208,7 +210,7 @@ def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, dig
         options = evaluate.EvalOptions.from_config(
                 config, metrics=("fid",), num_samples=7, sample_batch_size=4,
                 cache_dir=cache_dir, labels=labels, guidance=guidance)
-        options.steps = 5
+        options.sampler = options.sampler.with_overrides(steps=5)
         reports[labels] = evaluate.run_evaluation(config, _CLASS_APPLY, params, options,
                                                   workdir=str(tmp_path / "run"), step=7,
                                                   progress=False)
@@ -221,8 +223,7 @@ def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, dig
     np.testing.assert_array_equal(saved["labels"], np.arange(7) % 3)
     # The same images as the sampler gives for those classes (in one batch of 8: the batch
     # size does not matter), with the key the protocol documents for samples.
-    sampler = sampling.make_sampler(_CLASS_APPLY, schedule, (8, 16, 16, 1), sampler="ddim",
-                                    steps=5, eta=0.0, var_type="fixedlarge", guidance=2.0)
+    sampler = sampling.make_sampler(_CLASS_APPLY, schedule, (8, 16, 16, 1), SamplerSpec(sampler="ddim", steps=5, eta=0.0, var_type="fixedlarge"), guidance=2.0)
     expected = sampling.draw_images(sampler, params, jax.random.fold_in(jax.random.key(0), 2), 7,
                                     labels=np.arange(7) % 3, progress=False)
     np.testing.assert_array_equal(saved["images"], expected)
@@ -243,7 +244,7 @@ def test_class_options_are_checked():
         evaluate.EvalOptions(guidance=1.0)
     with pytest.raises(ValueError, match="labels='perclass': choose one of"):
         evaluate.EvalOptions(labels="perclass")
-    with pytest.raises(ValueError, match="guidance=-1.0: use a weight >= 0"):
+    with pytest.raises(ValueError, match="guidance=-1.0: use a finite number >= 0 and <= 1000"):
         evaluate.EvalOptions(labels="balanced", guidance=-1.0)
     with pytest.raises(ValueError, match="needs a class-conditional model.*use labels='none'"):
         sampling.balanced_labels(_linear_apply, 4)
@@ -254,13 +255,15 @@ def test_solver_options_come_from_the_config_and_are_checked():
 
     config = digits_config.get_config("tiny")
     config.sampling.sampler, config.sampling.spacing, config.sampling.order = "dpm++", "logsnr", 3
-    options = evaluate.EvalOptions.from_config(config)
-    assert (options.sampler, options.spacing, options.order) == ("dpm++", "logsnr", 3)
-    assert evaluate.EvalOptions.from_config(config, order=1).order == 1
+    spec = evaluate.EvalOptions.from_config(config).sampler
+    assert (spec.sampler, spec.spacing, spec.order) == ("dpm++", "logsnr", 3)
+    assert evaluate.EvalOptions.from_config(config, sampler=dict(order=1)).sampler.order == 1
     with pytest.raises(ValueError, match="spacing='karras': choose one of"):
-        evaluate.EvalOptions(spacing="karras")
-    with pytest.raises(ValueError, match="order=4: DPM-Solver\\+\\+ has orders 1..3"):
-        evaluate.EvalOptions(order=4)
+        evaluate.EvalOptions.from_config(config, sampler=dict(spacing="karras"))
+    with pytest.raises(ValueError, match="order=4: dpm\\+\\+ has orders 1..3"):
+        evaluate.EvalOptions.from_config(config, sampler=dict(order=4))
+    with pytest.raises(TypeError, match="sampler must be a SamplerSpec"):
+        evaluate.EvalOptions(sampler="ddim")
 
 
 def _tiny_checkpoint(workdir, data_dir, step=3):
@@ -314,7 +317,7 @@ def test_evaluate_command_line_on_a_tiny_checkpoint(tmp_path):
             timeout=300, check=False)
     assert refused.returncode != 0
     assert "--labels='balanced' needs a class-conditional model" in refused.stderr
-    for args, message in ((["--sampler=ddim", "--order=2"], "--order=2 only applies"),
+    for args, message in ((["--sampler=ddim", "--order=2"], "order=2 only applies to sampler 'dpm++'"),
                           (["--sampler=dpm++", "--steps=2", "--order=3"], "needs at least 3")):
         refused = subprocess.run(
                 [sys.executable, "evaluate.py", f"--workdir={workdir}", "--metrics=fid",

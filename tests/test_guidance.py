@@ -21,6 +21,7 @@ from ddpm_jax.models.unet import NoisyClassifier
 from ddpm_jax.guidance import ClassifierApply, classifier_log_prob_grad
 from ddpm_jax.sampling import make_sampler
 from ddpm_jax.schedule import Schedule
+from ddpm_jax.spec import spec_and_options
 from reference import scaled_linear
 
 # End-to-end through the loop, the command line or a reference framework: see pyproject's
@@ -87,9 +88,7 @@ def test_guided_samples_land_in_the_requested_component_at_the_theoretical_rate(
     eps, classifier = _Fn(mixture.eps), _Fn(mixture.classifier, num_classes=2)
     rates = {}
     for scale in (0.0, 1.0, 4.0):
-        chain = make_sampler(eps, Schedule.from_betas(betas), (num, 1, 1, 1), sampler=sampler,
-                             clip_denoised=False, classifier=classifier, classifier_scale=scale,
-                             **options)
+        chain = make_sampler(eps, Schedule.from_betas(betas), (num, 1, 1, 1), **spec_and_options(sampler=sampler, clip_denoised=False, classifier=classifier, classifier_scale=scale, **options))
         x = np.asarray(chain(None, jax.random.key(0), labels=np.ones(num, np.int32),
                              classifier_params=())["images"]).ravel()
         rates[scale] = float(np.mean(x > 0))
@@ -109,10 +108,10 @@ def test_scale_zero_equals_unguided_sampling_bit_for_bit(sampler, options):
     mixture = Mixture(betas, 0.5, 0.3)
     eps = _Fn(mixture.eps)
     schedule = Schedule.from_betas(betas)
-    plain = make_sampler(eps, schedule, (64, 1, 1, 1), sampler=sampler, **options)(
+    plain = make_sampler(eps, schedule, (64, 1, 1, 1), **spec_and_options(sampler=sampler, **options))(
             None, jax.random.key(1))["images"]
-    guided = make_sampler(eps, schedule, (64, 1, 1, 1), sampler=sampler, classifier=_Fn(
-            mixture.classifier, num_classes=2), classifier_scale=0.0, **options)(
+    guided = make_sampler(eps, schedule, (64, 1, 1, 1), **spec_and_options(sampler=sampler, classifier=_Fn(
+            mixture.classifier, num_classes=2), classifier_scale=0.0, **options))(
             None, jax.random.key(1), labels=np.zeros(64, np.int32), classifier_params=())["images"]
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(guided))
 

@@ -21,12 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
 from ddpm_jax import editing
 from ddpm_jax.models.unet import NoisyClassifier, UNet
 from ddpm_jax.plans import make_plan
 from ddpm_jax.guidance import ClassifierApply
 from ddpm_jax.sampling import ModelApply, make_sampler
 from ddpm_jax.schedule import Schedule
+from ddpm_jax.spec import SamplerSpec
 
 pytestmark = pytest.mark.slow  # about 30 compiles of a small UNet chain
 
@@ -42,14 +44,6 @@ GUIDANCE = ("none", "cfg", "classifier")
 EDITS = ("inpaint", "sdedit", "encode", "decode", "interpolate", "slerp")
 
 
-def _perturbed(params, key, scale=0.05):
-    """Random init plus noise: the UNet's zero-initialised output layers would make eps = 0."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
-                                     for leaf, k in zip(leaves, keys)])
-
-
 @pytest.fixture(scope="module")
 def models():
     """(ModelApply, params, ClassifierApply, classifier params, schedule)."""
@@ -57,9 +51,9 @@ def models():
     unet = UNet(**arch, num_classes=3, out_channels=1)
     classifier = NoisyClassifier(**arch, classes=3)
     x, t = jnp.zeros(SHAPE), jnp.zeros(SHAPE[:1], jnp.int32)
-    params = _perturbed(unet.init(jax.random.key(1), x, t, jnp.zeros(SHAPE[:1], jnp.int32),
+    params = perturbed(unet.init(jax.random.key(1), x, t, jnp.zeros(SHAPE[:1], jnp.int32),
                                   train=False)["params"], jax.random.key(2))
-    classifier_params = _perturbed(classifier.init(jax.random.key(3), x, t, train=False)["params"],
+    classifier_params = perturbed(classifier.init(jax.random.key(3), x, t, train=False)["params"],
                                    jax.random.key(4))
     return (ModelApply(unet), params, ClassifierApply(classifier), classifier_params,
             Schedule.create("linear", 40))
@@ -80,7 +74,7 @@ def sample_case(models, name, guidance):
     elif guidance == "classifier":
         extra = dict(classifier=classifier, classifier_scale=2.0)
         call = dict(labels=LABELS, classifier_params=classifier_params)
-    sampler = make_sampler(model, schedule, SHAPE, **_sampler_kwargs(name), **extra)
+    sampler = make_sampler(model, schedule, SHAPE, SamplerSpec(**_sampler_kwargs(name)), **extra)
     return np.asarray(sampler(params, jax.random.key(7), 0, **call)["images"])
 
 
@@ -96,12 +90,12 @@ def edit_case(models, name):
         mask[:, :4] = 1.0
         out = editing.repaint(model, params, plan, moves, key, images, mask)
     elif name == "sdedit":
-        sampler = make_sampler(model, schedule, SHAPE, sampler="ddim", steps=STEPS,
+        sampler = make_sampler(model, schedule, SHAPE, SamplerSpec(sampler="ddim", steps=STEPS),
                                start_t=editing.sdedit_start_t(40, 0.5))
         out = sampler(params, key, init=images, start="q_x0")["images"]
     elif name in ("encode", "decode"):
-        decoder = make_sampler(model, schedule, SHAPE, sampler="ddim", steps=STEPS,
-                               clip_denoised=False)
+        decoder = make_sampler(model, schedule, SHAPE, SamplerSpec(
+                sampler="ddim", steps=STEPS, clip_denoised=False))
         latents = editing.ddim_encode(model, params, decoder.plan, images)
         out = latents if name == "encode" else decoder(params, key, init=latents,
                                                         start="x_t")["images"]
@@ -110,11 +104,11 @@ def edit_case(models, name):
         noise = jax.random.normal(jax.random.key(13), SHAPE[1:], jnp.float32)
         start = editing.q_interpolate(float(np.sqrt(abar[20])), images[0], images[1], noise,
                                       np.linspace(0.0, 1.0, 4))
-        sampler = make_sampler(model, schedule, SHAPE, sampler="ddpm", steps=STEPS, start_t=20)
+        sampler = make_sampler(model, schedule, SHAPE, SamplerSpec(steps=STEPS), start_t=20)
         out = sampler(params, key, init=start, start="x_t", rows=np.zeros(4, np.int32))["images"]
     else:  # slerp of two DDIM latents, decoded by DDIM
-        decoder = make_sampler(model, schedule, SHAPE, sampler="ddim", steps=STEPS,
-                               clip_denoised=False)
+        decoder = make_sampler(model, schedule, SHAPE, SamplerSpec(
+                sampler="ddim", steps=STEPS, clip_denoised=False))
         latents = editing.ddim_encode(model, params, decoder.plan, images)
         start = editing.slerp(latents[0], latents[1], np.linspace(0.0, 1.0, 4))
         out = decoder(params, key, init=start, start="x_t")["images"]

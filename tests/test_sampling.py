@@ -8,6 +8,7 @@ float64 NumPy coefficients; they share only the documented randomness contract o
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,8 @@ import pytest
 from ddpm_jax import plans, sampling, training
 from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
+from ddpm_jax.spec import SamplerSpec, spec_and_options
+
 from multihost import run_on_two_hosts
 from reference import assert_follows_gaussian, gaussian_chain_law, gaussian_sde_dpm_law, scaled_linear
 from conftest import xla_flags
@@ -147,21 +150,23 @@ def reference_ddim(eps_fn, betas, kept, shape, key, eta, mean_type="eps"):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(steps=T + 1), "steps must lie in 1..50"), (dict(sampler="ddim", eta=1.5), "eta must lie"),
-    (dict(eta=0.5), "only applies to sampler='ddim'"),
-    (dict(sampler="plms"), "Unknown sampler"), (dict(var_type="big"), "Unknown var_type"),
+    (dict(steps=T + 1), "steps must lie in 1..50"), (dict(sampler="ddim", eta=1.5), r"eta=1.5: use a value in \[0, 1\]"),
+    (dict(eta=0.5), "eta=0.5 only applies to sampler 'ddim'"),
+    (dict(sampler="plms"), "sampler='plms': choose one of"),
+    (dict(var_type="big"), "var_type='big': choose one of"),
     (dict(return_every=0), "return_every"), (dict(progressive=("eps",)), "progressive"),
-    (dict(sampler="ddim", steps=5, order=2), "order=2 only applies to sampler='dpm\\+\\+' or 'dpm\\+\\+sde'"),
-    (dict(sampler="dpm++sde", steps=5, order=3), "SDE-DPM-Solver\\+\\+ has orders 1 and 2"),
+    (dict(sampler="ddim", steps=5, order=2), "order=2 only applies to sampler 'dpm\\+\\+' or 'dpm\\+\\+sde'"),
+    (dict(sampler="dpm++sde", steps=5, order=3), "order=3: dpm\\+\\+sde has orders 1..2"),
     (dict(sampler="dpm++", steps=1), "order 2 needs at least 2 steps"),
-    (dict(sampler="dpm++", steps=5, order=4), "order must be 1, 2 or 3"),
-    (dict(sampler="dpm++", steps=5, spacing="karras"), "Unknown spacing"),
-    (dict(sampler="dpm++", steps=5, threshold=1.5), "threshold is a percentile"),
+    (dict(sampler="dpm++", steps=5, order=4), "order=4: dpm\\+\\+ has orders 1..3"),
+    (dict(sampler="dpm++", steps=5, spacing="karras"), "spacing='karras': choose one of"),
+    (dict(sampler="dpm++", steps=5, threshold=1.5), r"threshold=1.5: use a percentile in \(0, 1\)"),
+    (dict(classifier_scale=float("inf"), classifier=lambda p, x, t: x),
+     "classifier_scale=inf: use a finite number >= 0"),
 ])
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        make_sampler(ModelApply(TinyDenoiser(2)), Schedule.from_betas(scaled_linear(T)), SHAPE,
-                     **kwargs)
+        make_sampler(ModelApply(TinyDenoiser(2)), Schedule.from_betas(scaled_linear(T)), SHAPE, **spec_and_options(**kwargs))
 
 
 # ------------------------------------------------------------------- structure, compilation
@@ -184,8 +189,7 @@ def _eqns(jaxpr):
 ])
 def test_jaxpr_holds_one_scan_over_the_steps_with_one_model_copy(options, length):
     model, params = tiny()
-    sampler = make_sampler(ModelApply(model), Schedule.from_betas(scaled_linear(T)), SHAPE,
-                           **options)
+    sampler = make_sampler(ModelApply(model), Schedule.from_betas(scaled_linear(T)), SHAPE, **spec_and_options(**options))
     jaxpr = jax.make_jaxpr(lambda p, k: sampler(p, k))(params, jax.random.key(0)).jaxpr
     eqns = list(_eqns(jaxpr))
     loops = [e for e in eqns if e.primitive.name in ("scan", "while")]
@@ -213,15 +217,15 @@ def test_second_call_and_new_eta_do_not_retrace():
     model, params = tiny()
     apply_fn, traces = counting_apply(model)
     schedule = Schedule.from_betas(scaled_linear(T))
-    first = make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=10, eta=0.0)
+    first = make_sampler(apply_fn, schedule, SHAPE, SamplerSpec(sampler="ddim", steps=10, eta=0.0))
     a = first(params, jax.random.key(0))["images"]
     b = first(params, jax.random.key(1))["images"]
     # A new eta is new plan data of the same shapes: same executable.
-    c = make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=10, eta=0.7)(
+    c = make_sampler(apply_fn, schedule, SHAPE, SamplerSpec(sampler="ddim", steps=10, eta=0.7))(
             params, jax.random.key(0))["images"]
     assert len(traces) == 1
     assert not np.allclose(a, b) and not np.allclose(a, c)
-    jax.make_jaxpr(make_sampler(apply_fn, schedule, SHAPE, sampler="ddim", steps=11))(
+    jax.make_jaxpr(make_sampler(apply_fn, schedule, SHAPE, SamplerSpec(sampler="ddim", steps=11)))(
             params, jax.random.key(0))
     assert len(traces) == 2  # a new number of steps is a new program
 
@@ -230,8 +234,7 @@ def test_dpm_solver_compiles_once_for_two_spacings_of_the_same_length():
     model, params = tiny()
     apply_fn, traces = counting_apply(model)
     schedule = Schedule.from_betas(scaled_linear(T))
-    runs = [make_sampler(apply_fn, schedule, SHAPE, sampler="dpm++", steps=steps,
-                         spacing=spacing)(params, jax.random.key(0))["images"]
+    runs = [make_sampler(apply_fn, schedule, SHAPE, SamplerSpec(sampler="dpm++", steps=steps, spacing=spacing))(params, jax.random.key(0))["images"]
             for steps, spacing in ((10, "time"), (10, "logsnr"), ("ddim10", "time"))]
     assert len(traces) == 1  # timesteps and solver weights are plan data
     assert np.abs(np.asarray(runs[0]) - np.asarray(runs[1])).max() > 1e-3
@@ -259,7 +262,7 @@ def test_ancestral_matches_python_loop_reference(options):
         # of the weights moves the samples by ~1 after 50 steps); shrunk weights contract.
         params = jax.tree.map(lambda p: 0.2 * p, params)
     betas, key = scaled_linear(T), jax.random.key(3)
-    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, **options)(params, key)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, **spec_and_options(**options))(params, key)
     expected, records = reference_ancestral(functools.partial(reference_apply, model, params),
                                             betas, SHAPE, key, options["var_type"], record_every=7,
                                             mean_type=mean_type)
@@ -282,8 +285,7 @@ DDIM_CASES = [("ddim10", np.arange(0, T, 5), 0.0),
 def test_ddim_matches_python_loop_reference(steps, kept, eta, mean_type):
     model, params = tiny()
     betas, key = scaled_linear(T), jax.random.key(4)
-    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, sampler="ddim",
-                       steps=steps, eta=eta, mean_type=mean_type)(params, key)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, SamplerSpec(sampler="ddim", steps=steps, eta=eta, mean_type=mean_type))(params, key)
     expected = reference_ddim(functools.partial(reference_apply, model, params), betas, kept,
                               SHAPE, key, eta, mean_type)
     np.testing.assert_allclose(out["images"], expected, atol=1e-5)
@@ -294,11 +296,10 @@ def test_ddim_eta_one_on_all_steps_is_ancestral_fixedsmall():
     # both samplers draw the same z_i: the chains agree sample by sample, not just in law.
     model, params = tiny()
     schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(5)
-    ddim = make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim", eta=1.0)(params, key)
-    ddpm = make_sampler(ModelApply(model), schedule, SHAPE, **ANCESTRAL_SMALL)(params, key)
+    ddim = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler="ddim", eta=1.0))(params, key)
+    ddpm = make_sampler(ModelApply(model), schedule, SHAPE, **spec_and_options(**ANCESTRAL_SMALL))(params, key)
     np.testing.assert_allclose(ddim["images"], ddpm["images"], atol=1e-5)
-    assert np.abs(ddim["images"] - make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim",
-                                                eta=0.0)(params, key)["images"]).max() > 0.01
+    assert np.abs(ddim["images"] - make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler="ddim", eta=0.0))(params, key)["images"]).max() > 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,12 +339,9 @@ def test_trained_learned_variance_model_samples_with_a_fixed_variance():
         state = new_state
     params, key = state.ema_params, jax.random.key(3)
     options = dict(return_every=7)  # the learned_range reference test's program
-    learned = make_sampler(ModelApply(model), schedule, SHAPE, var_type="learned_range",
-                           **options)(params, key)["images"]
-    fixed = make_sampler(ModelApply(model), schedule, SHAPE, var_type="fixedlarge",
-                         **options)(params, key)["images"]
-    mean_half = make_sampler(MeanHalf(model, channels), schedule, SHAPE, var_type="fixedlarge",
-                             **options)(params, key)["images"]
+    learned = make_sampler(ModelApply(model), schedule, SHAPE, **spec_and_options(var_type="learned_range", **options))(params, key)["images"]
+    fixed = make_sampler(ModelApply(model), schedule, SHAPE, **spec_and_options(var_type="fixedlarge", **options))(params, key)["images"]
+    mean_half = make_sampler(MeanHalf(model, channels), schedule, SHAPE, **spec_and_options(var_type="fixedlarge", **options))(params, key)["images"]
     assert fixed.shape == learned.shape == SHAPE
     np.testing.assert_allclose(fixed, mean_half, rtol=0, atol=1e-6)
     assert np.abs(np.asarray(learned) - np.asarray(fixed)).max() > 1e-3  # the variance matters
@@ -456,9 +454,7 @@ def test_dpm_solver_every_step_is_the_published_update(order, steps, spacing):
     first step, min(order, steps taken + 1) after, 1 on the last, <= 2 second-to-last below 15."""
     model, params = tiny()
     betas, key = scaled_linear(T), jax.random.key(11)
-    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, sampler="dpm++",
-                       steps=steps, order=order, spacing=spacing, return_every=1,
-                       progressive=("pred_x0", "x_t"))(params, key)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, SamplerSpec(sampler="dpm++", steps=steps, order=order, spacing=spacing), return_every=1, progressive=("pred_x0", "x_t"))(params, key)
     kept = out["progressive_timesteps"][::-1]  # chain index i -> t
     assert len(kept) == steps
     abar = np.cumprod(1.0 - betas)[kept]
@@ -484,13 +480,10 @@ def test_solver_order_one_is_ddim(solver, eta, spacing):
     # eta 1 (same grid, same key: the same noise z_i at every chain index, so the same images).
     model, params = tiny()
     schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(12)
-    first = make_sampler(ModelApply(model), schedule, SHAPE, sampler=solver, order=1, steps=9,
-                         spacing=spacing)(params, key)["images"]
-    ddim = make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim", eta=eta, steps=9,
-                        spacing=spacing)(params, key)["images"]
+    first = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler=solver, order=1, steps=9, spacing=spacing))(params, key)["images"]
+    ddim = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler="ddim", eta=eta, steps=9, spacing=spacing))(params, key)["images"]
     np.testing.assert_allclose(np.asarray(first), np.asarray(ddim), atol=2e-5)
-    second = make_sampler(ModelApply(model), schedule, SHAPE, sampler=solver, steps=9,
-                          spacing=spacing)(params, key)["images"]
+    second = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler=solver, steps=9, spacing=spacing))(params, key)["images"]
     assert np.abs(np.asarray(second) - np.asarray(first)).max() > 1e-3  # order 2 is another method
 
 
@@ -523,9 +516,7 @@ def test_sde_dpm_solver_samples_gaussian_data_by_its_exact_law(order, steps, dat
 def test_dynamic_threshold_replaces_the_clip(sampler):
     model, params = tiny()
     schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(14)
-    runs = {threshold: np.asarray(make_sampler(
-        ModelApply(model), schedule, SHAPE, sampler=sampler, steps=6, threshold=threshold,
-        return_every=1)(params, key)["pred_x0"]) for threshold in (None, 0.5)}
+    runs = {threshold: np.asarray(make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler=sampler, steps=6, threshold=threshold), return_every=1)(params, key)["pred_x0"]) for threshold in (None, 0.5)}
     clipped, thresholded = runs[None], runs[0.5]
     assert np.abs(thresholded).max() <= 1.0 + 1e-6
     # Where half of an example's pixels exceed 1, it is rescaled, not clipped: fewer pixels at +-1.
@@ -575,7 +566,7 @@ def test_keys_are_deterministic_and_per_example():
     model, params = tiny()
     schedule = Schedule.from_betas(scaled_linear(T))
     steps, _, eta = DDIM_CASES[1]  # the whole batch reuses the DDIM reference's program
-    whole = make_sampler(ModelApply(model), schedule, SHAPE, sampler="ddim", steps=steps, eta=eta)
+    whole = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler="ddim", steps=steps, eta=eta))
     a = np.asarray(whole(params, jax.random.key(9))["images"])
     np.testing.assert_array_equal(a, whole(params, jax.random.key(9))["images"])
     assert np.abs(a - np.asarray(whole(params, jax.random.key(10))["images"])).max() > 0.1
@@ -591,9 +582,8 @@ def test_a_row_depends_only_on_the_key_and_its_global_index():
 
     schedule = Schedule.from_betas(scaled_linear(T))
     steps, _, eta = DDIM_CASES[1]
-    whole = make_sampler(elementwise, schedule, SHAPE, sampler="ddim", steps=steps, eta=eta)
-    halves = make_sampler(elementwise, schedule, (2,) + SHAPE[1:], sampler="ddim",
-                          steps=steps, eta=eta)
+    whole = make_sampler(elementwise, schedule, SHAPE, SamplerSpec(sampler="ddim", steps=steps, eta=eta))
+    halves = make_sampler(elementwise, schedule, (2,) + SHAPE[1:], SamplerSpec(sampler="ddim", steps=steps, eta=eta))
     a = np.asarray(whole(jnp.float32(1.3), jax.random.key(9))["images"])
     split = np.concatenate([halves(jnp.float32(1.3), jax.random.key(9), 0)["images"],
                             halves(jnp.float32(1.3), jax.random.key(9), 2)["images"]])
@@ -606,6 +596,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     from jax.sharding import Mesh
     from ddpm_jax.sampling import make_sampler
     from ddpm_jax.schedule import Schedule
+    from ddpm_jax.spec import spec_and_options
     assert jax.device_count() == 8, jax.devices()
 
     def apply_fn(params, x_t, t):
@@ -617,8 +608,10 @@ EIGHT_DEVICES = textwrap.dedent("""
     shape = (16, 4, 4, 3)
     # Ancestral on a respaced chain with both progressive buffers: every sharded piece at once.
     opts = dict(steps=10, return_every=3, progressive=("pred_x0", "x_t"))
-    one = make_sampler(apply_fn, schedule, shape, **opts)(params, jax.random.key(0))
-    eight = make_sampler(apply_fn, schedule, shape, mesh=mesh, **opts)(params, jax.random.key(0))
+    one = make_sampler(apply_fn, schedule, shape, **spec_and_options(**opts))(
+            params, jax.random.key(0))
+    eight = make_sampler(apply_fn, schedule, shape, mesh=mesh, **spec_and_options(**opts))(
+            params, jax.random.key(0))
     assert eight["images"].sharding.shard_shape(shape) == (2, 4, 4, 3)
     assert eight["x_t"].sharding.shard_shape(one["x_t"].shape) == (4, 2, 4, 4, 3)
     for name in ("images", "pred_x0", "x_t"):
@@ -634,8 +627,9 @@ EIGHT_DEVICES = textwrap.dedent("""
     labels = np.arange(16) % 3
     for opts in (dict(), dict(sampler="dpm++", order=3, spacing="logsnr", return_every=4)):
         # DPM-Solver++: its x0 history in the carry is sharded like x_t.
-        one, eight = (make_sampler(Shift(), schedule, shape, steps=10, guidance=2.0, mesh=m,
-                                   **opts)(params, jax.random.key(1), 0, labels)
+        one, eight = (make_sampler(Shift(), schedule, shape, **spec_and_options(
+                                       steps=10, guidance=2.0, mesh=m, **opts))(
+                                   params, jax.random.key(1), 0, labels)
                       for m in (None, mesh))
         for name in set(one) - {"progressive_timesteps"}:
             assert len(eight[name].sharding.device_set) == 8, name
@@ -707,7 +701,7 @@ def test_sample_py_on_a_tiny_diffusers_folder(tmp_path):
     assert "dpm++, 4 steps, order 3, logsnr spacing" in proc.stderr, proc.stderr[-2000:]
     # Bad values are usage errors that name the flag, raised before anything compiles.
     for args, message in ((["--steps=ddim7x"], "--steps"),
-                          (["--sampler=ddim", "--steps=3", "--order=2"], "--order=2 only applies"),
+                          (["--sampler=ddim", "--steps=3", "--order=2"], "order=2 only applies to sampler 'dpm++'"),
                           (["--sampler=dpm++", "--steps=2", "--order=3"], "needs at least 3 steps")):
         proc = run_sample_py(f"--diffusers_dir={tmp_path / 'unet'}", *args, f"--out={out}")
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
@@ -722,8 +716,8 @@ def test_draw_images_does_not_depend_on_the_batch_size():
 
     schedule = Schedule.create("linear", 10)
     key = jax.random.key(7)
-    small = make_sampler(apply_fn, schedule, (2, 4, 4, 3), sampler="ddpm", steps=4)
-    large = make_sampler(apply_fn, schedule, (8, 4, 4, 3), sampler="ddpm", steps=4)
+    small = make_sampler(apply_fn, schedule, (2, 4, 4, 3), SamplerSpec(sampler="ddpm", steps=4))
+    large = make_sampler(apply_fn, schedule, (8, 4, 4, 3), SamplerSpec(sampler="ddpm", steps=4))
     a = sampling.draw_images(small, jnp.float32(0.5), key, 5, progress=False)
     b = sampling.draw_images(large, jnp.float32(0.5), key, 5, progress=False)
     assert a.dtype == np.uint8 and a.shape == (5, 4, 4, 3)
@@ -735,6 +729,7 @@ _SAMPLING_HOST = """
 import jax.numpy as jnp, numpy as np
 from ddpm_jax import sampling
 from ddpm_jax.schedule import Schedule
+from ddpm_jax.spec import SamplerSpec
 assert mesh.size == 4  # 2 hosts x 2 CPU devices
 
 def apply_fn(params, x, t):
@@ -747,10 +742,11 @@ class Shift:  # class-conditional: the label (3: null) shifts the output
         return params * x + 0.2 * y.astype(jnp.float32)[:, None, None, None]
 
 schedule = Schedule.create("linear", 10)
-plain = sampling.make_sampler(apply_fn, schedule, (4, 4, 4, 3), sampler="ddpm", steps=4, mesh=mesh)
-guided = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3), steps=4, guidance=1.5, mesh=mesh)
-solver = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3), sampler="dpm++", steps=4,
+plain = sampling.make_sampler(apply_fn, schedule, (4, 4, 4, 3), SamplerSpec(steps=4), mesh=mesh)
+guided = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3), SamplerSpec(steps=4),
                                guidance=1.5, mesh=mesh)
+solver = sampling.make_sampler(Shift(), schedule, (4, 4, 4, 3),
+                               SamplerSpec(sampler="dpm++", steps=4), guidance=1.5, mesh=mesh)
 key = jax.random.key(7)
 np.save(out, np.stack([sampling.draw_images(plain, jnp.float32(0.5), key, 6, progress=False),
                        sampling.draw_images(guided, jnp.float32(0.5), key, 6, progress=False,
@@ -773,7 +769,7 @@ def test_draw_images_on_two_hosts_gives_every_host_all_images(tmp_path):
     # The same guided chain written out: (1 + w)(p x + 0.2 y) - w (p x + 0.2 * 3).
     guided_fn = lambda y: lambda x, t: 0.5 * x + 0.2 * (2.5 * y - 1.5 * 3.0)  # noqa: E731
     schedule, key = Schedule.create("linear", 10), jax.random.key(7)
-    single = make_sampler(apply_fn, schedule, (4, 4, 4, 3), sampler="ddpm", steps=4)
+    single = make_sampler(apply_fn, schedule, (4, 4, 4, 3), SamplerSpec(sampler="ddpm", steps=4))
     expected = sampling.draw_images(single, jnp.float32(0.5), key, 6, progress=False)
     labels = np.array([0, 1, 2, 0, 1, 2])
     expected_guided = np.concatenate([
@@ -834,7 +830,7 @@ def test_class_conditional_samples_through_model_denoise_fn_and_null_label_throu
     first, second = images(jnp.zeros((2,), jnp.int32)), images(jnp.ones((2,), jnp.int32))
     null = images(jnp.full((2,), 2, jnp.int32))
     assert np.abs(first - second).max() > 1e-3  # the label reaches the chain
-    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), sampler="ddim", steps=5)
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), SamplerSpec(sampler="ddim", steps=5))
     np.testing.assert_allclose(np.asarray(sampler(params, key)["images"]), null, atol=1e-6)
 
 
@@ -844,7 +840,7 @@ def test_labels_as_data_match_the_closure_and_do_not_retrace():
     key, labels = jax.random.key(5), np.array([1, 0], np.int32)
     closure = sample(sampling.model_denoise_fn(model, params, jnp.asarray(labels)), schedule,
                      (2, 4, 4, 1), key, steps=5)["images"]
-    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), steps=5)
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), SamplerSpec(steps=5))
     np.testing.assert_allclose(np.asarray(sampler(params, key, labels=labels)["images"]),
                                np.asarray(closure), atol=1e-6)
     cached = sampling._chain_jit(True)._cache_size()
@@ -869,18 +865,18 @@ def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w, samp
                    sampler=sampler)
     reference = sample(sampling.model_denoise_fn(model, guided, jnp.asarray(labels)), schedule,
                        (2, 4, 4, 1), key, **options)["images"]
-    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), guidance=w, **options)
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), **spec_and_options(guidance=w, **options))
     out = np.asarray(sampler(params, key, labels=labels)["images"])
     np.testing.assert_allclose(out, np.asarray(reference), atol=1e-5)
     if w:
-        plain = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), **options)
+        plain = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), **spec_and_options(**options))
         assert np.abs(out - np.asarray(plain(params, key, labels=labels)["images"])).max() > 1e-3
 
 
 def test_bad_labels_and_guidance_are_named():
     model, params = _class_shift()
     schedule = Schedule.create("linear", 20)
-    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), steps=3)
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), SamplerSpec(steps=3))
     key = jax.random.key(0)
     with pytest.raises(ValueError, match=r"labels must be 2 integers"):
         sampler(params, key, labels=np.array([0, 1, 1]))
@@ -888,9 +884,11 @@ def test_bad_labels_and_guidance_are_named():
         sampler(params, key, labels=np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1 \(or 2, the null label\)"):
         sampler(params, key, labels=np.array([0, 3]))
-    with pytest.raises(ValueError, match=r"guidance must be a weight >= 0"):
-        make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), guidance=-1.0)
-    guided = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), steps=3, guidance=1.0)
+    for bad in (-1.0, float("inf"), float("nan"), 1e30):
+        with pytest.raises(ValueError, match=re.escape(f"guidance={bad!r}: use a finite number "
+                                                       ">= 0 and <= 1000")):
+            make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), guidance=bad)
+    guided = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), SamplerSpec(steps=3), guidance=1.0)
     with pytest.raises(ValueError, match=r"built with guidance: pass labels"):
         guided(params, key)
     unconditional, uparams = tiny()
@@ -898,7 +896,7 @@ def test_bad_labels_and_guidance_are_named():
         make_sampler(ModelApply(unconditional), schedule, SHAPE, guidance=1.0)
     with pytest.raises(ValueError, match=r"guidance needs a class-conditional model"):
         make_sampler(lambda p, x, t: x, schedule, SHAPE, guidance=1.0)
-    plain = make_sampler(ModelApply(unconditional), schedule, SHAPE, steps=3)
+    plain = make_sampler(ModelApply(unconditional), schedule, SHAPE, SamplerSpec(steps=3))
     with pytest.raises(ValueError, match=r"the model is unconditional"):
         plain(uparams, key, labels=np.zeros(SHAPE[0], np.int32))
     with pytest.raises(ValueError, match=r"one class per image, shape \[3\]"):
@@ -910,7 +908,7 @@ def test_draw_images_with_labels_does_not_depend_on_the_batch_size():
     schedule = Schedule.create("linear", 20)
     labels = np.array([0, 1, 1, 0, 1])
     key = jax.random.key(3)
-    small, large = (make_sampler(ModelApply(model), schedule, (b, 4, 4, 1), steps=4, guidance=0.5)
+    small, large = (make_sampler(ModelApply(model), schedule, (b, 4, 4, 1), SamplerSpec(steps=4), guidance=0.5)
                     for b in (2, 8))
     a = sampling.draw_images(small, params, key, 5, labels=labels, progress=False)
     b = sampling.draw_images(large, params, key, 5, labels=labels, progress=False)

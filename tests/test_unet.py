@@ -262,16 +262,16 @@ def _set(path: str, value, *more):
     (_set("training.lr", -1.0), r"config.training.lr=-1.0"),
     (_set("training.compute_dtype", "float16"), r"'float16': use one of \('float32', 'bfloat16'\)"),
     (_set("training.ema_decay", 1.0), r"config.training.ema_decay=1.0"),
-    (_set("sampling.steps", 2000), r"config.sampling.steps=2000: use 1 to diffusion.timesteps=1000 steps"),
+    (_set("sampling.steps", 2000), r"config.sampling \(sampler 'ddpm'\): steps must lie in 1..1000 \(the schedule's T\); got 2000"),
     (_set("sampling.sampler", "euler"), r"config.sampling.sampler='euler'"),
-    (_set("sampling.order", 4), r"config.sampling.order=4: DPM-Solver\+\+ has orders 1..3"),
+    (_set("sampling.order", 4), r"config.sampling \(sampler 'ddpm'\): order=4: dpm\+\+ has orders 1..3"),
     (_set("sampling.spacing", "karras"), r"config.sampling.spacing='karras': use one of"),
     (_set("sampling.sampler", "dpm++sde", "sampling.order", 3),
-     r"config.sampling.order=3: SDE-DPM-Solver\+\+ has orders 1..2"),
+     r"config.sampling \(sampler 'dpm\+\+sde'\): order=3: dpm\+\+sde has orders 1..2"),
     (_set("sampling.steps", None, "sampling.steps", "ddim50", "sampling.spacing", "logsnr"),
-     r"config.sampling.steps='ddim50': spacing='logsnr' places an int number of steps"),
+     r"config.sampling \(sampler '.*'\): spacing='logsnr' places an int number of steps S; got steps='ddim50'"),
     (_set("sampling.sampler", "dpm++", "sampling.steps", 2, "sampling.order", 3),
-     r"config.sampling.steps=2: DPM-Solver\+\+ of order 3 needs at least 3 steps"),
+     r"config.sampling \(sampler 'dpm\+\+'\): DPM-Solver\+\+ of order 3 needs at least 3 steps"),
     (_set("sampling.threshold", 1.0), r"config.sampling.threshold=1.0: use a value in \(0.0, 1.0\)"),
     (_set("sampling.var_type", "learned"), r"config.sampling.var_type='learned'"),
     (_set("eval.fid_reference", "val"), r"config.eval.fid_reference='val'"),
@@ -340,5 +340,5 @@ def test_sampling_steps_accept_none_and_respacing_strings():
     config.sampling.steps = "ddim50"
     validate(config)
     config.sampling.steps = "abc"
-    with pytest.raises(ValueError, match=r"config.sampling.steps='abc': Bad steps 'abc'"):
+    with pytest.raises(ValueError, match=r"config.sampling \(sampler 'ddpm'\): Bad steps 'abc'"):
         validate(config)

@@ -21,7 +21,6 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
@@ -30,6 +29,7 @@ from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
 from ddpm_jax import parallel
+from ddpm_jax.images import to_model_range
 from ddpm_jax.data import builders
 
 Array = jax.Array
@@ -335,11 +335,9 @@ class _BatchReader:
         return {**batch, "mask": mask} if self.with_mask else batch
 
 
-@jax.jit
-def _to_unit_range(image: Array) -> Array:
-    # (x - 127.5) / 127.5 maps 0 and 255 to exactly -1 and 1 even when XLA multiplies by the
-    # reciprocal, which x / 127.5 - 1 does not.
-    return (image.astype(jnp.float32) - 127.5) / 127.5
+# (x - 127.5) / 127.5 maps 0 and 255 to exactly -1 and 1 even when XLA multiplies by the
+# reciprocal, which x / 127.5 - 1 does not.
+_to_unit_range = jax.jit(to_model_range)
 
 
 class InputIterator(grain.DatasetIterator):

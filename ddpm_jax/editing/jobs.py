@@ -7,27 +7,33 @@ a grid to look at, and any extra arrays for the .npz.
     --encode IMAGES                                                     DDIM inversion + decoding
     --interpolate A,B --lambdas 9 [--at_step 500 | --ddim_latent]       DDPM Fig. 8 / DDIM slerp
     --progressive K                                                     x0 predictions every K steps
+
+Each job picks the chain it runs from the run's `SamplerSpec` and the sampler flags given on
+the command line (`job_spec`): RePaint runs ancestral steps (by default on RePaint's 250
+respaced steps), inversion and DDIM-latent interpolation run DDIM with eta 0, unclipped; the
+others run the run's sampler with the flags applied. A flag a job cannot honour is refused in
+one line, and each job's log line says what it ran.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from tqdm import tqdm
 
 from ddpm_jax.editing import chain as editing, inputs as edit_io
-from ddpm_jax.images import to_uint8
-from ddpm_jax.parallel import gather_to_host
-from ddpm_jax.plans import make_plan
-from ddpm_jax.sampling import make_sampler
+from ddpm_jax.images import save_samples, to_model_range, to_uint8
+from ddpm_jax.parallel import gather_to_host, map_batches
+from ddpm_jax.sampling import Sampler, make_sampler
+from ddpm_jax.spec import SamplerSpec
 
 MODES = ("inpaint", "sdedit", "encode", "interpolate", "progressive")
+REPAINT_STEPS = 250  # RePaint's respaced chain (Lugmayr et al. 2022: T = 250, j = 10, r = 10)
 
 
 def define_flags() -> None:
@@ -108,17 +114,82 @@ class Result:
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-def _in_batches(fn: Callable[..., Any], arrays: list[np.ndarray], batch: int, desc: str) -> np.ndarray:
-    """fn(offset, *chunks) on consecutive batches of the arrays (the last padded by repeating
-    its last row); the outputs on the host, concatenated, padding dropped."""
-    total = arrays[0].shape[0]
-    out = []
-    for start in tqdm(range(0, total, batch), desc=desc, disable=jax.process_index() != 0):
-        chunks = [a[start:start + batch] for a in arrays]
-        pad = batch - chunks[0].shape[0]
-        chunks = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) if pad else c for c in chunks]
-        out.append(np.asarray(gather_to_host(fn(start, *chunks)))[:batch - pad])
-    return np.concatenate(out)
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every job runs on. run_spec: the run's chain (`SamplerSpec.from_config`, no flags);
+    flags: the sampler flags given on the command line (`cli.sampler_flag_values`, unset ones
+    dropped); spec: the run's chain with the flags (`SamplerSpec.from_config(config, **flags)`,
+    default run_spec with_overrides(**flags)); labels [N] / guidance / classifier (ClassifierApply, params) / classifier_scale:
+    plain sampling's class options (the --progressive job honours them)."""
+
+    model_apply: Any
+    params: Any
+    schedule: Any
+    image_shape: tuple[int, int, int]
+    batch_size: int
+    key: jax.Array
+    run_spec: SamplerSpec
+    flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+    spec: SamplerSpec | None = None
+    mesh: Any = None
+    labels: np.ndarray | None = None
+    guidance: float | None = None
+    classifier: tuple[Any, Any] | None = None
+    classifier_scale: float | None = None
+
+    def batch_mesh(self, batch: int) -> Any:
+        """The mesh when `batch` rows split over it, else None (one device)."""
+        return self.mesh if self.mesh is not None and batch % self.mesh.size == 0 else None
+
+
+def _refuse(mode: str, flags_given: dict[str, Any], unused: tuple[str, ...], why: str) -> None:
+    """ValueError (one line) naming the given flags of `unused` that job `mode` cannot honour."""
+    bad = [f"--{name}" for name in unused if name in flags_given
+           and not (name == "eta" and flags_given[name] == 0.0)]
+    if bad:
+        raise ValueError(f"--{mode} {why}, so {' / '.join(bad)} would do nothing: drop it.")
+
+
+def job_spec(mode: str, context: Context, *, ddim_latent: bool = False) -> SamplerSpec:
+    """The chain job `mode` runs: from the run's spec and the sampler flags given (see the
+    module docstring). ValueError (one line) for a flag the job cannot honour."""
+    run_spec, flags_given = context.run_spec, context.flags
+    num_timesteps = context.schedule.num_timesteps
+    if mode == "inpaint":
+        if flags_given.get("sampler", "ddpm") != "ddpm":
+            raise ValueError(f"--inpaint runs RePaint's ancestral steps; use --sampler=ddpm, not "
+                             f"{flags_given['sampler']} (or leave --sampler out).")
+        _refuse(mode, flags_given, ("eta", "order", "threshold"), "runs RePaint's ancestral steps "
+                "with the [-1, 1] clip")
+        return SamplerSpec(sampler="ddpm",
+                           steps=flags_given.get("steps", min(REPAINT_STEPS, num_timesteps)),
+                           spacing=flags_given.get("spacing", "time"),
+                           mean_type=run_spec.mean_type,
+                           var_type=flags_given.get("var_type", run_spec.var_type),
+                           clip_denoised=flags_given.get("clip_denoised", run_spec.clip_denoised))
+    if mode == "encode" or (mode == "interpolate" and ddim_latent):
+        flag = "--encode" if mode == "encode" else "--interpolate --ddim_latent"
+        if flags_given.get("sampler", "ddim") != "ddim":
+            raise ValueError(f"{flag} runs DDIM inversion and DDIM decoding (eta 0); use "
+                             f"--sampler=ddim, not {flags_given['sampler']} (or leave it out).")
+        _refuse(mode, flags_given, ("eta", "order", "threshold", "var_type", "clip_denoised"),
+                "inverts and decodes with deterministic, unclipped DDIM")
+        steps = run_spec.with_overrides(**{k: flags_given.get(k) for k in ("steps", "spacing")})
+        return SamplerSpec(sampler="ddim", steps=steps.steps, spacing=steps.spacing,
+                           mean_type=run_spec.mean_type, var_type=run_spec.var_type,
+                           clip_denoised=False)
+    return context.spec or run_spec.with_overrides(**flags_given)
+
+
+def run(mode: str, values: Any, context: Context) -> Result:
+    """Runs the editing job `mode` with sample.py's flag `values` on `context`. Bad inputs
+    raise ValueError before compiling."""
+    spec = job_spec(mode, context, ddim_latent=bool(getattr(values, "ddim_latent", False)))
+    if mode in ("progressive", "interpolate"):
+        return JOBS[mode](values, context, spec)
+    images = edit_io.load_images(getattr(values, mode), flag=f"--{mode}",
+                                 image_shape=context.image_shape, grid_cells=values.grid_cells)
+    return JOBS[mode](values, context, spec, images)
 
 
 def _pairs(first: np.ndarray, second: np.ndarray, per_row: int = 5) -> tuple[np.ndarray, int]:
@@ -127,62 +198,52 @@ def _pairs(first: np.ndarray, second: np.ndarray, per_row: int = 5) -> tuple[np.
     return tiles, 2 * min(per_row, first.shape[0])
 
 
-def _to_model(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / 127.5 - 1.0
+def _sampler(context: Context, spec: SamplerSpec, batch: int, **options: Any) -> Sampler:
+    return make_sampler(context.model_apply, context.schedule, (batch,) + context.image_shape,
+                        spec, mesh=context.batch_mesh(batch), **options)
 
 
-def run(mode: str, values: Any, *, model_apply: Any, params: Any, schedule: Any,
-        image_shape: tuple[int, int, int], options: dict[str, Any], batch_size: int,
-        key: jax.Array, mesh: Any = None) -> Result:
-    """Runs the editing job `mode` with sample.py's flag `values` and the run's sampler
-    `options` (config_lib.sampler_options). Bad inputs raise ValueError before compiling."""
-    read = dict(image_shape=image_shape, grid_cells=values.grid_cells)
-    T = schedule.num_timesteps
-    if mode == "progressive":
-        return _progressive(values, model_apply, params, schedule, image_shape, options,
-                            batch_size, key, mesh)
-    if mode == "interpolate":
-        a, b = (edit_io.load_images(path, flag="--interpolate", **read)[0]
-                for path in values.interpolate)
-        return _interpolate(values, model_apply, params, schedule, options, key, a, b)
-    path = getattr(values, mode)
-    images = edit_io.load_images(path, flag=f"--{mode}", **read)
-    batch = min(batch_size, images.shape[0])
-    shape = (batch,) + tuple(image_shape)
-    use_mesh = mesh if mesh is not None and batch % mesh.size == 0 else None
-    if mode == "inpaint":
-        if options["sampler"] != "ddpm":
-            raise ValueError(f"--inpaint runs RePaint's ancestral steps; use --sampler=ddpm, not "
-                             f"{options['sampler']}.")
-        mask = edit_io.load_mask(values.mask, image_shape=image_shape, num_images=images.shape[0])
-        plan = make_plan(schedule, steps=options["steps"], spacing=options["spacing"])
-        moves = editing.repaint_moves(plan.num_steps, values.jump_length, values.resamplings)
-        logging.info("RePaint: %d images, %d steps, j=%d, r=%d: %d network calls per image.",
-                     images.shape[0], plan.num_steps, values.jump_length, values.resamplings,
-                     int(moves["reverse"].sum()))
-        out = _in_batches(lambda n, x, m: editing.repaint(
-                model_apply, params, plan, moves, key, _to_model(x), m, example_offset=n,
-                mean_type=options["mean_type"], var_type=options["var_type"],
-                clip_denoised=options["clip_denoised"], mesh=use_mesh),
-                [images, mask], batch, "inpainting")
-        shown = np.where(np.broadcast_to(mask, images.shape), images, 128).astype(np.uint8)
-        return Result(to_uint8(out), *_pairs(shown, to_uint8(out)), extra=dict(mask=mask))
-    if mode == "sdedit":
-        strength = 0.5 if values.strength is None else values.strength
-        sampler = make_sampler(model_apply, schedule, shape, **options, mesh=use_mesh,
-                               start_t=editing.sdedit_start_t(T, strength))
-        logging.info("SDEdit: strength %.3g, from t0=%d, %d steps.", strength,
-                     int(sampler.plan.timesteps[-1]), sampler.plan.num_steps)
-        out = _in_batches(lambda n, x: sampler(params, key, n, init=_to_model(x), start="q_x0")[
-                "images"], [images], batch, "sdedit")
-        return Result(to_uint8(out), *_pairs(images, to_uint8(out)))
-    # encode
-    decoder = _ddim_decoder(model_apply, schedule, shape, options, use_mesh)
-    latents = _in_batches(lambda n, x: editing.ddim_encode(
-            model_apply, params, decoder.plan, _to_model(x), mean_type=options["mean_type"],
-            var_type=options["var_type"]), [images], batch, "encoding")
-    back = _in_batches(lambda n, z: decoder(params, key, n, init=jnp.asarray(z), start="x_t")[
-            "images"], [latents], batch, "decoding")
+def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray) -> Result:
+    mask = edit_io.load_mask(values.mask, image_shape=context.image_shape,
+                             num_images=images.shape[0])
+    plan = spec.plan(context.schedule)
+    moves = editing.repaint_moves(plan.num_steps, values.jump_length, values.resamplings)
+    batch = min(context.batch_size, images.shape[0])
+    logging.info("RePaint: %d images, %s, j=%d, r=%d: %d network calls per image.",
+                 images.shape[0], spec.describe(plan.num_steps), values.jump_length,
+                 values.resamplings, int(moves["reverse"].sum()))
+    out = map_batches(lambda n, x, m: editing.repaint(
+            context.model_apply, context.params, plan, moves, context.key, to_model_range(x), m,
+            example_offset=n, mean_type=spec.mean_type, var_type=spec.var_type,
+            clip_denoised=spec.clip_denoised, mesh=context.batch_mesh(batch)),
+            [images, mask], batch, desc="inpainting")
+    shown = np.where(np.broadcast_to(mask, images.shape), images, 128).astype(np.uint8)
+    return Result(to_uint8(out), *_pairs(shown, to_uint8(out)), extra=dict(mask=mask))
+
+
+def _sdedit(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray) -> Result:
+    strength = 0.5 if values.strength is None else values.strength
+    batch = min(context.batch_size, images.shape[0])
+    sampler = _sampler(context, spec, batch,
+                       start_t=editing.sdedit_start_t(context.schedule.num_timesteps, strength))
+    logging.info("SDEdit: %d images, strength %.3g, from t0=%d: %s.", images.shape[0], strength,
+                 int(sampler.plan.timesteps[-1]), spec.describe(sampler.plan.num_steps))
+    out = map_batches(lambda n, x: sampler(context.params, context.key, n, init=to_model_range(x),
+                                           start="q_x0")["images"], [images], batch, desc="sdedit")
+    return Result(to_uint8(out), *_pairs(images, to_uint8(out)))
+
+
+def _encode(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray) -> Result:
+    batch = min(context.batch_size, images.shape[0])
+    decoder = _sampler(context, spec, batch)
+    logging.info("DDIM inversion of %d images: %s, unclipped.", images.shape[0],
+                 spec.describe(decoder.plan.num_steps))
+    latents = map_batches(lambda n, x: editing.ddim_encode(
+            context.model_apply, context.params, decoder.plan, to_model_range(x),
+            mean_type=spec.mean_type, var_type=spec.var_type), [images], batch, desc="encoding")
+    back = map_batches(lambda n, z: decoder(context.params, context.key, n, init=jnp.asarray(z),
+                                            start="x_t")["images"], [latents], batch,
+                       desc="decoding")
     error = to_uint8(back).astype(np.float64) - images
     logging.info("DDIM inversion, %d steps: reconstruction RMSE %.2f, max %d (pixel levels "
                  "0..255).", decoder.plan.num_steps, np.sqrt(np.mean(error**2)),
@@ -191,85 +252,83 @@ def run(mode: str, values: Any, *, model_apply: Any, params: Any, schedule: Any,
                   extra=dict(latents=latents.astype(np.float32)))
 
 
-def _ddim_decoder(model_apply: Any, schedule: Any, shape: tuple[int, ...],
-                  options: dict[str, Any], mesh: Any) -> Any:
-    """The eta = 0 DDIM chain on the run's --steps / --spacing, unclipped (inversion's pair)."""
-    return make_sampler(model_apply, schedule, shape, sampler="ddim", eta=0.0,
-                        steps=options["steps"], spacing=options["spacing"],
-                        mean_type=options["mean_type"], var_type=options["var_type"],
-                        clip_denoised=False, mesh=mesh)
-
-
-def _interpolate(values: Any, model_apply: Any, params: Any, schedule: Any,
-                 options: dict[str, Any], key: jax.Array, a: np.ndarray, b: np.ndarray) -> Result:
+def _interpolate(values: Any, context: Context, spec: SamplerSpec) -> Result:
+    a, b = (edit_io.load_images(path, flag="--interpolate", image_shape=context.image_shape,
+                                grid_cells=values.grid_cells)[0] for path in values.interpolate)
     lambdas = np.linspace(0.0, 1.0, values.lambdas)
-    shape = (values.lambdas,) + a.shape
+    batch = values.lambdas
     if values.ddim_latent:
-        decoder = _ddim_decoder(model_apply, schedule, shape, options, None)
-        both = editing.ddim_encode(model_apply, params, decoder.plan,
-                                   _to_model(np.stack([a, b])), mean_type=options["mean_type"],
-                                   var_type=options["var_type"])
+        decoder = make_sampler(context.model_apply, context.schedule, (batch,) + a.shape, spec)
+        both = editing.ddim_encode(context.model_apply, context.params, decoder.plan,
+                                   to_model_range(np.stack([a, b])), mean_type=spec.mean_type,
+                                   var_type=spec.var_type)
         start = editing.slerp(both[0], both[1], lambdas)
-        out = decoder(params, key, init=start, start="x_t")["images"]
+        logging.info("Interpolation: slerp of DDIM latents, %s, unclipped.",
+                     spec.describe(decoder.plan.num_steps))
+        out = decoder(context.params, context.key, init=start, start="x_t")["images"]
     else:
-        T = schedule.num_timesteps
+        T = context.schedule.num_timesteps
         at_step = values.at_step if values.at_step is not None else T // 2
         if not 0 <= at_step < T:
             raise ValueError(f"--at_step={at_step} must lie in 0..{T - 1}.")
-        noise = jax.random.normal(jax.random.fold_in(key, 1 << 30), a.shape, jnp.float32)
-        scale = float(np.sqrt(np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))[at_step]))
-        start = editing.q_interpolate(scale, _to_model(a), _to_model(b), noise, lambdas)
-        sampler = make_sampler(model_apply, schedule, shape, **options, start_t=at_step)
+        noise = jax.random.normal(jax.random.fold_in(context.key, 1 << 30), a.shape, jnp.float32)
+        abar = np.cumprod(1.0 - np.asarray(context.schedule.betas, np.float64))[at_step]
+        start = editing.q_interpolate(float(np.sqrt(abar)), to_model_range(a), to_model_range(b),
+                                      noise, lambdas)
+        sampler = make_sampler(context.model_apply, context.schedule, (batch,) + a.shape, spec,
+                               start_t=at_step)
+        logging.info("Interpolation at t=%d with shared noise: %s.", at_step,
+                     spec.describe(sampler.plan.num_steps))
         # Every lambda draws the same noise (row index 0), as in the paper's figure.
-        out = sampler(params, key, init=start, start="x_t",
-                      rows=np.zeros(values.lambdas, np.int32))["images"]
+        out = sampler(context.params, context.key, init=start, start="x_t",
+                      rows=np.zeros(batch, np.int32))["images"]
     out = to_uint8(gather_to_host(out))
-    return Result(out, np.concatenate([a[None], out, b[None]]), values.lambdas + 2,
+    return Result(out, np.concatenate([a[None], out, b[None]]), batch + 2,
                   extra=dict(lambdas=lambdas.astype(np.float32)))
 
 
-def _progressive(values: Any, model_apply: Any, params: Any, schedule: Any,
-                 image_shape: tuple[int, int, int], options: dict[str, Any], batch_size: int,
-                 key: jax.Array, mesh: Any) -> Result:
+def _progressive(values: Any, context: Context, spec: SamplerSpec) -> Result:
+    """Plain sampling that also records x0 every K steps, with the run's labels, classifier-free
+    or classifier guidance as `sample.py` would apply them."""
     num = values.num_samples
-    batch = min(batch_size, num)
-    use_mesh = mesh if mesh is not None and batch % mesh.size == 0 else None
-    sampler = make_sampler(model_apply, schedule, (batch,) + tuple(image_shape), **options,
-                           return_every=values.progressive, mesh=use_mesh)
-    records = []
-    finals = _in_batches(lambda n, _: _keep(records, sampler(params, key, n)), [np.zeros(num)],
-                         batch, "sampling")
-    steps = np.concatenate([np.asarray(gather_to_host(r)) for r in records], axis=1)[:, :num]
-    steps = np.swapaxes(to_uint8(steps), 0, 1)  # [N, K, H, W, C]
+    batch = min(context.batch_size, num)
+    clf, clf_params = context.classifier or (None, None)
+    sampler = _sampler(context, spec, batch, return_every=values.progressive,
+                       guidance=context.guidance, classifier=clf,
+                       classifier_scale=context.classifier_scale)
+    logging.info("Sampling %d images with x0 every %d steps: %s.", num, values.progressive,
+                 spec.describe(sampler.plan.num_steps))
+    labels = context.labels
+
+    def one_batch(n: int, rows: np.ndarray) -> dict[str, jax.Array]:
+        result = sampler(context.params, context.key, n, None if labels is None else rows,
+                         classifier_params=clf_params)
+        # [K, B, ...] -> [B, K, ...]: the batch first, as map_batches concatenates it.
+        return dict(images=result["images"], steps=jnp.swapaxes(result["pred_x0"], 0, 1))
+
+    out = map_batches(one_batch, [np.zeros(num, np.int32) if labels is None else labels], batch,
+                      desc="sampling")
+    steps = to_uint8(out["steps"])  # [N, K, H, W, C]
     shown = steps[:max(1, 100 // steps.shape[1])]
-    return Result(to_uint8(finals), shown.reshape((-1,) + steps.shape[2:]), steps.shape[1],
-                  extra=dict(progressive=steps, progressive_timesteps=sampler.timesteps))
+    extra = dict(progressive=steps, progressive_timesteps=sampler.timesteps)
+    if labels is not None:
+        extra["labels"] = labels
+    return Result(to_uint8(out["images"]), shown.reshape((-1,) + steps.shape[2:]), steps.shape[1],
+                  extra=extra)
 
 
-def _keep(records: list, result: dict) -> jax.Array:
-    records.append(result["pred_x0"])
-    return result["images"]
+JOBS = dict(inpaint=_inpaint, sdedit=_sdedit, encode=_encode, interpolate=_interpolate,
+            progressive=_progressive)
 
 
-def run_and_write(mode: str, values: Any, *, model: Any, params: Any, config: Any,
-                  options: dict[str, Any], batch_size: int) -> None:
-    """sample.py's editing path: `run` on the run's model, then the grid at values.out and the
-    .npz beside it ('images' plus the job's extra arrays)."""
+def run_and_write(mode: str, values: Any, context: Context) -> None:
+    """sample.py's editing path: `run`, then the grid at values.out and the .npz beside it
+    ('images' plus the job's extra arrays)."""
     if jax.process_count() > 1:
         raise ValueError(f"--{mode} runs on one host; start sample.py on one process.")
-    from ddpm_jax import config as config_lib
-    from ddpm_jax.images import save_image_grid
-    from ddpm_jax.parallel import make_mesh
-    from ddpm_jax.sampling import ModelApply
-
-    result = run(mode, values, model_apply=ModelApply(model), params=params,
-                 schedule=config_lib.schedule_from_config(config),
-                 image_shape=config_lib.image_shape(config), options=options,
-                 batch_size=batch_size, key=jax.random.key(values.seed),
-                 mesh=make_mesh() if jax.device_count() > 1 else None)
+    result = run(mode, values, context)
     os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
-    npz_path = values.out[:-len(".png")] + ".npz"
-    np.savez(npz_path, images=result.images, **result.extra)
-    save_image_grid(result.grid, values.out, nrow=values.nrow or result.nrow,
-                    tile_px=values.tile_px, max_tiles=values.max_grid_tiles)
+    npz_path = save_samples(result.images, values.out, extra=result.extra,
+                            nrow=values.nrow or result.nrow, tile_px=values.tile_px,
+                            max_tiles=values.max_grid_tiles, tiles=result.grid)
     logging.info("Wrote %s and %s: uint8 %s.", values.out, npz_path, result.images.shape)
