@@ -72,7 +72,10 @@ class Sizes:
 
 
 REAL = Sizes(None, 128, 64, 256, 1000, 20, 100, 3, 3.0, 1.0, 540.0)
-SMOKE = Sizes("tiny", 4, 4, 4, 10, 5, 2, 2, 0.2, 0.1, 120.0)
+SMOKE = Sizes("tiny", 4, 4, 4, 10, 5, 2, 2, 0.2, 0.1, 240.0)
+# --smoke's programs compile without XLA's CPU backend optimisations, as the tests' do: compiling
+# is nearly all of a smoke run's time, and its figures are not for reading.
+SMOKE_XLA_FLAG = "--xla_backend_optimization_level=0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,6 +408,8 @@ def main() -> None:
     sizes = SMOKE if args.smoke else REAL
     if args.budget_s is None:
         args.budget_s = sizes.budget_s
+    if args.smoke and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAG}".strip()
     if not {"peer_train", "peer_sample"} <= set(args.skip.split(",")):
         # JAX reserves 75% of a GPU's memory at start-up by default; the peer (torch, same
         # process) needs some of the rest.

@@ -16,7 +16,9 @@ from conftest import xla_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.device_report import peak_tflops, share_of_peak  # noqa: E402
 from bench.device_suite import MEASUREMENTS  # noqa: E402
+from bench.device_timing import time_units  # noqa: E402
 from configs import cifar10  # noqa: E402
 
 PEAK_TFLOPS = 0.05  # a made-up peak for the CPU, so that the share arithmetic runs
@@ -82,9 +84,46 @@ def test_unet_mac_count_matches_the_reference_cifar10_figure():
     assert gflop == pytest.approx(12.44, abs=0.005)
 
 
+def test_rounds_queue_enough_units_to_fill_the_window_and_stop_at_the_deadline():
+    queued = []
+
+    def queue_one():  # a unit of 20 ms whose wait is the sleep itself
+        queued.append(time.sleep(0.02))
+    rates = time_units(queue_one, lambda _: None, rounds=3, window_s=0.1,
+                       deadline=time.monotonic() + 60)
+    assert len(rates["rounds"]) == 3 and all(2 <= n <= 5 for n in rates["units_per_round"])
+    assert len(queued) == 1 + sum(rates["units_per_round"])  # the calibration unit first
+    assert all(20 < r <= 50 for r in rates["rounds"]), rates  # 1 / 20 ms, less the overhead
+    # Past the deadline only the first round runs, with as many units as fit (one).
+    late = time_units(queue_one, lambda _: None, rounds=3, window_s=0.1,
+                      deadline=time.monotonic() - 1)
+    assert late["units_per_round"] == [1]
+    # A unit that fills the window alone is a round of its own, the calibration included.
+    long = time_units(queue_one, lambda _: None, rounds=2, window_s=0.01,
+                      deadline=time.monotonic() + 60)
+    assert long["units_per_round"] == [1, 1]
+
+
+@pytest.mark.parametrize("kind, name", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM"), ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe"),
+    ("NVIDIA H100 NVL", "NVIDIA H100 NVL"), ("NVIDIA H200", "NVIDIA H200 SXM"),
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA A100"), ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"),
+    ("TPU v5p", "TPU v5p"), ("TPU v6 lite", "TPU v6e"), ("cpu", None)])
+def test_peak_table_names_the_device_or_says_why_not(kind, name):
+    peak = peak_tflops(kind)
+    assert peak["name"] == name
+    share = share_of_peak(2e12, 50.0, peak, "bfloat16")  # 2 TFLOP per step at 50 steps/s
+    assert share["achieved_tflops"] == pytest.approx(100.0)
+    if name is None:
+        assert share["share_of_peak"] is None and kind in share["share_reason"]
+    else:
+        assert share["share_of_peak"] == pytest.approx(100.0 / peak["bfloat16"])
+        assert peak["float32"] <= peak["bfloat16"]
+
+
 @pytest.mark.slow
 def test_smoke_run_measures_everything_and_writes_the_table(tmp_path):
-    # A budget that fits everything even on a loaded machine (the smoke run's default is 120 s).
+    # A budget that fits everything even on a loaded machine (the smoke run's default is 240 s).
     report, table, wall = run_suite(tmp_path, "--budget_s", "400",
                                     "--peak_tflops", str(PEAK_TFLOPS))
     print(f"smoke run: {wall:.1f} s wall")
