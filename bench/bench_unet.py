@@ -209,28 +209,37 @@ def diffusers_unet(kwargs: dict[str, Any], image_size: int):
         sample_size=image_size, in_channels=3, out_channels=3,
         block_out_channels=tuple(kwargs["ch"] * m for m in kwargs["ch_mult"]),
         layers_per_block=kwargs["num_res_blocks"], down_block_types=down, up_block_types=up,
-        norm_eps=1e-6, norm_num_groups=32, downsample_padding=0, flip_sin_to_cos=False,
+        norm_eps=1e-6, norm_num_groups=kwargs.get("num_groups", 32), downsample_padding=0, flip_sin_to_cos=False,
         freq_shift=1, attention_head_dim=None, dropout=0.1, act_fn="silu")
 
 
 class Peer:
-    def __init__(self, kwargs: dict[str, Any], image_size: int, threads: int):
+    """The diffusers UNet2DModel of `kwargs` on torch's `device` ("cpu", "cuda"); every run
+    returns after the device has finished (`sync`)."""
+
+    def __init__(self, kwargs: dict[str, Any], image_size: int, threads: int, device: str = "cpu"):
         import torch
         torch.set_num_threads(threads)
-        self.torch = torch
-        self.model = diffusers_unet(kwargs, image_size)
+        self.torch, self.device = torch, device
+        self.model = diffusers_unet(kwargs, image_size).to(device)
         self.shape = (3, image_size, image_size)
         self.num_params = sum(p.numel() for p in self.model.parameters())
 
+    def sync(self) -> None:
+        """Waits for the device's queued work (torch runs CUDA kernels asynchronously)."""
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize(self.device)
+
     def forward_fn(self, batch: int):
         torch = self.torch
-        x = torch.randn(batch, *self.shape)
-        t = torch.arange(batch) * 7 % 1000
+        x = torch.randn(batch, *self.shape, device=self.device)
+        t = torch.arange(batch, device=self.device) * 7 % 1000
         self.model.eval()
 
         def run():
             with torch.no_grad():
                 self.model(x, t)
+            self.sync()
         run()
         return run
 
@@ -240,11 +249,11 @@ class Peer:
         torch = self.torch
         self.model.train()
         opt = torch.optim.Adam(self.model.parameters(), lr=2e-4, eps=1e-8)
-        x0 = torch.rand(batch, *self.shape) * 2 - 1
+        x0 = torch.rand(batch, *self.shape, device=self.device) * 2 - 1
 
         def run():
             for _ in range(steps_per_call):
-                t = torch.randint(0, 1000, (batch,))
+                t = torch.randint(0, 1000, (batch,), device=self.device)
                 noise = torch.randn_like(x0)
                 x_t = x0 + 0.1 * noise  # the cost is the network; the exact q_sample is moot
                 opt.zero_grad(set_to_none=True)
@@ -254,6 +263,7 @@ class Peer:
                     (loss / microbatches).backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 opt.step()
+            self.sync()
         run()
         return run
 
@@ -275,11 +285,12 @@ class Peer:
         self.model.eval()
 
         def run():
-            x = torch.randn(batch, *self.shape)
+            x = torch.randn(batch, *self.shape, device=self.device)
             with torch.no_grad():
                 for t in timesteps:
                     eps = self.model(x, t).sample
                     x = scheduler.step(eps, t, x).prev_sample
+            self.sync()
         return run
 
 
