@@ -12,7 +12,6 @@ a grid to look at, and any extra arrays for the .npz.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
@@ -258,7 +257,7 @@ def run_and_write(mode: str, values: Any, *, model: Any, params: Any, config: An
     if jax.process_count() > 1:
         raise ValueError(f"--{mode} runs on one host; start sample.py on one process.")
     from ddpm_jax import config as config_lib
-    from ddpm_jax.images import save_image_grid
+    from ddpm_jax.images import save_samples
     from ddpm_jax.parallel import make_mesh
     from ddpm_jax.sampling import ModelApply
 
@@ -267,9 +266,7 @@ def run_and_write(mode: str, values: Any, *, model: Any, params: Any, config: An
                  image_shape=config_lib.image_shape(config), options=options,
                  batch_size=batch_size, key=jax.random.key(values.seed),
                  mesh=make_mesh() if jax.device_count() > 1 else None)
-    os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
-    npz_path = values.out[:-len(".png")] + ".npz"
-    np.savez(npz_path, images=result.images, **result.extra)
-    save_image_grid(result.grid, values.out, nrow=values.nrow or result.nrow,
-                    tile_px=values.tile_px, max_tiles=values.max_grid_tiles)
+    npz_path = save_samples(result.images, values.out, grid_images=result.grid, extra=result.extra,
+                            nrow=values.nrow or result.nrow, tile_px=values.tile_px,
+                            max_tiles=values.max_grid_tiles)  # atomic, the .npz last
     logging.info("Wrote %s and %s: uint8 %s.", values.out, npz_path, result.images.shape)
