@@ -64,7 +64,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(str(e)) from None
     import jax
 
-    from ddpm_jax import checkpoint, evaluate, images, parallel  # orbax: after the flag checks
+    from ddpm_jax import checkpoint, evaluate, images, memory, parallel  # orbax: after the flags
     from ddpm_jax import config as config_lib
     cli.drop_closed_event_loop_noise()
     try:  # none, an incompatible or corrupt checkpoint: one line, as sample.py
@@ -90,6 +90,9 @@ def main(argv: Sequence[str]) -> None:
         evaluate.sampling_plan(config_lib.schedule_from_config(config), options)
         if set(options.metrics) - {"bpd"}:
             features.check_feature_net(options.feature_net, options.inception_weights)
+            memory.check_sampling_batch(model, config_lib.image_shape(config),
+                                        min(options.sample_batch_size, options.num_samples),
+                                        options.num_samples)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from ddpm_jax import config as config_lib
-    from ddpm_jax import images, parallel, sampling
+    from ddpm_jax import images, memory, parallel, sampling
     try:  # loading, then NumPy only: bad values fail here, before any compile
         config, model, params = cli.load_model(FLAGS.workdir, FLAGS.diffusers_dir, FLAGS.weights)
         classifier, classifier_params = (None, None) if FLAGS.classifier is None else \
@@ -83,6 +83,8 @@ def main(argv: list[str]) -> None:
                                           jax.device_count(), "--batch_size")
         sample_batch = min(batch_size, parallel.round_up_to_devices(FLAGS.num_samples,
                                                                     jax.device_count()))
+        memory.check_sampling_batch(model, config_lib.image_shape(config), sample_batch,
+                                    FLAGS.num_samples)
         sampler = sampling.make_sampler(
                 sampling.ModelApply(model), config_lib.schedule_from_config(config),
                 (sample_batch, *config_lib.image_shape(config)), **options, guidance=FLAGS.guidance,

@@ -28,7 +28,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import checkpoint, data, images, lock, parallel, sampling, training, writers, xla_cpu
+from ddpm_jax import (checkpoint, data, images, lock, memory, parallel, sampling, training,
+                      writers, xla_cpu)
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
 
@@ -233,6 +234,9 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
                          f"batch_size / microbatches is a multiple of {mesh.size}.")
 
     model = config_lib.model_from_config(config)
+    # Before the input pipeline fills a batch that cannot fit: one line with the estimate.
+    memory.check_training_batch(model, config_lib.image_shape(config), t.batch_size,
+                                t.microbatches)
     # From host values, identical on every process, to one replicated global array per field.
     schedule = jax.device_put(jax.tree.map(np.asarray, config_lib.schedule_from_config(config)),
                               replicated)
