@@ -150,7 +150,7 @@ def load_model(workdir: str | None, diffusers_dir: str | None, weights: str) -> 
         try:
             loaded = checkpoint.load_for_sampling(workdir, weights=weights)
         except (FileNotFoundError, checkpoint.CheckpointError) as e:
-            raise ValueError(f"--workdir={workdir}: {e}") from None
+            raise ValueError(f"--workdir={workdir}: " + " ".join(str(e).split("\n"))) from None
         check_denoiser(loaded[0], "--workdir", workdir)
         return loaded
     from ddpm_jax import convert

@@ -144,3 +144,95 @@ def test_a_full_disk_during_a_save_loses_no_finished_checkpoint(tmp_path, monkey
     manager.wait_until_finished()
     assert list(manager.all_steps()) == [1, 2]
     manager.close()
+
+
+# ------------------------------------------------------------------------------- issue 29
+# Each drill below failed before its fix (the old behaviour is named in a comment) and passes
+# after. The command lines' drills start sample.py / evaluate.py / train.py (slow).
+
+def test_a_full_disk_during_a_save_is_one_checkpoint_error_naming_the_intact_step(tmp_path,
+                                                                                monkeypatch):
+    # Simulated in process (ENOSPC raised by the checksums write). Before: orbax's OSError (and
+    # in train.py five tracebacks); recovery itself was already correct (the drill above).
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
+    checkpoint.save(manager, 1, _state(1), CONFIG)
+    checkpoint.wait_until_finished(manager)
+    real_write = epath.Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if checkpoint.CHECKSUMS in str(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, *args, **kwargs)
+    monkeypatch.setattr(epath.Path, "write_text", disk_full)
+    with pytest.raises(checkpoint.CheckpointError) as failed:
+        checkpoint.save(manager, 2, _state(2), CONFIG)
+        checkpoint.wait_until_finished(manager)
+    monkeypatch.undo()
+    assert str(failed.value) == (
+            f"Could not write a checkpoint in {checkpoint.checkpoint_dir(str(tmp_path))}: the disk "
+            "is full (No space left on device). Nothing finished was lost: the finished "
+            "checkpoints (newest: step 1) are intact; free space, then rerun the same command to "
+            "resume from step 1.")
+    with contextlib.suppress(checkpoint.CheckpointError):
+        checkpoint.wait_until_finished(manager)
+    manager.close()
+    _wait_until_files_settle(str(tmp_path), quiet_s=1.5, timeout_s=60)
+
+
+def _tiny_evaluation(tmp_path, apply_fn, monkeypatch, metrics):
+    """run_evaluation of a tiny digits config with `apply_fn`, the feature net and the data
+    replaced by stand-ins (what is tested is what gets written)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from configs import digits
+    from ddpm_jax import evaluate, features
+    config = digits.get_config("tiny")
+    config.data.image_size, config.diffusion.timesteps = 8, 4
+    stub = features.FeatureNet(kind="digits", name="stub", weights_sha256="0" * 64,
+                               score_prefix="digits-", channels=1, batch_size=8,
+                               apply=lambda x: dict(features=x.reshape(len(x), -1)[:, :4],
+                                                    logits=x.reshape(len(x), -1)[:, :10]))
+    monkeypatch.setattr(features, "make_feature_net", lambda *a, **k: stub)
+    monkeypatch.setattr(features, "reference_statistics", lambda *a, **k: {"protocol": {}})
+    options = evaluate.EvalOptions.from_config(config, metrics=metrics, num_samples=4,
+                                               sample_batch_size=4, steps=2, sampler="ddim")
+    workdir = tmp_path / "run"
+    return evaluate.run_evaluation(config, apply_fn, None, options, workdir=str(workdir), step=3,
+                                   progress=False), workdir
+
+
+class _NaNModel:
+    """An apply_fn whose every prediction is NaN (a diverged or over-guided model)."""
+
+    def __call__(self, params, x_t, t, y=None):
+        return jnp.full(x_t.shape, jnp.nan)
+
+
+def test_no_report_is_written_from_non_finite_samples(tmp_path, monkeypatch):
+    # Before: NaN samples became black uint8 images and a report with their scores was written.
+    from ddpm_jax import evaluate
+    with pytest.raises(evaluate.NonFiniteSamplesError,
+                       match=r"^The samples from image 0 on hold 256 NaN or inf values: no score "
+                             r"and no report are written from them\. Check the sampler options"):
+        _tiny_evaluation(tmp_path, _NaNModel(), monkeypatch, ("fid",))
+    eval_dir = tmp_path / "run" / "eval"
+    assert not eval_dir.exists() or not [p for p in eval_dir.iterdir() if p.suffix == ".json"]
+
+
+def test_a_work_dir_deleted_during_evaluation_still_gets_its_report(tmp_path, monkeypatch):
+    # Before: FileNotFoundError when the report was written, after all the work was done.
+    import shutil
+
+    from ddpm_jax import evaluate
+    real = evaluate.evaluate_bpd
+
+    def deleted_meanwhile(*args, **kwargs):
+        shutil.rmtree(tmp_path / "run")  # e.g. `rm -r` of the run while its bits/dim run
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "evaluate_bpd", deleted_meanwhile)
+    monkeypatch.setattr("ddpm_jax.data.load_split_uint8",
+                        lambda *a, **k: np.zeros((2, 8, 8, 1), np.uint8))
+    model = lambda params, x_t, t, y=None: jnp.zeros_like(x_t)  # noqa: E731
+    report, workdir = _tiny_evaluation(tmp_path, model, monkeypatch, ("bpd",))
+    assert os.path.isfile(report["path"]) and report["path"].startswith(str(workdir / "eval"))
+    assert os.path.isfile(report["path"].replace(".json", "_bpd_terms.npz"))
