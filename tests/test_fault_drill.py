@@ -236,3 +236,154 @@ def test_a_work_dir_deleted_during_evaluation_still_gets_its_report(tmp_path, mo
     report, workdir = _tiny_evaluation(tmp_path, model, monkeypatch, ("bpd",))
     assert os.path.isfile(report["path"]) and report["path"].startswith(str(workdir / "eval"))
     assert os.path.isfile(report["path"].replace(".json", "_bpd_terms.npz"))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Untrained tiny runs: a denoiser, a classifier, and a copy of the denoiser whose
+    state/array_metadatas is truncated; plus a folder of inputs."""
+    import shutil
+    import sys
+    sys.path.insert(0, REPO)
+    from conftest import write_untrained_run
+    from configs import digits
+    root = tmp_path_factory.mktemp("runs")
+    for name, variant in (("run", "tiny"), ("clf", "classifier_tiny")):
+        config = digits.get_config(variant)
+        config.data.image_size, config.model.attn_resolutions = 8, (4,)
+        write_untrained_run(config, str(root / name))
+    shutil.copytree(root / "run", root / "truncated")
+    metadata = root / "truncated" / "checkpoints" / "0" / "state" / "array_metadatas" / "process_0"
+    metadata.write_bytes(metadata.read_bytes()[:1000])
+    np.savez(root / "x.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+    mask = np.zeros((8, 8), bool)
+    mask[:4] = True
+    np.savez(root / "mask.npz", mask=mask)
+    (root / "notes.txt").write_text("not weights")
+    return root
+
+
+def _script(name, *args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, os.path.join(REPO, name), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, message", [
+    # Before: a traceback ending in "var_type 'fixedlarge' needs a model output of C = 1 ...".
+    ("sample.py", ["--workdir={r}/clf", "--num_samples=2"],
+     "--workdir={r}/clf is a classifier run (model.kind='classifier'), not a denoiser"),
+    ("sample.py", ["--workdir={r}/clf", "--sdedit={r}/x.npz"],
+     "--workdir={r}/clf is a classifier run"),
+    ("evaluate.py", ["--workdir={r}/clf", "--metrics=fid", "--num_samples=2"],
+     "--workdir={r}/clf is a classifier run"),
+    # Before: a traceback from inside the traced sampler.
+    ("sample.py", ["--workdir={r}/run", "--var_type=learned", "--sampler=ddpm"],
+     "--var_type=learned needs a network trained to output a variance"),
+    # Before: ~1,300 lines of "Exception ignored in: <coroutine ...>" around the one-liner.
+    ("sample.py", ["--workdir={r}/truncated"], "could not restore the ema parameters"),
+    # Before: tracebacks (a missing weights file, a file of other weights).
+    ("evaluate.py", ["--workdir={r}/run", "--metrics=fid", "--feature_net=inception"],
+     "FID/IS with feature_net='inception' need the Inception weights"),
+    ("evaluate.py", ["--workdir={r}/run", "--metrics=fid", "--feature_net=inception",
+                     "--inception_weights={r}/notes.txt"], "not the FID weights'"),
+    ("evaluate.py", ["--workdir={r}/run", "--metrics=fid", "--feature_net=inception",
+                     "--inception_weights={r}/x.npz"], "not readable as the FID Inception weights"),
+    # Before: PIL's "unknown file extension" traceback after sampling; FileNotFoundError.
+    ("sample.py", ["--workdir={r}/run", "--out={r}/.png"], "has no file name before .png"),
+    ("sample.py", ["--workdir={r}/run", "--out={r}/dangling.png"], "is a dangling symlink"),
+    # Before: the route was built until the kernel killed the process at ~24 GB.
+    ("sample.py", ["--workdir={r}/run", "--inpaint={r}/x.npz", "--mask={r}/mask.npz",
+                   "--sampler=ddpm", "--steps=250", "--resamplings=1000000"],
+     "makes a RePaint route of 479,999,770 moves (about 23.5 GB to build"),
+    # Before: accepted; the input pipeline grew to 5.5 GB and a SIGTERM went unanswered.
+    ("train.py", ["--workdir={r}/big", "--config=configs/digits.py:tiny",
+                  "--config.training.batch_size=100000000", "--preemption_service=false"],
+     "training.batch_size=100,000,000 needs at least"),
+    # Before: a traceback from the data pipeline.
+    ("train.py", ["--workdir={r}/rgb", "--config=configs/digits.py:tiny",
+                  "--config.data.channels=3", "--preemption_service=false"],
+     "set --config.data.image_size=8 and --config.data.channels=1"),
+    # Before: ml_collections' tracebacks.
+    ("train.py", ["--workdir={r}/t", "--config={r}/missing.py"], "no such file"),
+    ("train.py", ["--workdir={r}/t", "--config={r}/notes.txt"], "is not a Python config file"),
+    ("train.py", ["--workdir={r}/t", "--config=configs/digits.py:nosuch"], "unknown variant"),
+])
+def test_the_command_lines_stop_in_one_line_naming_the_problem_and_the_fix(runs, script, args,
+                                                                          message):
+    if not os.path.lexists(runs / "dangling.png"):
+        os.symlink(runs / "nowhere" / "x.png", runs / "dangling.png")
+    proc = _script(script, *[a.format(r=runs) for a in args],
+                   *(["--steps=3", f"--out={runs}/out/s.png"] if script == "sample.py"
+                     and not any(a.startswith(("--steps", "--out")) for a in args) else []))
+    assert proc.returncode in (1, 2), proc.stderr[-3000:]
+    for noise in ("Traceback", "Exception ignored"):
+        assert noise not in proc.stderr, proc.stderr[-5000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert message.format(r=runs).lower() in last.lower(), proc.stderr[-3000:]
+    assert not os.path.exists(runs / "out" / "s.png")
+
+
+def _tmpfs(path, size):
+    """A small tmpfs at `path` (root only), or skip: a full disk without filling the real one."""
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the in-process "
+                    "ENOSPC drills cover the same code")
+    return path
+
+
+@pytest.mark.slow
+def test_sample_py_on_a_full_disk_is_one_line_and_leaves_the_old_pair(runs, tmp_path):
+    # A real full disk: a 64 KiB tmpfs. Before: a traceback and a 0-byte (or torn) PNG.
+    full = _tmpfs(tmp_path / "full", "64k")
+    try:
+        (full / "s.png").write_bytes(b"old png")
+        (full / "s.npz").write_bytes(b"old npz")
+        with contextlib.suppress(OSError):
+            (full / "filler").write_bytes(b"\0" * 128 * 1024)
+        proc = _script("sample.py", f"--workdir={runs}/run", "--steps=3", "--num_samples=4",
+                       f"--out={full}/s.png")
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+                f"Could not write {full}/s.png: the disk is full ([Errno 28]); nothing was "
+                "replaced (any previous file there is intact): free some space or choose another "
+                "location.")
+        assert (full / "s.png").read_bytes() == b"old png"
+        assert (full / "s.npz").read_bytes() == b"old npz"
+        assert sorted(os.listdir(full)) == ["filler", "s.npz", "s.png"]
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+
+
+@pytest.mark.slow
+def test_train_py_on_a_disk_that_fills_during_a_save_is_one_line_and_resumable(tmp_path):
+    # A real full disk: a tmpfs with room for one tiny checkpoint (1.4 MB) but not two.
+    # Before: five tracebacks from orbax's threads and the main thread; the recovery was right.
+    full = _tmpfs(tmp_path / "full", "2200k")
+    try:
+        proc = _script("train.py", "--config=configs/digits.py:tiny", f"--workdir={full}/run",
+                       "--config.data.image_size=8", "--config.model.attn_resolutions=(4,)",
+                       "--config.training.checkpoint_every=2", "--config.training.num_steps=6",
+                       "--config.training.sample_every=100", "--progress_bar=false",
+                       "--preemption_service=false", timeout=600)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        for noise in ("Traceback", "Exception ignored", "exception was never retrieved"):
+            assert noise not in proc.stderr, proc.stderr[-5000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+                f"Could not write a checkpoint in {full}/run/checkpoints: the disk is full (No "
+                "space left on device). Nothing finished was lost: the finished checkpoints "
+                "(newest: step 2) are intact; free space, then rerun the same command to resume "
+                "from step 2.")
+        manager = checkpoint.make_manager(f"{full}/run", max_to_keep=3, read_only=True)
+        assert list(manager.all_steps()) == [2]
+        manager.close()
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
