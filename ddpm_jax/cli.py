@@ -180,14 +180,13 @@ ORBAX_IO_COROUTINES = ("_read_array_index_and_device_put",
 
 
 def drop_closed_event_loop_noise() -> None:
-    """Called at the start of the command lines: when a checkpoint restore fails, orbax leaves
-    the other arrays' tensorstore reads in flight; each that finishes after orbax's event loop
-    closed prints an unraisable 'Event loop is closed' traceback, and their failures are logged
-    by asyncio as 'Task (or Future) exception was never retrieved' (the same damage the one-line error
-    already reports), and the coroutines of those reads that are closed unfinished print
-    'Exception ignored in: <coroutine ...>' with their own copy of the error. Drops exactly
-    those; anything else is printed. We run no asyncio code
-    of our own."""
+    """Called at the start of the command lines: when a checkpoint restore (or save) fails,
+    orbax leaves the other arrays' tensorstore reads (writes) in flight; each that finishes
+    after orbax's event loop closed prints an unraisable 'Event loop is closed' traceback,
+    their failures are logged by asyncio as '... exception was never retrieved', and those
+    closed unfinished print 'Exception ignored in: <coroutine ...>' with their own copy of the
+    error: the same damage the one-line error already reports. Drops exactly those; anything
+    else is printed. We run no asyncio code of our own."""
     previous = sys.unraisablehook
 
     def hook(unraisable):

@@ -85,7 +85,8 @@ def _grid_writer(images: np.ndarray, nrow: int | None, padding: int, tile_px: in
 def save_samples(images: np.ndarray, png_path: str, labels: np.ndarray | None = None, *,
                  grid_images: np.ndarray | None = None,
                  extra: Mapping[str, np.ndarray] | None = None, nrow: int | None = None,
-                 padding: int = 2, tile_px: int = TILE_PX, max_tiles: int | None = MAX_TILES) -> str:
+                 padding: int = 2, tile_px: int = TILE_PX,
+                 max_tiles: int | None = MAX_TILES) -> str:
     """Writes uint8 images [N, H, W, C] as a PNG grid at png_path (of `grid_images`, default
     the images; `save_image_grid`'s options) and, beside it with the suffix .npz, every image
     ('images'), their classes ('labels', [N] int, when given) and the `extra` arrays. Both

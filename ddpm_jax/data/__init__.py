@@ -24,6 +24,7 @@ from ddpm_jax.data.pipeline import (
 )
 
 __all__ = [
-    "NAMES", "DataNotPreparedError", "DataShapeError", "InputIterator", "builders", "default_data_dir",
+    "NAMES", "DataNotPreparedError", "DataShapeError", "InputIterator", "builders",
+    "default_data_dir",
     "load_split_uint8", "make_input_iterator", "num_examples", "prepare_dataset", "tfds_name",
 ]
