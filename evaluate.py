@@ -64,23 +64,16 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(str(e)) from None
     import jax
 
-    from ddpm_jax import checkpoint, evaluate, parallel  # orbax: after the flag checks
+    from ddpm_jax import checkpoint, evaluate, images, memory, parallel  # orbax: after the flags
     from ddpm_jax import config as config_lib
     cli.drop_closed_event_loop_noise()
-    step = FLAGS.step
-    if step is None:
-        manager = checkpoint.make_manager(FLAGS.workdir, max_to_keep=1, read_only=True)
-        step = manager.latest_step()
-        manager.close()
-        if step is None:
-            raise app.UsageError(f"No checkpoint in {checkpoint.checkpoint_dir(FLAGS.workdir)}: "
-                                 f"train first (python train.py --workdir {FLAGS.workdir}).")
-    try:  # an incompatible or corrupt checkpoint: one line, as sample.py
-        config, model, params = checkpoint.load_for_sampling(FLAGS.workdir, weights=FLAGS.weights,
-                                                             step=step)
+    try:  # none, an incompatible or corrupt checkpoint: one line, as sample.py
+        step, config, model, params = checkpoint.load_step_for_sampling(
+                FLAGS.workdir, weights=FLAGS.weights, step=FLAGS.step)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         raise app.UsageError(f"--workdir={FLAGS.workdir}: " + " ".join(str(e).split("\n"))) from None
     try:  # NumPy only: a bad option stops here, before anything compiles
+        cli.check_denoiser(config, "--workdir", FLAGS.workdir)
         options = evaluate.EvalOptions.from_config(
                 config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
                 sampler=cli.sampler_flag_values(FLAGS), sample_batch_size=FLAGS.batch_size,
@@ -95,6 +88,11 @@ def main(argv: Sequence[str]) -> None:
             check_labels_and_guidance(options.labels, options.guidance, model.num_classes,
                                       labels_name="--labels", guidance_name="--guidance")
         options.sampler.plan(config_lib.schedule_from_config(config))
+        if set(options.metrics) - {"bpd"}:
+            features.check_feature_net(options.feature_net, options.inception_weights)
+            memory.check_sampling_batch(model, config_lib.image_shape(config),
+                                        min(options.sample_batch_size, options.num_samples),
+                                        options.num_samples)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:
@@ -103,10 +101,13 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None
-    report = evaluate.run_evaluation(config, sampling.ModelApply(model), params, options,
-                                     workdir=FLAGS.workdir, step=step, weights=FLAGS.weights,
-                                     mesh=mesh, progress=FLAGS.progress and jax.process_index() == 0,
-                                     classifier=classifier)
+    try:  # non-finite samples, an output that cannot be written: one line, no report
+        report = evaluate.run_evaluation(config, sampling.ModelApply(model), params, options,
+                                         workdir=FLAGS.workdir, step=step, weights=FLAGS.weights,
+                                         mesh=mesh, progress=FLAGS.progress and jax.process_index() == 0,
+                                         classifier=classifier)
+    except (evaluate.NonFiniteSamplesError, images.OutputError) as e:
+        raise app.UsageError(str(e)) from None
     if jax.process_index() == 0:
         for line in report["protocol"]:
             print(line)

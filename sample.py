@@ -15,8 +15,6 @@ fold_in(seed key, n), so the images depend neither on --batch_size nor on the de
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 
 from ddpm_jax import cli
@@ -51,10 +49,7 @@ edit_jobs.define_flags()
 def _check_flags():
     """Every check that needs no weights, before anything loads: (parsed --labels, edit mode)."""
     cli.check_run_dir(FLAGS.workdir, "--workdir")
-    if not FLAGS.out.endswith(".png"):
-        raise ValueError(f"--out={FLAGS.out} must end in .png (the .npz goes beside it).")
-    for path in (FLAGS.out, FLAGS.out[:-len(".png")] + ".npz"):
-        cli.check_output_path(path, "--out")
+    cli.check_png_output(FLAGS.out, "--out")
     classes = check_label_text(FLAGS.labels, "--labels")
     check_labels_and_guidance(classes, FLAGS.guidance, labels_name="--labels",
                               guidance_name="--guidance", class_lists=True)
@@ -75,11 +70,13 @@ def main(argv: list[str]) -> None:
 
     from ddpm_jax import checkpoint, images, parallel, sampling
     from ddpm_jax import config as config_lib
+    from ddpm_jax import memory
     from ddpm_jax.spec import SamplerSpec
     try:  # loading, then NumPy only: bad values fail here, before any compile
         config, model, params = cli.load_model(FLAGS.workdir, FLAGS.diffusers_dir, FLAGS.weights)
         classifier, classifier_params = (None, None) if FLAGS.classifier is None else \
             checkpoint.load_classifier(FLAGS.classifier, for_config=config)
+        cli.check_var_type(FLAGS.var_type, config)
         given = {k: v for k, v in cli.sampler_flag_values(FLAGS).items() if v is not None}
         run_spec = SamplerSpec.from_config(config)
         labels = sample_labels(classes, getattr(classifier or model, "num_classes", None),
@@ -92,6 +89,8 @@ def main(argv: list[str]) -> None:
         if mode is None:
             sample_batch = min(batch_size, parallel.round_up_to_devices(FLAGS.num_samples,
                                                                         jax.device_count()))
+            memory.check_sampling_batch(model, config_lib.image_shape(config), sample_batch,
+                                        FLAGS.num_samples)
             sampler = sampling.make_sampler(
                     sampling.ModelApply(model), schedule,
                     (sample_batch, *config_lib.image_shape(config)), spec,
@@ -121,9 +120,11 @@ def main(argv: list[str]) -> None:
                                    labels=labels, desc="batches",
                                    classifier_params=classifier_params)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        npz_path = images.save_samples(samples, FLAGS.out, labels, nrow=FLAGS.nrow,
-                                       tile_px=FLAGS.tile_px, max_tiles=FLAGS.max_grid_tiles)
+        try:  # atomic: the previous PNG and .npz stay whole if this fails (a full disk)
+            npz_path = images.save_samples(samples, FLAGS.out, labels, nrow=FLAGS.nrow,
+                                           tile_px=FLAGS.tile_px, max_tiles=FLAGS.max_grid_tiles)
+        except images.OutputError as e:
+            raise app.UsageError(str(e)) from None
         logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, samples.shape)
 
 

@@ -39,8 +39,17 @@ _LIBRARY_LOGS = flags.DEFINE_boolean(
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with an unknown `--config.a.b=...` field as one line instead of
-    ml_collections' traceback."""
+    """absl's parsing, with an unknown `--config.a.b=...` field, and a --config file that is
+    missing, not Python or without the variant, as one line instead of ml_collections'
+    tracebacks."""
+    from ddpm_jax.cli import check_config_file
+    named = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    named += [b for a, b in zip(argv[1:], argv[2:]) if a == "--config"]
+    try:
+        for spec in named:
+            check_config_file(spec)
+    except ValueError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
@@ -97,7 +106,7 @@ def main(argv: list[str]) -> None:
     try:
         loop.train_and_evaluate(config, _WORKDIR.value, progress=progress)
     except (lock.WorkdirLockedError, checkpoint.CheckpointError, data.DataNotPreparedError,
-            config_lib.ConfigError, loop.NonFiniteError) as e:
+            data.DataShapeError, config_lib.ConfigError, loop.NonFiniteError) as e:
         # Expected mistakes (another trainer's work dir, a checkpoint of another config or a
         # corrupt one, a refused non-finite save or a non-finite stop, data not prepared, a
         # batch that does not split over the devices): one line, no traceback. Tracebacks

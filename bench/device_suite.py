@@ -50,6 +50,7 @@ from configs import cifar10, digits  # noqa: E402
 from ddpm_jax import loop, parallel, sampling  # noqa: E402
 from ddpm_jax import config as config_lib  # noqa: E402
 from ddpm_jax.models.unet import count_params  # noqa: E402
+from ddpm_jax.spec import SamplerSpec  # noqa: E402
 
 log = logging.getLogger("device_suite")
 
@@ -129,10 +130,10 @@ def make_chain(setup: Setup, mesh: Any, batch: int, sampler: str, steps: int) ->
     """Every sampler of the suite, built here only: ancestral ("ddpm", fixedlarge variance, the
     paper's CIFAR-10 sampler) or DPM-Solver++(2M) ("dpm++"), `steps` steps in one lax.scan,
     the batch split over the mesh."""
-    options = dict(var_type="fixedlarge") if sampler == "ddpm" else dict(order=2)
+    spec = SamplerSpec(sampler=sampler, steps=steps, var_type="fixedlarge",
+                       order=2 if sampler == "dpm++" else None)
     return sampling.make_sampler(sampling.ModelApply(setup.model), setup.host_schedule,
-                                 (batch, *setup.shape), sampler=sampler, steps=steps, mesh=mesh,
-                                 **options)
+                                 (batch, *setup.shape), spec, mesh=mesh)
 
 
 def synthetic_batch(mesh: Any, batch: int, shape: tuple[int, ...]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from ddpm_jax import checkpoint, config as config_lib, features  # noqa: E402
 from ddpm_jax.labels import balanced  # noqa: E402
 from ddpm_jax.guidance import ClassifierApply  # noqa: E402
 from ddpm_jax.sampling import ModelApply, draw_images, make_sampler  # noqa: E402
-from ddpm_jax.spec import spec_and_options  # noqa: E402
+from ddpm_jax.spec import SamplerSpec  # noqa: E402
 
 
 def main() -> None:
@@ -52,14 +52,14 @@ def main() -> None:
           f"{yardstick.protocol()}", flush=True)
     rows = []
     for scale in (float(s) for s in args.scales.split(",")):
-        options = config_lib.sampler_options(config, sampler=args.sampler, steps=steps, eta=0.0)
-        if options["sampler"] != "dpm++":
-            options["order"] = None
-        sampler = make_sampler(ModelApply(model), config_lib.schedule_from_config(config), (min(args.batch_size, args.num_samples),
-                                *config_lib.image_shape(config)), **spec_and_options(**options, classifier=ClassifierApply(clf_model), classifier_scale=scale))
+        spec = SamplerSpec.from_config(config, sampler=args.sampler, steps=steps)
+        sampler = make_sampler(ModelApply(model), config_lib.schedule_from_config(config),
+                               (min(args.batch_size, args.num_samples),
+                                *config_lib.image_shape(config)), spec,
+                               classifier=ClassifierApply(clf_model), classifier_scale=scale)
         if not rows:  # compile outside the timing (every scale reuses the program: scale is data)
-            draw_images(sampler, params, jax.random.key(args.seed), sampler.static["shape"][0],
-                        labels=labels[:sampler.static["shape"][0]], progress=False,
+            draw_images(sampler, params, jax.random.key(args.seed), sampler.batch_size,
+                        labels=labels[:sampler.batch_size], progress=False,
                         classifier_params=clf_params)
         start = time.perf_counter()
         images = draw_images(sampler, params, jax.random.key(args.seed), args.num_samples,

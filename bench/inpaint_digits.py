@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ddpm_jax import checkpoint, config as config_lib, editing, features  # noqa: E402
 from ddpm_jax.data.builders import digits_arrays  # noqa: E402
 from ddpm_jax.editing.inputs import bottom_half_mask  # noqa: E402
-from ddpm_jax.images import save_image_grid, to_uint8  # noqa: E402
-from ddpm_jax.plans import make_plan  # noqa: E402
+from ddpm_jax.images import save_image_grid, to_model_range, to_uint8  # noqa: E402
+from ddpm_jax.spec import SamplerSpec  # noqa: E402
 from ddpm_jax.sampling import ModelApply  # noqa: E402
 
 
@@ -78,19 +78,19 @@ def main() -> None:
             top_half_bound(images, labels, shape)]
     for row in rows:
         print(json.dumps(row), flush=True)
-    plan = make_plan(config_lib.schedule_from_config(config), steps=args.steps)
-    options = config_lib.sampler_options(config)
+    spec = SamplerSpec.from_config(config, sampler="ddpm", steps=args.steps)
+    plan = spec.plan(config_lib.schedule_from_config(config))
     for r in (int(v) for v in args.resamplings.split(",")):
         moves = editing.repaint_moves(plan.num_steps, args.jump_length, r)
         start = time.perf_counter()
         out = []
         for b in range(0, len(images), args.batch_size):
-            x = images[b:b + args.batch_size].astype(np.float32) / 127.5 - 1.0
+            x = to_model_range(images[b:b + args.batch_size])
             m = mask[b:b + args.batch_size]
             out.append(to_uint8(editing.repaint(
                     ModelApply(model), params, plan, moves, jax.random.key(args.seed), x, m,
-                    example_offset=b, mean_type=options["mean_type"],
-                    var_type=options["var_type"], clip_denoised=options["clip_denoised"])))
+                    example_offset=b, mean_type=spec.mean_type, var_type=spec.var_type,
+                    clip_denoised=spec.clip_denoised)))
         completed = np.concatenate(out)
         seconds = time.perf_counter() - start
         assert np.array_equal(completed[mask], images[mask])  # the known half, untouched

@@ -24,6 +24,7 @@ arrives (JAX catches SIGTERM itself: do not install a Python SIGTERM handler).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -190,7 +191,35 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, config: Mappi
              CHECKSUMS: ocp.args.JsonSave(checksums)}
     if data_iterator is not None:
         items[DATA] = _grain_args(save=True)(data_iterator)
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:  # waits for the previous save first: its failure surfaces here
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:
+        raise _write_failed(manager, e) from e
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight; a failed write (a full disk) raises CheckpointError."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise _write_failed(manager, e) from e
+
+
+def _write_failed(manager: ocp.CheckpointManager, error: Exception) -> CheckpointError:
+    """The one-line error of a save whose files could not be written. orbax wrote into a
+    temporary directory, so the finished checkpoints are intact and the half-written one is
+    never listed (and is removed when the trainer next starts)."""
+    reason = " ".join(str(error).split())
+    if "No space left on device" in reason or getattr(error, "errno", None) == errno.ENOSPC:
+        reason = "the disk is full (No space left on device)"
+    else:
+        reason = f"{type(error).__name__}: {reason[:300]}"
+    latest = manager.latest_step()
+    kept = (f"the finished checkpoints (newest: step {latest}) are intact; free space, then "
+            f"rerun the same command to resume from step {latest}" if latest is not None else
+            "no checkpoint was finished yet; free space, then rerun the same command")
+    return CheckpointError(f"Could not write a checkpoint in {manager.directory}: {reason}. "
+                           f"Nothing finished was lost: {kept}.")
 
 
 def _gather_ints(value: int) -> list[int]:
@@ -211,6 +240,8 @@ def _grain_args(*, save: bool) -> Any:
 
 def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
     """The checksums saved with step `step`; None for a checkpoint written before them."""
+    if not (manager.directory / str(step)).exists():  # removed meanwhile (a trainer's rotation)
+        raise CheckpointError(f"The checkpoint at step {step} in {manager.directory} is gone.")
     if not (manager.directory / str(step) / CHECKSUMS).exists():
         logging.warning("The checkpoint at step %d in %s has no checksums (written by an older "
                         "version): its arrays are not verified.", step, manager.directory)
@@ -332,26 +363,63 @@ def load_for_sampling(workdir: str | None, weights: str = "ema", *, step: int | 
     Only the requested parameters are read, placed with `sharding` (default: replicated over
     every device). The model is rebuilt from the checkpoint's own config (`config.upgrade`d).
     """
-    fields = {"ema": "ema_params", "raw": "params"}
-    if weights not in fields:
-        raise ValueError(f"weights={weights!r}: choose 'ema' (the EMA, used for the paper's "
-                         "samples) or 'raw' (the trained parameters).")
     if (workdir is None) == (diffusers_dir is None):
         raise ValueError("Pass exactly one of a work dir and a diffusers_dir.")
     if diffusers_dir is not None:
         from ddpm_jax import convert  # reads PyTorch / safetensors files: only when asked
         return convert.load_diffusers_run(diffusers_dir)
-    manager = make_manager(workdir, max_to_keep=1, read_only=True)
-    if step is None:
-        step = manager.latest_step()
-        if step is None:
+    return load_step_for_sampling(workdir, weights, step=step, sharding=sharding)[1:]
+
+
+ROTATION_RETRIES = 5  # newest steps rotated away while loading, in a row, before giving up
+
+
+def load_step_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = None,
+                           sharding: jax.sharding.Sharding | None = None
+                           ) -> tuple[int, ml_collections.ConfigDict, Any, PyTree]:
+    """(step, config, model, params): `load_for_sampling` and the step it loaded. With step
+    None, a newest step that a running trainer rotates away while it loads (its
+    keep_checkpoints) is retried on the then-newest one, with a warning saying so."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: choose 'ema' (the EMA, used for the paper's "
+                         "samples) or 'raw' (the trained parameters).")
+    for _ in range(ROTATION_RETRIES):
+        manager = make_manager(workdir, max_to_keep=1, read_only=True)
+        chosen = step if step is not None else manager.latest_step()
+        if chosen is None:
             raise FileNotFoundError(f"No checkpoint in {manager.directory}: train first "
                                     f"(python train.py --workdir {workdir}).")
-    elif step not in manager.all_steps():
-        raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; it "
-                                f"holds steps {list(manager.all_steps())}.")
-    checksums = _read_checksums(manager, step)
-    config = config_lib.upgrade(restore_config(manager, step, checksums))
+        if chosen not in manager.all_steps():
+            raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; it "
+                                    f"holds steps {list(manager.all_steps())}.")
+        try:
+            return (chosen, *_load_params(manager, chosen, weights, sharding, workdir))
+        except CheckpointError:
+            if (manager.directory / str(chosen)).exists():
+                raise  # damaged, not rotated: the error says so
+        rotated = (f"The checkpoint at step {chosen} in {manager.directory} was rotated away "
+                   "while loading (a running trainer keeps only its newest checkpoints)")
+        if step is not None:
+            raise CheckpointError(f"{rotated}: pass a newer --step, or none for the newest.")
+        logging.warning("%s; loading the newest one instead.", rotated)
+    raise CheckpointError(f"The newest checkpoint in {checkpoint_dir(workdir)} was rotated away "
+                          f"while loading {ROTATION_RETRIES} times in a row: the trainer saves "
+                          "faster than this loads; copy a checkpoint to another --workdir, or "
+                          "raise training.keep_checkpoints.")
+
+
+def _load_params(manager: ocp.CheckpointManager, step: int, weights: str,
+                 sharding: jax.sharding.Sharding | None, workdir: str
+                 ) -> tuple[ml_collections.ConfigDict, Any, PyTree]:
+    """(config, model, params) of `step`; closes the manager."""
+    try:
+        checksums = _read_checksums(manager, step)
+        saved = restore_config(manager, step, checksums)
+    except CheckpointError:
+        manager.close()
+        raise
+    warn_if_config_file_differs(workdir, saved, step)
+    config = config_lib.upgrade(saved)
     model = config_lib.model_from_config(config)
     image_shape = config_lib.image_shape(config)
     shapes = jax.eval_shape(lambda rng: training.init_params(model, rng, image_shape),
@@ -360,7 +428,7 @@ def load_for_sampling(workdir: str | None, weights: str = "ema", *, step: int | 
         sharding = parallel.replicated(parallel.make_mesh())
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                             shapes)
-    field = fields[weights]
+    field = {"ema": "ema_params", "raw": "params"}[weights]
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     args = ocp.args.PyTreeRestore(item={field: abstract}, restore_args={field: restore_args},
                                   partial_restore=True)
@@ -373,6 +441,35 @@ def load_for_sampling(workdir: str | None, weights: str = "ema", *, step: int | 
     verify_checksums(manager, step, restored[STATE], checksums)
     logging.info("Loaded the %s parameters of step %d from %s.", weights, step, manager.directory)
     return config, model, restored[STATE][field]
+
+
+CONFIG_FILE = "config.json"  # the work dir's copy of the resolved config, for people to read
+
+
+def warn_if_config_file_differs(workdir: str, config: Mapping[str, Any], step: int) -> bool:
+    """Logs a warning (and returns True) when workdir/config.json (a copy train.py writes for
+    reading) holds other values than the config saved in the checkpoint of `step`, which is
+    the one used: a hand edit there changes nothing, and is named instead of ignored."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            on_disk = _flatten(json.load(f))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError) as e:
+        logging.warning("%s is unreadable (%s); not used: the checkpoint's own config is.", path,
+                        type(e).__name__)
+        return True
+    saved = _flatten(config_to_dict(config))
+    diffs = [f"{key}: checkpoint {json.dumps(saved.get(key))}, config.json "
+             f"{json.dumps(on_disk.get(key))}" for key in sorted(set(saved) | set(on_disk))
+             if saved.get(key) != on_disk.get(key)]
+    if diffs:
+        logging.warning("%s differs from the config saved with the checkpoint of step %d (%s%s); "
+                        "the checkpoint's config is used (config.json is only a copy for "
+                        "reading): to use other values, train a new run with them.", path, step,
+                        "; ".join(diffs[:5]), f"; {len(diffs) - 5} more" if len(diffs) > 5 else "")
+    return bool(diffs)
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -24,6 +24,9 @@ def check_output_path(path: str, flag: str, *, directory: bool = False) -> None:
     work, so that a bad --out does not fail only after hours of sampling. Uses os.access, so
     root passes where permission bits alone would refuse; a read-only mount still refuses."""
     path = os.path.abspath(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"{flag}: {path} is a dangling symlink (to {os.readlink(path)}, which "
+                         "does not exist): remove the link, or choose another path.")
     if os.path.exists(path):
         if os.path.isdir(path) and not directory:
             raise ValueError(f"{flag}: {path} is an existing directory: name a file inside it, "
@@ -51,12 +54,74 @@ def check_run_dir(workdir: str | None, flag: str) -> None:
     to load: a training run's checkpoints."""
     if workdir is None:
         return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"{flag}={workdir} is a file, not a run directory: pass the directory "
+                         "that train.py wrote (it holds checkpoints/).")
     if not os.path.isdir(workdir):
         raise ValueError(f"{flag}={workdir} does not exist; train into it with train.py first, "
                          "or pass --diffusers_dir for released weights.")
     if not os.listdir(workdir):
         raise ValueError(f"{flag}={workdir} is empty: it holds no checkpoint to sample; train "
                          "into it with train.py first.")
+
+
+def check_png_output(path: str, flag: str) -> None:
+    """ValueError (one line) unless `path` names a writable .png file with a name before the
+    suffix, and the .npz that goes beside it is writable too."""
+    if not path.endswith(".png"):
+        raise ValueError(f"{flag}={path} must end in .png (the .npz goes beside it).")
+    if os.path.basename(path) == ".png":
+        raise ValueError(f"{flag}={path} has no file name before .png: name the file, e.g. "
+                         f"{flag}={os.path.join(os.path.dirname(path), 'samples.png')}.")
+    for output in (path, path[:-len(".png")] + ".npz"):
+        check_output_path(output, flag)
+
+
+def check_denoiser(config: Any, flag: str, workdir: str) -> None:
+    """ValueError (one line) when the run at `workdir` is a noise-conditional classifier
+    (model.kind 'classifier'), which guides a denoiser but cannot draw images itself."""
+    from ddpm_jax import config as config_lib
+    if config_lib.model_kind(config) == "classifier":
+        raise ValueError(f"{flag}={workdir} is a classifier run (model.kind='classifier'), not "
+                         "a denoiser: pass a denoiser run here, and the classifier as "
+                         f"--classifier={workdir} (with --labels) to guide it.")
+
+
+def check_var_type(var_type: str | None, config: Any) -> None:
+    """ValueError (one line) for a --var_type whose model output the run's network does not
+    make: a learned variance needs 2C output channels, which a fixed-variance run lacks."""
+    from ddpm_jax import config as config_lib
+    from ddpm_jax.config import LEARNED_VAR_TYPES
+    run_var_type = config.diffusion.var_type
+    if var_type is None or (var_type in LEARNED_VAR_TYPES) == (run_var_type in LEARNED_VAR_TYPES):
+        return
+    if var_type in LEARNED_VAR_TYPES:
+        raise ValueError(f"--var_type={var_type} needs a network trained to output a variance; "
+                         f"this run's is fixed (diffusion.var_type={run_var_type!r}, "
+                         f"{config_lib.image_shape(config)[-1]} output channels): use "
+                         "--var_type=fixedlarge or fixedsmall, or leave it unset.")
+
+
+def check_config_file(spec: str, flag: str = "--config") -> None:
+    """ValueError (one line) unless `spec` ('path.py' or 'path.py:variant') names an existing
+    Python config file whose get_config(variant) runs: a missing file, a file that is not
+    Python, or an unknown variant is named here instead of by ml_collections' tracebacks."""
+    import runpy
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}={spec}: no such file {path!r}; pass an experiment file, e.g. "
+                         f"{flag}=configs/digits.py (or configs/digits.py:tiny).")
+    if not path.endswith(".py"):
+        raise ValueError(f"{flag}={spec}: {path} is not a Python config file (.py): pass an "
+                         f"experiment file, e.g. {flag}=configs/digits.py.")
+    try:
+        module = runpy.run_path(path)
+        if "get_config" not in module:
+            raise ValueError(f"{path} defines no get_config()")
+        module["get_config"](*([variant] if variant else []))
+    except Exception as e:  # the file's own error, whatever it is: one line
+        reason = " ".join(str(e).split())
+        raise ValueError(f"{flag}={spec}: {type(e).__name__}: {reason}") from None
 
 
 def check_batch_size(batch_size: int, num_devices: int, flag: str) -> int:
@@ -68,13 +133,18 @@ def check_batch_size(batch_size: int, num_devices: int, flag: str) -> int:
 
 def load_model(workdir: str | None, diffusers_dir: str | None, weights: str) -> tuple[Any, Any, Any]:
     """(config, model, params) of --workdir's latest checkpoint (`weights` 'ema' or 'raw') or of
-    --diffusers_dir (`checkpoint.load_for_sampling`); ValueError naming the flag otherwise."""
+    --diffusers_dir (`checkpoint.load_for_sampling`); ValueError naming the flag otherwise (a
+    classifier run given as the model too)."""
     from ddpm_jax import checkpoint
     flag = f"--workdir={workdir}" if workdir is not None else f"--diffusers_dir={diffusers_dir}"
     try:
-        return checkpoint.load_for_sampling(workdir, weights=weights, diffusers_dir=diffusers_dir)
+        loaded = checkpoint.load_for_sampling(workdir, weights=weights,
+                                              diffusers_dir=diffusers_dir)
     except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
-        raise ValueError(f"{flag}: {e}") from None
+        raise ValueError(f"{flag}: " + " ".join(str(e).split("\n"))) from None
+    if workdir is not None:
+        check_denoiser(loaded[0], "--workdir", workdir)
+    return loaded
 
 
 def describe_guidance(labels: str | None, guidance: float | None, classifier: str | None,
@@ -91,27 +161,38 @@ def describe_guidance(labels: str | None, guidance: float | None, classifier: st
     return text
 
 
+# orbax's per-array read and write coroutines: closed unfinished when a restore or a save fails
+ORBAX_IO_COROUTINES = ("_read_array_index_and_device_put",
+                       "async_serialize_from_host.<locals>.write_fragment")
+
+
 def drop_closed_event_loop_noise() -> None:
-    """Called at the start of the command lines: when a checkpoint restore fails, orbax leaves
-    the other arrays' tensorstore reads in flight; each that finishes after orbax's event loop
-    closed prints an unraisable 'Event loop is closed' traceback, and their failures are logged
-    by asyncio as 'Task exception was never retrieved' (the same damage the one-line error
-    already reports). Drops exactly those two; anything else is printed. We run no asyncio code
-    of our own."""
+    """Called at the start of the command lines: when a checkpoint restore (or save) fails,
+    orbax leaves the other arrays' tensorstore reads (writes) in flight; each that finishes
+    after orbax's event loop closed prints an unraisable 'Event loop is closed' traceback,
+    their failures are logged by asyncio as '... exception was never retrieved', and those
+    closed unfinished print 'Exception ignored in: <coroutine ...>' with their own copy of the
+    error: the same damage the one-line error already reports. Drops exactly those; anything
+    else is printed. We run no asyncio code of our own."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and str(unraisable.exc_value) == "Event loop is closed"):
+        closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                       and str(unraisable.exc_value) == "Event loop is closed")
+        # The other arrays' reads of a failed restore (or writes of a failed save), each closed
+        # with its own copy of the error and a 60-line tensorstore spec: about 1,300 lines for
+        # a damaged array_metadatas.
+        orbax_io = getattr(unraisable.object, "__qualname__", "") in ORBAX_IO_COROUTINES
+        if not (closed_loop or orbax_io):
             previous(unraisable)
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-            lambda record: not str(record.msg).startswith("Task exception was never retrieved"))
+    logging.getLogger("asyncio").addFilter(  # Task, Future or _GatheringFuture
+            lambda record: "exception was never retrieved" not in str(record.msg))
 
 
 class OwnInfoOnly(logging.Filter):
     """Passes warnings and errors, and INFO records from this project only (the package and
-    the script at `script_path`)."""
+    the script at `script_path`); a library's error with a traceback is cut to its first line."""
 
     def __init__(self, script_path: str):
         super().__init__()
@@ -119,6 +200,12 @@ class OwnInfoOnly(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         own = "ddpm_jax" in record.pathname or record.pathname == self.script_path
+        if not own and record.exc_info:
+            # A library's error log from its own thread (orbax's background save on a full
+            # disk logs five tracebacks): its first line only; the one-line error that stops
+            # the run says what happened and what to do.
+            record.msg, record.args = record.getMessage().split("\n")[0][:300], ()
+            record.exc_info, record.exc_text = None, None
         return record.levelno >= logging.WARNING or own
 
 

@@ -135,8 +135,33 @@ def generate_samples(apply_fn: ApplyFn, params: Any, schedule: Schedule, spec: S
                                          1 if mesh is None else mesh.size)
     sampler = sampling.make_sampler(apply_fn, schedule, (batch, *image_shape), spec, mesh=mesh,
                                     **guidance)
-    return sampling.draw_images(sampler, params, key, num_samples, labels=labels,
+    return sampling.draw_images(_FiniteOnly(sampler), params, key, num_samples, labels=labels,
                                 progress=progress, classifier_params=classifier_params)
+
+
+class NonFiniteSamplesError(ValueError):
+    """Samples holding NaN or inf: no score (and no report) is computed from them."""
+
+
+class _FiniteOnly:
+    """A sampler whose every batch is checked for NaN / inf before it becomes uint8 pixels
+    (where NaN would turn into black and score as an image)."""
+
+    def __init__(self, sampler: Any):
+        self.sampler = sampler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sampler, name)
+
+    def __call__(self, params: Any, key: Array, offset: int, *args: Any, **kwargs: Any) -> Any:
+        out = self.sampler(params, key, offset, *args, **kwargs)
+        bad = int(jax.device_get(jax.numpy.sum(~jax.numpy.isfinite(out["images"]))))
+        if bad:
+            raise NonFiniteSamplesError(
+                    f"The samples from image {offset} on hold {bad} NaN or inf values: no score "
+                    "and no report are written from them. Check the sampler options (a "
+                    "guidance or classifier scale too large) and the checkpoint (is it finite?).")
+        return out
 
 
 # ------------------------------------------------------------------------- the protocol
@@ -232,9 +257,9 @@ def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) 
 
 
 def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """Atomically (images.write_atomically): a kill leaves the previous report whole, and a
+    work dir removed during the evaluation is made again rather than the report lost."""
+    images.write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions,
@@ -263,12 +288,14 @@ def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptio
             f"{data_cfg.dataset}/{options.bpd_split}, {where}"
             + (", null label (the unconditional model)"
                if getattr(apply_fn, "null_label", None) is not None else "") + ".")
-    if write:
-        np.savez(stem + "_bpd_terms.npz", **{k: v for k, v in result.items() if k != "num_images"})
-        plots.save_line_plot(stem + "_bpd_terms.png", result["terms_bpd"],
-                             title=f"L_t in bits/dim ({data_cfg.dataset}/{options.bpd_split}, "
-                                   f"{where}); total {summary['total']:.4f}",
-                             xlabel="t (0-based)", ylabel="bits/dim")
+    if write:  # atomically, the .npz last (images.write_atomically)
+        images.write_atomically({
+                stem + "_bpd_terms.png": lambda path: plots.save_line_plot(
+                        path, result["terms_bpd"], title=f"L_t in bits/dim ({data_cfg.dataset}/"
+                        f"{options.bpd_split}, {where}); total {summary['total']:.4f}",
+                        xlabel="t (0-based)", ylabel="bits/dim"),
+                stem + "_bpd_terms.npz": lambda path: np.savez(
+                        path, **{k: v for k, v in result.items() if k != "num_images"})})
     return summary, line
 
 
@@ -277,7 +304,7 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
                     progress: bool, stem: str, where: str, write: bool,
                     classifier: tuple[Any, Any] | None) -> tuple[dict[str, Any], dict[str, Any], str]:
     """FID / IS / KID of generated samples: (samples info, scores, protocol line)."""
-    d, data_cfg = config.diffusion, config.data
+    data_cfg = config.data
     image_shape = config_lib.image_shape(config)
     # Before the reference statistics: an unconditional model fails here, not minutes later.
     if classifier is not None:

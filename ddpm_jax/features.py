@@ -71,7 +71,15 @@ def inception_feature_net(weights_path: str | None, *, resize_to: int = 299,
                 f"FID/IS with feature_net='inception' need the Inception weights: download "
                 f"{inception.FID_WEIGHTS_FILENAME} from {inception.FID_WEIGHTS_URL} and pass "
                 "--inception_weights=PATH (or use --feature_net=digits for the digits data).")
-    variables, sha256 = inception.load_inception_weights(weights_path)
+    try:
+        variables, sha256 = inception.load_inception_weights(weights_path)
+    except ValueError:
+        raise
+    except Exception as e:  # a truncated or foreign file: whatever its reader raised, one line
+        raise ValueError(f"--inception_weights={weights_path}: not readable as the FID Inception "
+                         f"weights ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                         f"download {inception.FID_WEIGHTS_FILENAME} again from "
+                         f"{inception.FID_WEIGHTS_URL}.") from None
     model = inception.InceptionV3(resize_to=resize_to)
 
     @jax.jit
@@ -92,6 +100,14 @@ def make_feature_net(kind: str, *, image_size: int, inception_weights: str | Non
     if kind == "inception":
         return inception_feature_net(inception_weights)
     raise ValueError(f"Unknown feature net {kind!r}; choose one of {FEATURE_NETS}.")
+
+
+def check_feature_net(kind: str, inception_weights: str | None) -> None:
+    """ValueError (one line) when the feature net `kind` cannot be built: 'inception' without
+    weights, or with a weights file that is missing, of other weights or unreadable. Reads the
+    weights file once, so that a bad one stops an evaluation before any sampling."""
+    if kind == "inception":
+        inception_feature_net(inception_weights)
 
 
 def compute_features(net: FeatureNet, images: np.ndarray, *, desc: str = "features",

@@ -1,9 +1,17 @@
-"""Model-space images to 8-bit pixels, and image grids and sample files on disk."""
+"""Model-space images to 8-bit pixels, and image grids and sample files on disk.
+
+Every output file is written atomically (`write_atomically`): to a temporary name in its own
+directory, then renamed into place, so that a reader (or a `kill -9` in the middle) sees the
+old file or the new one, never a torn one; a PNG grid and the .npz beside it are renamed
+together, the .npz last."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -66,24 +74,82 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | Non
                     max_tiles: int | None = MAX_TILES) -> None:
     """Writes the first `max_tiles` (None: all) of uint8 images [N, H, W, C] as one PNG grid
     (see `image_grid`) to `path`, each tile upscaled to >= `tile_px` pixels (`upscale_nearest`;
-    1 keeps the native size)."""
+    1 keeps the native size), atomically (`write_atomically`)."""
+    write_atomically({os.fspath(path): _grid_writer(images, nrow, padding, tile_px, max_tiles)})
+
+
+def _grid_writer(images: np.ndarray, nrow: int | None, padding: int, tile_px: int,
+                 max_tiles: int | None) -> Callable[[str], None]:
+    """A writer (path -> None) of `save_image_grid`'s PNG; the grid is built (and checked) now."""
     if max_tiles is not None:
         if max_tiles < 1:
             raise ValueError(f"max_tiles must be >= 1 or None; got {max_tiles!r}.")
         images = np.asarray(images)[:max_tiles]
     grid = image_grid(upscale_nearest(images, tile_px), nrow=nrow, padding=padding)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.fspath(path))
+    return lambda path: Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
 def save_samples(images: np.ndarray, png_path: str, labels: np.ndarray | None = None, *,
-                 extra: dict[str, np.ndarray] | None = None, tiles: np.ndarray | None = None,
-                 **grid: Any) -> str:
-    """Writes uint8 images [N, H, W, C] as a PNG grid at png_path (`save_image_grid`'s
-    options in `grid`; `tiles` [M, H, W, C]: show these instead, e.g. input / output pairs) and,
-    beside it with the suffix .npz, every image ('images'), their classes ('labels', [N] int,
-    when given) and the `extra` arrays. Returns the .npz path."""
+                 grid_images: np.ndarray | None = None,
+                 extra: Mapping[str, np.ndarray] | None = None, nrow: int | None = None,
+                 padding: int = 2, tile_px: int = TILE_PX,
+                 max_tiles: int | None = MAX_TILES) -> str:
+    """Writes uint8 images [N, H, W, C] as a PNG grid at png_path (of `grid_images`, default
+    the images; `save_image_grid`'s options) and, beside it with the suffix .npz, every image
+    ('images'), their classes ('labels', [N] int, when given) and the `extra` arrays. Both
+    atomically, renamed together, the .npz last (`write_atomically`). Returns the .npz path."""
     npz_path = os.path.splitext(png_path)[0] + ".npz"
-    arrays = dict(extra or {}, images=images, **({} if labels is None else {"labels": labels}))
-    np.savez(npz_path, **arrays)
-    save_image_grid(images if tiles is None else tiles, png_path, **grid)
+    arrays = dict(images=images, **({} if labels is None else {"labels": labels}), **(extra or {}))
+    write_atomically({
+            png_path: _grid_writer(images if grid_images is None else grid_images, nrow, padding,
+                                   tile_px, max_tiles),
+            npz_path: lambda path: np.savez(path, **arrays)})
     return npz_path
+
+
+class OutputError(ValueError):
+    """An output that could not be written (a full disk, a vanished directory): one line; the
+    previous file at that path, if any, is untouched."""
+
+
+def write_atomically(writers: Mapping[str, Callable[[str], None]]) -> None:
+    """Writes each output path with its writer (`write(temporary_path)`, e.g. a PNG save) to a
+    temporary name in the path's directory (created if missing: a work dir removed meanwhile
+    comes back), flushed to disk, then renames them all into place in the mapping's order, the
+    last one last. A failure in any writer removes every temporary file and leaves every
+    previous output as it was (OutputError, one line); a `kill -9` leaves at most a hidden
+    `.tmp-*` file beside them. Paths through a symlink write to its target."""
+    staged: list[tuple[str, str]] = []
+    path = ""  # the one being written or renamed, for the message
+    try:
+        for path, write in writers.items():
+            final = os.path.realpath(path)
+            folder, name = os.path.split(final)
+            os.makedirs(folder, exist_ok=True)
+            temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:8]}-{name}")  # same suffix
+            staged.append((temporary, final))
+            write(temporary)
+            descriptor = os.open(temporary, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        for (temporary, final), path in zip(staged, writers):
+            os.replace(temporary, final)
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(f"Could not write {path}: {reason} ([Errno {e.errno}]); nothing was "
+                          "replaced (any previous file there is intact): free some space or "
+                          "choose another location.") from None
+    finally:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` with `write_atomically`: a report or a config."""
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomically({path: write})

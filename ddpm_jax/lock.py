@@ -42,12 +42,29 @@ def _holder_is_dead(holder: dict[str, Any]) -> bool:
 
 
 def _read(path: str) -> dict[str, Any] | None:
+    """The lock's holder {host, pid, start}; None when the file cannot be read as one."""
+    return None if _unreadable_because(path) else _load(path)
+
+
+def _load(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _unreadable_because(path: str) -> str:
+    """'' for a lock file that names its holder; else what is wrong with it, for the message."""
     try:
-        with open(path, encoding="utf-8") as f:
-            holder = json.load(f)
-        return holder if isinstance(holder, dict) and "pid" in holder else None
-    except (OSError, ValueError):
-        return None
+        holder = _load(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    except ValueError:
+        return "is empty or not JSON (a trainer may be starting, or one died while writing it)"
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return "names no holder (no 'pid')"
+    pid = holder["pid"]
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return f"holds pid {pid!r}, which is not a process id (edited by hand?)"
+    return ""
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -67,10 +84,10 @@ def acquire(workdir: str) -> dict[str, Any]:
         except FileExistsError:
             holder = _read(path)
             if holder is None:
+                why = _unreadable_because(path) or "was being written"
                 raise WorkdirLockedError(
-                        f"{path} exists but is unreadable (a trainer may be starting, or one died "
-                        "while writing it): if no trainer uses this --workdir, delete the file "
-                        "and start again.") from None
+                        f"{path} exists but is unreadable: it {why}. If no trainer uses this "
+                        "--workdir, delete the file and start again.") from None
             if not _holder_is_dead(holder):
                 raise WorkdirLockedError(
                         f"--workdir={workdir} is in use by another trainer ({_describe(holder)}; "

@@ -28,7 +28,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import checkpoint, data, images, lock, parallel, sampling, training, writers, xla_cpu
+from ddpm_jax import (checkpoint, data, images, lock, memory, parallel, sampling, training,
+                      writers, xla_cpu)
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec
@@ -36,7 +37,7 @@ from ddpm_jax.spec import SamplerSpec
 Array = jax.Array
 ProgressFn = Callable[[int, "Mapping[str, float] | None"], None]
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = checkpoint.CONFIG_FILE
 SAMPLES_DIR = "samples"
 # Metrics reported as their value at the log step; every other metric is averaged over the
 # steps since the previous log.
@@ -60,13 +61,25 @@ def due(step: int, every: int, last_step: int, *, prev_step: int | None = None) 
 
 
 def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """workdir/config.json (process 0): the config after overrides, as plain JSON."""
+    """workdir/config.json (process 0): the config after overrides, as plain JSON. A previous
+    config.json with other values (a resume with other overrides, or a hand edit) is never
+    overwritten silently: it is kept as config.json.<time> and a warning names it."""
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(checkpoint.config_to_dict(config), f, indent=2, sort_keys=True)
-        f.write("\n")
+    path = os.path.join(workdir, CONFIG_FILE)
+    text = json.dumps(checkpoint.config_to_dict(config), indent=2, sort_keys=True) + "\n"
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            previous = f.read()
+        if previous == text:
+            return
+        aside = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, aside)
+        logging.warning("%s held other values than this run's config (edited by hand, or other "
+                        "overrides); kept it as %s and wrote this run's config. Training uses "
+                        "--config and its overrides, never config.json.", path, aside)
+    images.write_text_atomically(path, text)
 
 
 @functools.cache
@@ -222,6 +235,9 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
                          f"batch_size / microbatches is a multiple of {mesh.size}.")
 
     model = config_lib.model_from_config(config)
+    # Before the input pipeline fills a batch that cannot fit: one line with the estimate.
+    memory.check_training_batch(model, config_lib.image_shape(config), t.batch_size,
+                                t.microbatches)
     # From host values, identical on every process, to one replicated global array per field.
     schedule = jax.device_put(jax.tree.map(np.asarray, config_lib.schedule_from_config(config)),
                               replicated)
@@ -299,7 +315,7 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
             if preempted or due(step, t.checkpoint_every, t.num_steps, prev_step=previous):
                 checkpoint.save(manager, step, state, config, data_iterator=iterator)
             if preempted:
-                manager.wait_until_finished()
+                checkpoint.wait_until_finished(manager)
                 logging.warning("Preempted: saved the checkpoint of step %d in %s; exiting.",
                                 step, manager.directory)
                 return state
@@ -315,8 +331,10 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
     finally:
         # Whatever happened (an error, Ctrl-C), let a started save finish: never leave the
         # newest checkpoint half written.
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        try:
+            checkpoint.wait_until_finished(manager)
+        finally:
+            manager.close()
+            writer.close()
     logging.info("Training finished at step %d.", step)
     return state

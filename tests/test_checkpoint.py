@@ -169,3 +169,87 @@ def test_checksums_name_every_leaf_and_change_with_any_element():
     assert changed["params/w"]["crc32"] != sums["params/w"]["crc32"]
     assert {k: v for k, v in changed.items() if k != "params/w"} == {
         k: v for k, v in sums.items() if k != "params/w"}
+
+
+# ------------------------------------------- issue 29: a run that is training, a hand-edited copy
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A tiny digits run's work dir with steps 1 and 2 (the same untrained weights)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from configs import digits
+    from ddpm_jax import config as config_lib, training
+    config = digits.get_config("tiny")
+    config.data.image_size, config.model.attn_resolutions = 8, (4,)
+    state = training.create_train_state(config_lib.model_from_config(config),
+                                        config_lib.optimizer_from_config(config),
+                                        jax.random.PRNGKey(0), config_lib.image_shape(config))
+    workdir = tmp_path_factory.mktemp("run")
+    manager = checkpoint.make_manager(str(workdir), max_to_keep=5)
+    for step in (1, 2):
+        checkpoint.save(manager, step, state, config)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir, config
+
+
+def _rotate_during_the_first_restore(monkeypatch, workdir, tmp_path):
+    """Step 2 is hidden; the first restore call finds step 1 rotated away and step 2 written,
+    as a trainer with keep 1 would do while sample.py loads."""
+    import shutil
+    import orbax.checkpoint as ocp
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    shutil.move(os.path.join(checkpoint.checkpoint_dir(str(run)), "2"), tmp_path / "aside")
+    real, calls = ocp.CheckpointManager.restore, []
+
+    def restore(self, step, *args, **kwargs):
+        if not calls:
+            calls.append(step)
+            shutil.move(tmp_path / "aside", os.path.join(checkpoint.checkpoint_dir(str(run)), "2"))
+            shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(str(run)), "1"))
+        return real(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    return str(run), calls
+
+
+def test_a_step_rotated_away_while_loading_is_retried_on_the_newest(two_steps, tmp_path,
+                                                                  monkeypatch, caplog):
+    # Before: "The checkpoint is incomplete or corrupt ... move or delete checkpoints/1", which
+    # would make a user delete good data.
+    run, calls = _rotate_during_the_first_restore(monkeypatch, two_steps[0], tmp_path)
+    config, model, params = checkpoint.load_for_sampling(run)
+    assert calls == [1] and config.model.ch == two_steps[1].model.ch and params
+    assert "step 1 in" in caplog.text and "was rotated away while loading" in caplog.text
+    assert "loading the newest one instead" in caplog.text
+    assert checkpoint.load_step_for_sampling(run)[0] == 2
+
+
+def test_an_explicit_step_rotated_away_while_loading_says_so(two_steps, tmp_path, monkeypatch):
+    run, _ = _rotate_during_the_first_restore(monkeypatch, two_steps[0], tmp_path)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"^The checkpoint at step 1 in .* was rotated away while loading \(a "
+                             r"running trainer keeps only its newest checkpoints\): pass a newer "
+                             r"--step, or none for the newest\.$"):
+        checkpoint.load_for_sampling(run, step=1)
+
+
+def test_a_hand_edited_config_json_is_named_and_the_checkpoints_config_used(two_steps, tmp_path,
+                                                                          caplog):
+    # Before: config.json was silently ignored by sample.py / evaluate.py.
+    import json
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(two_steps[0], run)
+    edited = checkpoint.config_to_dict(two_steps[1])
+    edited["model"]["ch"], edited["sampling"]["steps"] = 32, 7
+    (run / "config.json").write_text(json.dumps(edited))
+    config, _, _ = checkpoint.load_for_sampling(str(run))
+    assert config.model.ch == 16  # the checkpoint's
+    assert ("config.json differs from the config saved with the checkpoint of step 2 "
+            "(model.ch: checkpoint 16, config.json 32; sampling.steps: checkpoint") in caplog.text
+    assert "the checkpoint's config is used" in caplog.text
+    caplog.clear()
+    (run / "config.json").write_text(json.dumps(checkpoint.config_to_dict(two_steps[1])))
+    checkpoint.load_for_sampling(str(run))
+    assert "config.json" not in caplog.text  # an unedited copy: nothing to say

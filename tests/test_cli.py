@@ -159,3 +159,82 @@ def test_train_py_reports_a_refused_non_finite_save_in_one_line(tmp_path):
                            *TINY_TRAIN, f"--workdir={tmp_path}/run"],
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     _one_line_failure(proc, "Refused to save the checkpoint of step 3")
+
+
+# --------------------------------------- issue 29: the last tracebacks and misleading messages
+
+def test_a_regular_file_as_workdir_is_named_a_file_not_missing(tmp_path):
+    # Before: "--workdir=... does not exist; train into it with train.py first".
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(ValueError, match=rf"^--workdir={tmp_path}/run is a file, not a run "
+                                         r"directory: pass the directory that train.py wrote"):
+        cli.check_run_dir(str(tmp_path / "run"), "--workdir")
+
+
+def test_a_dangling_symlink_as_output_is_refused_before_any_work(tmp_path):
+    # Before: accepted, then PIL's open failed with a FileNotFoundError traceback at the end.
+    os.symlink(tmp_path / "gone" / "x.png", tmp_path / "link.png")
+    with pytest.raises(ValueError, match=rf"^--out: {tmp_path}/link.png is a dangling symlink "
+                                         rf"\(to {tmp_path}/gone/x.png, which does not exist\): "
+                                         r"remove the link, or choose another path\.$"):
+        cli.check_output_path(str(tmp_path / "link.png"), "--out")
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{tmp}/.png", "--out={tmp}/.png has no file name before .png: name the file, e.g. "
+                   "--out={tmp}/samples.png."),
+    ("{tmp}/s.jpg", "--out={tmp}/s.jpg must end in .png (the .npz goes beside it)."),
+])
+def test_a_png_output_needs_a_name_before_its_suffix(tmp_path, out, message):
+    # Before: --out DIR/.png passed and PIL failed after sampling ("unknown file extension").
+    with pytest.raises(ValueError) as refused:
+        cli.check_png_output(out.format(tmp=tmp_path), "--out")
+    assert str(refused.value) == message.format(tmp=tmp_path)
+    cli.check_png_output(str(tmp_path / "s.png"), "--out")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{tmp}/missing.py", "--config={tmp}/missing.py: no such file '{tmp}/missing.py'; pass an "
+                         "experiment file"),
+    ("{tmp}/notes.txt", "--config={tmp}/notes.txt: {tmp}/notes.txt is not a Python config file"),
+    ("{tmp}/broken.py", "--config={tmp}/broken.py: NameError: name 'x' is not defined"),
+    ("{repo}/configs/digits.py:nosuch", "--config={repo}/configs/digits.py:nosuch: ValueError: "
+                                        "unknown variant 'nosuch' for configs/digits.py: use one "
+                                        "of '', 'tiny'"),
+])
+def test_a_config_file_that_cannot_load_is_named_in_one_line(tmp_path, spec, message):
+    # Before: ml_collections' tracebacks (an OSError, the file's NameError, a ValueError).
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "broken.py").write_text("x\n")
+    with pytest.raises(ValueError) as refused:
+        cli.check_config_file(spec.format(tmp=tmp_path, repo=REPO))
+    assert str(refused.value).startswith(message.format(tmp=tmp_path, repo=REPO))
+    assert "\n" not in str(refused.value)
+    cli.check_config_file(f"{REPO}/configs/digits.py:tiny")
+
+
+def _digits(variant):
+    sys.path.insert(0, str(REPO))
+    from configs import digits
+    return digits.get_config(variant)
+
+
+def test_learned_variance_on_a_fixed_variance_run_is_refused_naming_the_run(tmp_path):
+    # Before: a ValueError traceback from inside the traced sampler.
+    config = _digits("tiny")
+    with pytest.raises(ValueError, match=r"^--var_type=learned needs a network trained to output "
+                                         r"a variance; this run's is fixed \(diffusion.var_type="
+                                         r"'fixedlarge', 1 output channels\): use "
+                                         r"--var_type=fixedlarge or fixedsmall"):
+        cli.check_var_type("learned", config)
+    for allowed in (None, "fixedsmall", "fixedlarge"):
+        cli.check_var_type(allowed, config)
+
+
+def test_a_classifier_run_given_as_the_model_is_named_with_the_fix():
+    # Before: "var_type 'fixedlarge' needs a model output of C = 1 channels ...; got 10".
+    with pytest.raises(ValueError, match=r"^--workdir=runs/clf is a classifier run "
+                                         r"\(model.kind='classifier'\), not a denoiser: .* as "
+                                         r"--classifier=runs/clf"):
+        cli.check_denoiser(_digits("classifier_tiny"), "--workdir", "runs/clf")
+    cli.check_denoiser(_digits("tiny"), "--workdir", "runs/digits")

@@ -275,3 +275,22 @@ def test_rows_that_share_an_index_share_their_noise():
     np.testing.assert_array_equal(out[0], out[1])
     np.testing.assert_array_equal(out[2], out[3])
     assert not np.allclose(out[0], out[2])
+
+
+def test_an_unbounded_repaint_route_is_refused_up_front_with_its_length_and_memory():
+    # Before: --resamplings 1000000 built the route in Python lists until the kernel killed the
+    # process at about 24 GB. Now its length comes from arithmetic, nothing is built.
+    from ddpm_jax.editing.chain import MAX_REPAINT_MOVES, repaint_route_length
+    for steps, jump, resamplings in [(20, 2, 3), (25, 10, 10), (12, 5, 1), (7, 3, 2)]:
+        moves = repaint_moves(steps, jump, resamplings)
+        assert repaint_route_length(steps, jump, resamplings) == (len(moves["index"]),
+                                                                  int(moves["reverse"].sum()))
+    # 250 + 2 (r - 1) 10 ceil(240 / 10) moves, 44 + 5 bytes each while built and held.
+    length = 250 + 2 * (1_000_000 - 1) * 10 * 24
+    with pytest.raises(ValueError) as refused:
+        repaint_moves(250, 10, 1_000_000)
+    assert str(refused.value) == (
+            f"--resamplings=1000000 with --jump_length=10 over 250 steps makes a RePaint route of "
+            f"{length:,} moves (about {length * 49 / 1e9:,.1f} GB to build; 240,000,010 network "
+            f"calls per image), over the bound of {MAX_REPAINT_MOVES:,} moves: lower "
+            "--resamplings (RePaint uses 10), --jump_length or --steps.")

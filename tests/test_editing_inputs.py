@@ -207,3 +207,29 @@ def test_masks_with_nothing_known_or_nothing_unknown(tmp_path):
     np.savez(npz, mask=np.stack([np.zeros((8, 8), bool), _half_known()])[..., None])
     with _refuses("--mask", npz, "mask 0 of 2", "empty: nothing to condition on"):
         load_mask(npz, image_shape=GRAY, num_images=2)
+
+
+# --- issue 29: inputs that were silently misread -----------------------------------------------
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    # Before: PIL's convert("L") clipped every value above 255 to white.
+    wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0..63000
+    path = str(tmp_path / "wide.png")
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode.startswith("I")  # really a 16-bit PNG
+    loaded = load_images(path, image_shape=GRAY)
+    np.testing.assert_array_equal(loaded[0, ..., 0], np.round(wide / 65535 * 255).astype(np.uint8))
+    rgb = load_images(path, image_shape=RGB)  # grey to RGB after the scaling
+    np.testing.assert_array_equal(rgb[0, ..., 1], loaded[0, ..., 0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_mask_of_nan_is_refused_not_read_as_every_pixel_known(tmp_path, bad):
+    # Before: NaN != 0 made every pixel known ("marks every pixel known: nothing to inpaint").
+    mask = np.ones((8, 8), np.float32)
+    mask[4:] = bad
+    path = str(tmp_path / "m.npz")
+    np.savez(path, mask=mask)
+    with _refuses("--mask", path, "the mask holds 32 NaN or inf values", "save 0 / False") as e:
+        load_mask(path, image_shape=GRAY, num_images=1)
+    _one_line(e)

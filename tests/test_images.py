@@ -54,3 +54,85 @@ def test_a_grid_of_many_samples_shows_the_first_max_tiles_at_64_pixels(tmp_path)
     np.testing.assert_array_equal(loaded, image_grid(upscale_nearest(images[:100], 64))[..., 0])
     with pytest.raises(ValueError, match="max_tiles"):
         save_image_grid(images, tmp_path / "bad.png", max_tiles=0)
+
+
+# --- atomic outputs (the fault drills of issue 29, item 3) --------------------------------------
+
+def _pair(tmp_path, value):
+    """Writes a (PNG grid, .npz) pair of 4 images of `value`; returns (png path, npz path, bytes
+    of both)."""
+    from ddpm_jax.images import save_samples
+    png = str(tmp_path / "s.png")
+    npz = save_samples(np.full((4, 8, 8, 1), value, np.uint8), png, tile_px=1)
+    return png, npz, (open(png, "rb").read(), open(npz, "rb").read())
+
+
+def _crash_half_way(real):
+    """A writer that writes half of what `real` writes to the path, then dies (as a kill -9 or
+    a full disk would stop it)."""
+    def write(*args, **kwargs):
+        real(*args, **kwargs)
+        path = next(a for a in args if isinstance(a, str) and a.startswith("/"))
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 2])
+        raise KeyboardInterrupt("killed while writing")
+    return write
+
+
+@pytest.mark.parametrize("dies", ["png", "npz"])
+def test_a_crash_while_writing_leaves_the_previous_png_and_npz_whole(tmp_path, monkeypatch, dies):
+    # Before: np.savez and PIL wrote in place, leaving a truncated file with a valid header.
+    import ddpm_jax.images as images_lib
+    png, npz, before = _pair(tmp_path, 10)
+    if dies == "png":
+        real = Image.Image.save
+        monkeypatch.setattr(Image.Image, "save", lambda self, path, *a, **k: _crash_half_way(
+                lambda p: real(self, p, *a, **k))(path))
+    else:
+        monkeypatch.setattr(images_lib.np, "savez", _crash_half_way(np.savez))
+    with pytest.raises(KeyboardInterrupt):
+        _pair(tmp_path, 200)
+    assert (open(png, "rb").read(), open(npz, "rb").read()) == before  # the old pair, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]  # no temporaries
+    monkeypatch.undo()
+    _, _, after = _pair(tmp_path, 200)
+    assert after != before and np.load(npz)["images"].max() == 200
+
+
+def test_the_png_and_npz_are_renamed_into_place_together_the_npz_last(tmp_path, monkeypatch):
+    import os
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((os.path.basename(a),
+                                                                     os.path.basename(b))),
+                                                     real(a, b)))
+    _pair(tmp_path, 10)
+    assert [b for _, b in renames] == ["s.png", "s.npz"]
+    assert all(a.startswith(".tmp-") and a.endswith(b) for a, b in renames)  # same directory
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_empty_png(tmp_path, monkeypatch):
+    # Simulated in process: the PNG write raises ENOSPC after creating its (empty) file.
+    import errno
+    import os
+
+    from ddpm_jax.images import OutputError, save_samples
+
+    def disk_full(self, path, *args, **kwargs):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OutputError, match=r"^Could not write .*/new\.png: the disk is full "
+                                          r"\(\[Errno 28\]\); nothing was replaced .*: free some "
+                                          r"space or choose another location\.$"):
+        save_samples(np.zeros((2, 8, 8, 1), np.uint8), str(tmp_path / "new.png"))
+    assert not list(tmp_path.iterdir())  # no 0-byte PNG, no .npz, no temporary
+
+
+def test_writing_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    import os
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real" / "grid.png", tmp_path / "link.png")
+    save_image_grid(np.zeros((1, 8, 8, 1), np.uint8), str(tmp_path / "link.png"), tile_px=1)
+    assert os.path.islink(tmp_path / "link.png")
+    assert Image.open(tmp_path / "real" / "grid.png").size == (12, 12)

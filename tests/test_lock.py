@@ -105,3 +105,15 @@ def test_every_process_enters_when_process_0_gets_the_lock(tmp_path):
             "np.save(out, np.array(bool(held)))\n", tmp_path, str(workdir))
     assert all(bool(np.load(o)) for o in outs)
     assert not (workdir / lock.LOCK_FILE).exists()  # released on the way out
+
+
+@pytest.mark.parametrize("pid", ["abc", "12x", None, 3.5, True, -4])
+def test_a_hand_edited_lock_with_a_pid_that_is_no_process_id_is_named_in_one_line(tmp_path, pid):
+    # Before: int("abc") raised a ValueError traceback out of the liveness check.
+    _write_lock(str(tmp_path), pid=pid)
+    with pytest.raises(lock.WorkdirLockedError) as refused:
+        lock.acquire(str(tmp_path))
+    message = str(refused.value)
+    assert f"holds pid {pid!r}, which is not a process id" in message, message
+    assert "delete the file" in message and "\n" not in message
+    assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["pid"] == pid  # left alone

@@ -624,3 +624,22 @@ def test_an_edited_data_iterator_position_fails_the_restore_naming_the_step(
     with pytest.raises(checkpoint.CheckpointError, match=r"step 6 .*data iterator state"):
         checkpoint.restore(manager, 6, abstract, config, data_iterator=iterator())
     manager.close()
+
+
+def test_a_config_json_with_other_values_is_kept_aside_not_overwritten_silently(tmp_path,
+                                                                                caplog):
+    # Before: train.py rewrote config.json on every start; a hand edit there vanished silently.
+    config = tiny_config(str(tmp_path / "data"))
+    loop.save_resolved_config(config, str(tmp_path))
+    written = (tmp_path / loop.CONFIG_FILE).read_text()
+    loop.save_resolved_config(config, str(tmp_path))  # the same values: nothing to keep
+    assert os.listdir(tmp_path) == [loop.CONFIG_FILE] and not caplog.text
+    edited = written.replace('"lr": ', '"lr": 9')
+    (tmp_path / loop.CONFIG_FILE).write_text(edited)
+    with caplog.at_level("WARNING"):
+        loop.save_resolved_config(config, str(tmp_path))
+    kept = [name for name in os.listdir(tmp_path) if name != loop.CONFIG_FILE]
+    assert len(kept) == 1 and (tmp_path / kept[0]).read_text() == edited
+    assert (tmp_path / loop.CONFIG_FILE).read_text() == written
+    assert f"kept it as {tmp_path / kept[0]}" in caplog.text
+    assert "Training uses --config and its overrides, never config.json" in caplog.text

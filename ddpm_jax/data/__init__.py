@@ -13,6 +13,7 @@ from ddpm_jax.data import builders  # registers the ddpm_* TFDS builders
 from ddpm_jax.data.pipeline import (
     NAMES,
     DataNotPreparedError,
+    DataShapeError,
     InputIterator,
     default_data_dir,
     load_split_uint8,
@@ -23,6 +24,7 @@ from ddpm_jax.data.pipeline import (
 )
 
 __all__ = [
-    "NAMES", "DataNotPreparedError", "InputIterator", "builders", "default_data_dir",
+    "NAMES", "DataNotPreparedError", "DataShapeError", "InputIterator", "builders",
+    "default_data_dir",
     "load_split_uint8", "make_input_iterator", "num_examples", "prepare_dataset", "tfds_name",
 ]

@@ -40,6 +40,10 @@ _LSUN_EXPORT = ("LSUN ships LMDB databases: export them to image files once with
                 "<category>_train_lmdb --out_dir <folder> --flat).")
 
 
+class DataShapeError(ValueError):
+    """The config asks for images of another shape than the data set stores (one line)."""
+
+
 class DataNotPreparedError(FileNotFoundError):
     """A data set is not prepared in data_dir and its source files are missing."""
 
@@ -196,10 +200,11 @@ def _check_shape(name: str, stored: tuple, image_size: int | None,
     wanted = (image_size, image_size, channels)
     for have, want in zip(stored, wanted):
         if have is not None and want is not None and have != want:
-            raise ValueError(
+            raise DataShapeError(
                 f"{name} stores images of shape {stored} (H, W, C) but the config asks for "
-                f"{wanted}: set image_size={stored[0]} and channels={stored[2]} in the config "
-                "(data and model), or pick a data set of the wanted size.")
+                f"{wanted}: set --config.data.image_size={stored[0]} and "
+                f"--config.data.channels={stored[2]} (or those fields of the config file), or "
+                "pick a data set of the wanted size.")
 
 
 def _fit(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:

@@ -41,6 +41,17 @@ Array = jax.Array
 
 # ------------------------------------------------------------------------------- RePaint
 
+MAX_REPAINT_MOVES = 10_000_000  # 2,000 times RePaint's own route (S=250, j=10, r=10: 4,570)
+
+
+def repaint_route_length(num_steps: int, jump_length: int, resamplings: int) -> tuple[int, int]:
+    """(moves, reverse moves = network calls) of `repaint_moves`' route, without building it:
+    S + 2 (r - 1) j ceil((S - j) / j) and S + (r - 1) j ceil((S - j) / j)."""
+    jumps = 0 if resamplings == 1 else len(range(0, num_steps - jump_length, jump_length))
+    extra = (resamplings - 1) * jump_length * jumps
+    return num_steps + 2 * extra, num_steps + extra
+
+
 def repaint_moves(num_steps: int, jump_length: int = 10, resamplings: int = 10) -> dict[str, np.ndarray]:
     """RePaint's route through an S-step chain as data: {"reverse": bool [M], "index": int32 [M]}.
 
@@ -56,6 +67,15 @@ def repaint_moves(num_steps: int, jump_length: int = 10, resamplings: int = 10) 
     if resamplings > 1 and jump_length >= num_steps:
         raise ValueError(f"jump_length={jump_length} must be below the chain's {num_steps} steps "
                          "to resample; lower it, or use resamplings=1.")
+    length, calls = repaint_route_length(num_steps, jump_length, resamplings)
+    if length > MAX_REPAINT_MOVES:
+        from ddpm_jax.memory import repaint_route_bytes
+        raise ValueError(
+                f"--resamplings={resamplings} with --jump_length={jump_length} over {num_steps} "
+                f"steps makes a RePaint route of {length:,} moves (about "
+                f"{repaint_route_bytes(length) / 1e9:,.1f} GB to build; {calls:,} network calls "
+                f"per image), over the bound of {MAX_REPAINT_MOVES:,} moves: lower --resamplings "
+                "(RePaint uses 10), --jump_length or --steps.")
     left = {k: resamplings - 1 for k in range(0, num_steps - jump_length, jump_length)}
     reverse, index = [], []
     state = num_steps - 1

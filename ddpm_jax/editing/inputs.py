@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 PADDING = 2  # black pixels around and between tiles, as ddpm_jax.images.image_grid writes them
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of a 16-bit greyscale PNG
 _UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError,
                zipfile.BadZipFile)
 
@@ -31,11 +32,22 @@ def _extension(path: str, flag: str) -> str:
 
 
 def _read_png(path: str, flag: str, mode: str) -> np.ndarray:
-    """uint8 [h, w] ('L') or [h, w, 3] ('RGB'): the PNG converted to `mode`."""
+    """uint8 [h, w] ('L') or [h, w, 3] ('RGB'): the PNG converted to `mode`. A 16-bit greyscale
+    PNG is scaled to 8 bits (v * 255 / 65535, rounded), not clipped at 255 as PIL's convert
+    would."""
     try:
         with Image.open(path) as image:
+            if image.mode in WIDE_GREY_MODES:
+                wide = np.asarray(image).astype(np.int64)
+                if wide.min() < 0 or wide.max() > 65535:
+                    raise ValueError(f"{flag}={path}: a {image.mode} PNG with values "
+                                     f"{wide.min()}..{wide.max()}, outside 16 bits; save it as "
+                                     "an 8-bit (0..255) or 16-bit (0..65535) PNG")
+                image = Image.fromarray(np.round(wide * (255 / 65535)).astype(np.uint8), "L")
             return np.asarray(image.convert(mode))
     except _UNREADABLE as error:
+        if str(error).startswith(f"{flag}={path}: "):
+            raise
         raise ValueError(f"{flag}={path}: not a readable PNG ({_one_line(error)})") from error
 
 
@@ -143,6 +155,11 @@ def load_mask(path: str, *, image_shape: tuple[int, int, int], num_images: int,
         if mask.dtype != bool and not np.issubdtype(mask.dtype, np.number):
             raise ValueError(f"{flag}={path}: a {mask.dtype} mask; expected bool or numbers "
                              f"(nonzero = known) of {shapes}")
+        bad = int(np.size(mask) - np.isfinite(mask).sum()) if mask.dtype != bool else 0
+        if bad:  # NaN != 0 would make every NaN pixel 'known'
+            raise ValueError(f"{flag}={path}: the mask holds {bad} NaN or inf values, which are "
+                             "neither known nor unknown; save 0 / False for the pixels to "
+                             "generate and 1 / True for the known ones")
         if mask.shape[-3:] != (h, w, 1) and mask.shape != (h, w) or mask.ndim > 4:
             raise ValueError(f"{flag}={path}: a mask of shape {mask.shape}, but the model takes "
                              f"{h}x{w} images; pass a mask of {shapes}")

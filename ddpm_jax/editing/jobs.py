@@ -328,7 +328,7 @@ def run_and_write(mode: str, values: Any, context: Context) -> None:
         raise ValueError(f"--{mode} runs on one host; start sample.py on one process.")
     result = run(mode, values, context)
     os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
-    npz_path = save_samples(result.images, values.out, extra=result.extra,
+    npz_path = save_samples(result.images, values.out, grid_images=result.grid, extra=result.extra,
                             nrow=values.nrow or result.nrow, tile_px=values.tile_px,
-                            max_tiles=values.max_grid_tiles, tiles=result.grid)
+                            max_tiles=values.max_grid_tiles)  # atomic, the .npz last
     logging.info("Wrote %s and %s: uint8 %s.", values.out, npz_path, result.images.shape)
