@@ -195,7 +195,8 @@ def _tiny_evaluation(tmp_path, apply_fn, monkeypatch, metrics):
     monkeypatch.setattr(features, "make_feature_net", lambda *a, **k: stub)
     monkeypatch.setattr(features, "reference_statistics", lambda *a, **k: {"protocol": {}})
     options = evaluate.EvalOptions.from_config(config, metrics=metrics, num_samples=4,
-                                               sample_batch_size=4, steps=2, sampler="ddim")
+                                               sample_batch_size=4,
+                                               sampler=dict(sampler="ddim", steps=2))
     workdir = tmp_path / "run"
     return evaluate.run_evaluation(config, apply_fn, None, options, workdir=str(workdir), step=3,
                                    progress=False), workdir
