@@ -64,11 +64,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(str(e)) from None
     import jax
 
-    from ddpm_jax import checkpoint, evaluate, images, memory, parallel  # orbax: after the flags
+    from ddpm_jax import checkpoint, evaluate, images, memory, parallel, runs  # orbax: after the flags
     from ddpm_jax import config as config_lib
     cli.drop_closed_event_loop_noise()
     try:  # none, an incompatible or corrupt checkpoint: one line, as sample.py
-        step, config, model, params = checkpoint.load_step_for_sampling(
+        step, config, model, params = runs.load_step_for_sampling(
                 FLAGS.workdir, weights=FLAGS.weights, step=FLAGS.step)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         raise app.UsageError(f"--workdir={FLAGS.workdir}: " + " ".join(str(e).split("\n"))) from None
@@ -97,7 +97,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(str(e)) from None
     try:
         classifier = None if options.classifier is None else \
-            checkpoint.load_classifier(options.classifier, for_config=config)
+            runs.load_classifier(options.classifier, for_config=config)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None

@@ -68,14 +68,14 @@ def main(argv: list[str]) -> None:
     cli.drop_closed_event_loop_noise()
     import jax
 
-    from ddpm_jax import checkpoint, images, parallel, sampling
+    from ddpm_jax import images, parallel, runs, sampling
     from ddpm_jax import config as config_lib
     from ddpm_jax import memory
     from ddpm_jax.spec import SamplerSpec
     try:  # loading, then NumPy only: bad values fail here, before any compile
         config, model, params = cli.load_model(FLAGS.workdir, FLAGS.diffusers_dir, FLAGS.weights)
         classifier, classifier_params = (None, None) if FLAGS.classifier is None else \
-            checkpoint.load_classifier(FLAGS.classifier, for_config=config)
+            runs.load_classifier(FLAGS.classifier, for_config=config)
         cli.check_var_type(FLAGS.var_type, config)
         given = {k: v for k, v in cli.sampler_flag_values(FLAGS).items() if v is not None}
         run_spec = SamplerSpec.from_config(config)

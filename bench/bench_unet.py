@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from ddpm_jax import reverse  # noqa: E402
 from ddpm_jax import sampling  # noqa: E402
 from ddpm_jax import training  # noqa: E402
 from ddpm_jax import xla_cpu  # noqa: E402
@@ -94,10 +95,10 @@ def train_step_jit(model: Any, schedule: Schedule, optimizer: Any, microbatches:
 
 def lower_sampler(sampler: sampling.Sampler, params: Any) -> Any:
     """The executable `sampler(params, key)` runs, lowered (for XLA's cost and memory analysis)."""
-    return sampling._chain_jit(True).lower(sampler.apply_fn, params, sampler.plan,
-                                           jax.random.key(0), jnp.int32(0), None,
-                                           jnp.float32(sampler.guidance), None, None, None,
-                                           jnp.float32(0.0), **sampler.static)
+    return reverse.chain_jit(True).lower(sampler.apply_fn, params, sampler.plan,
+                                         jax.random.key(0), jnp.int32(0), None,
+                                         jnp.float32(sampler.guidance), None, None, None,
+                                         jnp.float32(0.0), static=sampler.static)
 
 
 # ----------------------------------------------------------------------------- FLOP limit

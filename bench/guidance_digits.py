@@ -22,7 +22,7 @@ import jax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.digits_yardstick import Yardstick  # noqa: E402
-from ddpm_jax import checkpoint, config as config_lib, features  # noqa: E402
+from ddpm_jax import config as config_lib, features, runs  # noqa: E402
 from ddpm_jax.labels import balanced  # noqa: E402
 from ddpm_jax.guidance import ClassifierApply  # noqa: E402
 from ddpm_jax.sampling import ModelApply, draw_images, make_sampler  # noqa: E402
@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    config, model, params = checkpoint.load_for_sampling(args.workdir, "ema")
-    _, clf_model, clf_params = checkpoint.load_for_sampling(args.classifier, "ema")
+    config, model, params = runs.load_for_sampling(args.workdir, "ema")
+    _, clf_model, clf_params = runs.load_for_sampling(args.classifier, "ema")
     yardstick = Yardstick()
     net = features.make_feature_net("digits", image_size=config.data.image_size)
     labels = balanced(clf_model.classes, args.num_samples)

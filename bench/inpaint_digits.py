@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ddpm_jax import checkpoint, config as config_lib, editing, features  # noqa: E402
+from ddpm_jax import config as config_lib, editing, features, runs  # noqa: E402
 from ddpm_jax.data.builders import digits_arrays  # noqa: E402
 from ddpm_jax.editing.inputs import bottom_half_mask  # noqa: E402
 from ddpm_jax.images import save_image_grid, to_model_range, to_uint8  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=360)
     parser.add_argument("--out", default="runs/inpaint_digits.png")
     args = parser.parse_args()
-    config, model, params = checkpoint.load_for_sampling(args.workdir, "ema")
+    config, model, params = runs.load_for_sampling(args.workdir, "ema")
     shape = config_lib.image_shape(config)
     images, labels = digits_arrays(shape[0])["test"]
     net = features.make_feature_net("digits", image_size=shape[0])

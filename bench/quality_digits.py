@@ -37,7 +37,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.digits_yardstick import Yardstick, blurred, sample_checkpoint  # noqa: E402
-from ddpm_jax import sampling, writers  # noqa: E402
+from ddpm_jax import writers  # noqa: E402
+from ddpm_jax.spec import SAMPLERS  # noqa: E402
 from ddpm_jax.data import builders  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -67,7 +68,7 @@ def train_ours(out: str, extra: list[str]) -> tuple[str, float, float]:
 def ours_samplers() -> dict[str, dict]:
     samplers = {"ancestral-1000": dict(sampler="ddpm", steps=None),
                 "DDIM-50": dict(sampler="ddim", steps=50)}
-    if "dpm++" in sampling.SAMPLERS:
+    if "dpm++" in SAMPLERS:
         samplers["DPM++-20"] = dict(sampler="dpm++", steps=20, order=2, spacing="logsnr")
     return samplers
 

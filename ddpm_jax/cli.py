@@ -133,12 +133,12 @@ def check_batch_size(batch_size: int, num_devices: int, flag: str) -> int:
 
 def load_model(workdir: str | None, diffusers_dir: str | None, weights: str) -> tuple[Any, Any, Any]:
     """(config, model, params) of --workdir's latest checkpoint (`weights` 'ema' or 'raw') or of
-    --diffusers_dir (`checkpoint.load_for_sampling`); ValueError naming the flag otherwise (a
+    --diffusers_dir (`runs.load_for_sampling`); ValueError naming the flag otherwise (a
     classifier run given as the model too)."""
-    from ddpm_jax import checkpoint
+    from ddpm_jax import checkpoint, runs
     flag = f"--workdir={workdir}" if workdir is not None else f"--diffusers_dir={diffusers_dir}"
     try:
-        loaded = checkpoint.load_for_sampling(workdir, weights=weights,
+        loaded = runs.load_for_sampling(workdir, weights=weights,
                                               diffusers_dir=diffusers_dir)
     except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
         raise ValueError(f"{flag}: " + " ".join(str(e).split("\n"))) from None

@@ -21,7 +21,8 @@ import ml_collections
 from ddpm_jax import training as training_lib
 from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTS, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
-from ddpm_jax.models.unet import NoisyClassifier, UNet, check_architecture
+from ddpm_jax.models.classifier import NoisyClassifier
+from ddpm_jax.models.unet import UNet, check_architecture
 from ddpm_jax.plans import DPM_SOLVERS, SPACINGS
 from ddpm_jax.schedule import SCHEDULES, Schedule
 from ddpm_jax.spec import SAMPLERS, SamplerSpec, check_choice  # noqa: F401 (check_choice: re-export)

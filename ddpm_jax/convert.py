@@ -165,7 +165,7 @@ def load_diffusers_unet(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[
 
 def load_diffusers_run(path: str | Path) -> tuple[Any, UNet, Params]:
     """(config, model, params) of a diffusers UNet2DModel folder, as
-    `checkpoint.load_for_sampling` gives for a work dir (which calls this for a diffusers_dir). The config holds the image shape
+    `runs.load_for_sampling` gives for a work dir (which calls this for a diffusers_dir). The config holds the image shape
     (data), the paper's diffusion (linear 1e-4..0.02, T=1000, eps) and its sampling settings,
     with the variance of the official sampling scripts: fixedlarge for CIFAR-10 (below 64 px),
     fixedsmall for 256 px."""

@@ -7,10 +7,8 @@
 (the command line is the top-level evaluate.py; this module holds the library functions).
 
 * Bits/dim: the full variational bound (prior + decoder + every KL term, all T) of
-  `diffusion.calc_bpd` for every image of a split, vmapped per image and sharded over the
-  devices. Image n draws its noise from fold_in(key, n): the numbers do not depend on the batch
-  size or the device count. Reported: mean total, prior, decoder (t = 0) and KL sum, and the
-  per-t curve (.npz and .png).
+  `diffusion.calc_bpd` for every image of a split (`likelihood.evaluate_bpd`). Reported: mean
+  total, prior, decoder (t = 0) and KL sum, and the per-t curve (.npz and .png).
 * FID / IS / KID of generated samples (`ddpm_jax.features`), each labelled with its feature
   network, weights SHA-256, sample count, reference split, sampler and steps. Class-conditional
   models draw with the null label (unconditional) by default; labels="balanced" gives sample n
@@ -21,12 +19,10 @@ Each run writes workdir/eval/report_<step>_<weights>_<what>.json and logs its pr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,90 +30,16 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import config as config_lib
-from ddpm_jax import diffusion, features, images, parallel, plots, sampling, xla_cpu
+from ddpm_jax import features, images, parallel, plots, sampling
 from ddpm_jax.labels import LABEL_MODES, balanced, check_labels_and_guidance
 from ddpm_jax.sampling import ApplyFn
+from ddpm_jax.likelihood import bpd_summary, evaluate_bpd
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec, finite_scale
 
 Array = jax.Array
 
 METRICS = ("bpd", "fid", "is", "kid")
-
-
-# ------------------------------------------------------------------------------ bits/dim
-
-def _bpd_batch_fn(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array, indices: Array,
-                  key: Array, *, mean_type: str, var_type: str,
-                  clip_denoised: bool) -> dict[str, Array]:
-    def one(x: Array, index: Array) -> dict[str, Array]:
-        out = diffusion.calc_bpd(schedule, lambda x_t, t: apply_fn(params, x_t, t), x0=x[None],
-                                 key=jax.random.fold_in(key, index), mean_type=mean_type,
-                                 var_type=var_type, clip_denoised=clip_denoised)
-        return jax.tree.map(lambda a: a[0], out)
-
-    return jax.vmap(one)(x0, indices)
-
-
-@functools.cache
-def _bpd_batch() -> Callable[..., dict[str, Array]]:
-    """The jitted `_bpd_batch_fn`, built on first use so that the backend's options are known."""
-    return jax.jit(_bpd_batch_fn, static_argnames=("apply_fn", "mean_type", "var_type", "clip_denoised"),
-                   compiler_options=xla_cpu.compiler_options("inference"))
-
-
-def _to_global(x: np.ndarray, mesh: jax.sharding.Mesh | None) -> Array | np.ndarray:
-    """Every process holds the whole batch x; returns it as a batch-sharded global array."""
-    if mesh is None:
-        return x
-    return jax.make_array_from_callback(x.shape, parallel.data_sharding(mesh), lambda i: x[i])
-
-
-def evaluate_bpd(apply_fn: ApplyFn, params: Any, schedule: Schedule, data: np.ndarray,
-                 key: Array, *, mean_type: str = "eps", var_type: str = "fixedlarge",
-                 clip_denoised: bool = True, batch_size: int = 64,
-                 mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict[str, Any]:
-    """The variational bound of every image of `data` (uint8 [N, H, W, C]) in bits/dim.
-
-    apply_fn(params, x_t, t) -> model output; hashable (e.g. `sampling.ModelApply(model)`),
-    it keys the compilation cache. Every process passes the same `data`; with a mesh the
-    batch (rounded up to a multiple of the device count) is sharded over its "data" axis.
-    Returns dict(total_bpd, prior_bpd, decoder_bpd: [N] float64; terms_bpd, x0_mse,
-    eps_mse: [T] means over the images; num_images).
-    """
-    data = np.asarray(data)
-    if data.dtype != np.uint8 or data.ndim != 4 or len(data) == 0:
-        raise ValueError(f"evaluate_bpd takes uint8 images [N, H, W, C] with N >= 1, got "
-                         f"{data.dtype} {data.shape}: the bound is defined on 8-bit data.")
-    batch = parallel.round_up_to_devices(min(batch_size, len(data)),
-                                         1 if mesh is None else mesh.size)
-
-    def one_batch(start: int, chunk: np.ndarray) -> dict[str, Array]:
-        indices = np.arange(start, start + batch, dtype=np.int32)
-        return _bpd_batch()(apply_fn, params, schedule,
-                            _to_global(images.to_model_range(chunk), mesh),
-                            _to_global(indices, mesh), key, mean_type=mean_type,
-                            var_type=var_type, clip_denoised=clip_denoised)
-
-    out = parallel.map_batches(one_batch, [data], batch, desc="bits/dim", progress=progress)
-    out = {k: v.astype(np.float64) for k, v in out.items()}
-    result: dict[str, Any] = dict(total_bpd=out["total_bpd"], prior_bpd=out["prior_bpd"],
-                                  decoder_bpd=out["terms_bpd"][:, 0])
-    result.update({k: out[k].mean(axis=0) for k in ("terms_bpd", "x0_mse", "eps_mse")})
-    result["num_images"] = len(data)
-    return result
-
-
-def bpd_summary(result: dict[str, Any]) -> dict[str, float]:
-    """Means over the images (bits/dim) of `evaluate_bpd`'s result: total (with its standard
-    error), prior, decoder (t = 0) and the sum of the KL terms t = 1..T-1."""
-    total = result["total_bpd"]
-    stderr = float(np.std(total, ddof=1) / math.sqrt(len(total))) if len(total) > 1 else 0.0
-    return dict(total=float(np.mean(total)), total_stderr=stderr,
-                prior=float(np.mean(result["prior_bpd"])),
-                decoder=float(np.mean(result["decoder_bpd"])),
-                kl_terms=float(np.sum(result["terms_bpd"][1:])),
-                num_images=int(result["num_images"]))
 
 
 # ------------------------------------------------------------------------------- samples

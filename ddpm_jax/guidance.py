@@ -5,7 +5,7 @@ guidance (Dhariwal & Nichol 2021), as pure functions the compiled chains call at
   `guided` it returns (1 + w) model(x_t, t, y) - w model(x_t, t, null) on the first C output
   channels (eps, x0 or mean; a learned variance stays the conditional one).
 * `classifier_guidance` moves one step's prediction along grad_x log p(y | x_t, t) of a
-  noise-conditional classifier (`ClassifierApply` of `models.unet.NoisyClassifier`).
+  noise-conditional classifier (`ClassifierApply` of `models.classifier.NoisyClassifier`).
 """
 
 from __future__ import annotations

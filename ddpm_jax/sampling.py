@@ -31,216 +31,26 @@ on the first C output channels (eps, x0 or mean; a learned variance is the condi
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
-from ddpm_jax import xla_cpu
-from ddpm_jax.diffusion import (DenoiseFn, dynamic_threshold,
-                                p_mean_variance, q_posterior_mean_variance, q_sample)
-from ddpm_jax.guidance import ApplyFn, classifier_guidance, guided_model
+from ddpm_jax.diffusion import DenoiseFn
+from ddpm_jax.guidance import ApplyFn
 from ddpm_jax.images import to_uint8
 from ddpm_jax.labels import balanced, check_labels_and_guidance
-from ddpm_jax.parallel import DATA_AXIS, constrain, gather_to_host, map_batches, replicate
+from ddpm_jax.parallel import DATA_AXIS, gather_to_host, map_batches, replicate
 from ddpm_jax.plans import SamplingPlan, progressive_indices
+from ddpm_jax.reverse import STARTS, ChainOptions, chain_jit
 from ddpm_jax.schedule import Schedule
-from ddpm_jax.spec import SAMPLERS, SamplerSpec, finite_scale, spec_and_options
+from ddpm_jax.spec import SamplerSpec, finite_scale, spec_and_options
 
 Array = jax.Array
 
 PROGRESSIVE = ("pred_x0", "x_t")
-
-
-# ----------------------------------------------------------------------------- the chain
-
-def row_keys(key: Array, rows: Array) -> tuple[Array, Array]:
-    """(init_keys, step_keys), each [B]: split(fold_in(key, n)) of each row's global index n."""
-    keys = jax.vmap(lambda n: jax.random.split(jax.random.fold_in(key, n)))(rows)   # [B, 2]
-    return keys[:, 0], keys[:, 1]
-
-
-@dataclasses.dataclass(frozen=True)
-class StepRule:
-    """One sampler's update of the chain, chosen once per compile from `STEP_RULES`.
-
-    update(out, x_t, per_step, history) -> (mean, std or None, history): `out` is the step's
-    `p_mean_variance` (after thresholding and guidance), `per_step` the plan's data at this
-    index, `history` the x0 predictions a multistep solver carries. std None: no noise.
-    ancestral: the step draws around the posterior mean (thresholding re-forms that mean from
-    the thresholded x0; classifier guidance shifts it); otherwise the step is built from x0.
-    solver: DPM-Solver++'s per-step weights and x0 history ride along."""
-
-    update: Callable[..., tuple[Array, Array | None, tuple[Array, ...]]]
-    ancestral: bool = False
-    solver: bool = False
-
-
-def _ancestral_update(out, x_t, per_step, history):
-    return out["mean"], jnp.exp(0.5 * out["log_variance"]), history
-
-
-def _ddim_update(out, x_t, per_step, history):
-    return per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t, per_step["sigma"], \
-        history
-
-
-def _solver_mean(out, x_t, per_step, history):
-    """DPM-Solver++'s mean; history[k] is x0_hat of the (k+1)-th step back."""
-    weights = per_step["dpm_x0"]
-    mean = per_step["dpm_xt"] * x_t + weights[0] * out["pred_x0"]
-    for k, past in enumerate(history):
-        mean = mean + weights[k + 1] * past
-    return mean, ((out["pred_x0"],) + history)[:len(history)]
-
-
-def _dpm_update(out, x_t, per_step, history):
-    mean, history = _solver_mean(out, x_t, per_step, history)
-    return mean, None, history  # the probability-flow ODE: no noise
-
-
-def _dpm_sde_update(out, x_t, per_step, history):
-    mean, history = _solver_mean(out, x_t, per_step, history)
-    return mean, per_step["dpm_z"], history  # dpm_z z (0 on the last step)
-
-
-STEP_RULES = {"ddpm": StepRule(_ancestral_update, ancestral=True),
-              "ddim": StepRule(_ddim_update),
-              "dpm++": StepRule(_dpm_update, solver=True),
-              "dpm++sde": StepRule(_dpm_sde_update, solver=True)}
-assert set(STEP_RULES) == set(SAMPLERS)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChainOptions:
-    """What the compiled chain is specialised on (hashable; everything else is data): the
-    batch shape, the spec's sampler and output reading, recording, guidance, sharding, start."""
-
-    shape: tuple[int, ...]
-    sampler: str
-    mean_type: str
-    var_type: str
-    clip_denoised: bool
-    threshold: float | None
-    return_every: int | None = None
-    progressive: tuple[str, ...] = ("pred_x0",)
-    unroll: int = 1
-    guided: bool = False
-    mesh: Mesh | None = None
-    classifier: ApplyFn | None = None
-    start: str = "noise"
-
-    @classmethod
-    def of(cls, spec: SamplerSpec, shape: Sequence[int], **rest: Any) -> ChainOptions:
-        return cls(shape=tuple(int(s) for s in shape), sampler=spec.sampler,
-                   mean_type=spec.mean_type, var_type=spec.var_type,
-                   clip_denoised=spec.clip_denoised, threshold=spec.threshold, **rest)
-
-
-def _first_state(plan: SamplingPlan, init_keys: Array, init: Array | None,
-                 static: ChainOptions) -> Array:
-    """x at the plan's first timestep: N(0, I), `init` itself, or q(x_t | x0 = init)."""
-    batch, image_shape = static.shape[0], static.shape[1:]
-    x_t = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(init_keys)
-    if static.start == "x_t":  # the chain's first state, given (decoding latents, interpolation)
-        x_t = init.astype(jnp.float32)
-    elif static.start == "q_x0":  # SDEdit: x ~ q(x_t | x0 = init) at the plan's first timestep
-        first = jnp.full((batch,), plan.num_steps - 1, jnp.int32)
-        x_t = q_sample(plan.schedule, x0=init.astype(jnp.float32), t=first, noise=x_t)
-    return constrain(x_t, static.mesh)
-
-
-def _predict(model_out: Callable[[Array, Array], Array], plan: SamplingPlan, x_t: Array, t: Array,
-             index: Array, static: ChainOptions) -> dict[str, Array]:
-    """One step's p_mean_variance with the spec's clip or dynamic threshold."""
-    threshold = static.threshold
-    out = p_mean_variance(plan.schedule, model_output=model_out(x_t, t), x_t=x_t, t=index,
-                          mean_type=static.mean_type, var_type=static.var_type,
-                          clip_denoised=static.clip_denoised and threshold is None)
-    if threshold is not None:
-        out["pred_x0"] = dynamic_threshold(out["pred_x0"], ratio=threshold)
-        if STEP_RULES[static.sampler].ancestral and static.mean_type != "xprev":
-            out["mean"] = q_posterior_mean_variance(plan.schedule, x0=out["pred_x0"], x_t=x_t,
-                                                    t=index)[0]
-    return out
-
-
-def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
-                   example_offset: Array, labels: Array | None, guidance: Array,
-                   init: Array | None, rows: Array | None, classifier_params: Any,
-                   classifier_scale: Array, *, static: ChainOptions) -> dict[str, Array]:
-    batch, image_shape = static.shape[0], static.shape[1:]
-    mesh, rule, classifier = static.mesh, STEP_RULES[static.sampler], static.classifier
-    # With a classifier the labels are its targets; the model sees them only if conditional.
-    conditional = classifier is None or getattr(apply_fn, "null_label", None) is not None
-    model_out = guided_model(apply_fn, params, labels if conditional else None, guidance,
-                             channels=image_shape[-1], guided=static.guided, mesh=mesh)
-    if rows is None:
-        rows = example_offset + jnp.arange(batch, dtype=jnp.int32)
-    init_keys, step_keys = row_keys(key, constrain(rows, mesh))
-    x_t = _first_state(plan, init_keys, init, static)
-    records, every = {}, static.return_every
-    if every is not None:
-        num_records = len(progressive_indices(plan.num_steps, every))
-        records = {name: constrain(jnp.zeros((num_records,) + static.shape, jnp.float32), mesh,
-                                   PartitionSpec(None, DATA_AXIS)) for name in static.progressive}
-
-    def step(carry, per_step):
-        x_t, history, records = carry
-        i = per_step["index"]
-        index = jnp.full((batch,), i, jnp.int32)
-        t = jnp.full((batch,), per_step["timestep"], jnp.int32)
-        out = _predict(model_out, plan, x_t, t, index, static)
-        if classifier is not None:
-            out = classifier_guidance(out, classifier, classifier_params, classifier_scale,
-                                      labels, plan.schedule, x_t=x_t, t=t, index=index,
-                                      shift_mean=rule.ancestral)
-        mean, std, history = rule.update(out, x_t, per_step, history)
-        if std is None:
-            x_prev = constrain(mean, mesh)
-        else:
-            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), image_shape,
-                                                         jnp.float32))(step_keys)
-            # No noise on the last step: the chain returns its final mean, as the official sampler.
-            x_prev = constrain(mean + jnp.where(i > 0, std, 0.0) * noise, mesh)
-        if records:
-            # Slot i // k is rewritten at every index of its block; the chain runs i downwards,
-            # so the value left is the one at i = slot * k, with no conditional.
-            values = dict(pred_x0=out["pred_x0"], x_t=x_t)
-            records = {name: jax.lax.dynamic_update_index_in_dim(buf, values[name], i // every, 0)
-                       for name, buf in records.items()}
-        return (x_prev, history, records), None
-
-    per_step = dict(index=jnp.arange(plan.num_steps, dtype=jnp.int32), timestep=plan.timesteps,
-                    coef_x0=plan.ddim_coef_x0, coef_xt=plan.ddim_coef_xt, sigma=plan.ddim_sigma)
-    history = ()
-    if rule.solver:
-        per_step.update(dpm_xt=plan.dpm_coef_xt, dpm_x0=plan.dpm_coef_x0, dpm_z=plan.dpm_coef_z)
-        # Zeros until the warm-up fills them (their weights are 0 there); the order is the
-        # plan's K, a shape: order 1 carries no history.
-        history = tuple(jnp.zeros_like(x_t) for _ in range(plan.dpm_coef_x0.shape[1] - 1))
-    per_step = jax.tree.map(lambda a: jnp.flip(a, axis=0), per_step)
-    (images, _, records), _ = jax.lax.scan(step, (x_t, history, records), per_step,
-                                           unroll=static.unroll)
-    result = dict(images=images)
-    result.update({name: jnp.flip(buf, axis=0) for name, buf in records.items()})
-    return result
-
-
-STARTS = ("noise", "x_t", "q_x0")
-
-
-@functools.cache
-def _chain_jit(top_level: bool) -> Callable[..., dict[str, Array]]:
-    """The jitted chain, built on first use so that the backend's compiler options are known.
-    jax accepts compiler options only on a top-level jit: a chain traced inside the caller's own
-    jit (top_level=False) compiles with the caller's program and its options."""
-    options = xla_cpu.compiler_options("inference") if top_level else None
-    return jax.jit(_reverse_chain, static_argnums=0, static_argnames=("static",),
-                   compiler_options=options)
 
 
 def _check_options(shape: Sequence[int], return_every: int | None, progressive: Sequence[str],
@@ -366,11 +176,11 @@ class Sampler:
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
         static = dataclasses.replace(self.static, start=start)
         try:
-            result = _chain_jit(not traced)(*args, static=static)
+            result = chain_jit(not traced)(*args, static=static)
         except ValueError as error:  # inside the caller's jit with only concrete inputs
             if "compiler_options" not in str(error):
                 raise
-            result = _chain_jit(False)(*args, static=static)
+            result = chain_jit(False)(*args, static=static)
         if self.timesteps is not None:
             result["progressive_timesteps"] = self.timesteps
         return result

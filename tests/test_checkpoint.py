@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, checksums
+from ddpm_jax import checkpoint, checksums, runs
 
 CONFIG = {"model": {"ch": 16, "ch_mult": [1, 2], "remat": False},
           "diffusion": {"timesteps": 1000, "schedule": "linear"},
@@ -218,11 +218,11 @@ def test_a_step_rotated_away_while_loading_is_retried_on_the_newest(two_steps, t
     # Before: "The checkpoint is incomplete or corrupt ... move or delete checkpoints/1", which
     # would make a user delete good data.
     run, calls = _rotate_during_the_first_restore(monkeypatch, two_steps[0], tmp_path)
-    config, model, params = checkpoint.load_for_sampling(run)
+    config, model, params = runs.load_for_sampling(run)
     assert calls == [1] and config.model.ch == two_steps[1].model.ch and params
     assert "step 1 in" in caplog.text and "was rotated away while loading" in caplog.text
     assert "loading the newest one instead" in caplog.text
-    assert checkpoint.load_step_for_sampling(run)[0] == 2
+    assert runs.load_step_for_sampling(run)[0] == 2
 
 
 def test_an_explicit_step_rotated_away_while_loading_says_so(two_steps, tmp_path, monkeypatch):
@@ -231,7 +231,7 @@ def test_an_explicit_step_rotated_away_while_loading_says_so(two_steps, tmp_path
                        match=r"^The checkpoint at step 1 in .* was rotated away while loading \(a "
                              r"running trainer keeps only its newest checkpoints\): pass a newer "
                              r"--step, or none for the newest\.$"):
-        checkpoint.load_for_sampling(run, step=1)
+        runs.load_for_sampling(run, step=1)
 
 
 def test_a_hand_edited_config_json_is_named_and_the_checkpoints_config_used(two_steps, tmp_path,
@@ -244,12 +244,12 @@ def test_a_hand_edited_config_json_is_named_and_the_checkpoints_config_used(two_
     edited = checkpoint.config_to_dict(two_steps[1])
     edited["model"]["ch"], edited["sampling"]["steps"] = 32, 7
     (run / "config.json").write_text(json.dumps(edited))
-    config, _, _ = checkpoint.load_for_sampling(str(run))
+    config, _, _ = runs.load_for_sampling(str(run))
     assert config.model.ch == 16  # the checkpoint's
     assert ("config.json differs from the config saved with the checkpoint of step 2 "
             "(model.ch: checkpoint 16, config.json 32; sampling.steps: checkpoint") in caplog.text
     assert "the checkpoint's config is used" in caplog.text
     caplog.clear()
     (run / "config.json").write_text(json.dumps(checkpoint.config_to_dict(two_steps[1])))
-    checkpoint.load_for_sampling(str(run))
+    runs.load_for_sampling(str(run))
     assert "config.json" not in caplog.text  # an unedited copy: nothing to say

@@ -20,10 +20,10 @@ sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 
 from configs import digits  # noqa: E402
 from conftest import perturbed, write_untrained_run  # noqa: E402
-from ddpm_jax import checkpoint, config as config_lib  # noqa: E402
+from ddpm_jax import config as config_lib, runs  # noqa: E402
 from ddpm_jax.editing import jobs as edit_jobs  # noqa: E402
 from ddpm_jax.guidance import ClassifierApply  # noqa: E402
-from ddpm_jax.models.unet import NoisyClassifier  # noqa: E402
+from ddpm_jax.models.classifier import NoisyClassifier  # noqa: E402
 from ddpm_jax.sampling import ModelApply, draw_images, make_sampler  # noqa: E402
 from ddpm_jax.spec import SamplerSpec  # noqa: E402
 
@@ -43,7 +43,7 @@ def run(tmp_path_factory):
         config[section][field] = value
     workdir = str(tmp_path_factory.mktemp("run"))
     write_untrained_run(config, workdir)
-    config, model, params = checkpoint.load_for_sampling(workdir, "ema")
+    config, model, params = runs.load_for_sampling(workdir, "ema")
     return workdir, config, model, params
 
 
@@ -58,7 +58,7 @@ def cond_run(tmp_path_factory):
     config.model.num_classes = 10
     workdir = str(tmp_path_factory.mktemp("cond"))
     write_untrained_run(config, workdir, perturb=0.02)
-    config, model, params = checkpoint.load_for_sampling(workdir, "ema")
+    config, model, params = runs.load_for_sampling(workdir, "ema")
     return workdir, config, model, params
 
 

@@ -1,5 +1,5 @@
 """Classifier guidance (guidance.classifier_guidance) and the noise-conditional classifier
-(models.unet.NoisyClassifier, trained by the loop with objective "classify").
+(models.classifier.NoisyClassifier, trained by the loop with objective "classify").
 
 For a two-component Gaussian mixture both the optimal noise predictor and the class posterior
 p(y | x_t) are closed form, so guided samples can be checked against the theory: at scale 1 the
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.models.unet import NoisyClassifier
+from ddpm_jax.models.classifier import NoisyClassifier
 from ddpm_jax.guidance import ClassifierApply, classifier_log_prob_grad
 from ddpm_jax.sampling import make_sampler
 from ddpm_jax.schedule import Schedule
@@ -190,7 +190,7 @@ def runs(tmp_path_factory):
 
 
 def test_the_classifier_config_trains_by_the_loop_and_reports_accuracy_per_t_band(runs):
-    from ddpm_jax import checkpoint, writers
+    from ddpm_jax import runs, writers
 
     workdir = runs[0]
     records = [r for r in writers.read_metrics(workdir) if "accuracy" in r]
@@ -200,7 +200,7 @@ def test_the_classifier_config_trains_by_the_loop_and_reports_accuracy_per_t_ban
             assert np.isfinite(record[key]), (key, record)
         assert 0.0 <= record["accuracy"] <= 1.0
     assert records[-1]["loss"] < records[0]["loss"]  # 30 steps at lr 1e-3 do learn something
-    _, model, params = checkpoint.load_for_sampling(workdir, "ema")
+    _, model, params = runs.load_for_sampling(workdir, "ema")
     assert isinstance(model, NoisyClassifier) and model.classes == 10
     logits = ClassifierApply(model)(params, jnp.zeros((2, 8, 8, 1)), jnp.array([0, 999]))
     assert logits.shape == (2, 10)

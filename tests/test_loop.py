@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 
 from configs import digits
-from ddpm_jax import checkpoint, data, images, lock, loop, parallel, sampling, writers
+from ddpm_jax import checkpoint, data, images, lock, loop, parallel, runs, sampling, writers
 from ddpm_jax import config as config_lib
 from ddpm_jax.spec import SamplerSpec
 from conftest import xla_flags
@@ -144,7 +144,7 @@ def straight_run(tmp_path_factory, data_dir):
 
 def _params_close(state, workdir, step, atol):
     for weights, params in (("raw", state.params), ("ema", state.ema_params)):
-        _, _, loaded = checkpoint.load_for_sampling(workdir, weights, step=step)
+        _, _, loaded = runs.load_for_sampling(workdir, weights, step=step)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=atol),
                      loaded, params)
 
@@ -218,7 +218,7 @@ def test_metrics_stay_monotonic_when_resuming_from_an_earlier_checkpoint(tmp_pat
 @pytest.mark.slow
 def test_load_for_sampling_returns_the_saved_weights_and_model(data_dir, straight_run):
     workdir, state = straight_run
-    config, model, ema = checkpoint.load_for_sampling(workdir)
+    config, model, ema = runs.load_for_sampling(workdir)
     assert model == config_lib.model_from_config(tiny_config(data_dir))
     assert config.model.ch == 16
     jax.tree.map(np.testing.assert_array_equal, ema, state.ema_params)
@@ -291,7 +291,7 @@ def test_a_flipped_byte_in_any_checkpoint_file_fails_naming_the_step_or_changes_
         pytest.fail(f"no flip in {len(data_files)} data files landed in a parameter array")
     weights = "ema" if array.startswith("ema_params/") else "raw"
     with pytest.raises(checkpoint.CheckpointError, match=rf"step 6 .*corrupt: array {array} "):
-        checkpoint.load_for_sampling(workdir, weights)
+        runs.load_for_sampling(workdir, weights)
 
 
 @pytest.mark.slow
@@ -344,7 +344,7 @@ def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir,
     assert proc.returncode != 0 and "this model is unconditional" in proc.stderr, proc.stderr[-2000:]
 
     # Sample grids follow config.eval.labels / guidance: image n of class n mod 10, guided.
-    config, model, params = checkpoint.load_for_sampling(workdir, "ema")
+    config, model, params = runs.load_for_sampling(workdir, "ema")
     # Two steps leave the zero-initialised output conv near zero, so the output would not depend
     # on the label: perturb every weight so that it does.
     leaves, treedef = jax.tree.flatten(params)

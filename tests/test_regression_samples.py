@@ -23,7 +23,8 @@ import pytest
 
 from conftest import perturbed
 from ddpm_jax import editing
-from ddpm_jax.models.unet import NoisyClassifier, UNet
+from ddpm_jax.models.classifier import NoisyClassifier
+from ddpm_jax.models.unet import UNet
 from ddpm_jax.plans import make_plan
 from ddpm_jax.guidance import ClassifierApply
 from ddpm_jax.sampling import ModelApply, make_sampler

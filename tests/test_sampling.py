@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import plans, sampling, training
+from ddpm_jax import plans, reverse, sampling, training
 from ddpm_jax.sampling import ModelApply, make_sampler, sample
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec, spec_and_options
@@ -843,9 +843,9 @@ def test_labels_as_data_match_the_closure_and_do_not_retrace():
     sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), SamplerSpec(steps=5))
     np.testing.assert_allclose(np.asarray(sampler(params, key, labels=labels)["images"]),
                                np.asarray(closure), atol=1e-6)
-    cached = sampling._chain_jit(True)._cache_size()
+    cached = reverse.chain_jit(True)._cache_size()
     sampler(params, key, labels=np.array([0, 0]))  # new labels: new data for the same program
-    assert sampling._chain_jit(True)._cache_size() == cached
+    assert reverse.chain_jit(True)._cache_size() == cached
 
 
 @pytest.mark.slow

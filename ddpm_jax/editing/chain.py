@@ -34,7 +34,7 @@ from ddpm_jax.diffusion import extract, p_mean_variance, predict_eps_from_x0
 from ddpm_jax.guidance import ApplyFn, guided_model
 from ddpm_jax.parallel import constrain, replicate
 from ddpm_jax.plans import SamplingPlan
-from ddpm_jax.sampling import row_keys
+from ddpm_jax.reverse import row_keys
 
 Array = jax.Array
 

@@ -1,0 +1,139 @@
+"""Loading a run for sampling and evaluation: the parameters of one step of a run's checkpoints
+(or a diffusers folder), its model rebuilt from the config stored with them (`config.upgrade`d),
+and the guiding classifier of classifier guidance. A run that is still training may rotate a
+step away while it loads: the newest one is then taken instead, and the log says so."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ddpm_jax import checkpoint, parallel, training
+from ddpm_jax import config as config_lib
+
+PyTree = Any
+
+
+def load_for_sampling(workdir: str | None, weights: str = "ema", *, step: int | None = None,
+                      sharding: jax.sharding.Sharding | None = None,
+                      diffusers_dir: str | None = None
+                      ) -> tuple[ml_collections.ConfigDict, Any, PyTree]:
+    """(config, model, params) for sampling and evaluation: of a run's checkpoint in `workdir`,
+    or of a diffusers UNet2DModel folder `diffusers_dir` (`convert.load_diffusers_run`: the
+    paper's settings, its weights as they are). The one loader of the scripts.
+
+    weights: "ema" (the paper evaluates the EMA) or "raw"; step: default the latest.
+    Only the requested parameters are read, placed with `sharding` (default: replicated over
+    every device). The model is rebuilt from the checkpoint's own config (`config.upgrade`d).
+    """
+    if (workdir is None) == (diffusers_dir is None):
+        raise ValueError("Pass exactly one of a work dir and a diffusers_dir.")
+    if diffusers_dir is not None:
+        from ddpm_jax import convert  # reads PyTorch / safetensors files: only when asked
+        return convert.load_diffusers_run(diffusers_dir)
+    return load_step_for_sampling(workdir, weights, step=step, sharding=sharding)[1:]
+
+
+ROTATION_RETRIES = 5  # newest steps rotated away while loading, in a row, before giving up
+
+
+def load_step_for_sampling(workdir: str, weights: str = "ema", *, step: int | None = None,
+                           sharding: jax.sharding.Sharding | None = None
+                           ) -> tuple[int, ml_collections.ConfigDict, Any, PyTree]:
+    """(step, config, model, params): `load_for_sampling` and the step it loaded. With step
+    None, a newest step that a running trainer rotates away while it loads (its
+    keep_checkpoints) is retried on the then-newest one, with a warning saying so."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: choose 'ema' (the EMA, used for the paper's "
+                         "samples) or 'raw' (the trained parameters).")
+    for _ in range(ROTATION_RETRIES):
+        manager = checkpoint.make_manager(workdir, max_to_keep=1, read_only=True)
+        chosen = step if step is not None else manager.latest_step()
+        if chosen is None:
+            raise FileNotFoundError(f"No checkpoint in {manager.directory}: train first "
+                                    f"(python train.py --workdir {workdir}).")
+        if chosen not in manager.all_steps():
+            raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; it "
+                                    f"holds steps {list(manager.all_steps())}.")
+        try:
+            return (chosen, *_load_params(manager, chosen, weights, sharding, workdir))
+        except checkpoint.CheckpointError:
+            if (manager.directory / str(chosen)).exists():
+                raise  # damaged, not rotated: the error says so
+        rotated = (f"The checkpoint at step {chosen} in {manager.directory} was rotated away "
+                   "while loading (a running trainer keeps only its newest checkpoints)")
+        if step is not None:
+            raise checkpoint.CheckpointError(f"{rotated}: pass a newer --step, or none for the newest.")
+        logging.warning("%s; loading the newest one instead.", rotated)
+    raise checkpoint.CheckpointError(f"The newest checkpoint in {checkpoint.checkpoint_dir(workdir)} was rotated away "
+                          f"while loading {ROTATION_RETRIES} times in a row: the trainer saves "
+                          "faster than this loads; copy a checkpoint to another --workdir, or "
+                          "raise training.keep_checkpoints.")
+
+
+def _load_params(manager: ocp.CheckpointManager, step: int, weights: str,
+                 sharding: jax.sharding.Sharding | None, workdir: str
+                 ) -> tuple[ml_collections.ConfigDict, Any, PyTree]:
+    """(config, model, params) of `step`; closes the manager."""
+    try:
+        checksums = checkpoint.read_checksums(manager, step)
+        saved = checkpoint.restore_config(manager, step, checksums)
+    except checkpoint.CheckpointError:
+        manager.close()
+        raise
+    checkpoint.warn_if_config_file_differs(workdir, saved, step)
+    config = config_lib.upgrade(saved)
+    model = config_lib.model_from_config(config)
+    image_shape = config_lib.image_shape(config)
+    shapes = jax.eval_shape(lambda rng: training.init_params(model, rng, image_shape),
+                            jax.random.PRNGKey(0))
+    if sharding is None:
+        sharding = parallel.replicated(parallel.make_mesh())
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            shapes)
+    field = {"ema": "ema_params", "raw": "params"}[weights]
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    args = ocp.args.PyTreeRestore(item={field: abstract}, restore_args={field: restore_args},
+                                  partial_restore=True)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**{checkpoint.STATE: args}))
+    except Exception as e:
+        raise checkpoint.unreadable(manager, step, f"the {weights} parameters", e) from e
+    finally:
+        manager.close()
+    checkpoint.verify_checksums(manager, step, restored[checkpoint.STATE], checksums)
+    logging.info("Loaded the %s parameters of step %d from %s.", weights, step, manager.directory)
+    return config, model, restored[checkpoint.STATE][field]
+
+
+def load_classifier(workdir: str, *, for_config: Any, flag: str = "--classifier"
+                    ) -> tuple[Any, PyTree]:
+    """(guidance.ClassifierApply, EMA params) of a noise-conditional classifier run (model.kind
+    'classifier') that can guide a model of `for_config`: same image shape, same T. ValueError
+    with one line naming `flag` otherwise. The one loader of a guiding classifier."""
+    from ddpm_jax.guidance import ClassifierApply
+
+    where = f"{flag}={workdir}"
+    if not os.path.isdir(workdir):
+        raise ValueError(f"{where} does not exist; train one with train.py --config "
+                         "configs/digits.py:classifier.")
+    try:
+        config, model, params = load_for_sampling(workdir, "ema")
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise ValueError(f"{where}: {' '.join(str(e).split())}") from None
+    if config_lib.model_kind(config) != "classifier":
+        raise ValueError(f"{where} is a denoiser run (model.kind='unet'), not a classifier; "
+                         "train one with --config configs/digits.py:classifier.")
+    if config_lib.image_shape(config) != config_lib.image_shape(for_config):
+        raise ValueError(f"{where} takes {config_lib.image_shape(config)} images, the model "
+                         f"makes {config_lib.image_shape(for_config)}; train the classifier on "
+                         "the model's data and size.")
+    if config.diffusion.timesteps != for_config.diffusion.timesteps:
+        raise ValueError(f"{where} was trained on T={config.diffusion.timesteps} timesteps, the "
+                         f"model on T={for_config.diffusion.timesteps}.")
+    return ClassifierApply(model), params
