@@ -241,6 +241,8 @@ def check_classifier_flags(classifier: str | None, scale: float | None, classes:
     """ValueError (one line) for classifier-guidance flags that cannot work: a scale without a
     classifier, a classifier dir that does not exist, no --labels to guide towards, or
     classifier-free --guidance as well."""
+    from ddpm_jax.spec import finite_scale
+    finite_scale("--classifier_scale", scale)
     if scale is not None and classifier is None:
         raise ValueError("--classifier_scale needs --classifier (a classifier run's work dir).")
     if classifier is None:
