@@ -87,9 +87,9 @@ def forward_jit(model: Any) -> Any:
 def train_step_jit(model: Any, schedule: Schedule, optimizer: Any, microbatches: int = 1) -> Any:
     """The train step (Adam, clip, EMA; the state donated; the batch in `microbatches` slices)
     under the train preset."""
-    return jax.jit(lambda s, b: training.train_step(
-        s, b, model=model, schedule=schedule, optimizer=optimizer, base_lr=2e-4,
-        warmup_steps=5000, ema_decay=0.9999, microbatches=microbatches), donate_argnums=0,
+    settings = training.StepConfig(model=model, optimizer=optimizer, base_lr=2e-4,
+                                   warmup_steps=5000, ema_decay=0.9999, microbatches=microbatches)
+    return jax.jit(lambda s, b: training.train_step(s, b, schedule, settings), donate_argnums=0,
         compiler_options=xla_cpu.compiler_options("train"))
 
 

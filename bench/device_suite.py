@@ -105,7 +105,7 @@ class Setup:
 
     config: Any
     model: Any
-    kwargs: dict[str, Any]
+    settings: Any  # training.StepConfig
     schedule: Any       # replicated over the mesh (the train step's argument)
     host_schedule: Any  # the samplers'
     state: Any
@@ -114,16 +114,16 @@ class Setup:
 
 def make_setup(config: Any, mesh: Any) -> Setup:
     model = config_lib.model_from_config(config)
-    kwargs = config_lib.step_kwargs(config, model)
+    settings = config_lib.step_config(config, model)
     shape = config_lib.image_shape(config)
     # The state does not depend on the compute dtype: the float32 module creates it, so the
     # bfloat16 setup reuses the compiled initialisation.
     state = loop.jitted_create_train_state(mesh)(model.clone(dtype=jnp.float32),
-                                                 kwargs["optimizer"], jax.random.PRNGKey(0),
+                                                 settings.optimizer, jax.random.PRNGKey(0),
                                                  image_shape=shape)
     host_schedule = config_lib.schedule_from_config(config)
     schedule = parallel.replicate(jax.tree.map(np.asarray, host_schedule), mesh)
-    return Setup(config, model, kwargs, schedule, host_schedule, state, shape)
+    return Setup(config, model, settings, schedule, host_schedule, state, shape)
 
 
 def make_chain(setup: Setup, mesh: Any, batch: int, sampler: str, steps: int) -> sampling.Sampler:
@@ -154,7 +154,7 @@ def train_figures(setup: Setup, mesh: Any, sizes: Sizes, deadline: float, peak: 
     step = loop.jitted_train_step(mesh, 1).jitted
     start = now()
     compiled = step.lower(setup.state, batch, setup.schedule,
-                          tuple(sorted(setup.kwargs.items()))).compile()
+                          setup.settings).compile()
     compile_s = now() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

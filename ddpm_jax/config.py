@@ -2,7 +2,7 @@
 
 `validate(config)` raises ValueError naming the field, its value and the fix, before anything
 expensive runs. The builders (`model_from_config`, `schedule_from_config`, `image_shape`,
-`optimizer_from_config`, `step_kwargs`; `spec.SamplerSpec.from_config`) are the one place where
+`optimizer_from_config`, `step_config`; `spec.SamplerSpec.from_config`) are the one place where
 a config becomes library arguments: library code never reads a ConfigDict; only the command
 lines and the loop do, through these. `upgrade` brings the stored config of an older run up to
 date.
@@ -335,11 +335,11 @@ def optimizer_from_config(config: Any) -> Any:
                                        adam_eps=config.training.adam_eps)
 
 
-def step_kwargs(config: Any, model: Any) -> dict[str, Any]:
-    """The static keyword arguments of `training.train_step` for a config (all hashable)."""
+def step_config(config: Any, model: Any) -> training_lib.StepConfig:
+    """The settings of `training.train_step` for a config (hashable: a static jit argument)."""
     t, d = config.training, config.diffusion
     lr_decay = t.lr_decay
-    return dict(model=model, optimizer=optimizer_from_config(config), base_lr=t.lr,
+    return training_lib.StepConfig(model=model, optimizer=optimizer_from_config(config), base_lr=t.lr,
                 warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
                 # total_steps only shapes a decay: without one, a resume that extends
                 # num_steps keeps the compiled step.

@@ -86,9 +86,9 @@ def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> Non
 def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., Any]:
     """`training.train_step` (K = 1) or `train_steps` (K > 1) under one jit: the state and the
     schedule replicated over the mesh, batches ([B, ...], or [K, B, ...]) split over "data", the
-    state donated. Call as f(state, batch, schedule, **config_lib.step_kwargs(config, model)).
+    state donated. Call as f(state, batch, schedule, config_lib.step_config(config, model)).
 
-    Cached per (mesh, K), and the static arguments are hashable, so runs in one process with
+    Cached per (mesh, K), and the settings are hashable (static), so runs in one process with
     equal settings share one compilation.
     """
     replicated = parallel.replicated(mesh)
@@ -97,19 +97,13 @@ def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., 
     else:
         fn, spec = training.train_steps, PartitionSpec(None, parallel.DATA_AXIS)
 
-    # jit takes no keyword arguments together with in_shardings: the static keyword arguments
-    # travel as one hashable, positional tuple.
-    def positional(state, batch, schedule, static_items):
-        return fn(state, batch, schedule, **dict(static_items))
-    positional.__name__ = fn.__name__  # "jit_train_step" in profiles and compiler logs
-
-    jitted = jax.jit(positional, static_argnums=3,
+    jitted = jax.jit(fn, static_argnums=3,
                      in_shardings=(replicated, NamedSharding(mesh, spec), replicated),
                      out_shardings=(replicated, replicated), donate_argnums=0,
                      compiler_options=xla_cpu.compiler_options("train"))
 
-    def call(state, batch, schedule, **static):
-        return jitted(state, batch, schedule, tuple(sorted(static.items())))
+    def call(state, batch, schedule, settings: training.StepConfig):
+        return jitted(state, batch, schedule, settings)
     call.jitted = jitted  # for tests: jitted._cache_size()
     return call
 
@@ -241,8 +235,8 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
     # From host values, identical on every process, to one replicated global array per field.
     schedule = jax.device_put(jax.tree.map(np.asarray, config_lib.schedule_from_config(config)),
                               replicated)
-    kwargs = config_lib.step_kwargs(config, model)
-    create = functools.partial(jitted_create_train_state(mesh), model, kwargs["optimizer"],
+    settings = config_lib.step_config(config, model)
+    create = functools.partial(jitted_create_train_state(mesh), model, settings.optimizer,
                                image_shape=config_lib.image_shape(config))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(create, jax.random.PRNGKey(t.seed)))
@@ -271,7 +265,7 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
     # Report the starting step to the preemption sync now: a SIGTERM during compilation then
     # still has a step to sync on (JAX's protocol fails when no process has reported one).
     checkpoint.reached_preemption(manager, [step])
-    step_fn = functools.partial(jitted_train_step(mesh, k), **kwargs)
+    step_fn = functools.partial(jitted_train_step(mesh, k), settings=settings)
     stack = jax.jit(lambda *bs: jax.tree.map(lambda *x: jnp.stack(x), *bs),
                     out_shardings=NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS)))
 

@@ -16,6 +16,7 @@ touches devices or files.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -192,35 +193,58 @@ def ema_decay_at(step: Array, *, ema_decay: float, warmup: bool) -> Array:
     return jnp.minimum(jnp.float32(ema_decay), (1.0 + n) / (10.0 + n))
 
 
-def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn.Module,
-               optimizer: optax.GradientTransformation, base_lr: float, warmup_steps: int,
-               ema_decay: float, ema_warmup: bool = False, mean_type: str = "eps",
-               var_type: str = "fixedlarge",
-               loss_type: str = "mse", hybrid_lambda: float = 1e-3,
-               lr_decay: str = "none", total_steps: int | None = None,
-               loss_weight: str = "uniform", min_snr_gamma: float = 5.0,
-               use_labels: bool = False, label_dropout: float = 0.0,
-               microbatches: int = 1,
-               unroll_microbatches: bool | None = None,
-               objective: str = "denoise") -> tuple[TrainState, Metrics]:
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The train step's settings: hashable, one static argument of the jitted step
+    (`config.step_config` builds it from an experiment config).
+
+    model / optimizer: the network and the optax transformation (the learning rate is applied
+    by the step: `learning_rate`'s warmup over warmup_steps to base_lr, then lr_decay over
+    total_steps). ema_decay / ema_warmup: the EMA (`ema_decay_at`). mean_type, var_type,
+    loss_type, hybrid_lambda, loss_weight, min_snr_gamma: `diffusion.training_losses`.
+    use_labels / label_dropout: class labels, each replaced by the null label with that
+    probability. microbatches / unroll_microbatches: gradient accumulation (`_accumulate`).
+    objective: "denoise" or "classify" (a noise-conditional classifier)."""
+
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    base_lr: float
+    warmup_steps: int
+    ema_decay: float
+    ema_warmup: bool = False
+    mean_type: str = "eps"
+    var_type: str = "fixedlarge"
+    loss_type: str = "mse"
+    hybrid_lambda: float = 1e-3
+    lr_decay: str = "none"
+    total_steps: int | None = None
+    loss_weight: str = "uniform"
+    min_snr_gamma: float = 5.0
+    use_labels: bool = False
+    label_dropout: float = 0.0
+    microbatches: int = 1
+    unroll_microbatches: bool | None = None
+    objective: str = "denoise"
+
+
+def train_step(state: TrainState, batch: Batch, schedule: Schedule,
+               settings: StepConfig) -> tuple[TrainState, Metrics]:
     """One optimizer step: (state, batch, schedule) -> (state, metrics).
 
     The schedule is an argument (data), not a constant, so that jit's cache can be shared by
-    every run with equal static keyword arguments. batch["image"]: [B, H, W, C] float32 in
-    [-1, 1] (the global batch); batch["label"]: [B] int, read only when use_labels; then each is
-    replaced by the model's null label (model.num_classes) with probability label_dropout.
-    t ~ U{0..T-1} and the noise are drawn here with global shapes. microbatches=M > 1 runs the
-    forward and backward pass over M equal slices of the batch in turn and averages the
-    gradients (`_accumulate`): the same update up to float rounding (model dropout aside, which
-    draws per slice). The slices run in one lax.scan, with the activation memory of B/M rows,
-    except on XLA's CPU backend (unroll_microbatches=None picks by backend, `_unroll_loops`),
-    where the scan is unrolled; that saves no memory on the CPU but runs faster than one pass
-    (smaller convolutions suit the caches; see BENCHMARKS.md).
+    every run with equal settings. batch["image"]: [B, H, W, C] float32 in [-1, 1] (the global
+    batch); batch["label"]: [B] int, read only with use_labels; then each is replaced by the
+    model's null label (model.num_classes) with probability label_dropout. t ~ U{0..T-1} and the
+    noise are drawn here with global shapes. microbatches=M > 1 runs the forward and backward
+    pass over M equal slices of the batch in turn and averages the gradients (`_accumulate`):
+    the same update up to float rounding (model dropout aside, which draws per slice). The
+    slices run in one lax.scan, with the activation memory of B/M rows, except on XLA's CPU
+    backend (unroll_microbatches=None picks by backend, `_unroll_loops`), where the scan is
+    unrolled; that saves no memory on the CPU but runs faster than one pass (smaller
+    convolutions suit the caches; see BENCHMARKS.md).
     ema_warmup: use `ema_decay_at(step)` = min(ema_decay, (1 + n) / (10 + n)) for the n-th update
     instead of the constant decay (off: the official recipe), so a short run's EMA forgets the
     random initialisation within a few hundred steps.
-    lr_decay / total_steps: `learning_rate`'s decay after the warmup ("none": the official
-    constant rate). loss_weight / min_snr_gamma: `diffusion.mse_weight` ("uniform": L_simple).
     When the loss or the gradient norm is not finite, params, opt_state and ema_params are kept,
     and the non-finite counters go up; otherwise nonfinite_in_a_row resets to 0.
     Metrics: a flat dict of float32 / int32 scalars (loss and its terms averaged over the batch,
@@ -234,41 +258,53 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, *, model: nn
     step_rng = jax.random.fold_in(state.rng, state.step)
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
     labels = None
-    if objective == "classify":
+    if settings.objective == "classify":
         labels = batch["label"]
-    elif use_labels:
-        labels = drop_labels(batch["label"], jax.random.fold_in(step_rng, 3), label_dropout,
-                             model.num_classes)
+    elif settings.use_labels:
+        labels = drop_labels(batch["label"], jax.random.fold_in(step_rng, 3),
+                             settings.label_dropout, settings.model.num_classes)
     t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    (loss, terms), grads = _loss_and_grads(settings, state.params, schedule,
+                                           (x0, t, noise, labels), dropout_rng)
+    return _update(settings, state, loss, terms, grads)
 
+
+def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
+                    data: tuple[Any, ...], dropout_rng: Array) -> tuple[Any, PyTree]:
+    """((loss, terms), grads) of the objective on data = (x0, t, noise, labels), over the
+    batch at once or accumulated over microbatches."""
     def loss_fn(params: PyTree, x0: Array, t: Array, noise: Array, labels: Array | None,
                 dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
-        if objective == "classify":
-            return _classifier_loss(model, params, schedule, x0, t, noise, labels, dropout_rng)
-        denoise_fn = _model_denoise_fn(model, params, labels, dropout_rng)
-        terms = diffusion.training_losses(schedule, denoise_fn, x0=x0, t=t, noise=noise,
-                                          mean_type=mean_type, var_type=var_type,
-                                          loss_type=loss_type, hybrid_lambda=hybrid_lambda,
-                                          loss_weight=loss_weight, min_snr_gamma=min_snr_gamma)
+        if settings.objective == "classify":
+            return _classifier_loss(settings.model, params, schedule, x0, t, noise, labels,
+                                    dropout_rng)
+        denoise_fn = _model_denoise_fn(settings.model, params, labels, dropout_rng)
+        terms = diffusion.training_losses(
+                schedule, denoise_fn, x0=x0, t=t, noise=noise, mean_type=settings.mean_type,
+                var_type=settings.var_type, loss_type=settings.loss_type,
+                hybrid_lambda=settings.hybrid_lambda, loss_weight=settings.loss_weight,
+                min_snr_gamma=settings.min_snr_gamma)
         terms = {name: jnp.mean(value) for name, value in terms.items()}
         return terms["loss"], terms
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if microbatches == 1:
-        (loss, terms), grads = grad_fn(state.params, x0, t, noise, labels, dropout_rng)
-    else:
-        (loss, terms), grads = _accumulate(grad_fn, state.params, (x0, t, noise, labels),
-                                           dropout_rng, microbatches,
-                                           _unroll_loops(unroll_microbatches))
+    if settings.microbatches == 1:
+        return grad_fn(params, *data, dropout_rng)
+    return _accumulate(grad_fn, params, data, dropout_rng, settings.microbatches,
+                       _unroll_loops(settings.unroll_microbatches))
+
+
+def _update(settings: StepConfig, state: TrainState, loss: Array, terms: dict[str, Array],
+            grads: PyTree) -> tuple[TrainState, Metrics]:
+    """The optimizer and EMA update, kept out when the loss or gradient is not finite."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    lr = learning_rate(state.step, base_lr=base_lr, warmup_steps=warmup_steps, decay=lr_decay,
-                       total_steps=total_steps)
-    direction, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    lr = learning_rate(state.step, base_lr=settings.base_lr, warmup_steps=settings.warmup_steps,
+                       decay=settings.lr_decay, total_steps=settings.total_steps)
+    direction, new_opt_state = settings.optimizer.update(grads, state.opt_state, state.params)
     new_params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
-    decay = ema_decay_at(state.step, ema_decay=ema_decay, warmup=ema_warmup)
+    decay = ema_decay_at(state.step, ema_decay=settings.ema_decay, warmup=settings.ema_warmup)
     new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
 
     def keep_if_nonfinite(new: PyTree, old: PyTree) -> PyTree:
@@ -306,8 +342,8 @@ def _classifier_loss(model: nn.Module, params: PyTree, schedule: Schedule, x0: A
     return loss, terms
 
 
-def train_steps(state: TrainState, batches: Batch, schedule: Schedule, *,
-                unroll: bool | None = None, **step_kwargs: Any) -> tuple[TrainState, Metrics]:
+def train_steps(state: TrainState, batches: Batch, schedule: Schedule, settings: StepConfig, *,
+                unroll: bool | None = None) -> tuple[TrainState, Metrics]:
     """K optimizer steps in one call: batches hold a leading axis of K batches, [K, B, ...].
 
     Exactly K applications of `train_step` in one lax.scan, so the result equals K separate
@@ -316,5 +352,5 @@ def train_steps(state: TrainState, batches: Batch, schedule: Schedule, *,
     the K steps: [K].
     """
     def body(carry: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        return train_step(carry, batch, schedule, **step_kwargs)
+        return train_step(carry, batch, schedule, settings)
     return jax.lax.scan(body, state, batches, unroll=_unroll_loops(unroll))

@@ -55,33 +55,32 @@ def test_optimizer_from_config_takes_grad_clip_and_adam_eps():
                                                                                 adam_eps=1e-6)
 
 
-def test_step_kwargs_carry_the_training_and_diffusion_fields():
+def test_step_config_carries_the_training_and_diffusion_fields():
     config = _tiny()
     config.model.num_classes, config.training.label_dropout = 10, 0.1
     model = config_lib.model_from_config(config)
-    kwargs = config_lib.step_kwargs(config, model)
+    settings = config_lib.step_config(config, model)
     t, d = config.training, config.diffusion
-    assert kwargs == dict(model=model, optimizer=config_lib.optimizer_from_config(config),
-                          base_lr=t.lr, warmup_steps=t.warmup_steps, ema_decay=t.ema_decay,
-                          ema_warmup=t.ema_warmup, mean_type=d.mean_type, var_type=d.var_type,
-                          loss_type=d.loss_type, use_labels=True, label_dropout=0.1,
-                          microbatches=t.microbatches, objective="denoise",
-                          lr_decay="none", total_steps=None, loss_weight="uniform",
-                          min_snr_gamma=5.0)
-    hash(tuple(sorted(kwargs.items())))  # static jit arguments: hashable
+    assert settings == training.StepConfig(
+            model=model, optimizer=config_lib.optimizer_from_config(config), base_lr=t.lr,
+            warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
+            mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type, use_labels=True,
+            label_dropout=0.1, microbatches=t.microbatches, objective="denoise",
+            lr_decay="none", total_steps=None, loss_weight="uniform", min_snr_gamma=5.0)
+    hash(settings)  # a static jit argument: hashable
     config.model.num_classes = None
-    assert config_lib.step_kwargs(config, model)["use_labels"] is False
+    assert config_lib.step_config(config, model).use_labels is False
     t.lr_decay, t.loss_weight, t.min_snr_gamma = "cosine", "min_snr", 2.5
-    got = config_lib.step_kwargs(config, model)
-    assert (got["lr_decay"], got["loss_weight"], got["min_snr_gamma"]) == ("cosine", "min_snr", 2.5)
-    assert got["total_steps"] == t.num_steps   # only a decay needs the run's length
+    got = config_lib.step_config(config, model)
+    assert (got.lr_decay, got.loss_weight, got.min_snr_gamma) == ("cosine", "min_snr", 2.5)
+    assert got.total_steps == t.num_steps   # only a decay needs the run's length
     saved = config.to_dict()
     for field in ("lr_decay", "loss_weight", "min_snr_gamma"):  # a run's config from before them
         del saved["training"][field]
-    got = config_lib.step_kwargs(config_lib.upgrade(saved), model)
-    assert (got["lr_decay"], got["loss_weight"], got["min_snr_gamma"]) == ("none", "uniform", 5.0)
+    got = config_lib.step_config(config_lib.upgrade(saved), model)
+    assert (got.lr_decay, got.loss_weight, got.min_snr_gamma) == ("none", "uniform", 5.0)
     config.model.kind, config.model.num_classes = "classifier", 10
-    assert config_lib.step_kwargs(config, model)["objective"] == "classify"
+    assert config_lib.step_config(config, model).objective == "classify"
 
 
 def test_check_choice_names_the_field_and_the_choices():

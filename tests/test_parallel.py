@@ -97,10 +97,10 @@ def test_microbatches_keep_every_slice_on_every_device_and_match_one_pass():
                                                          image_shape=(4, 4, 2))
             kw = dict(model=model, optimizer=opt, base_lr=0.1, warmup_steps=3, ema_decay=0.9,
                       microbatches=m, unroll_microbatches=unroll)
-            hlo = step.jitted.lower(state, batch, schedule, tuple(sorted(kw.items()))).compile()
+            hlo = step.jitted.lower(state, batch, schedule, training.StepConfig(**kw)).compile()
             assert "all-gather" not in hlo.as_text() and "all-to-all" not in hlo.as_text()
             for _ in range(2):
-                state, _ = step(state, batch, schedule, **kw)
+                state, _ = step(state, batch, schedule, training.StepConfig(**kw))
             states[m, unroll] = state
         for key in ((4, False), (4, True)):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),

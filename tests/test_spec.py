@@ -182,7 +182,7 @@ def test_an_older_runs_config_is_brought_up_to_date():
     spec = SamplerSpec.from_config(config)
     assert (spec.sampler, spec.steps, spec.spacing) == (saved["sampling"]["sampler"],
                                                         saved["sampling"]["steps"], "time")
-    kwargs = config_lib.step_kwargs(config, config_lib.model_from_config(config))
-    assert (kwargs["lr_decay"], kwargs["loss_weight"]) == ("none", "uniform")
+    settings = config_lib.step_config(config, config_lib.model_from_config(config))
+    assert (settings.lr_decay, settings.loss_weight) == ("none", "uniform")
     assert json.loads(OLD_CONFIG.read_text()) == saved       # the stored dict is not changed
     assert _flat(config.to_dict()).keys() == _flat(base.get_config().to_dict()).keys()

@@ -39,7 +39,7 @@ def _setup(model=None, grad_clip=1.0, **overrides):
     state = training.create_train_state(model, optimizer, jax.random.PRNGKey(0), (4, 4, 2))
     kwargs = dict(model=model, optimizer=optimizer, base_lr=0.1, warmup_steps=3, ema_decay=0.9)
     kwargs.update(overrides)
-    step = jax.jit(functools.partial(training.train_step, **kwargs))
+    step = jax.jit(functools.partial(training.train_step, settings=training.StepConfig(**kwargs)))
     step.kwargs = kwargs
     return state, step
 
@@ -235,7 +235,8 @@ def test_k_steps_in_one_call_equal_k_steps(unroll):
         one_by_one, _ = step(one_by_one, batch, schedule)
     kwargs = step.kwargs
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
-    fused, metrics = jax.jit(functools.partial(training.train_steps, unroll=unroll, **kwargs))(
+    fused, metrics = jax.jit(functools.partial(training.train_steps, unroll=unroll,
+                                               settings=training.StepConfig(**kwargs)))(
             state, stacked, schedule)
     assert metrics["loss"].shape == (3,)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
@@ -358,7 +359,8 @@ def test_cpu_unrolls_microbatches_because_its_loop_bodies_get_naive_convolutions
     # The same for K steps per call (train_steps).
     state, step = _setup(ConvToy())
     stacked = jax.tree.map(lambda *x: jnp.stack(x), _batch(1), _batch(2))
-    steps = jax.jit(functools.partial(training.train_steps, **step.kwargs))
+    steps = jax.jit(functools.partial(training.train_steps,
+                                      settings=training.StepConfig(**step.kwargs)))
     hlo = steps.lower(state, stacked, Schedule.create("linear", T)).compile().as_text()
     assert set(re.findall(r"dim_labels=([\w>-]+)", hlo)) == {"b01f_01io->b01f"}
 
