@@ -102,7 +102,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(str(e)) from None
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None
     try:  # non-finite samples, an output that cannot be written: one line, no report
-        report = evaluate.run_evaluation(config, sampling.ModelApply(model), params, options,
+        report = evaluate.run_evaluation(evaluate.RunData.from_config(config),
+                                         sampling.ModelApply(model), params, options,
                                          workdir=FLAGS.workdir, step=step, weights=FLAGS.weights,
                                          mesh=mesh, progress=FLAGS.progress and jax.process_index() == 0,
                                          classifier=classifier)

@@ -88,6 +88,34 @@ class _FiniteOnly:
 
 # ------------------------------------------------------------------------- the protocol
 
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """What evaluation needs of a run besides its network: the data set it models and its
+    diffusion (`from_config` is the one reader of the config here)."""
+
+    dataset: str
+    image_size: int
+    channels: int
+    data_dir: str | None
+    timesteps: int
+    schedule_name: str
+    mean_type: str
+    var_type: str
+    schedule: Schedule
+
+    @classmethod
+    def from_config(cls, config: Any) -> RunData:
+        d, data_cfg = config.diffusion, config.data
+        return cls(dataset=data_cfg.dataset, image_size=data_cfg.image_size,
+                   channels=data_cfg.channels, data_dir=data_cfg.get("data_dir"),
+                   timesteps=d.timesteps, schedule_name=d.schedule, mean_type=d.mean_type,
+                   var_type=d.var_type, schedule=config_lib.schedule_from_config(config))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.channels)
+
+
 @dataclasses.dataclass
 class EvalOptions:
     """What to evaluate and how; `from_config` takes the defaults from config.eval/sampling."""
@@ -184,21 +212,19 @@ def _write_json(path: str, obj: Any) -> None:
     images.write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions,
+def _bpd_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOptions,
                  schedule: Schedule, key: Array, mesh: jax.sharding.Mesh | None, progress: bool,
                  stem: str, where: str, write: bool) -> tuple[dict[str, Any], str]:
     """Bits/dim of the split: (summary, protocol line); writes the per-t .npz and .png."""
     from ddpm_jax import data  # the TFDS import is slow: only when needed
 
-    d, data_cfg = config.diffusion, config.data
     start = time.time()
-    split_images = data.load_split_uint8(data_cfg.dataset, options.bpd_split,
-                                         data_cfg.get("data_dir"), image_size=data_cfg.image_size,
-                                         channels=data_cfg.channels,
+    split_images = data.load_split_uint8(run.dataset, options.bpd_split, run.data_dir,
+                                         image_size=run.image_size, channels=run.channels,
                                          max_examples=options.bpd_num_images)
     clip_denoised = options.sampler.clip_denoised
-    result = evaluate_bpd(apply_fn, params, schedule, split_images, key, mean_type=d.mean_type,
-                          var_type=d.var_type, clip_denoised=clip_denoised,
+    result = evaluate_bpd(apply_fn, params, schedule, split_images, key, mean_type=run.mean_type,
+                          var_type=run.var_type, clip_denoised=clip_denoised,
                           batch_size=options.bpd_batch_size, mesh=mesh, progress=progress)
     summary = bpd_summary(result)
     summary.update(split=options.bpd_split, seconds=round(time.time() - start, 1),
@@ -206,14 +232,14 @@ def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptio
     line = (f"{options.bpd_split} bits/dim {summary['total']:.4f} (+- "
             f"{summary['total_stderr']:.4f} s.e.; prior {summary['prior']:.4g}, decoder "
             f"{summary['decoder']:.4f}, KL terms {summary['kl_terms']:.4f}): the full bound over "
-            f"all T={d.timesteps} steps, {summary['num_images']} images of "
-            f"{data_cfg.dataset}/{options.bpd_split}, {where}"
+            f"all T={run.timesteps} steps, {summary['num_images']} images of "
+            f"{run.dataset}/{options.bpd_split}, {where}"
             + (", null label (the unconditional model)"
                if getattr(apply_fn, "null_label", None) is not None else "") + ".")
     if write:  # atomically, the .npz last (images.write_atomically)
         images.write_atomically({
                 stem + "_bpd_terms.png": lambda path: plots.save_line_plot(
-                        path, result["terms_bpd"], title=f"L_t in bits/dim ({data_cfg.dataset}/"
+                        path, result["terms_bpd"], title=f"L_t in bits/dim ({run.dataset}/"
                         f"{options.bpd_split}, {where}); total {summary['total']:.4f}",
                         xlabel="t (0-based)", ylabel="bits/dim"),
                 stem + "_bpd_terms.npz": lambda path: np.savez(
@@ -221,13 +247,12 @@ def _bpd_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptio
     return summary, line
 
 
-def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions,
+def _scores_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOptions,
                     schedule: Schedule, key: Array, mesh: jax.sharding.Mesh | None,
                     progress: bool, stem: str, where: str, write: bool,
                     classifier: tuple[Any, Any] | None) -> tuple[dict[str, Any], dict[str, Any], str]:
     """FID / IS / KID of generated samples: (samples info, scores, protocol line)."""
-    data_cfg = config.data
-    image_shape = config_lib.image_shape(config)
+    image_shape = run.image_shape
     # Before the reference statistics: an unconditional model fails here, not minutes later.
     if classifier is not None:
         labels = balanced(classifier[0].num_classes, options.num_samples)
@@ -237,13 +262,13 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
     guide = {} if classifier is None else dict(classifier=classifier[0],
                                                classifier_scale=_classifier_scale(options),
                                                classifier_params=classifier[1])
-    net = features.make_feature_net(options.feature_net, image_size=data_cfg.image_size,
+    net = features.make_feature_net(options.feature_net, image_size=run.image_size,
                                     inception_weights=options.inception_weights,
                                     cache_dir=options.cache_dir)
     reference = features.reference_statistics(
-            net, dataset=data_cfg.dataset, split=options.reference_split,
-            image_size=data_cfg.image_size, channels=data_cfg.channels,
-            data_dir=data_cfg.get("data_dir"), cache_dir=options.cache_dir,
+            net, dataset=run.dataset, split=options.reference_split,
+            image_size=run.image_size, channels=run.channels,
+            data_dir=run.data_dir, cache_dir=options.cache_dir,
             max_images=options.reference_num_images, progress=progress)
     spec = options.sampler
     start = time.time()
@@ -288,11 +313,11 @@ def _scores_section(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOp
     return info, scores, line
 
 
-def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOptions, *,
+def run_evaluation(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOptions, *,
                    workdir: str, step: int, weights: str = "ema",
                    mesh: jax.sharding.Mesh | None = None, progress: bool = True,
                    classifier: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """Evaluates `params` of the run described by `config`; every process must call it.
+    """Evaluates `params` of the run `run` describes; every process must call it.
     classifier: (ClassifierApply, params) of options.classifier, for classifier guidance.
 
     Writes (process 0) workdir/eval/report_<...>.json; for bpd the per-t curve as .npz and
@@ -300,8 +325,7 @@ def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOpt
     (options.save_samples). Returns the report: dict(checkpoint, dataset, diffusion, options,
     bpd, samples, scores, protocol: one line per measurement, path).
     """
-    d, data_cfg = config.diffusion, config.data
-    schedule = config_lib.schedule_from_config(config)
+    schedule = run.schedule
     num_steps = options.sampler.plan(schedule).num_steps
     eval_dir = os.path.join(workdir, "eval")
     stem = os.path.join(eval_dir, _report_name(step, weights, options, num_steps))
@@ -311,21 +335,21 @@ def run_evaluation(config: Any, apply_fn: ApplyFn, params: Any, options: EvalOpt
     where = f"{'EMA' if weights == 'ema' else weights} weights of step {step}"
     report: dict[str, Any] = dict(
             workdir=os.path.abspath(workdir), checkpoint=dict(step=step, weights=weights),
-            dataset=dict(name=data_cfg.dataset, image_size=data_cfg.image_size,
-                         channels=data_cfg.channels),
-            diffusion=dict(timesteps=d.timesteps, schedule=d.schedule, mean_type=d.mean_type,
-                           var_type=d.var_type), options=dataclasses.asdict(options),
+            dataset=dict(name=run.dataset, image_size=run.image_size, channels=run.channels),
+            diffusion=dict(timesteps=run.timesteps, schedule=run.schedule_name,
+                           mean_type=run.mean_type, var_type=run.var_type),
+            options=dataclasses.asdict(options),
             protocol=[])
     key = jax.random.key(options.seed)
     common = dict(schedule=schedule, mesh=mesh, progress=progress, stem=stem, where=where,
                   write=write)
     if "bpd" in options.metrics:
-        report["bpd"], line = _bpd_section(config, apply_fn, params, options,
+        report["bpd"], line = _bpd_section(run, apply_fn, params, options,
                                            key=jax.random.fold_in(key, 1), **common)
         report["protocol"].append(line)
     if set(options.metrics) - {"bpd"}:
         report["samples"], report["scores"], line = _scores_section(
-                config, apply_fn, params, options, key=jax.random.fold_in(key, 2),
+                run, apply_fn, params, options, key=jax.random.fold_in(key, 2),
                 classifier=classifier, **common)
         report["protocol"].append(line)
     for line in report["protocol"]:
@@ -344,13 +368,3 @@ def scalars(report: dict[str, Any]) -> dict[str, float]:
     for name, entry in report.get("scores", {}).items():
         out[f"eval/{entry['label']}"] = entry["value"] if name == "fid" else entry["mean"]
     return out
-
-
-def evaluate_in_training(config: Any, model: Any, params: Any, *, workdir: str, step: int,
-                         mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
-    """The periodic evaluation of the training loop (every config.eval.every_steps): the
-    metrics of config.eval on the EMA `params`, a report in workdir/eval, scalars returned."""
-    options = EvalOptions.from_config(config)
-    report = run_evaluation(config, sampling.ModelApply(model), params, options, workdir=workdir,
-                            step=step, weights="ema", mesh=mesh, progress=False)
-    return scalars(report)

@@ -14,6 +14,7 @@ normally, so the process exits 0.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -204,9 +205,32 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
                       progress: ProgressFn | None) -> training.TrainState:
     """train_and_evaluate's body; the orbax manager's start-up removal of half-written
     checkpoints happens here, under the work-dir lock."""
+    mesh = parallel.make_mesh()
+    _check_setup(config, mesh)
+    run = _start(config, workdir, mesh)
+    # Report the starting step to the preemption sync now: a SIGTERM during compilation then
+    # still has a step to sync on (JAX's protocol fails when no process has reported one).
+    checkpoint.reached_preemption(run.manager, [run.step])
+    writers.drop_records_after(workdir, run.step)  # steps after the checkpoint run again
+    writer = writers.MetricWriter(workdir)
+    try:
+        state, step = _run_steps(config, workdir, mesh, run, writer, progress)
+    finally:
+        # Whatever happened (an error, Ctrl-C), let a started save finish: never leave the
+        # newest checkpoint half written.
+        try:
+            checkpoint.wait_until_finished(run.manager)
+        finally:
+            run.manager.close()
+            writer.close()
+    if step is not None:
+        logging.info("Training finished at step %d.", step)
+    return state
+
+
+def _check_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Warnings and one-line refusals that need the mesh (the rest is `config.validate`)."""
     t = config.training
-    k = t.steps_per_dispatch
-    is_main = jax.process_index() == 0
     warn_if_remat_cannot_save_memory(config)
     if (config.model.num_classes is not None and t.label_dropout == 0.0
             and config_lib.model_kind(config) == "unet"):
@@ -214,8 +238,6 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
                         "never trained, yet the sample grids, sample.py and evaluation draw with "
                         "it (unconditional). Set training.label_dropout > 0 (0.1 is usual).",
                         config.model.num_classes)
-    mesh = parallel.make_mesh()
-    replicated = parallel.replicated(mesh)
     logging.info("Mesh: %d devices on %d processes.", mesh.size, jax.process_count())
     if t.batch_size % mesh.size:
         raise config_lib.ConfigError(
@@ -228,6 +250,25 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
                          f"split over the {mesh.size} devices: use microbatches such that "
                          f"batch_size / microbatches is a multiple of {mesh.size}.")
 
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop runs on: built once by `_start`."""
+
+    model: Any
+    schedule: Schedule             # replicated over the mesh
+    settings: training.StepConfig
+    state: training.TrainState
+    iterator: Any
+    manager: Any
+    step: int
+
+
+def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
+    """The model, the replicated schedule, the step settings, the input iterator, and the
+    state: restored from the newest checkpoint (with the iterator's position) or created."""
+    t = config.training
+    replicated = parallel.replicated(mesh)
     model = config_lib.model_from_config(config)
     # Before the input pipeline fills a batch that cannot fit: one line with the estimate.
     memory.check_training_batch(model, config_lib.image_shape(config), t.batch_size,
@@ -261,74 +302,83 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
     num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     logging.info("Model: %s parameters; starting at step %d of %d.", f"{num_params:,}", step,
                  t.num_steps)
+    return _Run(model, schedule, settings, state, iterator, manager, step)
 
-    # Report the starting step to the preemption sync now: a SIGTERM during compilation then
-    # still has a step to sync on (JAX's protocol fails when no process has reported one).
-    checkpoint.reached_preemption(manager, [step])
-    step_fn = functools.partial(jitted_train_step(mesh, k), settings=settings)
+
+def _run_steps(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run: _Run,
+               writer: writers.MetricWriter, progress: ProgressFn | None
+               ) -> tuple[training.TrainState, int | None]:
+    """The loop: dispatch K steps at a time, then what is due at the new step. Returns the
+    final state and step (None when preempted)."""
+    t, k, step, state = config.training, config.training.steps_per_dispatch, run.step, run.state
+    step_fn = functools.partial(jitted_train_step(mesh, k), settings=run.settings)
     stack = jax.jit(lambda *bs: jax.tree.map(lambda *x: jnp.stack(x), *bs),
                     out_shardings=NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS)))
+    accumulator, previous_metrics = _MetricAccumulator(), None
+    rate = [time.time(), step]   # the last log's time and step
+    while step < t.num_steps:
+        k_now = min(k, t.num_steps - step)
+        batches = [next(run.iterator) for _ in range(k_now)]
+        state, metrics = step_fn(state, batches[0] if k == 1 else stack(*batches), run.schedule)
+        previous, step = step, step + k_now
+        accumulator.add(metrics)
+        # The counter of the previous dispatch is read after this one is queued, so the
+        # check does not stall the device.
+        if previous_metrics is not None:
+            _check_nonfinite(previous_metrics, previous, t.max_nonfinite_in_a_row,
+                             run.manager.latest_step())
+        previous_metrics = metrics
+        scalars = None
+        if due(step, t.log_every, t.num_steps, prev_step=previous):
+            scalars = _log_scalars(accumulator, writer, step, rate, t.batch_size)
+            _check_nonfinite(metrics, step, t.max_nonfinite_in_a_row, run.manager.latest_step())
+        if jax.process_index() == 0 and progress is not None:
+            progress(step, scalars)
+        if _save_or_stop(config, run, state, step, previous):
+            return state, None
+        _grids_and_evaluation(config, workdir, mesh, run, writer, state, step, previous)
+    return state, step
 
-    writers.drop_records_after(workdir, step)  # steps after the checkpoint run again
-    writer = writers.MetricWriter(workdir)
-    accumulator = _MetricAccumulator()
-    previous_metrics = None
-    last_log_time, last_log_step = time.time(), step
-    samples_dir = os.path.join(workdir, SAMPLES_DIR)
-    try:
-        while step < t.num_steps:
-            k_now = min(k, t.num_steps - step)
-            batches = [next(iterator) for _ in range(k_now)]
-            if k == 1:
-                batch = batches[0]
-            else:
-                batch = stack(*batches)
-            state, metrics = step_fn(state, batch, schedule)
-            previous, step = step, step + k_now
-            accumulator.add(metrics)
-            # The counter of the previous dispatch is read after this one is queued, so the
-            # check does not stall the device.
-            if previous_metrics is not None:
-                _check_nonfinite(previous_metrics, previous, t.max_nonfinite_in_a_row,
-                                 manager.latest_step())
-            previous_metrics = metrics
 
-            scalars = None
-            if due(step, t.log_every, t.num_steps, prev_step=previous):
-                scalars = accumulator.reduce()
-                now = time.time()
-                scalars["steps_per_sec"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                scalars["examples_per_sec"] = scalars["steps_per_sec"] * t.batch_size
-                last_log_time, last_log_step = now, step
-                writer.write_scalars(step, scalars)
-                _check_nonfinite(metrics, step, t.max_nonfinite_in_a_row, manager.latest_step())
-            if is_main and progress is not None:
-                progress(step, scalars)
+def _log_scalars(accumulator: _MetricAccumulator, writer: writers.MetricWriter, step: int,
+                 rate: list, batch_size: int) -> dict[str, float]:
+    """The metrics since the last log, with steps/s and examples/s, written at `step`."""
+    scalars = accumulator.reduce()
+    now = time.time()
+    scalars["steps_per_sec"] = (step - rate[1]) / max(now - rate[0], 1e-9)
+    scalars["examples_per_sec"] = scalars["steps_per_sec"] * batch_size
+    rate[:] = [now, step]
+    writer.write_scalars(step, scalars)
+    return scalars
 
-            preempted = checkpoint.reached_preemption(manager, range(previous + 1, step + 1))
-            if preempted or due(step, t.checkpoint_every, t.num_steps, prev_step=previous):
-                checkpoint.save(manager, step, state, config, data_iterator=iterator)
-            if preempted:
-                checkpoint.wait_until_finished(manager)
-                logging.warning("Preempted: saved the checkpoint of step %d in %s; exiting.",
-                                step, manager.directory)
-                return state
-            if due(step, t.sample_every, t.num_steps, prev_step=previous):
-                write_sample_grid(config, model, schedule, state.ema_params, mesh,
-                                  os.path.join(samples_dir, f"step_{step:08d}.png"))
-            every = config.eval.get("every_steps", 0)
-            if every and due(step, every, t.num_steps, prev_step=previous):
-                from ddpm_jax import evaluate  # feature networks: loaded only when asked for
-                eval_scalars = evaluate.evaluate_in_training(config, model, state.ema_params,
-                                                             workdir=workdir, step=step, mesh=mesh)
-                writer.write_scalars(step, eval_scalars)
-    finally:
-        # Whatever happened (an error, Ctrl-C), let a started save finish: never leave the
-        # newest checkpoint half written.
-        try:
-            checkpoint.wait_until_finished(manager)
-        finally:
-            manager.close()
-            writer.close()
-    logging.info("Training finished at step %d.", step)
-    return state
+
+def _save_or_stop(config: ml_collections.ConfigDict, run: _Run, state: training.TrainState,
+                  step: int, previous: int) -> bool:
+    """Saves a due checkpoint; on preemption saves, waits and returns True (stop)."""
+    t = config.training
+    preempted = checkpoint.reached_preemption(run.manager, range(previous + 1, step + 1))
+    if preempted or due(step, t.checkpoint_every, t.num_steps, prev_step=previous):
+        checkpoint.save(run.manager, step, state, config, data_iterator=run.iterator)
+    if preempted:
+        checkpoint.wait_until_finished(run.manager)
+        logging.warning("Preempted: saved the checkpoint of step %d in %s; exiting.",
+                        step, run.manager.directory)
+    return preempted
+
+
+def _grids_and_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run: _Run,
+                          writer: writers.MetricWriter, state: training.TrainState, step: int,
+                          previous: int) -> None:
+    """A due sample grid of the EMA weights, and a due evaluation with its scalars."""
+    t = config.training
+    if due(step, t.sample_every, t.num_steps, prev_step=previous):
+        write_sample_grid(config, run.model, run.schedule, state.ema_params, mesh,
+                          os.path.join(workdir, SAMPLES_DIR, f"step_{step:08d}.png"))
+    every = config.eval.every_steps
+    if every and due(step, every, t.num_steps, prev_step=previous):
+        from ddpm_jax import evaluate  # feature networks: loaded only when asked for
+        report = evaluate.run_evaluation(
+                evaluate.RunData.from_config(config), sampling.ModelApply(run.model),
+                state.ema_params, evaluate.EvalOptions.from_config(config), workdir=workdir,
+                step=step, weights="ema", mesh=mesh, progress=False)
+        writer.write_scalars(step, evaluate.scalars(report))

@@ -154,7 +154,7 @@ def test_run_evaluation_writes_a_report_that_states_its_protocol(tmp_path, cache
             "digits", "ddim", 10)
     options.sampler = options.sampler.with_overrides(steps=5)
     workdir = str(tmp_path / "run")
-    report = evaluate.run_evaluation(config, _linear_apply, params, options, workdir=workdir,
+    report = evaluate.run_evaluation(evaluate.RunData.from_config(config), _linear_apply, params, options, workdir=workdir,
                                      step=7, progress=False)
     assert report["path"] == os.path.join(
             workdir, "eval", "report_step7_ema_bpd-test_ddim5-n12-digits.json")
@@ -211,7 +211,7 @@ def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, dig
                 config, metrics=("fid",), num_samples=7, sample_batch_size=4,
                 cache_dir=cache_dir, labels=labels, guidance=guidance)
         options.sampler = options.sampler.with_overrides(steps=5)
-        reports[labels] = evaluate.run_evaluation(config, _CLASS_APPLY, params, options,
+        reports[labels] = evaluate.run_evaluation(evaluate.RunData.from_config(config), _CLASS_APPLY, params, options,
                                                   workdir=str(tmp_path / "run"), step=7,
                                                   progress=False)
     guided = reports["balanced"]

@@ -198,7 +198,7 @@ def _tiny_evaluation(tmp_path, apply_fn, monkeypatch, metrics):
                                                sample_batch_size=4,
                                                sampler=dict(sampler="ddim", steps=2))
     workdir = tmp_path / "run"
-    return evaluate.run_evaluation(config, apply_fn, None, options, workdir=str(workdir), step=3,
+    return evaluate.run_evaluation(evaluate.RunData.from_config(config), apply_fn, None, options, workdir=str(workdir), step=3,
                                    progress=False), workdir
 
 
