@@ -15,7 +15,7 @@ fold_in(seed key, n), so the images depend neither on --batch_size nor on the de
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from ddpm_jax import cli
 from ddpm_jax.editing import jobs as edit_jobs
@@ -68,64 +68,28 @@ def main(argv: list[str]) -> None:
     cli.drop_closed_event_loop_noise()
     import jax
 
-    from ddpm_jax import images, parallel, runs, sampling
-    from ddpm_jax import config as config_lib
-    from ddpm_jax import memory
-    from ddpm_jax.spec import SamplerSpec
+    from ddpm_jax import images, runs
     try:  # loading, then NumPy only: bad values fail here, before any compile
         config, model, params = cli.load_model(FLAGS.workdir, FLAGS.diffusers_dir, FLAGS.weights)
-        classifier, classifier_params = (None, None) if FLAGS.classifier is None else \
+        classifier = None if FLAGS.classifier is None else \
             runs.load_classifier(FLAGS.classifier, for_config=config)
         cli.check_var_type(FLAGS.var_type, config)
-        given = {k: v for k, v in cli.sampler_flag_values(FLAGS).items() if v is not None}
-        run_spec = SamplerSpec.from_config(config)
-        labels = sample_labels(classes, getattr(classifier or model, "num_classes", None),
+        labels = sample_labels(classes, getattr(classifier[0] if classifier else model,
+                                                "num_classes", None),
                                FLAGS.num_samples, name="--labels")
         batch_size = cli.check_batch_size(FLAGS.batch_size or config.sampling.batch_size,
                                           jax.device_count(), "--batch_size")
-        mesh = parallel.make_mesh() if jax.device_count() > 1 else None
-        schedule = config_lib.schedule_from_config(config)
-        spec = SamplerSpec.from_config(config, **given)
-        if mode is None:
-            sample_batch = min(batch_size, parallel.round_up_to_devices(FLAGS.num_samples,
-                                                                        jax.device_count()))
-            memory.check_sampling_batch(model, config_lib.image_shape(config), sample_batch,
-                                        FLAGS.num_samples)
-            sampler = sampling.make_sampler(
-                    sampling.ModelApply(model), schedule,
-                    (sample_batch, *config_lib.image_shape(config)), spec,
-                    guidance=FLAGS.guidance, classifier=classifier,
-                    classifier_scale=FLAGS.classifier_scale, mesh=mesh)
+        given = {k: v for k, v in cli.sampler_flag_values(FLAGS).items() if v is not None}
+        context = edit_jobs.Context.from_config(
+                config, model, params, flags=given, batch_size=batch_size, seed=FLAGS.seed,
+                labels=labels, guidance=FLAGS.guidance, classifier=classifier,
+                classifier_scale=FLAGS.classifier_scale)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    if mode is not None:  # editing: batches of the input images, not of --num_samples
-        context = edit_jobs.Context(
-                model_apply=sampling.ModelApply(model), params=params, schedule=schedule,
-                image_shape=config_lib.image_shape(config), batch_size=batch_size,
-                key=jax.random.key(FLAGS.seed), run_spec=run_spec, flags=given, spec=spec, mesh=mesh,
-                labels=labels, guidance=FLAGS.guidance,
-                classifier=None if classifier is None else (classifier, classifier_params),
-                classifier_scale=FLAGS.classifier_scale)
-        try:
-            edit_jobs.run_and_write(mode, FLAGS, context)
-        except ValueError as e:
-            raise app.UsageError(str(e)) from None
-        return
-    logging.info("Sampling %d images of %s: %s, batch %d%s.", FLAGS.num_samples,
-                 config_lib.image_shape(config), spec.describe(sampler.plan.num_steps),
-                 sample_batch,
-                 cli.describe_guidance(FLAGS.labels, FLAGS.guidance, FLAGS.classifier,
-                                       sampler.classifier_scale))
-    samples = sampling.draw_images(sampler, params, jax.random.key(FLAGS.seed), FLAGS.num_samples,
-                                   labels=labels, desc="batches",
-                                   classifier_params=classifier_params)
-    if jax.process_index() == 0:
-        try:  # atomic: the previous PNG and .npz stay whole if this fails (a full disk)
-            npz_path = images.save_samples(samples, FLAGS.out, labels, nrow=FLAGS.nrow,
-                                           tile_px=FLAGS.tile_px, max_tiles=FLAGS.max_grid_tiles)
-        except images.OutputError as e:
-            raise app.UsageError(str(e)) from None
-        logging.info("Wrote %s and %s: uint8 %s.", FLAGS.out, npz_path, samples.shape)
+    try:  # plain sampling, or an edit on batches of the input images; written atomically
+        edit_jobs.run_and_write(mode or "sample", FLAGS, context)
+    except (ValueError, images.OutputError) as e:
+        raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""sample.py's editing commands: their flags, their checks, and the jobs that run `editing` on
-batches of images read by `editing.inputs`. Each job returns what sample.py writes: the output images,
-a grid to look at, and any extra arrays for the .npz.
+"""sample.py's jobs: plain sampling and the editing commands (their flags, their checks, and
+the jobs that run `editing` on batches of images read by `editing.inputs`). Each job returns
+what sample.py writes: the output images, a grid to look at, and any extra arrays for the .npz.
 
     --inpaint IMAGES --mask MASK [--jump_length 10 --resamplings 10]   RePaint
     --sdedit IMAGES --strength 0.5                                      SDEdit, any --sampler
@@ -28,8 +28,8 @@ from absl import flags, logging
 
 from ddpm_jax.editing import chain as editing, inputs as edit_io
 from ddpm_jax.images import save_samples, to_model_range, to_uint8
-from ddpm_jax.parallel import gather_to_host, map_batches
-from ddpm_jax.sampling import Sampler, make_sampler
+from ddpm_jax.parallel import gather_to_host, map_batches, round_up_to_devices
+from ddpm_jax.sampling import ModelApply, Sampler, draw_images, make_sampler
 from ddpm_jax.spec import SamplerSpec
 
 MODES = ("inpaint", "sdedit", "encode", "interpolate", "progressive")
@@ -119,8 +119,9 @@ class Context:
     """What every job runs on. run_spec: the run's chain (`SamplerSpec.from_config`, no flags);
     flags: the sampler flags given on the command line (`cli.sampler_flag_values`, unset ones
     dropped); spec: the run's chain with the flags (`SamplerSpec.from_config(config, **flags)`,
-    default run_spec with_overrides(**flags)); labels [N] / guidance / classifier (ClassifierApply, params) / classifier_scale:
-    plain sampling's class options (the --progressive job honours them)."""
+    default run_spec.with_overrides(**flags)); labels [N] / guidance / classifier
+    (ClassifierApply, params) / classifier_scale: the class options of plain sampling and of
+    --progressive."""
 
     model_apply: Any
     params: Any
@@ -136,6 +137,20 @@ class Context:
     guidance: float | None = None
     classifier: tuple[Any, Any] | None = None
     classifier_scale: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, model: Any, params: Any, *, flags: dict[str, Any],
+                    batch_size: int, seed: int, **classes: Any) -> Context:
+        """The run of `config` (its model and params, as loaded), with the sampler `flags`
+        given and `classes` (labels, guidance, classifier, classifier_scale)."""
+        from ddpm_jax import config as config_lib
+        from ddpm_jax.parallel import make_mesh
+        return cls(model_apply=ModelApply(model), params=params,
+                   schedule=config_lib.schedule_from_config(config),
+                   image_shape=config_lib.image_shape(config), batch_size=batch_size,
+                   key=jax.random.key(seed), run_spec=SamplerSpec.from_config(config),
+                   flags=flags, spec=SamplerSpec.from_config(config, **flags),
+                   mesh=make_mesh() if jax.device_count() > 1 else None, **classes)
 
     def batch_mesh(self, batch: int) -> Any:
         """The mesh when `batch` rows split over it, else None (one device)."""
@@ -185,7 +200,7 @@ def run(mode: str, values: Any, context: Context) -> Result:
     """Runs the editing job `mode` with sample.py's flag `values` on `context`. Bad inputs
     raise ValueError before compiling."""
     spec = job_spec(mode, context, ddim_latent=bool(getattr(values, "ddim_latent", False)))
-    if mode in ("progressive", "interpolate"):
+    if mode in ("sample", "progressive", "interpolate"):
         return JOBS[mode](values, context, spec)
     images = edit_io.load_images(getattr(values, mode), flag=f"--{mode}",
                                  image_shape=context.image_shape, grid_cells=values.grid_cells)
@@ -287,6 +302,27 @@ def _interpolate(values: Any, context: Context, spec: SamplerSpec) -> Result:
                   extra=dict(lambdas=lambdas.astype(np.float32)))
 
 
+def _sample(values: Any, context: Context, spec: SamplerSpec) -> Result:
+    """Plain sampling: --num_samples images with the labels and guidance asked for (every
+    process takes part; the batch is split over the mesh)."""
+    from ddpm_jax import memory
+    from ddpm_jax.cli import describe_guidance
+    num = values.num_samples
+    batch = min(context.batch_size, round_up_to_devices(num, jax.device_count()))
+    memory.check_sampling_batch(context.model_apply.model, context.image_shape, batch, num)
+    clf, clf_params = context.classifier or (None, None)
+    sampler = _sampler(context, spec, batch, guidance=context.guidance, classifier=clf,
+                       classifier_scale=context.classifier_scale)
+    logging.info("Sampling %d images of %s: %s, batch %d%s.", num, context.image_shape,
+                 spec.describe(sampler.plan.num_steps), batch,
+                 describe_guidance(values.labels, context.guidance, values.classifier,
+                                   sampler.classifier_scale))
+    images = draw_images(sampler, context.params, context.key, num, labels=context.labels,
+                         desc="batches", classifier_params=clf_params)
+    extra = {} if context.labels is None else dict(labels=context.labels)
+    return Result(images, images, values.nrow, extra=extra)
+
+
 def _progressive(values: Any, context: Context, spec: SamplerSpec) -> Result:
     """Plain sampling that also records x0 every K steps, with the run's labels, classifier-free
     or classifier guidance as `sample.py` would apply them."""
@@ -317,16 +353,18 @@ def _progressive(values: Any, context: Context, spec: SamplerSpec) -> Result:
                   extra=extra)
 
 
-JOBS = dict(inpaint=_inpaint, sdedit=_sdedit, encode=_encode, interpolate=_interpolate,
+JOBS = dict(sample=_sample, inpaint=_inpaint, sdedit=_sdedit, encode=_encode, interpolate=_interpolate,
             progressive=_progressive)
 
 
 def run_and_write(mode: str, values: Any, context: Context) -> None:
-    """sample.py's editing path: `run`, then the grid at values.out and the .npz beside it
-    ('images' plus the job's extra arrays)."""
-    if jax.process_count() > 1:
+    """sample.py's one path: `run` job `mode` ("sample" or an edit), then (process 0) the grid
+    at values.out and the .npz beside it ('images' plus the job's extra arrays)."""
+    if jax.process_count() > 1 and mode != "sample":
         raise ValueError(f"--{mode} runs on one host; start sample.py on one process.")
     result = run(mode, values, context)
+    if jax.process_index() != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
     npz_path = save_samples(result.images, values.out, grid_images=result.grid, extra=result.extra,
                             nrow=values.nrow or result.nrow, tile_px=values.tile_px,
