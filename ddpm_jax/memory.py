@@ -42,9 +42,10 @@ def _shards() -> int:
 
 
 def available_bytes() -> int:
-    """Bytes the arrays can use: the first device's `bytes_limit` (GPU, TPU), else the host's
-    MemAvailable, else its physical memory."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Bytes the arrays can use: this process's first device's `bytes_limit` (GPU, TPU), else
+    the host's MemAvailable, else its physical memory. (A local device: in a multi-process run
+    jax.devices()[0] may belong to another process, whose memory cannot be queried.)"""
+    stats = jax.local_devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     try:

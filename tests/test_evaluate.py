@@ -163,7 +163,7 @@ def test_run_evaluation_writes_a_report_that_states_its_protocol(tmp_path, cache
     bpd_line, score_line = report["protocol"]
     assert bpd_line.startswith("test bits/dim") and "3 images of digits/test" in bpd_line
     assert "EMA weights of step 7" in bpd_line
-    for text in ("digits-FID", "digits-IS", "digits-KID", "12 samples (ddim sampler, 5 steps",
+    for text in ("digits-FID", "digits-IS", "digits-KID", "12 samples (ddim, 5 steps, eta 0.0, time spacing",
                  "1437 images of digits/train", digits_net.name, digits_net.weights_sha256[:16]):
         assert text in score_line, text
     for entry in report["scores"].values():
