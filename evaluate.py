@@ -97,7 +97,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(str(e)) from None
     try:
         classifier = None if options.classifier is None else \
-            runs.load_classifier(options.classifier, for_config=config)
+            runs.load_classifier(options.classifier, image_shape=config_lib.image_shape(config),
+                                 timesteps=config.diffusion.timesteps)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None

@@ -68,11 +68,13 @@ def main(argv: list[str]) -> None:
     cli.drop_closed_event_loop_noise()
     import jax
 
+    from ddpm_jax import config as config_lib
     from ddpm_jax import images, runs
     try:  # loading, then NumPy only: bad values fail here, before any compile
         config, model, params = cli.load_model(FLAGS.workdir, FLAGS.diffusers_dir, FLAGS.weights)
         classifier = None if FLAGS.classifier is None else \
-            runs.load_classifier(FLAGS.classifier, for_config=config)
+            runs.load_classifier(FLAGS.classifier, image_shape=config_lib.image_shape(config),
+                                 timesteps=config.diffusion.timesteps)
         cli.check_var_type(FLAGS.var_type, config)
         labels = sample_labels(classes, getattr(classifier[0] if classifier else model,
                                                 "num_classes", None),

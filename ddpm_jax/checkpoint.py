@@ -100,19 +100,19 @@ def config_to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dic
     return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
 
 
 def _compatibility_view(config: Mapping[str, Any]) -> dict[str, Any]:
-    flat = _flatten(config_to_dict(config))
+    flat = flatten(config_to_dict(config))
     keep = {k: v for k, v in flat.items()
             if k.split(".")[0] in COMPATIBILITY_SECTIONS or k in COMPATIBILITY_KEYS}
     return {k: v for k, v in keep.items() if k not in COMPUTE_ONLY_KEYS}
@@ -347,35 +347,6 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
                 raise _corrupt(manager, step, "its data iterator state (the input position) does "
                                "not match the checksum saved with it")
     return restored[STATE]
-
-
-CONFIG_FILE = "config.json"  # the work dir's copy of the resolved config, for people to read
-
-
-def warn_if_config_file_differs(workdir: str, config: Mapping[str, Any], step: int) -> bool:
-    """Logs a warning (and returns True) when workdir/config.json (a copy train.py writes for
-    reading) holds other values than the config saved in the checkpoint of `step`, which is
-    the one used: a hand edit there changes nothing, and is named instead of ignored."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            on_disk = _flatten(json.load(f))
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError, AttributeError) as e:
-        logging.warning("%s is unreadable (%s); not used: the checkpoint's own config is.", path,
-                        type(e).__name__)
-        return True
-    saved = _flatten(config_to_dict(config))
-    diffs = [f"{key}: checkpoint {json.dumps(saved.get(key))}, config.json "
-             f"{json.dumps(on_disk.get(key))}" for key in sorted(set(saved) | set(on_disk))
-             if saved.get(key) != on_disk.get(key)]
-    if diffs:
-        logging.warning("%s differs from the config saved with the checkpoint of step %d (%s%s); "
-                        "the checkpoint's config is used (config.json is only a copy for "
-                        "reading): to use other values, train a new run with them.", path, step,
-                        "; ".join(diffs[:5]), f"; {len(diffs) - 5} more" if len(diffs) > 5 else "")
-    return bool(diffs)
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import (checkpoint, data, images, lock, memory, parallel, sampling, training,
+from ddpm_jax import (checkpoint, data, images, lock, memory, parallel, runs, sampling, training,
                       writers, xla_cpu)
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
@@ -38,7 +38,7 @@ from ddpm_jax.spec import SamplerSpec
 Array = jax.Array
 ProgressFn = Callable[[int, "Mapping[str, float] | None"], None]
 
-CONFIG_FILE = checkpoint.CONFIG_FILE
+CONFIG_FILE = runs.CONFIG_FILE
 SAMPLES_DIR = "samples"
 # Metrics reported as their value at the log step; every other metric is averaged over the
 # steps since the previous log.

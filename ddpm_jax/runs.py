@@ -5,7 +5,9 @@ step away while it loads: the newest one is then taken instead, and the log says
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -86,7 +88,7 @@ def _load_params(manager: ocp.CheckpointManager, step: int, weights: str,
     except checkpoint.CheckpointError:
         manager.close()
         raise
-    checkpoint.warn_if_config_file_differs(workdir, saved, step)
+    warn_if_config_file_differs(workdir, saved, step)
     config = config_lib.upgrade(saved)
     model = config_lib.model_from_config(config)
     image_shape = config_lib.image_shape(config)
@@ -111,11 +113,12 @@ def _load_params(manager: ocp.CheckpointManager, step: int, weights: str,
     return config, model, restored[checkpoint.STATE][field]
 
 
-def load_classifier(workdir: str, *, for_config: Any, flag: str = "--classifier"
-                    ) -> tuple[Any, PyTree]:
+def load_classifier(workdir: str, *, image_shape: tuple[int, int, int], timesteps: int,
+                    flag: str = "--classifier") -> tuple[Any, PyTree]:
     """(guidance.ClassifierApply, EMA params) of a noise-conditional classifier run (model.kind
-    'classifier') that can guide a model of `for_config`: same image shape, same T. ValueError
-    with one line naming `flag` otherwise. The one loader of a guiding classifier."""
+    'classifier') that can guide a model of images `image_shape` (H, W, C) diffused over
+    `timesteps` steps. ValueError with one line naming `flag` otherwise. The one loader of a
+    guiding classifier."""
     from ddpm_jax.guidance import ClassifierApply
 
     where = f"{flag}={workdir}"
@@ -129,11 +132,40 @@ def load_classifier(workdir: str, *, for_config: Any, flag: str = "--classifier"
     if config_lib.model_kind(config) != "classifier":
         raise ValueError(f"{where} is a denoiser run (model.kind='unet'), not a classifier; "
                          "train one with --config configs/digits.py:classifier.")
-    if config_lib.image_shape(config) != config_lib.image_shape(for_config):
+    if config_lib.image_shape(config) != tuple(image_shape):
         raise ValueError(f"{where} takes {config_lib.image_shape(config)} images, the model "
-                         f"makes {config_lib.image_shape(for_config)}; train the classifier on "
-                         "the model's data and size.")
-    if config.diffusion.timesteps != for_config.diffusion.timesteps:
+                         f"makes {tuple(image_shape)}; train the classifier on the model's data "
+                         "and size.")
+    if config.diffusion.timesteps != timesteps:
         raise ValueError(f"{where} was trained on T={config.diffusion.timesteps} timesteps, the "
-                         f"model on T={for_config.diffusion.timesteps}.")
+                         f"model on T={timesteps}.")
     return ClassifierApply(model), params
+
+
+CONFIG_FILE = "config.json"  # the work dir's copy of the resolved config, for people to read
+
+
+def warn_if_config_file_differs(workdir: str, config: Mapping[str, Any], step: int) -> bool:
+    """Logs a warning (and returns True) when workdir/config.json (a copy train.py writes for
+    reading) holds other values than the config saved in the checkpoint of `step`, which is
+    the one used: a hand edit there changes nothing, and is named instead of ignored."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            on_disk = checkpoint.flatten(json.load(f))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError) as e:
+        logging.warning("%s is unreadable (%s); not used: the checkpoint's own config is.", path,
+                        type(e).__name__)
+        return True
+    saved = checkpoint.flatten(checkpoint.config_to_dict(config))
+    diffs = [f"{key}: checkpoint {json.dumps(saved.get(key))}, config.json "
+             f"{json.dumps(on_disk.get(key))}" for key in sorted(set(saved) | set(on_disk))
+             if saved.get(key) != on_disk.get(key)]
+    if diffs:
+        logging.warning("%s differs from the config saved with the checkpoint of step %d (%s%s); "
+                        "the checkpoint's config is used (config.json is only a copy for "
+                        "reading): to use other values, train a new run with them.", path, step,
+                        "; ".join(diffs[:5]), f"; {len(diffs) - 5} more" if len(diffs) > 5 else "")
+    return bool(diffs)

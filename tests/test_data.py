@@ -289,14 +289,14 @@ def test_folder_of_images_is_center_cropped(tmp_path):
 def test_images_of_another_size_are_center_cropped_and_converted():
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)
-    fitted = pipeline._fit(wide, 16, 3)
+    fitted = builders.fit_image(wide, 16, 3)
     np.testing.assert_array_equal(
         fitted, np.asarray(builders.center_crop_resize(Image.fromarray(wide), 16)))
     gray = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
-    rgb = pipeline._fit(gray, 16, 3)
+    rgb = builders.fit_image(gray, 16, 3)
     assert rgb.shape == (16, 16, 3) and (rgb == gray).all()
     square = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    assert pipeline._fit(square, 16, 3) is square
+    assert builders.fit_image(square, 16, 3) is square
 
 
 

@@ -10,10 +10,10 @@ as the train state with `grain.checkpoint.CheckpointSave(iterator)` and restore 
 """
 
 from ddpm_jax.data import builders  # registers the ddpm_* TFDS builders
+from ddpm_jax.data.builders import DataShapeError
 from ddpm_jax.data.pipeline import (
     NAMES,
     DataNotPreparedError,
-    DataShapeError,
     InputIterator,
     default_data_dir,
     load_split_uint8,

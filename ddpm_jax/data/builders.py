@@ -105,6 +105,34 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+
+class DataShapeError(ValueError):
+    """The config asks for images of another shape than the data set stores (one line)."""
+
+
+def check_stored_shape(name: str, stored: tuple, image_size: int | None,
+                       channels: int | None) -> None:
+    """DataShapeError (one line) when the config's (size, size, channels) is not the stored
+    shape (None: any)."""
+    wanted = (image_size, image_size, channels)
+    for have, want in zip(stored, wanted):
+        if have is not None and want is not None and have != want:
+            raise DataShapeError(
+                f"{name} stores images of shape {stored} (H, W, C) but the config asks for "
+                f"{wanted}: set --config.data.image_size={stored[0]} and "
+                f"--config.data.channels={stored[2]} (or those fields of the config file), or "
+                "pick a data set of the wanted size.")
+
+
+def fit_image(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """Center-crops and resizes an image of another size; converts gray <-> RGB."""
+    if image.shape == (image_size, image_size, channels):
+        return image
+    pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+    pil = center_crop_resize(pil.convert("L" if channels == 1 else "RGB"), image_size)
+    return np.asarray(pil).reshape(image_size, image_size, channels)
+
+
 def iter_image_files(source: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
     """(name, encoded bytes) of every image in a folder (recursive, sorted) or a tar archive."""
     source = os.fspath(source)

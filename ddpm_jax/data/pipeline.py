@@ -40,10 +40,6 @@ _LSUN_EXPORT = ("LSUN ships LMDB databases: export them to image files once with
                 "<category>_train_lmdb --out_dir <folder> --flat).")
 
 
-class DataShapeError(ValueError):
-    """The config asks for images of another shape than the data set stores (one line)."""
-
-
 class DataNotPreparedError(FileNotFoundError):
     """A data set is not prepared in data_dir and its source files are missing."""
 
@@ -195,27 +191,6 @@ def _prepared_builder(name: str, data_dir: str | os.PathLike | None,
     return builder
 
 
-def _check_shape(name: str, stored: tuple, image_size: int | None,
-                 channels: int | None) -> None:
-    wanted = (image_size, image_size, channels)
-    for have, want in zip(stored, wanted):
-        if have is not None and want is not None and have != want:
-            raise DataShapeError(
-                f"{name} stores images of shape {stored} (H, W, C) but the config asks for "
-                f"{wanted}: set --config.data.image_size={stored[0]} and "
-                f"--config.data.channels={stored[2]} (or those fields of the config file), or "
-                "pick a data set of the wanted size.")
-
-
-def _fit(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
-    """Center-crops and resizes an image of another size; converts gray <-> RGB."""
-    if image.shape == (image_size, image_size, channels):
-        return image
-    pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
-    pil = builders.center_crop_resize(pil.convert("L" if channels == 1 else "RGB"), image_size)
-    return np.asarray(pil).reshape(image_size, image_size, channels)
-
-
 class SplitReader:
     """Random access to (image uint8 [H, W, C], label) of a prepared split.
 
@@ -232,7 +207,7 @@ class SplitReader:
         if splits and split not in splits:
             raise ValueError(f"{name} has splits {sorted(splits)}, not {split!r}.")
         self.stored_shape = tuple(builder.info.features["image"].shape)
-        _check_shape(name, self.stored_shape, image_size, channels)
+        builders.check_stored_shape(name, self.stored_shape, image_size, channels)
         self._raw_size = -1 if None in self.stored_shape else math.prod(self.stored_shape)
         self._decoded = builder.as_data_source(split)
         self._raw = builder.as_data_source(
@@ -289,7 +264,7 @@ def load_split_uint8(name: str, split: str, data_dir: str | os.PathLike | None =
     images = np.empty((count, size, size, chans), np.uint8)
     for start in range(0, count, 1024):
         for i, (image, _) in enumerate(reader.read(range(start, min(start + 1024, count)))):
-            images[start + i] = _fit(image, size, chans)
+            images[start + i] = builders.fit_image(image, size, chans)
     return images
 
 
@@ -330,7 +305,7 @@ class _BatchReader:
         shape = (self.local_batch, self.image_size, self.image_size, self.channels)
         images, labels = np.zeros(shape, np.uint8), np.zeros(self.local_batch, np.int32)
         for row, (image, label) in zip(np.flatnonzero(mask), self.reader.read(index)):
-            images[row], labels[row] = _fit(image, self.image_size, self.channels), label
+            images[row], labels[row] = builders.fit_image(image, self.image_size, self.channels), label
         if self.flip_seed is not None:
             rows = slice(self.first_row, self.first_row + self.local_batch)
             flip = np.random.default_rng([self.flip_seed, batch_index]).random(
