@@ -61,7 +61,8 @@ class OursDPM:
         self.schedule, self.steps = Schedule.create("linear", 1000), steps
 
     def sampler(self, batch: int, order: int = 2) -> sampling.Sampler:
-        return sampling.make_sampler(sampling.ModelApply(self.model), self.schedule, (batch, *self.shape), SamplerSpec(sampler="dpm++", steps=self.steps, order=order, clip_denoised=False))
+        return sampling.make_sampler(sampling.ModelApply(self.model), self.schedule, (batch, *self.shape),
+                                     SamplerSpec(sampler="dpm++", steps=self.steps, order=order, clip_denoised=False))
 
     def sample_fn(self, batch: int) -> tuple[Callable[[], Any], float]:
         """(run, seconds of the first call: compile + one chain)."""

@@ -63,7 +63,8 @@ def main() -> None:
                 state.params, jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
                 jax.ShapeDtypeStruct((batch,), jnp.int32))
         if "sample" not in skip:
-            sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (batch, *shape), SamplerSpec(sampler="ddpm", var_type="fixedlarge"))
+            sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (batch, *shape),
+                                            SamplerSpec(sampler="ddpm", var_type="fixedlarge"))
             programs["sample_1000_steps"] = lower_sampler(sampler, state.params)
         for name, lowered in programs.items():
             row = dict(kind=name, config=args.config, batch=batch, dtype=args.dtype, remat=args.remat,

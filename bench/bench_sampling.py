@@ -103,7 +103,8 @@ def main() -> None:
     # One lax.scan over the whole chain, per unroll factor.
     variants = {}
     for unroll in (int(u) for u in args.unroll.split(",")):
-        sampler = sampling.make_sampler(apply_fn, schedule, shape, SamplerSpec(steps=args.steps), unroll=unroll)
+        sampler = sampling.make_sampler(apply_fn, schedule, shape,
+                                        SamplerSpec(steps=args.steps), unroll=unroll)
         variants[f"scan_unroll{unroll}"] = lambda sampler=sampler: sampler(params, jax.random.key(2))
     variants["fori_loop"] = lambda: fori(params, jax.random.key(4))
     variants["python_loop"] = loop

@@ -191,7 +191,8 @@ class Ours:
     def sample_fn(self, batch: int, steps: int, sampler: str = "ddpm"):
         """`steps` respaced steps of ancestral sampling (the same per-step work as the full
         1000-step chain: one network call + one update) or of DDIM (eta 0), in one lax.scan."""
-        sampler = sampling.make_sampler(sampling.ModelApply(self.model), self.schedule, (batch, *self.shape), SamplerSpec(sampler=sampler, steps=steps, var_type="fixedlarge"))
+        sampler = sampling.make_sampler(sampling.ModelApply(self.model), self.schedule, (batch, *self.shape),
+                                        SamplerSpec(sampler=sampler, steps=steps, var_type="fixedlarge"))
         params = self.state.params
         # The same executable the sampler runs, compiled once more for XLA's memory analysis.
         temp = memory_mib(lower_sampler(sampler, params).compile())["temp_mib"]

@@ -78,7 +78,8 @@ def sample_checkpoint(workdir: str, *, sampler: str, steps: int | None, num_samp
     schedule = Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start,
                                beta_end=d.beta_end)
     shape = (min(batch_size, num_samples), data.image_size, data.image_size, data.channels)
-    chain = sampling.make_sampler(sampling.ModelApply(model), schedule, shape, **spec_and_options(sampler=sampler, steps=steps, mean_type=d.mean_type, var_type=d.var_type, **options))
+    chain = sampling.make_sampler(sampling.ModelApply(model), schedule, shape,
+                                  **spec_and_options(sampler=sampler, steps=steps, mean_type=d.mean_type, var_type=d.var_type, **options))
     start = time.perf_counter()
     images = sampling.draw_images(chain, params, jax.random.key(seed), num_samples,
                                   progress=False)

@@ -176,7 +176,8 @@ def test_sdedit_output_follows_the_law_of_the_chain_started_at_the_guide(sampler
     betas, eps = _independent_gaussian(1000, mu, s)
     t0 = sdedit_start_t(1000, 0.1)
     num = 512
-    chain = make_sampler(eps, Schedule.from_betas(betas), (num, 2, 2, 1), **spec_and_options(sampler=sampler, start_t=t0, clip_denoised=False, **options))
+    chain = make_sampler(eps, Schedule.from_betas(betas), (num, 2, 2, 1),
+                         **spec_and_options(sampler=sampler, start_t=t0, clip_denoised=False, **options))
     kept = np.asarray(chain.plan.timesteps)
     assert kept[-1] == t0 and np.all(np.diff(kept) > 0)
     x = np.asarray(chain(None, jax.random.key(4), init=np.full((num, 2, 2, 1), guide, np.float32),
@@ -197,7 +198,8 @@ def test_sdedit_at_strength_near_zero_returns_the_input(sampler):
     rng = np.random.default_rng(5)
     guide = rng.uniform(-0.9, 0.9, (16, 2, 2, 1)).astype(np.float32)
     options = dict(order=1) if sampler == "dpm++" else {}
-    chain = make_sampler(eps, Schedule.from_betas(betas), guide.shape, **spec_and_options(sampler=sampler, start_t=sdedit_start_t(1000, 1e-3), **options))
+    chain = make_sampler(eps, Schedule.from_betas(betas), guide.shape,
+                         **spec_and_options(sampler=sampler, start_t=sdedit_start_t(1000, 1e-3), **options))
     out = np.asarray(chain(None, jax.random.key(6), init=guide, start="q_x0")["images"])
     # One step at t = 0: noise of std sqrt(beta_0) = 0.01, then x0_hat (shrunk ~0.25% to mu).
     assert np.abs(out - guide).max() < 0.05
@@ -232,7 +234,8 @@ def test_ddim_inversion_converges_to_the_ode_solution_and_decodes_back():
     exact = np.sqrt(a) * mu + np.sqrt(a * s**2 + 1 - a) * (data - mu) / s
     errors = {}
     for steps in (100, 1000):
-        decoder = make_sampler(eps, schedule, data.shape, SamplerSpec(sampler="ddim", steps=steps, clip_denoised=False))
+        decoder = make_sampler(eps, schedule, data.shape,
+                               SamplerSpec(sampler="ddim", steps=steps, clip_denoised=False))
         latents = ddim_encode(eps, None, decoder.plan, data)
         back = decoder(None, jax.random.key(0), init=latents, start="x_t")["images"]
         errors[steps] = (np.abs(np.asarray(latents, np.float64) - exact).max(),
@@ -268,7 +271,8 @@ def test_slerp_keeps_the_norm_between_orthogonal_latents():
 
 def test_rows_that_share_an_index_share_their_noise():
     betas, eps = _independent_gaussian(50)
-    chain = make_sampler(eps, Schedule.from_betas(betas), (4, 2, 2, 1), SamplerSpec(var_type="fixedlarge"), start_t=20)
+    chain = make_sampler(eps, Schedule.from_betas(betas), (4, 2, 2, 1),
+                         SamplerSpec(var_type="fixedlarge"), start_t=20)
     init = np.full((4, 2, 2, 1), 0.4, np.float32)
     out = np.asarray(chain(None, jax.random.key(9), init=init, start="x_t",
                            rows=np.array([7, 7, 8, 8]))["images"])

@@ -223,7 +223,9 @@ def test_balanced_labels_and_guidance_reach_the_samples(tmp_path, cache_dir, dig
     np.testing.assert_array_equal(saved["labels"], np.arange(7) % 3)
     # The same images as the sampler gives for those classes (in one batch of 8: the batch
     # size does not matter), with the key the protocol documents for samples.
-    sampler = sampling.make_sampler(_CLASS_APPLY, schedule, (8, 16, 16, 1), SamplerSpec(sampler="ddim", steps=5, eta=0.0, var_type="fixedlarge"), guidance=2.0)
+    sampler = sampling.make_sampler(_CLASS_APPLY, schedule, (8, 16, 16, 1),
+                                    SamplerSpec(sampler="ddim", steps=5, eta=0.0, var_type="fixedlarge"),
+                                    guidance=2.0)
     expected = sampling.draw_images(sampler, params, jax.random.fold_in(jax.random.key(0), 2), 7,
                                     labels=np.arange(7) % 3, progress=False)
     np.testing.assert_array_equal(saved["images"], expected)

@@ -88,7 +88,8 @@ def test_guided_samples_land_in_the_requested_component_at_the_theoretical_rate(
     eps, classifier = _Fn(mixture.eps), _Fn(mixture.classifier, num_classes=2)
     rates = {}
     for scale in (0.0, 1.0, 4.0):
-        chain = make_sampler(eps, Schedule.from_betas(betas), (num, 1, 1, 1), **spec_and_options(sampler=sampler, clip_denoised=False, classifier=classifier, classifier_scale=scale, **options))
+        chain = make_sampler(eps, Schedule.from_betas(betas), (num, 1, 1, 1),
+                             **spec_and_options(sampler=sampler, clip_denoised=False, classifier=classifier, classifier_scale=scale, **options))
         x = np.asarray(chain(None, jax.random.key(0), labels=np.ones(num, np.int32),
                              classifier_params=())["images"]).ravel()
         rates[scale] = float(np.mean(x > 0))
@@ -108,9 +109,11 @@ def test_scale_zero_equals_unguided_sampling_bit_for_bit(sampler, options):
     mixture = Mixture(betas, 0.5, 0.3)
     eps = _Fn(mixture.eps)
     schedule = Schedule.from_betas(betas)
-    plain = make_sampler(eps, schedule, (64, 1, 1, 1), **spec_and_options(sampler=sampler, **options))(
+    plain = make_sampler(eps, schedule, (64, 1, 1, 1),
+                         **spec_and_options(sampler=sampler, **options))(
             None, jax.random.key(1))["images"]
-    guided = make_sampler(eps, schedule, (64, 1, 1, 1), **spec_and_options(sampler=sampler, classifier=_Fn(
+    guided = make_sampler(eps, schedule, (64, 1, 1, 1),
+                          **spec_and_options(sampler=sampler, classifier=_Fn(
             mixture.classifier, num_classes=2), classifier_scale=0.0, **options))(
             None, jax.random.key(1), labels=np.zeros(64, np.int32), classifier_params=())["images"]
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(guided))
@@ -190,7 +193,8 @@ def runs(tmp_path_factory):
 
 
 def test_the_classifier_config_trains_by_the_loop_and_reports_accuracy_per_t_band(runs):
-    from ddpm_jax import runs, writers
+    from ddpm_jax import runs as runs_lib
+    from ddpm_jax import writers
 
     workdir = runs[0]
     records = [r for r in writers.read_metrics(workdir) if "accuracy" in r]
@@ -200,7 +204,7 @@ def test_the_classifier_config_trains_by_the_loop_and_reports_accuracy_per_t_ban
             assert np.isfinite(record[key]), (key, record)
         assert 0.0 <= record["accuracy"] <= 1.0
     assert records[-1]["loss"] < records[0]["loss"]  # 30 steps at lr 1e-3 do learn something
-    _, model, params = runs.load_for_sampling(workdir, "ema")
+    _, model, params = runs_lib.load_for_sampling(workdir, "ema")
     assert isinstance(model, NoisyClassifier) and model.classes == 10
     logits = ClassifierApply(model)(params, jnp.zeros((2, 8, 8, 1)), jnp.array([0, 999]))
     assert logits.shape == (2, 10)

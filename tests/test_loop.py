@@ -355,7 +355,9 @@ def test_sample_py_draws_chosen_classes_of_a_conditional_run(tmp_path, data_dir,
     config.eval.labels, config.eval.guidance = "balanced", 1.5
     mesh, schedule = parallel.make_mesh(), config_lib.schedule_from_config(config)
     loop.write_sample_grid(config, model, schedule, params, mesh, str(tmp_path / "loop.png"))
-    sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (5, 8, 8, 1), SamplerSpec(sampler=config.sampling.sampler, steps=3, mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type), guidance=1.5)
+    sampler = sampling.make_sampler(sampling.ModelApply(model), schedule, (5, 8, 8, 1),
+                                    SamplerSpec(sampler=config.sampling.sampler, steps=3, mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type),
+                                    guidance=1.5)
     expected = sampling.draw_images(sampler, params, jax.random.PRNGKey(config.training.seed + 1),
                                     5, labels=np.arange(5) % 10, progress=False)
     images.save_image_grid(expected, str(tmp_path / "expected.png"))

@@ -166,7 +166,8 @@ def reference_ddim(eps_fn, betas, kept, shape, key, eta, mean_type="eps"):
 ])
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        make_sampler(ModelApply(TinyDenoiser(2)), Schedule.from_betas(scaled_linear(T)), SHAPE, **spec_and_options(**kwargs))
+        make_sampler(ModelApply(TinyDenoiser(2)), Schedule.from_betas(scaled_linear(T)), SHAPE,
+                     **spec_and_options(**kwargs))
 
 
 # ------------------------------------------------------------------- structure, compilation
@@ -189,7 +190,8 @@ def _eqns(jaxpr):
 ])
 def test_jaxpr_holds_one_scan_over_the_steps_with_one_model_copy(options, length):
     model, params = tiny()
-    sampler = make_sampler(ModelApply(model), Schedule.from_betas(scaled_linear(T)), SHAPE, **spec_and_options(**options))
+    sampler = make_sampler(ModelApply(model), Schedule.from_betas(scaled_linear(T)), SHAPE,
+                           **spec_and_options(**options))
     jaxpr = jax.make_jaxpr(lambda p, k: sampler(p, k))(params, jax.random.key(0)).jaxpr
     eqns = list(_eqns(jaxpr))
     loops = [e for e in eqns if e.primitive.name in ("scan", "while")]
@@ -234,7 +236,8 @@ def test_dpm_solver_compiles_once_for_two_spacings_of_the_same_length():
     model, params = tiny()
     apply_fn, traces = counting_apply(model)
     schedule = Schedule.from_betas(scaled_linear(T))
-    runs = [make_sampler(apply_fn, schedule, SHAPE, SamplerSpec(sampler="dpm++", steps=steps, spacing=spacing))(params, jax.random.key(0))["images"]
+    runs = [make_sampler(apply_fn, schedule, SHAPE,
+                         SamplerSpec(sampler="dpm++", steps=steps, spacing=spacing))(params, jax.random.key(0))["images"]
             for steps, spacing in ((10, "time"), (10, "logsnr"), ("ddim10", "time"))]
     assert len(traces) == 1  # timesteps and solver weights are plan data
     assert np.abs(np.asarray(runs[0]) - np.asarray(runs[1])).max() > 1e-3
@@ -262,7 +265,8 @@ def test_ancestral_matches_python_loop_reference(options):
         # of the weights moves the samples by ~1 after 50 steps); shrunk weights contract.
         params = jax.tree.map(lambda p: 0.2 * p, params)
     betas, key = scaled_linear(T), jax.random.key(3)
-    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, **spec_and_options(**options))(params, key)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE,
+                       **spec_and_options(**options))(params, key)
     expected, records = reference_ancestral(functools.partial(reference_apply, model, params),
                                             betas, SHAPE, key, options["var_type"], record_every=7,
                                             mean_type=mean_type)
@@ -285,7 +289,8 @@ DDIM_CASES = [("ddim10", np.arange(0, T, 5), 0.0),
 def test_ddim_matches_python_loop_reference(steps, kept, eta, mean_type):
     model, params = tiny()
     betas, key = scaled_linear(T), jax.random.key(4)
-    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, SamplerSpec(sampler="ddim", steps=steps, eta=eta, mean_type=mean_type))(params, key)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE,
+                       SamplerSpec(sampler="ddim", steps=steps, eta=eta, mean_type=mean_type))(params, key)
     expected = reference_ddim(functools.partial(reference_apply, model, params), betas, kept,
                               SHAPE, key, eta, mean_type)
     np.testing.assert_allclose(out["images"], expected, atol=1e-5)
@@ -296,10 +301,13 @@ def test_ddim_eta_one_on_all_steps_is_ancestral_fixedsmall():
     # both samplers draw the same z_i: the chains agree sample by sample, not just in law.
     model, params = tiny()
     schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(5)
-    ddim = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler="ddim", eta=1.0))(params, key)
-    ddpm = make_sampler(ModelApply(model), schedule, SHAPE, **spec_and_options(**ANCESTRAL_SMALL))(params, key)
+    ddim = make_sampler(ModelApply(model), schedule, SHAPE,
+                        SamplerSpec(sampler="ddim", eta=1.0))(params, key)
+    ddpm = make_sampler(ModelApply(model), schedule, SHAPE,
+                        **spec_and_options(**ANCESTRAL_SMALL))(params, key)
     np.testing.assert_allclose(ddim["images"], ddpm["images"], atol=1e-5)
-    assert np.abs(ddim["images"] - make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler="ddim", eta=0.0))(params, key)["images"]).max() > 0.01
+    assert np.abs(ddim["images"] - make_sampler(ModelApply(model), schedule, SHAPE,
+                                                SamplerSpec(sampler="ddim", eta=0.0))(params, key)["images"]).max() > 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,9 +335,9 @@ def test_trained_learned_variance_model_samples_with_a_fixed_variance():
     state = training.TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                                 ema_params=params, rng=jax.random.PRNGKey(0),
                                 nonfinite_in_a_row=zero, nonfinite_total=zero)
-    step = jax.jit(functools.partial(
-            training.train_step, model=model, optimizer=optimizer, base_lr=1e-2, warmup_steps=0,
-            ema_decay=0.5, var_type="learned_range", loss_type="hybrid"))
+    step = jax.jit(functools.partial(training.train_step, settings=training.StepConfig(
+            model=model, optimizer=optimizer, base_lr=1e-2, warmup_steps=0, ema_decay=0.5,
+            var_type="learned_range", loss_type="hybrid")))
     for seed in range(2):
         batch = {"image": jax.random.uniform(jax.random.PRNGKey(seed), SHAPE, minval=-1, maxval=1)}
         new_state, metrics = step(state, batch, schedule)
@@ -339,9 +347,12 @@ def test_trained_learned_variance_model_samples_with_a_fixed_variance():
         state = new_state
     params, key = state.ema_params, jax.random.key(3)
     options = dict(return_every=7)  # the learned_range reference test's program
-    learned = make_sampler(ModelApply(model), schedule, SHAPE, **spec_and_options(var_type="learned_range", **options))(params, key)["images"]
-    fixed = make_sampler(ModelApply(model), schedule, SHAPE, **spec_and_options(var_type="fixedlarge", **options))(params, key)["images"]
-    mean_half = make_sampler(MeanHalf(model, channels), schedule, SHAPE, **spec_and_options(var_type="fixedlarge", **options))(params, key)["images"]
+    learned = make_sampler(ModelApply(model), schedule, SHAPE,
+                           **spec_and_options(var_type="learned_range", **options))(params, key)["images"]
+    fixed = make_sampler(ModelApply(model), schedule, SHAPE,
+                         **spec_and_options(var_type="fixedlarge", **options))(params, key)["images"]
+    mean_half = make_sampler(MeanHalf(model, channels), schedule, SHAPE,
+                             **spec_and_options(var_type="fixedlarge", **options))(params, key)["images"]
     assert fixed.shape == learned.shape == SHAPE
     np.testing.assert_allclose(fixed, mean_half, rtol=0, atol=1e-6)
     assert np.abs(np.asarray(learned) - np.asarray(fixed)).max() > 1e-3  # the variance matters
@@ -454,7 +465,9 @@ def test_dpm_solver_every_step_is_the_published_update(order, steps, spacing):
     first step, min(order, steps taken + 1) after, 1 on the last, <= 2 second-to-last below 15."""
     model, params = tiny()
     betas, key = scaled_linear(T), jax.random.key(11)
-    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE, SamplerSpec(sampler="dpm++", steps=steps, order=order, spacing=spacing), return_every=1, progressive=("pred_x0", "x_t"))(params, key)
+    out = make_sampler(ModelApply(model), Schedule.from_betas(betas), SHAPE,
+                       SamplerSpec(sampler="dpm++", steps=steps, order=order, spacing=spacing),
+                       return_every=1, progressive=("pred_x0", "x_t"))(params, key)
     kept = out["progressive_timesteps"][::-1]  # chain index i -> t
     assert len(kept) == steps
     abar = np.cumprod(1.0 - betas)[kept]
@@ -480,10 +493,13 @@ def test_solver_order_one_is_ddim(solver, eta, spacing):
     # eta 1 (same grid, same key: the same noise z_i at every chain index, so the same images).
     model, params = tiny()
     schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(12)
-    first = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler=solver, order=1, steps=9, spacing=spacing))(params, key)["images"]
-    ddim = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler="ddim", eta=eta, steps=9, spacing=spacing))(params, key)["images"]
+    first = make_sampler(ModelApply(model), schedule, SHAPE,
+                         SamplerSpec(sampler=solver, order=1, steps=9, spacing=spacing))(params, key)["images"]
+    ddim = make_sampler(ModelApply(model), schedule, SHAPE,
+                        SamplerSpec(sampler="ddim", eta=eta, steps=9, spacing=spacing))(params, key)["images"]
     np.testing.assert_allclose(np.asarray(first), np.asarray(ddim), atol=2e-5)
-    second = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler=solver, steps=9, spacing=spacing))(params, key)["images"]
+    second = make_sampler(ModelApply(model), schedule, SHAPE,
+                          SamplerSpec(sampler=solver, steps=9, spacing=spacing))(params, key)["images"]
     assert np.abs(np.asarray(second) - np.asarray(first)).max() > 1e-3  # order 2 is another method
 
 
@@ -516,7 +532,9 @@ def test_sde_dpm_solver_samples_gaussian_data_by_its_exact_law(order, steps, dat
 def test_dynamic_threshold_replaces_the_clip(sampler):
     model, params = tiny()
     schedule, key = Schedule.from_betas(scaled_linear(T)), jax.random.key(14)
-    runs = {threshold: np.asarray(make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler=sampler, steps=6, threshold=threshold), return_every=1)(params, key)["pred_x0"]) for threshold in (None, 0.5)}
+    runs = {threshold: np.asarray(make_sampler(ModelApply(model), schedule, SHAPE,
+                                               SamplerSpec(sampler=sampler, steps=6, threshold=threshold),
+                                               return_every=1)(params, key)["pred_x0"]) for threshold in (None, 0.5)}
     clipped, thresholded = runs[None], runs[0.5]
     assert np.abs(thresholded).max() <= 1.0 + 1e-6
     # Where half of an example's pixels exceed 1, it is rescaled, not clipped: fewer pixels at +-1.
@@ -566,7 +584,8 @@ def test_keys_are_deterministic_and_per_example():
     model, params = tiny()
     schedule = Schedule.from_betas(scaled_linear(T))
     steps, _, eta = DDIM_CASES[1]  # the whole batch reuses the DDIM reference's program
-    whole = make_sampler(ModelApply(model), schedule, SHAPE, SamplerSpec(sampler="ddim", steps=steps, eta=eta))
+    whole = make_sampler(ModelApply(model), schedule, SHAPE,
+                         SamplerSpec(sampler="ddim", steps=steps, eta=eta))
     a = np.asarray(whole(params, jax.random.key(9))["images"])
     np.testing.assert_array_equal(a, whole(params, jax.random.key(9))["images"])
     assert np.abs(a - np.asarray(whole(params, jax.random.key(10))["images"])).max() > 0.1
@@ -582,8 +601,10 @@ def test_a_row_depends_only_on_the_key_and_its_global_index():
 
     schedule = Schedule.from_betas(scaled_linear(T))
     steps, _, eta = DDIM_CASES[1]
-    whole = make_sampler(elementwise, schedule, SHAPE, SamplerSpec(sampler="ddim", steps=steps, eta=eta))
-    halves = make_sampler(elementwise, schedule, (2,) + SHAPE[1:], SamplerSpec(sampler="ddim", steps=steps, eta=eta))
+    whole = make_sampler(elementwise, schedule, SHAPE,
+                         SamplerSpec(sampler="ddim", steps=steps, eta=eta))
+    halves = make_sampler(elementwise, schedule, (2,) + SHAPE[1:],
+                          SamplerSpec(sampler="ddim", steps=steps, eta=eta))
     a = np.asarray(whole(jnp.float32(1.3), jax.random.key(9))["images"])
     split = np.concatenate([halves(jnp.float32(1.3), jax.random.key(9), 0)["images"],
                             halves(jnp.float32(1.3), jax.random.key(9), 2)["images"]])
@@ -830,7 +851,8 @@ def test_class_conditional_samples_through_model_denoise_fn_and_null_label_throu
     first, second = images(jnp.zeros((2,), jnp.int32)), images(jnp.ones((2,), jnp.int32))
     null = images(jnp.full((2,), 2, jnp.int32))
     assert np.abs(first - second).max() > 1e-3  # the label reaches the chain
-    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), SamplerSpec(sampler="ddim", steps=5))
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1),
+                           SamplerSpec(sampler="ddim", steps=5))
     np.testing.assert_allclose(np.asarray(sampler(params, key)["images"]), null, atol=1e-6)
 
 
@@ -865,11 +887,13 @@ def test_guidance_equals_a_model_with_the_guided_prediction(learned_var, w, samp
                    sampler=sampler)
     reference = sample(sampling.model_denoise_fn(model, guided, jnp.asarray(labels)), schedule,
                        (2, 4, 4, 1), key, **options)["images"]
-    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), **spec_and_options(guidance=w, **options))
+    sampler = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1),
+                           **spec_and_options(guidance=w, **options))
     out = np.asarray(sampler(params, key, labels=labels)["images"])
     np.testing.assert_allclose(out, np.asarray(reference), atol=1e-5)
     if w:
-        plain = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), **spec_and_options(**options))
+        plain = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1),
+                             **spec_and_options(**options))
         assert np.abs(out - np.asarray(plain(params, key, labels=labels)["images"])).max() > 1e-3
 
 
@@ -888,7 +912,8 @@ def test_bad_labels_and_guidance_are_named():
         with pytest.raises(ValueError, match=re.escape(f"guidance={bad!r}: use a finite number "
                                                        ">= 0 and <= 1000")):
             make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), guidance=bad)
-    guided = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1), SamplerSpec(steps=3), guidance=1.0)
+    guided = make_sampler(ModelApply(model), schedule, (2, 4, 4, 1),
+                          SamplerSpec(steps=3), guidance=1.0)
     with pytest.raises(ValueError, match=r"built with guidance: pass labels"):
         guided(params, key)
     unconditional, uparams = tiny()
@@ -908,7 +933,8 @@ def test_draw_images_with_labels_does_not_depend_on_the_batch_size():
     schedule = Schedule.create("linear", 20)
     labels = np.array([0, 1, 1, 0, 1])
     key = jax.random.key(3)
-    small, large = (make_sampler(ModelApply(model), schedule, (b, 4, 4, 1), SamplerSpec(steps=4), guidance=0.5)
+    small, large = (make_sampler(ModelApply(model), schedule, (b, 4, 4, 1),
+                                 SamplerSpec(steps=4), guidance=0.5)
                     for b in (2, 8))
     a = sampling.draw_images(small, params, key, 5, labels=labels, progress=False)
     b = sampling.draw_images(large, params, key, 5, labels=labels, progress=False)

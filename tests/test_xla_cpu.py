@@ -59,7 +59,8 @@ def test_sampler_runs_inside_a_callers_jit():
     def apply_fn(params, x, t):
         return params * x + 0.01 * t[:, None, None, None].astype(x.dtype)
 
-    sampler = make_sampler(apply_fn, Schedule.create("linear", 20), (2, 4, 4, 1), SamplerSpec(sampler="ddpm", steps=5))
+    sampler = make_sampler(apply_fn, Schedule.create("linear", 20), (2, 4, 4, 1),
+                           SamplerSpec(sampler="ddpm", steps=5))
     params, key = jnp.float32(0.3), jax.random.key(3)
     top = sampler(params, key)["images"]
     inside = jax.jit(lambda p, k: sampler(p, k)["images"])(params, key)
