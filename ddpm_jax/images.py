@@ -35,10 +35,15 @@ def to_model_range(images: Any) -> Any:
     return (images.astype(np.float32) - 127.5) / 127.5
 
 
-def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+GUTTER = 128  # mid-gray between tiles: apart from black backgrounds and white strokes alike
+
+
+def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2,
+               gutter: int = GUTTER) -> np.ndarray:
     """Tiles uint8 images [N, H, W, C] (C = 1 or 3) into one [rows*(H+p)+p, nrow*(W+p)+p, C]
-    array with `padding` black pixels between tiles; nrow (tiles per row) defaults to
-    ceil(sqrt(N))."""
+    array with `padding` pixels of value `gutter` around and between tiles (and in empty
+    slots); nrow (tiles per row) defaults to ceil(sqrt(N)). The gutter is gray, not black, so
+    that tiles with black backgrounds (digits) do not run into each other."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
         raise ValueError(f"Expected uint8 images [N, H, W, 1 or 3]; got {images.dtype} of shape "
@@ -48,7 +53,8 @@ def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) ->
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1; got {nrow!r}.")
     rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
+    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), gutter,
+                   np.uint8)
     for k in range(n):
         top, left = padding + (k // nrow) * (h + padding), padding + (k % nrow) * (w + padding)
         grid[top:top + h, left:left + w] = images[k]

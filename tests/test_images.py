@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax.images import image_grid, save_image_grid, to_uint8, upscale_nearest
+from ddpm_jax.images import GUTTER, image_grid, save_image_grid, to_uint8, upscale_nearest
 
 
 def test_to_uint8_inverts_the_data_scaling_and_clips():
@@ -21,8 +21,17 @@ def test_grid_places_tiles_row_major_with_padding():
     for k in range(5):
         top, left = 1 + (k // 3) * 3, 1 + (k % 3) * 4
         assert (grid[top:top + 2, left:left + 3] == 10 * (k + 1)).all()
-    assert (grid[4:6, 9:12] == 0).all()  # the sixth slot stays empty
-    assert (grid[0] == 0).all() and (grid[:, 0] == 0).all()
+    assert (grid[4:6, 9:12] == GUTTER).all()  # the sixth slot stays empty
+    assert (grid[0] == GUTTER).all() and (grid[:, 0] == GUTTER).all()
+
+
+def test_neighbouring_tiles_are_separated_by_a_gutter_neither_black_nor_white():
+    """Digits are white strokes on black: a black gutter let strokes run from one tile into the
+    next. Between two black tiles, and between two white ones, the gutter stands out."""
+    for value in (0, 255):
+        grid = image_grid(np.full((2, 4, 4, 1), value, np.uint8), nrow=2, padding=2)
+        between = grid[2:6, 6:8]
+        assert between.shape == (4, 2, 1) and np.all(np.abs(between.astype(int) - value) >= 100)
 
 
 def test_save_image_grid_writes_a_png(tmp_path):

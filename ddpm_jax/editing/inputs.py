@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-PADDING = 2  # black pixels around and between tiles, as ddpm_jax.images.image_grid writes them
+PADDING = 2  # gutter pixels around and between tiles, as ddpm_jax.images.image_grid writes them
 WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of a 16-bit greyscale PNG
 _UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError,
                zipfile.BadZipFile)
@@ -94,7 +94,7 @@ def load_images(path: str, *, image_shape: tuple[int, int, int], grid_cells: int
                 flag: str = "--images") -> np.ndarray:
     """uint8 [N, H, W, C] images from `path`: an .npz with key 'images' (uint8 [N, H, W, C], or
     [H, W, C] for one image) or a PNG: one H x W image, or with grid_cells=N a grid of N tiles in
-    image_grid's layout (nrow = ceil(sqrt(N)) per row, 2 black pixels around/between tiles),
+    image_grid's layout (nrow = ceil(sqrt(N)) per row, 2 gutter pixels around/between tiles),
     possibly upscaled k times per tile as save_image_grid's tile_px does (k is detected).
     image_shape: the model's (H, W, C), C = 1 ('L') or 3 ('RGB'). grid_cells is for PNGs only."""
     h, w, c = image_shape
