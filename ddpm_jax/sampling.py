@@ -1,6 +1,8 @@
 """Sampling the reverse process as one XLA program: ancestral (DDPM), DDIM, DPM-Solver++
-(multistep, orders 1-3) and SDE-DPM-Solver++ (orders 1-2), on all T steps or on a respaced sub-sequence of S <= T steps, each a
-single `lax.scan` over the steps.
+(multistep, orders 1-3) and SDE-DPM-Solver++ (orders 1-2), on all T steps or on a respaced
+sub-sequence of S <= T steps, each a single `lax.scan` over the steps (`reverse.py`). What a
+chain runs is a `spec.SamplerSpec`; `make_sampler` builds its plan once and compiles the chain
+on first use; `Sampler` calls it; `draw_images` draws N images batch by batch.
 
 Everything that varies per step (the original timestep fed to the model, the DDIM
 coefficients, the respaced schedule) is a `plans.SamplingPlan` pytree passed to the compiled
