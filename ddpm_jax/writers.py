@@ -1,7 +1,6 @@
-"""Metric writers: JSON lines and TensorBoard event files (workdir/tensorboard, written by
-`tensorboardX`, a runtime dependency: `tensorboard --logdir WORKDIR` opens a run). Only process 0
-writes; on other processes every method is a no-op, so callers need no
-`if process_index() == 0`.
+"""Metric writers: JSON lines (always) and TensorBoard event files (when a writer is importable
+without TensorFlow, i.e. `tensorboardX`). Only process 0 writes; on other processes every
+method is a no-op, so callers need no `if process_index() == 0`.
 """
 
 from __future__ import annotations
@@ -21,14 +20,13 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def _tensorboard_writer(logdir: str) -> Any | None:
-    """A tensorboardX SummaryWriter, or None (with a warning) when tensorboardX cannot be
-    imported (an install without the package's declared dependencies)."""
+    """A tensorboardX SummaryWriter, or None (logged once at INFO) when it is not installed."""
     try:
         import tensorboardX
     except ImportError as e:
-        logging.warning("TensorBoard output is off: tensorboardX is not importable (%s); "
-                        "reinstall with `pip install -e .`. Metrics still go to %s.",
-                        e, METRICS_FILE)
+        logging.info("TensorBoard output is off: tensorboardX is not importable (%s). "
+                     "`pip install tensorboardX` to get event files; metrics still go to %s.",
+                     e, METRICS_FILE)
         return None
     return tensorboardX.SummaryWriter(logdir=logdir, flush_secs=30)
 

@@ -1,9 +1,7 @@
-"""Metric writers: JSON lines (one valid JSON object per step) and TensorBoard event files,
-process 0 only."""
+"""JSON-lines metrics: one valid JSON object per step, process 0 only."""
 
 import json
 import os
-import struct
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,31 +38,3 @@ def test_drop_records_after_keeps_earlier_steps_and_drops_a_torn_line(tmp_path):
     assert writers.drop_records_after(str(tmp_path), 3) == 0  # nothing to drop: untouched
     assert writers.drop_records_after(str(tmp_path / "fresh"), 0) == 0  # no file yet
     assert sorted(os.listdir(tmp_path)) == [writers.METRICS_FILE]  # no temporary left
-
-
-def _event_scalars(logdir):
-    """{(tag, step): value} read back from TensorBoard event files: TFRecord framing (length,
-    its CRC, the Event proto, its CRC), parsed with tensorboardX's own Event proto."""
-    from tensorboardX.proto import event_pb2
-    values = {}
-    for name in sorted(os.listdir(logdir)):
-        data = (logdir / name).read_bytes()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                values[value.tag, event.step] = value.simple_value
-    return values
-
-
-def test_event_files_are_written_by_default_and_hold_the_scalars(tmp_path):
-    with writers.MetricWriter(str(tmp_path)) as writer:
-        writer.write_scalars(10, {"loss": 0.5, "grad_norm": np.float32(2.0)})
-        writer.write_scalars(20, {"loss": 0.25})
-    logdir = tmp_path / writers.TENSORBOARD_DIR
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(logdir))
-    scalars = _event_scalars(logdir)
-    assert scalars[("loss", 10)] == 0.5 and scalars[("loss", 20)] == 0.25
-    assert scalars[("grad_norm", 10)] == 2.0
