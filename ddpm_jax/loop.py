@@ -118,10 +118,12 @@ def jitted_create_train_state(mesh: Mesh) -> Callable[..., training.TrainState]:
 
 
 class _MetricAccumulator:
-    """Per-dispatch metrics kept on device until a log step fetches them in one transfer."""
+    """Per-dispatch metrics kept on device until a log step fetches them in one transfer;
+    also the time and step of the last log, for the rates."""
 
-    def __init__(self):
+    def __init__(self, step: int):
         self.pending: list[dict[str, Array]] = []
+        self.last_time, self.last_step = time.time(), step
 
     def add(self, metrics: dict[str, Array]) -> None:
         self.pending.append(metrics)
@@ -314,8 +316,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run:
     step_fn = functools.partial(jitted_train_step(mesh, k), settings=run.settings)
     stack = jax.jit(lambda *bs: jax.tree.map(lambda *x: jnp.stack(x), *bs),
                     out_shardings=NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS)))
-    accumulator, previous_metrics = _MetricAccumulator(), None
-    rate = [time.time(), step]   # the last log's time and step
+    accumulator, previous_metrics = _MetricAccumulator(step), None
     while step < t.num_steps:
         k_now = min(k, t.num_steps - step)
         batches = [next(run.iterator) for _ in range(k_now)]
@@ -330,7 +331,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run:
         previous_metrics = metrics
         scalars = None
         if due(step, t.log_every, t.num_steps, prev_step=previous):
-            scalars = _log_scalars(accumulator, writer, step, rate, t.batch_size)
+            scalars = _log_scalars(accumulator, writer, step, t.batch_size)
             _check_nonfinite(metrics, step, t.max_nonfinite_in_a_row, run.manager.latest_step())
         if jax.process_index() == 0 and progress is not None:
             progress(step, scalars)
@@ -341,13 +342,14 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run:
 
 
 def _log_scalars(accumulator: _MetricAccumulator, writer: writers.MetricWriter, step: int,
-                 rate: list, batch_size: int) -> dict[str, float]:
+                 batch_size: int) -> dict[str, float]:
     """The metrics since the last log, with steps/s and examples/s, written at `step`."""
     scalars = accumulator.reduce()
     now = time.time()
-    scalars["steps_per_sec"] = (step - rate[1]) / max(now - rate[0], 1e-9)
+    elapsed = max(now - accumulator.last_time, 1e-9)
+    scalars["steps_per_sec"] = (step - accumulator.last_step) / elapsed
     scalars["examples_per_sec"] = scalars["steps_per_sec"] * batch_size
-    rate[:] = [now, step]
+    accumulator.last_time, accumulator.last_step = now, step
     writer.write_scalars(step, scalars)
     return scalars
 
