@@ -1,0 +1,5 @@
+# %% [markdown]
+# # digits_tour
+
+# %%
+print(1)

@@ -1,0 +1,5 @@
+# %% [markdown]
+# # new_sampler
+
+# %%
+print(1)

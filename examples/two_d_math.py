@@ -1,0 +1,5 @@
+# %% [markdown]
+# # two_d_math
+
+# %%
+print(1)
