@@ -1,10 +1,17 @@
-"""Metric writers: JSON lines (always) and TensorBoard event files (when a writer is importable
-without TensorFlow, i.e. `tensorboardX`). Only process 0 writes; on other processes every
-method is a no-op, so callers need no `if process_index() == 0`.
+"""Metric writers: JSON lines (workdir/metrics.jsonl) and TensorBoard event files
+(workdir/tensorboard; `tensorboard --logdir WORKDIR` opens a run). Only process 0 writes; on other
+processes every method is a no-op, so callers need no `if process_index() == 0`.
+
+The event files are written synchronously with `tensorboardX`'s record writer and protos (no
+TensorFlow, and no background thread: tensorboardX's `SummaryWriter` writes from a thread that
+dies on a full disk, after which its bounded queue blocks the training loop). A failed event-file
+write (a full disk, a vanished directory) turns the event files off with one warning; the run and
+metrics.jsonl go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,16 +26,50 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def _tensorboard_writer(logdir: str) -> Any | None:
-    """A tensorboardX SummaryWriter, or None (logged once at INFO) when it is not installed."""
+class _EventFile:
+    """One TensorBoard event file in `logdir`, appended synchronously; raises OSError on I/O
+    failure (the caller turns the event files off)."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(logdir, "events"))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        summary = self._summary_pb2.Summary(value=[
+            self._summary_pb2.Summary.Value(tag=name, simple_value=value)
+            for name, value in values.items()])
+        self._write(step, summary)
+
+    def text(self, step: int, name: str, text: str) -> None:
+        from tensorboardX.summary import text as text_summary
+        self._write(step, text_summary(name, text))
+
+    def _write(self, step: int, summary: Any) -> None:
+        self._writer.write_event(
+            self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _open_event_file(logdir: str) -> _EventFile | None:
+    """An event file in `logdir`, or None with one warning when tensorboardX cannot be imported
+    (an install without the package's declared dependencies) or the file cannot be created."""
     try:
-        import tensorboardX
+        return _EventFile(logdir)
     except ImportError as e:
-        logging.info("TensorBoard output is off: tensorboardX is not importable (%s). "
-                     "`pip install tensorboardX` to get event files; metrics still go to %s.",
-                     e, METRICS_FILE)
-        return None
-    return tensorboardX.SummaryWriter(logdir=logdir, flush_secs=30)
+        logging.warning("TensorBoard event files are off: tensorboardX is not importable (%s); "
+                        "reinstall with `pip install -e .`. Metrics still go to %s.",
+                        e, METRICS_FILE)
+    except OSError as e:
+        logging.warning("TensorBoard event files are off: cannot create one in %s (%s). "
+                        "Metrics still go to %s.", logdir, e, METRICS_FILE)
+    return None
 
 
 def _to_python(value: Any) -> float | int:
@@ -56,7 +97,7 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
         if tensorboard:
-            self._tb = _tensorboard_writer(os.path.join(workdir, TENSORBOARD_DIR))
+            self._tb = _open_event_file(os.path.join(workdir, TENSORBOARD_DIR))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """step: the optimizer step the values belong to; scalars: name -> number."""
@@ -69,27 +110,40 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for name, value in values.items():
-                self._tb.add_scalar(name, value, int(step))
+            self._event_file_call(step, lambda: self._tb.scalars(int(step), values))
 
     def write_text(self, step: int, name: str, text: str) -> None:
         """Text (e.g. the resolved config) to TensorBoard only; a no-op without it."""
         if self.enabled and self._tb is not None:
-            self._tb.add_text(name, text, int(step))
+            self._event_file_call(step, lambda: self._tb.text(int(step), name, text))
+
+    def _event_file_call(self, step: int, write: Any) -> None:
+        """Runs an event-file write; on OSError turns the event files off with one warning."""
+        try:
+            write()
+        except OSError as e:
+            logging.warning("TensorBoard event files stopped at step %d: %s. The run goes on; "
+                            "its metrics still go to %s.", step, e, METRICS_FILE)
+            tb, self._tb = self._tb, None
+            with contextlib.suppress(OSError):
+                tb.close()
 
     def flush(self) -> None:
         if self._jsonl is not None:
             self._jsonl.flush()
-        if self._tb is not None:
-            self._tb.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Closes both files. Never raises OSError: it runs in the loop's `finally`, where an
+        error of its own (a full disk) would hide the error that ended the run."""
+        jsonl, self._jsonl = self._jsonl, None
+        tb, self._tb = self._tb, None
+        for handle, what in ((jsonl, METRICS_FILE), (tb, "the TensorBoard event file")):
+            if handle is None:
+                continue
+            try:
+                handle.close()
+            except OSError as e:
+                logging.warning("Could not close %s: %s.", what, e)
 
     def __enter__(self) -> MetricWriter:
         return self
