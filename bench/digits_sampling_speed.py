@@ -1,9 +1,9 @@
 """Digits sampling speed, ours against the diffusers peer: the same chain of network calls on
 the same 1.62M-parameter UNet at 8x8, 1,000 images in batches of 500, on this CPU.
 
-    python bench/digits_sampling_speed.py --workdir runs/q6/ours                 # ancestral 1000
-    python bench/digits_sampling_speed.py --workdir runs/q6/ours --steps 100 --rounds 3
-    python bench/digits_sampling_speed.py --workdir runs/q6/ours --score         # + digits-FIDs
+    python bench/digits_sampling_speed.py --workdir runs/digits                 # ancestral 1000
+    python bench/digits_sampling_speed.py --workdir runs/digits --steps 100 --rounds 3
+    python bench/digits_sampling_speed.py --workdir runs/digits --score         # + digits-FIDs
 
 Ours: the run's EMA weights through the compiled one-scan chain (`sampling.make_sampler`,
 ancestral with the run's variance, x0 clipped), first call included (the scan body compiles in

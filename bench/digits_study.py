@@ -56,7 +56,7 @@ VARIANTS: dict[str, list[str]] = {
     "lr5e-4-ema9995": NATIVE + OURS + ["--config.training.ema_decay=0.9995"],
     "lr5e-4-b128": NATIVE + OURS + ["--config.training.batch_size=128"],
     "lr5e-4-ch48": NATIVE + OURS + ["--config.model.ch=48"],
-    # Eighth session: on top of the 2,500-step default.
+    # On top of the shipped default config (measured when it trained 2,500 steps).
     "cosine": ["--config.training.lr_decay=cosine"],
     "linear": ["--config.training.lr_decay=linear"],
     "minsnr5": ["--config.training.loss_weight=min_snr"],

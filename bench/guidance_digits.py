@@ -3,7 +3,7 @@ n mod 10) from an unconditional run guided by a noise-conditional classifier run
 project's evaluation classifier (a clean-image classifier, not the guiding one): the share
 labelled as the requested class, and digits-FID against the train split.
 
-    python bench/guidance_digits.py --workdir runs/q3/ours --classifier runs/digits-clf \
+    python bench/guidance_digits.py --workdir runs/digits --classifier runs/digits-clf \
         --scales 0,1,2,5,10 --sampler ddim --steps 50
 
 Prints the protocol, JSON lines and a Markdown table. Never run by CI.

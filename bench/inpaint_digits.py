@@ -1,7 +1,7 @@
 """RePaint on held-out digits: the bottom half of every test digit masked and completed, then
 recognised by the project's digits classifier (the evaluation one, trained on the train split).
 
-    python bench/inpaint_digits.py --workdir runs/q3/ours --steps 250 --resamplings 1,10
+    python bench/inpaint_digits.py --workdir runs/digits --steps 250 --resamplings 1,10
 
 Rows: the clean test digits (the classifier's own ceiling), the masked input alone (bottom half
 black), and RePaint at each r (jump length j, ancestral steps on the run's variance, respaced to

@@ -3,18 +3,18 @@ steps; the main job took 8.7 minutes on a 2-core CPU (523 s, 2026-12-03; the tar
 Samples (grids, sample.py, evaluate.py) default to SDE-DPM-Solver++(2M) on 20 log-SNR steps.
 
 The settings come from a measured study of quality per CPU minute (BENCHMARKS.md, "Digits
-quality" and "Eighth session"): native 8x8 instead of 16x16 (4x fewer pixels per step), two res
+training recipe"): native 8x8 instead of 16x16 (4x fewer pixels per step), two res
 blocks per level with attention at 4x4, batch 64, a larger learning rate than the paper's, and an
 EMA that ramps up (`ema_warmup`) so a short run's average does not keep its random
-initialisation. The step count is what fits the 10 minutes: 1,800 steps (563 s) before the 2x2
-convolutions became matmuls (models/unet.py `Conv`), 2,500 after them, 3,000 now that DDIM-50 at
-2,500 steps stayed 1.39x the real images' digits-FID against held-out digits (3,000: about 1.2x).
+initialisation. The step count is what fits the 10 minutes; at 2,500 steps DDIM-50 scored 1.39x the real
+images' digits-FID against held-out digits, at 3,000 about 1.2x (BENCHMARKS.md, "Training
+length").
 A cosine learning-rate decay and Min-SNR-5 loss weighting (`training.lr_decay`,
 `training.loss_weight`) were measured at equal steps and are not used: the decay made DDIM-50
 worse (3.93 vs 2.84), Min-SNR-5 moved the scores within their seed spread.
 
 Variants: `configs/digits.py:tiny` (seconds, for tests), `configs/digits.py:16px` (the
-previous default: the digits upsampled to 16x16, one res block per level, 2,000 steps at
+digits upsampled to 16x16, one res block per level, 2,000 steps at
 batch 32), `configs/digits.py:classifier` (the noise-conditional classifier for classifier
 guidance; `classifier_tiny` for tests).
 """
