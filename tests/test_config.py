@@ -169,3 +169,23 @@ def test_evaluate_options_follow_the_same_spacing_rule():
     assert EvalOptions.from_config(config, sampler=dict(sampler="ddim")).sampler.spacing == "time"
     assert EvalOptions.from_config(
             config, sampler=dict(sampler="ddim", spacing="logsnr")).sampler.spacing == "logsnr"
+
+
+@pytest.mark.parametrize("name, variant", [
+    *[(name, variant) for name in ("cifar10", "celebahq", "lsun_bedroom", "lsun_cat",
+                                   "lsun_church", "digits") for variant in (None, "tiny")],
+    *[("digits", variant) for variant in ("16px", "classifier", "classifier_tiny", "cond",
+                                          "cond_tiny")]])
+def test_every_shipped_config_and_variant_validates(name, variant):
+    import importlib
+    config = importlib.import_module(f"configs.{name}").get_config(variant)
+    config_lib.validate(config)
+    if variant and variant.startswith("cond"):
+        # The one class-conditional digits config: labels 0..9, label dropout for guidance,
+        # the rest of the default run unchanged.
+        default = importlib.import_module("configs.digits").get_config(
+            "tiny" if variant.endswith("tiny") else None)
+        assert config.model.num_classes == 10 and config.training.label_dropout == 0.1
+        assert config.eval.labels == "balanced"
+        config.model.num_classes, config.eval.labels = None, "none"
+        assert config.to_dict() == default.to_dict()
