@@ -79,7 +79,7 @@ def make_manager(workdir: str, *, max_to_keep: int, keep_period: int | None = No
     """
     if max_to_keep < 1:
         raise ValueError(f"max_to_keep={max_to_keep}: keep at least 1 checkpoint "
-                         "(config.training.checkpoint_max_to_keep).")
+                         "(config.training.keep_checkpoints).")
     policies: list[Any] = [ocp_managers.LatestN(n=max_to_keep)]
     if keep_period:
         policies.append(ocp_managers.EveryNSteps(interval_steps=keep_period))

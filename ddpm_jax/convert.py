@@ -261,7 +261,7 @@ def _unet_folder(path: str | Path) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{folder} is not a folder: pass the directory holding {CONFIG_NAME} and {WEIGHT_NAMES[0]} "
-            "(e.g. from `huggingface-cli download google/ddpm-cifar10-32 --local-dir DIR`).")
+            "(e.g. from `hf download google/ddpm-cifar10-32 --local-dir DIR`).")
     if not (folder / CONFIG_NAME).is_file() and (folder / "unet" / CONFIG_NAME).is_file():
         return folder / "unet"
     if not (folder / CONFIG_NAME).is_file():

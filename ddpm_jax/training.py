@@ -4,7 +4,8 @@ The recipe is the official one (`diffusion_tf/diffusion_utils_2.py` + `scripts/r
 Adam (eps 1e-8) with a linear warmup `lr * min(1, step / warmup_steps)` (0 at step 0; an
 optional cosine or linear decay to 0 after it, off by default),
 global-norm gradient clipping before Adam, and an EMA of the parameters updated after every
-step from the new parameters, `ema = decay * ema + (1 - decay) * params` (no num_updates ramp).
+step from the new parameters, `ema = decay * ema + (1 - decay) * params` (the paper's constant
+decay; `training.ema_warmup` ramps it as min(decay, (1 + n) / (10 + n))).
 
 Every random number of step `s` comes from `fold_in(state.rng, s)`, drawn with global shapes
 inside the jitted step: results depend neither on how the loop is split into calls nor, under
