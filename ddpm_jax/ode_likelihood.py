@@ -241,12 +241,13 @@ def bpd_from_log_likelihood(log_likelihood: Array, num_dims: int) -> Array:
     return -log_likelihood / (num_dims * math.log(2.0)) + 7.0
 
 
-def _ode_bpd_batch_fn(apply_fn, params, knots, data, indices, key, *, options):
+def _ode_bpd_batch_fn(apply_fn, params, knots, data, indices, key, probe_key, *, options):
     def one(k, index):
         image_key = jax.random.fold_in(key, index)
         x = dequantize(k[None], jax.random.fold_in(image_key, 0))
-        out = ode_log_likelihood(apply_fn, params, knots, x, jax.random.fold_in(image_key, 1),
-                                 **dict(options))
+        probe = jax.random.fold_in(image_key if probe_key is None else
+                                   jax.random.fold_in(probe_key, index), 1)
+        out = ode_log_likelihood(apply_fn, params, knots, x, probe, **dict(options))
         out = jax.tree.map(lambda a: a[0], out)
         out["bpd"] = bpd_from_log_likelihood(out["log_likelihood"], k.size)
         return out
@@ -261,11 +262,13 @@ def _ode_bpd_batch() -> Callable[..., dict[str, Array]]:
 
 
 def evaluate_ode_bpd(apply_fn: Callable, params: Any, schedule: Schedule, data: np.ndarray,
-                     key: Array, *, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
-                     progress: bool = True, **options: Any) -> dict[str, np.ndarray]:
+                     key: Array, *, probe_key: Array | None = None, batch_size: int = 64,
+                     mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                     **options: Any) -> dict[str, np.ndarray]:
     """ODE bits/dim of every image of `data` (uint8 [N, H, W, C]): image n is dequantised with
-    fold_in(fold_in(key, n), 0) and probed with fold_in(fold_in(key, n), 1), so the numbers
-    depend neither on the batch size nor on the device count. options: `ode_log_likelihood`'s
+    fold_in(fold_in(key, n), 0) and probed with fold_in(fold_in(key, n), 1) (or, given
+    probe_key, fold_in(fold_in(probe_key, n), 1): new probes on the same dequantised data), so
+    the numbers depend neither on the batch size nor on the device count. options: `ode_log_likelihood`'s
     (mean_type, trace, solver, rtol, atol, num_steps, max_steps). Returns float64 / int arrays
     [N]: bpd, log_likelihood, nfe, steps, converged."""
     data = np.asarray(data)
@@ -287,7 +290,7 @@ def evaluate_ode_bpd(apply_fn: Callable, params: Any, schedule: Schedule, data: 
     def one_batch(start: int, chunk: np.ndarray) -> dict[str, Array]:
         indices = np.arange(start, start + batch, dtype=np.int32)
         return _ode_bpd_batch()(apply_fn, params, knots, _to_global(chunk, mesh),
-                                _to_global(indices, mesh), key,
+                                _to_global(indices, mesh), key, probe_key,
                                 options=tuple(sorted(options.items())))
 
     out = parallel.map_batches(one_batch, [data], batch, desc="ODE bits/dim", progress=progress)
