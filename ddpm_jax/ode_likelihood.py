@@ -47,6 +47,7 @@ from jax.flatten_util import ravel_pytree
 
 from ddpm_jax import parallel, xla_cpu
 from ddpm_jax.diffusion import split_model_output
+from ddpm_jax.likelihood import _to_global
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -295,12 +296,6 @@ def evaluate_ode_bpd(apply_fn: Callable, params: Any, schedule: Schedule, data: 
 
     out = parallel.map_batches(one_batch, [data], batch, desc="ODE bits/dim", progress=progress)
     return {k: np.asarray(v, np.float64 if v.dtype.kind == "f" else v.dtype) for k, v in out.items()}
-
-
-def _to_global(x: np.ndarray, mesh: jax.sharding.Mesh | None) -> Array | np.ndarray:
-    if mesh is None:
-        return x
-    return jax.make_array_from_callback(x.shape, parallel.data_sharding(mesh), lambda i: x[i])
 
 
 def ode_bpd_summary(result: dict[str, np.ndarray]) -> dict[str, float]:
