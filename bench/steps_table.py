@@ -81,12 +81,12 @@ def main() -> None:
     for sampler in samplers:
         for num_steps in steps:
             for seed in seeds:
-                options, steps, calls = steps_within(sampler, num_steps, args.corrector_snr)
+                options, chain_steps, calls = steps_within(sampler, num_steps, args.corrector_snr)
                 if options["sampler"] in DPM_SOLVERS:
                     options.update(spacing=args.dpm_spacing, order=2)
-                images, secs = sample_checkpoint(args.workdir, seed=seed, steps=steps,
+                images, secs = sample_checkpoint(args.workdir, seed=seed, steps=chain_steps,
                                                  num_samples=args.num_samples, **options)
-                row = dict(sampler=sampler, budget=num_steps, steps=steps, calls=calls,
+                row = dict(sampler=sampler, budget=num_steps, steps=chain_steps, calls=calls,
                            seed=seed, seconds=round(secs, 1), **yardstick.score(images))
                 print(json.dumps(row), flush=True)
                 if args.out:
