@@ -1,6 +1,7 @@
 """Evaluates a trained DDPM: bits/dim, FID / IS / KID with the protocol printed and saved.
 
     python evaluate.py --workdir runs/digits --metrics bpd,fid,is --num_samples 1000
+    python evaluate.py --workdir runs/digits --metrics bpd,ode_bpd --bpd_num_images 100
 
 Unset flags take the run's config.eval / config.sampling; see ddpm_jax/evaluate.py for the
 protocol of each measurement.
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from ddpm_jax import cli, features, sampling
-from ddpm_jax.evaluate import METRICS
+from ddpm_jax.evaluate import METRICS, sample_metrics
 from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
 
 FLAGS = flags.FLAGS
@@ -24,6 +25,7 @@ flags.DEFINE_list("metrics", "bpd,fid,is", f"Comma-separated, from {','.join(MET
 flags.DEFINE_integer("num_samples", None, "Generated images for FID / IS / KID "
                      "(default config.eval.fid_num_samples).", lower_bound=2)
 cli.define_sampler_flags(variance=False)
+cli.define_ode_flags()
 flags.DEFINE_integer("batch_size", None, "Images per sampler call (default "
                      "config.eval.fid_batch_size).", lower_bound=1)
 flags.DEFINE_enum("split", None, ["train", "test"], "Split for bits/dim (default "
@@ -83,12 +85,18 @@ def main(argv: Sequence[str]) -> None:
                 inception_weights=FLAGS.inception_weights, seed=FLAGS.seed,
                 cache_dir=FLAGS.cache_dir, save_samples=FLAGS.save_samples, labels=FLAGS.labels,
                 guidance=FLAGS.guidance, classifier=FLAGS.classifier,
-                classifier_scale=FLAGS.classifier_scale)
+                classifier_scale=FLAGS.classifier_scale, ode_solver=FLAGS.ode_solver,
+                ode_trace=FLAGS.ode_trace, ode_tolerance=FLAGS.ode_tolerance,
+                ode_steps=FLAGS.ode_steps)
         if options.classifier is None:
             check_labels_and_guidance(options.labels, options.guidance, model.num_classes,
                                       labels_name="--labels", guidance_name="--guidance")
         options.sampler.plan(config_lib.schedule_from_config(config))
-        if set(options.metrics) - {"bpd"}:
+        if "ode_bpd" in options.metrics and config.diffusion.mean_type == "xprev":
+            raise ValueError("--metrics ode_bpd: this run predicts the posterior mean "
+                             "(diffusion.mean_type='xprev'), which has no continuous-time "
+                             "reading; use --metrics bpd.")
+        if sample_metrics(options.metrics):
             features.check_feature_net(options.feature_net, options.inception_weights)
             memory.check_sampling_batch(model, config_lib.image_shape(config),
                                         min(options.sample_batch_size, options.num_samples),

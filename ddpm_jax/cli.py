@@ -270,14 +270,17 @@ def define_sampler_flags(*, variance: bool) -> None:
     from ddpm_jax.spec import SAMPLERS
     flags.DEFINE_enum("sampler", None, list(SAMPLERS), "ddpm: ancestral; ddim: Song et al.; "
                       "dpm++: DPM-Solver++ multistep, deterministic, near-converged in 15-25 "
-                      "steps; dpm++sde: its SDE variant, stochastic (default "
-                      "config.sampling.sampler).")
+                      "steps; dpm++sde: its SDE variant, stochastic; heun: EDM's second-order "
+                      "ODE step (2S-1 model calls); euler_ancestral: k-diffusion's (= DDIM "
+                      "eta 1 on the same steps) (default config.sampling.sampler).")
     flags.DEFINE_string("steps", None, "Reverse steps: an int S (evenly spaced, t=0 and t=T-1 "
                         "kept), 'ddimS' (stride range(0, T, c)) or 'S1,S2,...' (default "
                         "config.sampling.steps).")
     flags.DEFINE_enum("spacing", None, list(SPACINGS), "Which timesteps --steps keeps: time (as "
-                      "--steps says) or logsnr (S steps uniform in log-SNR; --steps an int). "
-                      "Default config.sampling.spacing with the config's sampler, else time.")
+                      "--steps says), logsnr (S steps uniform in log-SNR) or edm (the t nearest "
+                      "EDM's rho=7 sigmas); the last two with an int --steps. Default "
+                      "config.sampling.spacing with the config's sampler, else edm for heun and "
+                      "euler_ancestral and time for the others.")
     flags.DEFINE_integer("order", None, "Solver order with --sampler=dpm++ (1-3; 1 is DDIM with "
                          "eta 0) or dpm++sde (1-2; 1 is DDIM with eta 1) (default "
                          "config.sampling.order).", lower_bound=1,
@@ -287,6 +290,11 @@ def define_sampler_flags(*, variance: bool) -> None:
                        "config.sampling.threshold).", lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]: 0 deterministic, 1 DDPM's beta~ "
                        "variance (default config.sampling.eta).", lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_float("corrector_snr", None, "Predictor-corrector: a Langevin corrector with "
+                       "this signal-to-noise ratio r in (0, 1] after every predictor step "
+                       "(score_sde: 0.16); unset: none.")
+    flags.DEFINE_integer("corrector_steps", None, "Langevin steps per corrector (default 1 with "
+                         "--corrector_snr).")
     if variance:
         flags.DEFINE_enum("var_type", None, list(VAR_TYPES), "Reverse variance of "
                           "--sampler=ddpm (default: the run's).")
@@ -298,11 +306,27 @@ def sampler_flag_values(values: Any) -> dict[str, Any]:
     """The sampler flags that `define_sampler_flags` defined, parsed, as overrides of the run's
     `SamplerSpec` (None: the config's value)."""
     kwargs = dict(sampler=values.sampler, steps=parse_steps(values.steps), eta=values.eta,
-                  spacing=values.spacing, order=values.order, threshold=values.threshold)
+                  spacing=values.spacing, order=values.order, threshold=values.threshold,
+                  corrector_snr=values.corrector_snr, corrector_steps=values.corrector_steps)
     for name in ("var_type", "clip_denoised"):
         if name in values:
             kwargs[name] = values[name].value
     return kwargs
+
+
+def define_ode_flags() -> None:
+    """evaluate.py's options of --metrics ode_bpd (`evaluate.EvalOptions`' ode_* fields)."""
+    from absl import flags
+
+    from ddpm_jax.ode_likelihood import SOLVERS, TRACES
+    flags.DEFINE_enum("ode_solver", "rk45", list(SOLVERS), "ode_bpd's integrator: rk45 "
+                      "(Dormand-Prince, adaptive) or rk4 (--ode_steps equal steps).")
+    flags.DEFINE_enum("ode_trace", "rademacher", list(TRACES), "ode_bpd's divergence: "
+                      "Hutchinson-Skilling with a rademacher or gaussian probe per image, or the "
+                      "exact trace (one Jacobian-vector product per pixel: small images).")
+    flags.DEFINE_float("ode_tolerance", 1e-5, "RK45's rtol = atol (score_sde's 1e-5).",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("ode_steps", 100, "RK4's steps (4 evaluations each).", lower_bound=1)
 
 
 def define_guidance_flags(labels_rule: str) -> None:

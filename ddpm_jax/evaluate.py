@@ -9,6 +9,10 @@
 * Bits/dim: the full variational bound (prior + decoder + every KL term, all T) of
   `diffusion.calc_bpd` for every image of a split (`likelihood.evaluate_bpd`). Reported: mean
   total, prior, decoder (t = 0) and KL sum, and the per-t curve (.npz and .png).
+* ODE bits/dim (`--metrics ode_bpd`): the exact likelihood of the probability-flow ODE
+  (`ode_likelihood.evaluate_ode_bpd`; RK45 or RK4, Hutchinson-Skilling or exact trace) of the
+  same split's images, uniformly dequantised; reported with its standard error and the mean
+  number of ODE evaluations (NFE).
 * FID / IS / KID of generated samples (`ddpm_jax.features`), each labelled with its feature
   network, weights SHA-256, sample count, reference split, sampler and steps. Class-conditional
   models draw with the null label (unconditional) by default; labels="balanced" gives sample n
@@ -34,12 +38,19 @@ from ddpm_jax import features, images, parallel, plots, sampling
 from ddpm_jax.labels import LABEL_MODES, balanced, check_labels_and_guidance
 from ddpm_jax.sampling import ApplyFn
 from ddpm_jax.likelihood import bpd_summary, evaluate_bpd
+from ddpm_jax.ode_likelihood import check_ode_options, evaluate_ode_bpd, ode_bpd_summary
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec, finite_scale
 
 Array = jax.Array
 
-METRICS = ("bpd", "fid", "is", "kid")
+METRICS = ("bpd", "ode_bpd", "fid", "is", "kid")
+LIKELIHOODS = ("bpd", "ode_bpd")  # of the data split; the others score generated samples
+
+
+def sample_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    """The metrics that need generated samples (FID / IS / KID)."""
+    return tuple(m for m in metrics if m not in LIKELIHOODS)
 
 
 # ------------------------------------------------------------------------------- samples
@@ -124,6 +135,10 @@ class EvalOptions:
     bpd_split: str = "test"
     bpd_num_images: int | None = None        # None: the whole split
     bpd_batch_size: int = 64
+    ode_solver: str = "rk45"                 # ode_bpd: rk45 (adaptive) | rk4 (ode_steps steps)
+    ode_trace: str = "rademacher"            # rademacher | gaussian (Hutchinson) | exact
+    ode_tolerance: float = 1e-5              # RK45's rtol = atol (score_sde's 1e-5)
+    ode_steps: int = 100                     # RK4's steps
     num_samples: int = 1000
     sampler: SamplerSpec = SamplerSpec()     # the samples' chain; its clip_denoised also bpd's
     sample_batch_size: int = 256
@@ -148,7 +163,11 @@ class EvalOptions:
         if bad or not self.metrics:
             raise ValueError(f"metrics={','.join(self.metrics)!r}: choose from {','.join(METRICS)}.")
         config_lib.check_choice("feature_net", self.feature_net, features.FEATURE_NETS)
-        if self.num_samples < 2 and set(self.metrics) - {"bpd"}:
+        if "ode_bpd" in self.metrics:
+            check_ode_options(solver=self.ode_solver, trace=self.ode_trace, mean_type="eps",
+                              rtol=self.ode_tolerance, atol=self.ode_tolerance,
+                              num_steps=self.ode_steps)
+        if self.num_samples < 2 and sample_metrics(self.metrics):
             raise ValueError(f"num_samples={self.num_samples}: FID/IS/KID need >= 2 samples.")
         if not isinstance(self.sampler, SamplerSpec):
             raise TypeError(f"sampler must be a SamplerSpec; got {type(self.sampler).__name__}.")
@@ -195,7 +214,9 @@ def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) 
     parts = [f"report_step{step}", weights]
     if "bpd" in options.metrics:
         parts.append(f"bpd-{options.bpd_split}")
-    if set(options.metrics) - {"bpd"}:
+    if "ode_bpd" in options.metrics:
+        parts.append(f"odebpd-{options.bpd_split}-{options.ode_solver}-{options.ode_trace}")
+    if sample_metrics(options.metrics):
         parts.append(f"{options.sampler.sampler}{num_steps}-n{options.num_samples}-"
                      f"{options.feature_net}")
         if options.labels != "none":
@@ -247,6 +268,37 @@ def _bpd_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOpti
     return summary, line
 
 
+def _ode_bpd_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOptions,
+                     schedule: Schedule, key: Array, mesh: jax.sharding.Mesh | None,
+                     progress: bool, where: str, **_: Any) -> tuple[dict[str, Any], str]:
+    """ODE bits/dim of the split: (summary, protocol line)."""
+    from ddpm_jax import data  # the TFDS import is slow: only when needed
+
+    start = time.time()
+    split_images = data.load_split_uint8(run.dataset, options.bpd_split, run.data_dir,
+                                         image_size=run.image_size, channels=run.channels,
+                                         max_examples=options.bpd_num_images)
+    result = evaluate_ode_bpd(apply_fn, params, schedule, split_images, key,
+                              mean_type=run.mean_type, trace=options.ode_trace,
+                              solver=options.ode_solver, rtol=options.ode_tolerance,
+                              atol=options.ode_tolerance, num_steps=options.ode_steps,
+                              batch_size=options.bpd_batch_size, mesh=mesh, progress=progress)
+    summary = ode_bpd_summary(result)
+    summary.update(split=options.bpd_split, seconds=round(time.time() - start, 1),
+                   solver=options.ode_solver, trace=options.ode_trace)
+    how = (f"RK45 rtol=atol={options.ode_tolerance:g}" if options.ode_solver == "rk45" else
+           f"RK4 {options.ode_steps} steps")
+    line = (f"{options.bpd_split} ODE bits/dim {summary['total']:.4f} (+- "
+            f"{summary['total_stderr']:.4f} s.e.): probability-flow ODE from t=0 to "
+            f"t={run.timesteps - 1}, {how}, {options.ode_trace} trace, mean NFE "
+            f"{summary['nfe']:.1f} (max {summary['nfe_max']}, {summary['not_converged']} not "
+            f"converged), uniform dequantisation, {summary['num_images']} images of "
+            f"{run.dataset}/{options.bpd_split}, {where}"
+            + (", null label (the unconditional model)"
+               if getattr(apply_fn, "null_label", None) is not None else "") + ".")
+    return summary, line
+
+
 def _scores_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOptions,
                     schedule: Schedule, key: Array, mesh: jax.sharding.Mesh | None,
                     progress: bool, stem: str, where: str, write: bool,
@@ -284,7 +336,7 @@ def _scores_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalO
     if classifier is not None:
         info.update(classifier=options.classifier, classifier_scale=_classifier_scale(options))
     scores = features.sample_quality(
-            net, samples, reference, scores=tuple(m for m in options.metrics if m != "bpd"),
+            net, samples, reference, scores=sample_metrics(options.metrics),
             is_splits=options.is_splits, kid_subsets=options.kid_subsets,
             kid_subset_size=options.kid_subset_size, progress=progress)
     values = [f"{e['label']} {e['value']:.4f}" if name == "fid" else
@@ -323,7 +375,7 @@ def run_evaluation(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOp
     Writes (process 0) workdir/eval/report_<...>.json; for bpd the per-t curve as .npz and
     .png beside it; for sample scores the samples as .npz and a PNG grid
     (options.save_samples). Returns the report: dict(checkpoint, dataset, diffusion, options,
-    bpd, samples, scores, protocol: one line per measurement, path).
+    bpd, ode_bpd, samples, scores, protocol: one line per measurement, path).
     """
     schedule = run.schedule
     num_steps = options.sampler.plan(schedule).num_steps
@@ -347,7 +399,11 @@ def run_evaluation(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOp
         report["bpd"], line = _bpd_section(run, apply_fn, params, options,
                                            key=jax.random.fold_in(key, 1), **common)
         report["protocol"].append(line)
-    if set(options.metrics) - {"bpd"}:
+    if "ode_bpd" in options.metrics:
+        report["ode_bpd"], line = _ode_bpd_section(run, apply_fn, params, options,
+                                                   key=jax.random.fold_in(key, 3), **common)
+        report["protocol"].append(line)
+    if sample_metrics(options.metrics):
         report["samples"], report["scores"], line = _scores_section(
                 run, apply_fn, params, options, key=jax.random.fold_in(key, 2),
                 classifier=classifier, **common)
@@ -365,6 +421,8 @@ def scalars(report: dict[str, Any]) -> dict[str, float]:
     out = {}
     if "bpd" in report:
         out["eval/bpd"] = report["bpd"]["total"]
+    if "ode_bpd" in report:
+        out["eval/ode_bpd"] = report["ode_bpd"]["total"]
     for name, entry in report.get("scores", {}).items():
         out[f"eval/{entry['label']}"] = entry["value"] if name == "fid" else entry["mean"]
     return out

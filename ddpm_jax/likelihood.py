@@ -2,7 +2,7 @@
 App.; the official `calc_bpd_loop`): prior + decoder + every KL term over all T steps, per
 image, vmapped over a batch and sharded over the devices. Image n draws its noise from
 fold_in(key, n), so the numbers depend neither on the batch size nor on the device count.
-(`evaluate` reports them; the probability-flow ODE likelihood would live here too.)"""
+(`evaluate` reports them; the probability-flow ODE likelihood is `ode_likelihood.py`.)"""
 
 from __future__ import annotations
 

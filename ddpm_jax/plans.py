@@ -6,7 +6,8 @@ float64 and stored float32. `sampling.py` passes it to the compiled chain as dat
 schedule, `eta` or spacing of the same length reuses the executable.
 
 Spacings: "time" keeps the timesteps `space_timesteps` names (uniform in t); "logsnr" keeps S
-timesteps uniform in log-SNR between t = T-1 and t = 0 (`logsnr_timesteps`).
+timesteps uniform in log-SNR between t = T-1 and t = 0 (`logsnr_timesteps`); "edm" keeps the S
+timesteps nearest EDM's rho = 7 sigmas (`edm_timesteps`).
 
 Indexing: `i` is the 0-based index into the (respaced) chain's schedule, run from S-1 down to
 0; `plan.timesteps[i]` is the original 0-based t the model is called with.
@@ -26,10 +27,12 @@ from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
 
-SPACINGS = ("time", "logsnr")
+SPACINGS = ("time", "logsnr", "edm")
 MAX_SOLVER_ORDER = 3
 MAX_SDE_SOLVER_ORDER = 2  # SDE-DPM-Solver++: 1 (DDIM with eta 1) and 2M
 DPM_SOLVERS = ("dpm++", "dpm++sde")  # the samplers that take an order
+EDM_SAMPLERS = ("heun", "euler_ancestral")  # steps on EDM's sigma (Karras et al. 2022, Alg. 1-2)
+EDM_RHO = 7.0
 
 
 def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int]) -> np.ndarray:
@@ -108,13 +111,46 @@ def logsnr_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
         raise ValueError(f"spacing='logsnr' needs an int number of steps in 1..{num_timesteps}; "
                          f"got {num_steps!r}.")
     lambdas = _half_log_snr(np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64)))
-    targets = np.linspace(lambdas[0], lambdas[-1], num_steps)  # t = 0 first; lambda decreases
+    return _nearest_unique(lambdas, np.linspace(lambdas[0], lambdas[-1], num_steps))
+
+
+def _nearest_unique(lambdas: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each target lambda (t = 0 first, decreasing) the t with the nearest lambda; where two
+    land on the same t the later one moves up to the next free t. Sorted, unique int64 [S]."""
+    num_timesteps, num_steps = len(lambdas), len(targets)
     kept = np.empty(num_steps, dtype=np.int64)
     for k, target in enumerate(targets):
         nearest = int(np.argmin(np.abs(lambdas - target)))
         low = kept[k - 1] + 1 if k else 0
         kept[k] = min(max(nearest, low), num_timesteps - num_steps + k)
     return kept
+
+
+def edm_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = EDM_RHO
+               ) -> np.ndarray:
+    """EDM's (Karras et al. 2022, eq. 5) noise levels, float64, largest first:
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    ramp = np.linspace(0.0, 1.0, num_steps) if num_steps > 1 else np.zeros(1)
+    inv_min, inv_max = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+def edm_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+    """num_steps timesteps at EDM's rho = 7 sigmas. A VP model's EDM sigma is
+    sigma_t = sqrt((1 - abar_t) / abar_t) (x_edm = x_vp / sqrt(abar_t)); sigma_max and sigma_min
+    are the discrete ends (t = T-1 and t = 0). Each EDM sigma snaps to the t with the nearest
+    log sigma (= -lambda), the later of two that collide moving to the next free t, as
+    `logsnr_timesteps`: the nearest integer t, not an interpolated one, because the model was
+    trained on integer t only and the chain then steps between noise levels it knows exactly
+    (the step's sigma is the snapped t's, so sigma, abar and the model's input always agree).
+    Returns sorted, unique, 0-based int64 [S], both ends kept."""
+    num_timesteps = schedule.num_timesteps
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"spacing='edm' needs an int number of steps in 1..{num_timesteps}; "
+                         f"got {num_steps!r}.")
+    lambdas = _half_log_snr(np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64)))
+    sigmas = edm_sigmas(np.exp(-lambdas[0]), np.exp(-lambdas[-1]), num_steps)
+    return _nearest_unique(lambdas, -np.log(sigmas[::-1]))
 
 
 def _half_log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -139,6 +175,15 @@ class SamplingPlan:
     dpm_coef_x0: Array | None = None   # [S, K] float32
     # SDE-DPM-Solver++ adds dpm_coef_z[i] z_i (z_i the chain's noise at index i); 0 for the ODE.
     dpm_coef_z: Array | None = None    # [S] float32
+    # EDM steps (None unless make_plan got edm; `edm_coefficients`): x_{i-1} (Euler-ancestral),
+    # or Heun's Euler proposal, = step_coef[i] . (x_i, x0_hat_i, z_i); Heun's result
+    # = heun_coef[i] . (x_i, x0_hat_i, x0_hat(proposal, t_{i-1})).
+    step_coef: Array | None = None     # [S, 3] float32
+    heun_coef: Array | None = None     # [S, 3] float32
+    # Langevin corrector (None unless make_plan got corrector_snr): score_sde's alpha_t = 1 -
+    # beta_t of the original schedule at t_i, and the signal-to-noise ratio r at each index.
+    corrector_alpha: Array | None = None   # [S] float32
+    corrector_snr: Array | None = None     # [S] float32
 
     @property
     def num_steps(self) -> int:
@@ -149,17 +194,20 @@ def plan_for_sampler(schedule: Schedule, sampler: str, *, steps: int | str | Non
                      eta: float = 0.0, spacing: str = "time", order: int | None = None,
                      start_t: int | None = None) -> SamplingPlan:
     """`make_plan` with the solver settings a sampler name implies: a DPM-Solver++ order only for
-    the samplers in DPM_SOLVERS (`order`, default 2; ignored for the others) and the SDE
-    variant's noise for "dpm++sde". The one place that maps sampler options to a plan."""
+    the samplers in DPM_SOLVERS (`order`, default 2; ignored for the others), the SDE
+    variant's noise for "dpm++sde" and the EDM steps of EDM_SAMPLERS. The one place that maps
+    sampler options to a plan."""
     solver = sampler in DPM_SOLVERS
     return make_plan(schedule, steps=steps, eta=eta, spacing=spacing,
                      order=(2 if order is None else order) if solver else None,
-                     sde=sampler == "dpm++sde", start_t=start_t)
+                     sde=sampler == "dpm++sde", start_t=start_t,
+                     edm=sampler if sampler in EDM_SAMPLERS else None)
 
 
 def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float = 0.0,
               spacing: str = "time", order: int | None = None, sde: bool = False,
-              start_t: int | None = None) -> SamplingPlan:
+              start_t: int | None = None, edm: str | None = None,
+              corrector_snr: float | None = None) -> SamplingPlan:
     """Respaces `schedule` onto `steps` (None: all T; see `space_timesteps` for int / str; with
     spacing="logsnr" an int S, see `logsnr_timesteps`) and precomputes DDIM's per-step
     coefficients for `eta` in [0, 1] and, given `order` K in 1..3, DPM-Solver++'s (see
@@ -174,6 +222,10 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
     start_t (0-based original t, None: T-1): a chain that starts part-way, at start_t, keeping
     the spaced timesteps below it (SDEdit); the coefficients are those of the shortened chain
     (DPM-Solver++'s warm-up starts at start_t).
+
+    edm ("heun" or "euler_ancestral"): EDM's steps on the chain's sigmas (`edm_coefficients`);
+    corrector_snr r > 0: the Langevin corrector's per-step data (score_sde's alpha_t = 1 -
+    beta_t of this schedule at each kept t, and r).
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's beta~ "
@@ -185,6 +237,8 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
     num_timesteps = schedule.num_timesteps
     if spacing == "logsnr":
         kept = logsnr_timesteps(schedule, num_timesteps if steps is None else steps)
+    elif spacing == "edm":
+        kept = edm_timesteps(schedule, num_timesteps if steps is None else steps)
     elif steps is None:
         kept = np.arange(num_timesteps)
     else:
@@ -214,6 +268,18 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
             raise ValueError(f"SDE-DPM-Solver++ has orders 1 and 2; got order {order}.")
         dpm_xt, dpm_x0, dpm_z = dpm_solver_coefficients(alphas_cumprod, order, sde=sde)
         solver = dict(dpm_coef_xt=f32(dpm_xt), dpm_coef_x0=f32(dpm_x0), dpm_coef_z=f32(dpm_z))
+    if edm is not None:
+        if edm not in EDM_SAMPLERS:
+            raise ValueError(f"edm={edm!r}: choose one of {EDM_SAMPLERS}.")
+        step, heun = edm_coefficients(alphas_cumprod, ancestral=edm == "euler_ancestral")
+        solver.update(step_coef=f32(step), heun_coef=f32(heun))
+    if corrector_snr is not None:
+        if not corrector_snr > 0:
+            raise ValueError(f"corrector_snr={corrector_snr!r}: use a signal-to-noise ratio > 0 "
+                             "(score_sde: 0.01-0.17).")
+        original_betas = np.asarray(schedule.betas, dtype=np.float64)
+        solver.update(corrector_alpha=f32(1.0 - original_betas[timestep_map]),
+                      corrector_snr=f32(np.full(len(kept), corrector_snr)))
     return SamplingPlan(schedule=spaced, timesteps=jnp.asarray(timestep_map, dtype=jnp.int32),
                         ddim_coef_x0=f32(coef_x0), ddim_coef_xt=f32(coef_xt), ddim_sigma=f32(sigma),
                         **solver)
@@ -283,6 +349,47 @@ def dpm_solver_coefficients(alphas_cumprod: np.ndarray, order: int, *, sde: bool
             d2 = (d1_0 - d1_1) / (r0 + r1)
             coef_x0[i, :3] = a * (phi * m0 + (1.0 - phi / h) * d1 - ((h - phi) / h**2 - 0.5) * d2)
     return coef_xt, coef_x0, coef_z
+
+
+def edm_coefficients(alphas_cumprod: np.ndarray, *, ancestral: bool
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """EDM's steps (Karras et al. 2022) for a VP chain, float64: (step_coef [S, 3], heun_coef
+    [S, 3]). In EDM's variables x~ = x / alpha_i, sigma_i = sqrt((1 - abar_i) / abar_i) and
+    d_i = (x~ - x0_hat_i) / sigma_i; the step at index i goes to sigma' = sigma_{i-1} (0 after
+    i = 0, alpha' = 1), written back in VP form x = alpha x~ as weights on (x_i, x0_hat_i, z_i):
+
+    Euler (Alg. 1, line 5; the Heun proposal; = DDIM with eta 0):
+        x~' = x~ + (sigma' - sigma) d = x0_hat + (sigma' / sigma)(x~ - x0_hat)
+    Heun (Alg. 1, lines 6-8; skipped at sigma' = 0): with x0_hat' = x0_hat(x_prop, t_{i-1}),
+        x~' = x~ + (sigma' - sigma)(d + d') / 2 = Euler + (sigma - sigma') / (2 sigma')
+              (x0_hat' - x0_hat)
+    Euler-ancestral (k-diffusion's sample_euler_ancestral, eta 1): sigma_up = min(sigma',
+    sigma' sqrt(1 - sigma'^2 / sigma^2)), sigma_down = sqrt(sigma'^2 - sigma_up^2),
+        x~' = x0_hat + (sigma_down / sigma)(x~ - x0_hat) + sigma_up z
+    (this equals DDIM with eta 1 on the same timesteps: both have noise variance
+    (1 - abar') (1 - abar / abar') / (1 - abar) and the same mean.)
+    step_coef holds Euler-ancestral's weights with ancestral=True, the Euler proposal's
+    (z weight 0) otherwise; heun_coef weighs (x_i, x0_hat_i, x0_hat') and is (0, 1, 0) at i = 0.
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    alpha, sigma = np.sqrt(abar), np.sqrt((1.0 - abar) / abar)
+    alpha_next = np.append(1.0, alpha[:-1])       # alpha' = alpha_{i-1}, 1 at i = 0
+    sigma_next = np.append(0.0, sigma[:-1])       # sigma' = sigma_{i-1}, 0 at i = 0
+    if ancestral:
+        up = np.minimum(sigma_next, sigma_next * np.sqrt(np.maximum(
+                1.0 - sigma_next**2 / sigma**2, 0.0)))
+        down = np.sqrt(np.maximum(sigma_next**2 - up**2, 0.0))
+    else:
+        up, down = np.zeros_like(sigma), sigma_next
+    step = np.stack([alpha_next * down / (sigma * alpha), alpha_next * (1.0 - down / sigma),
+                     alpha_next * up], axis=1)
+    euler = np.stack([alpha_next * sigma_next / (sigma * alpha),
+                      alpha_next * (1.0 - sigma_next / sigma)], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        correction = np.where(sigma_next > 0, alpha_next * (sigma - sigma_next)
+                              / (2.0 * sigma_next), 0.0)
+    heun = np.stack([euler[:, 0], euler[:, 1] - correction, correction], axis=1)
+    return step, heun
 
 
 def progressive_indices(num_steps: int, return_every: int) -> np.ndarray:

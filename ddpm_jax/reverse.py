@@ -6,6 +6,11 @@ clip or dynamic threshold, applies classifier guidance, and moves by the sampler
 chosen once per compile from `STEP_RULES` (no string tests inside the scan). Everything the
 program is specialised on is one hashable `ChainOptions`; everything else is data.
 
+One seam serves the methods that call the model more than once per step: `predict(x, j)`, the
+same guided prediction at chain index j on another x. Heun's rule calls it on its Euler
+proposal at index i - 1; the Langevin corrector calls it after the predictor step (both skipped
+on the last step, which lands on sigma = 0).
+
 Indexing and randomness: see `sampling` (the contract lives with the public API).
 """
 
@@ -39,23 +44,26 @@ def row_keys(key: Array, rows: Array) -> tuple[Array, Array]:
 class StepRule:
     """One sampler's update of the chain, chosen once per compile from `STEP_RULES`.
 
-    update(out, x_t, per_step, history) -> (mean, std or None, history): `out` is the step's
-    `p_mean_variance` (after thresholding and guidance), `per_step` the plan's data at this
-    index, `history` the x0 predictions a multistep solver carries. std None: no noise.
+    update(out, x_t, per_step, history, predict) -> (mean, std or None, history): `out` is the
+    step's `p_mean_variance` (after thresholding and guidance), `per_step` the plan's data at
+    this index, `history` the x0 predictions a multistep solver carries, `predict(x, j)` the
+    seam for a further model call (the same `out` for x at chain index j). std None: no noise.
     ancestral: the step draws around the posterior mean (thresholding re-forms that mean from
     the thresholded x0; classifier guidance shifts it); otherwise the step is built from x0.
-    solver: DPM-Solver++'s per-step weights and x0 history ride along."""
+    solver: DPM-Solver++'s per-step weights and x0 history ride along. edm: the plan's EDM
+    weights (step_coef, heun_coef) ride along."""
 
     update: Callable[..., tuple[Array, Array | None, tuple[Array, ...]]]
     ancestral: bool = False
     solver: bool = False
+    edm: bool = False
 
 
-def _ancestral_update(out, x_t, per_step, history):
+def _ancestral_update(out, x_t, per_step, history, predict):
     return out["mean"], jnp.exp(0.5 * out["log_variance"]), history
 
 
-def _ddim_update(out, x_t, per_step, history):
+def _ddim_update(out, x_t, per_step, history, predict):
     return per_step["coef_x0"] * out["pred_x0"] + per_step["coef_xt"] * x_t, per_step["sigma"], \
         history
 
@@ -69,27 +77,60 @@ def _solver_mean(out, x_t, per_step, history):
     return mean, ((out["pred_x0"],) + history)[:len(history)]
 
 
-def _dpm_update(out, x_t, per_step, history):
+def _dpm_update(out, x_t, per_step, history, predict):
     mean, history = _solver_mean(out, x_t, per_step, history)
     return mean, None, history  # the probability-flow ODE: no noise
 
 
-def _dpm_sde_update(out, x_t, per_step, history):
+def _dpm_sde_update(out, x_t, per_step, history, predict):
     mean, history = _solver_mean(out, x_t, per_step, history)
     return mean, per_step["dpm_z"], history  # dpm_z z (0 on the last step)
+
+
+def _euler_ancestral_update(out, x_t, per_step, history, predict):
+    c = per_step["step_coef"]
+    return c[0] * x_t + c[1] * out["pred_x0"], c[2], history
+
+
+def _heun_update(out, x_t, per_step, history, predict):
+    """EDM's Alg. 1: the Euler proposal at t_{i-1}, then the trapezoid with the slope there
+    (`plans.edm_coefficients`); the last step (to sigma = 0) is the Euler step alone."""
+    c, w, i = per_step["step_coef"], per_step["heun_coef"], per_step["index"]
+    euler = c[0] * x_t + c[1] * out["pred_x0"]
+
+    def corrected(proposal):
+        return w[0] * x_t + w[1] * out["pred_x0"] + w[2] * predict(proposal, i - 1)["pred_x0"]
+
+    return jax.lax.cond(i > 0, corrected, lambda proposal: proposal, euler), None, history
 
 
 STEP_RULES = {"ddpm": StepRule(_ancestral_update, ancestral=True),
               "ddim": StepRule(_ddim_update),
               "dpm++": StepRule(_dpm_update, solver=True),
-              "dpm++sde": StepRule(_dpm_sde_update, solver=True)}
+              "dpm++sde": StepRule(_dpm_sde_update, solver=True),
+              "heun": StepRule(_heun_update, edm=True),
+              "euler_ancestral": StepRule(_euler_ancestral_update, edm=True)}
 assert set(STEP_RULES) == set(SAMPLERS)
+
+
+def langevin_step(x: Array, score: Array, noise: Array, snr: Array, alpha: Array) -> Array:
+    """One Langevin corrector step (Song et al. 2021, Alg. 5; score_sde's LangevinCorrector):
+        eps = 2 alpha (r ||z|| / ||score||)^2,   x <- x + eps score + sqrt(2 eps) z,
+    x, score, noise z: [B, H, W, C]; snr r and alpha (score_sde's alpha_t = 1 - beta_t): scalars.
+    The norms are per example (score_sde averages them over the batch, which would make a
+    sample depend on its batch); returns [B, H, W, C]."""
+    axes = tuple(range(1, x.ndim))
+    score_norm = jnp.sqrt(jnp.sum(jnp.square(score), axis=axes, keepdims=True))
+    noise_norm = jnp.sqrt(jnp.sum(jnp.square(noise), axis=axes, keepdims=True))
+    step = 2.0 * alpha * jnp.square(snr * noise_norm / score_norm)
+    return x + step * score + jnp.sqrt(2.0 * step) * noise
 
 
 @dataclasses.dataclass(frozen=True)
 class ChainOptions:
     """What the compiled chain is specialised on (hashable; everything else is data): the
-    batch shape, the spec's sampler and output reading, recording, guidance, sharding, start."""
+    batch shape, the spec's sampler and output reading, recording, guidance, sharding, start,
+    and the corrector's number of Langevin steps (0: none)."""
 
     shape: tuple[int, ...]
     sampler: str
@@ -104,12 +145,14 @@ class ChainOptions:
     mesh: Mesh | None = None
     classifier: ApplyFn | None = None
     start: str = "noise"
+    corrector_steps: int = 0
 
     @classmethod
     def of(cls, spec: SamplerSpec, shape: Sequence[int], **rest: Any) -> ChainOptions:
         return cls(shape=tuple(int(s) for s in shape), sampler=spec.sampler,
                    mean_type=spec.mean_type, var_type=spec.var_type,
-                   clip_denoised=spec.clip_denoised, threshold=spec.threshold, **rest)
+                   clip_denoised=spec.clip_denoised, threshold=spec.threshold,
+                   corrector_steps=spec.corrector_steps or 0, **rest)
 
 
 def _first_state(plan: SamplingPlan, init_keys: Array, init: Array | None,
@@ -160,17 +203,43 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         records = {name: constrain(jnp.zeros((num_records,) + static.shape, jnp.float32), mesh,
                                    PartitionSpec(None, DATA_AXIS)) for name in static.progressive}
 
+    def guided(x, t, index):
+        out = _predict(model_out, plan, x, t, index, static)
+        if classifier is not None:
+            out = classifier_guidance(out, classifier, classifier_params, classifier_scale,
+                                      labels, plan.schedule, x_t=x, t=t, index=index,
+                                      shift_mean=rule.ancestral)
+        return out
+
+    def predict(x, j):
+        """The seam: the step's guided prediction for x at chain index j (a traced scalar)."""
+        return guided(x, jnp.full((batch,), plan.timesteps[j], jnp.int32),
+                      jnp.full((batch,), j, jnp.int32))
+
+    def correct(x, i):
+        """corrector_steps Langevin steps at chain index i - 1 (after the step from i), with
+        the score of the step's prediction, (alpha x0_hat - x) / sigma^2 (= -eps / sigma
+        unclipped), and noise normal(fold_in(fold_in(step_key, i), 1 + j)) for step j."""
+        abar = plan.schedule.alphas_cumprod[i - 1]
+
+        def one(j, x):
+            x0_hat = predict(x, i - 1)["pred_x0"]
+            noise = jax.vmap(lambda k: jax.random.normal(
+                    jax.random.fold_in(jax.random.fold_in(k, i), 1 + j), image_shape,
+                    jnp.float32))(step_keys)
+            score = (jnp.sqrt(abar) * x0_hat - x) / (1.0 - abar)
+            return constrain(langevin_step(x, score, noise, plan.corrector_snr[i - 1],
+                                           plan.corrector_alpha[i - 1]), mesh)
+
+        return jax.lax.fori_loop(0, static.corrector_steps, one, x)
+
     def step(carry, per_step):
         x_t, history, records = carry
         i = per_step["index"]
         index = jnp.full((batch,), i, jnp.int32)
         t = jnp.full((batch,), per_step["timestep"], jnp.int32)
-        out = _predict(model_out, plan, x_t, t, index, static)
-        if classifier is not None:
-            out = classifier_guidance(out, classifier, classifier_params, classifier_scale,
-                                      labels, plan.schedule, x_t=x_t, t=t, index=index,
-                                      shift_mean=rule.ancestral)
-        mean, std, history = rule.update(out, x_t, per_step, history)
+        out = guided(x_t, t, index)
+        mean, std, history = rule.update(out, x_t, per_step, history, predict)
         if std is None:
             x_prev = constrain(mean, mesh)
         else:
@@ -178,6 +247,8 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
                                                          jnp.float32))(step_keys)
             # No noise on the last step: the chain returns its final mean, as the official sampler.
             x_prev = constrain(mean + jnp.where(i > 0, std, 0.0) * noise, mesh)
+        if static.corrector_steps:  # none after the last step, which lands on x0_hat
+            x_prev = jax.lax.cond(i > 0, lambda x: correct(x, i), lambda x: x, x_prev)
         if records:
             # Slot i // k is rewritten at every index of its block; the chain runs i downwards,
             # so the value left is the one at i = slot * k, with no conditional.
@@ -194,6 +265,8 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         # Zeros until the warm-up fills them (their weights are 0 there); the order is the
         # plan's K, a shape: order 1 carries no history.
         history = tuple(jnp.zeros_like(x_t) for _ in range(plan.dpm_coef_x0.shape[1] - 1))
+    if rule.edm:
+        per_step.update(step_coef=plan.step_coef, heun_coef=plan.heun_coef)
     per_step = jax.tree.map(lambda a: jnp.flip(a, axis=0), per_step)
     (images, _, records), _ = jax.lax.scan(step, (x_t, history, records), per_step,
                                            unroll=static.unroll)

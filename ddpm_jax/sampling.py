@@ -1,5 +1,6 @@
 """Sampling the reverse process as one XLA program: ancestral (DDPM), DDIM, DPM-Solver++
-(multistep, orders 1-3) and SDE-DPM-Solver++ (orders 1-2), on all T steps or on a respaced
+(multistep, orders 1-3), SDE-DPM-Solver++ (orders 1-2), Heun and Euler-ancestral on EDM's sigmas,
+each optionally with a Langevin corrector (docs/continuous_time.md), on all T steps or on a respaced
 sub-sequence of S <= T steps, each a single `lax.scan` over the steps (`reverse.py`). What a
 chain runs is a `spec.SamplerSpec`; `make_sampler` builds its plan once and compiles the chain
 on first use; `Sampler` calls it; `draw_images` draws N images batch by batch.
@@ -20,6 +21,7 @@ example at global index n (`example_offset + row`):
     init_key, step_key = split(fold_in(key, n))
     x_T[row]               = normal(init_key, [H, W, C])
     z at chain index i     = normal(fold_in(step_key, i), [H, W, C])     (unused at i = 0)
+    corrector step j after the step from i = normal(fold_in(fold_in(step_key, i), 1 + j), [H, W, C])
 so a sample depends only on (key, n), never on the batch size or on how the batch is split
 over devices and hosts.
 

@@ -283,3 +283,29 @@ def gaussian_sde_dpm_law(betas, kept, mu, s, order):
         b = np.array([w[0] * x0_0, x0_0])
         mean, cov = A @ mean + b, A @ cov @ A.T + np.diag([n**2, 0.0])
     return mean[0], cov[0, 0]
+
+
+# ------------------------------------ EDM steps and the Langevin corrector (test_samplers_ct.py)
+
+def reference_heun_step(x, x0_fn, abar, abar_next):
+    """One step of EDM's Alg. 1 (Karras et al. 2022) from a VP state x at abar to abar_next
+    (1: sigma' = 0, the Euler step alone), in EDM's variables x~ = x / sqrt(abar),
+    sigma = sqrt((1 - abar) / abar), float64. x0_fn(x_vp, level): the denoiser D at the VP
+    state x_vp, level 0 (abar) or 1 (abar_next). Returns the VP state at abar_next."""
+    alpha, alpha_next = np.sqrt(abar), np.sqrt(abar_next)
+    sigma, sigma_next = np.sqrt((1 - abar) / abar), np.sqrt((1 - abar_next) / abar_next)
+    x_edm = x / alpha
+    d = (x_edm - x0_fn(x, 0)) / sigma
+    x_next = x_edm + (sigma_next - sigma) * d
+    if sigma_next > 0:
+        d_next = (x_next - x0_fn(alpha_next * x_next, 1)) / sigma_next
+        x_next = x_edm + (sigma_next - sigma) * 0.5 * (d + d_next)
+    return alpha_next * x_next
+
+
+def reference_langevin_step(x, score, z, snr, alpha):
+    """score_sde's LangevinCorrector step with per-example norms, float64: x [B, D]."""
+    score_norm = np.linalg.norm(score, axis=1, keepdims=True)
+    noise_norm = np.linalg.norm(z, axis=1, keepdims=True)
+    step = 2 * alpha * (snr * noise_norm / score_norm) ** 2
+    return x + step * score + np.sqrt(2 * step) * z

@@ -174,7 +174,8 @@ def job_spec(mode: str, context: Context, *, ddim_latent: bool = False) -> Sampl
         if flags_given.get("sampler", "ddpm") != "ddpm":
             raise ValueError(f"--inpaint runs RePaint's ancestral steps; use --sampler=ddpm, not "
                              f"{flags_given['sampler']} (or leave --sampler out).")
-        _refuse(mode, flags_given, ("eta", "order", "threshold"), "runs RePaint's ancestral steps "
+        _refuse(mode, flags_given, ("eta", "order", "threshold", "corrector_snr",
+                                    "corrector_steps"), "runs RePaint's ancestral steps "
                 "with the [-1, 1] clip")
         return SamplerSpec(sampler="ddpm",
                            steps=flags_given.get("steps", min(REPAINT_STEPS, num_timesteps)),
@@ -187,7 +188,8 @@ def job_spec(mode: str, context: Context, *, ddim_latent: bool = False) -> Sampl
         if flags_given.get("sampler", "ddim") != "ddim":
             raise ValueError(f"{flag} runs DDIM inversion and DDIM decoding (eta 0); use "
                              f"--sampler=ddim, not {flags_given['sampler']} (or leave it out).")
-        _refuse(mode, flags_given, ("eta", "order", "threshold", "var_type", "clip_denoised"),
+        _refuse(mode, flags_given, ("eta", "order", "threshold", "var_type", "clip_denoised",
+                                    "corrector_snr", "corrector_steps"),
                 "inverts and decodes with deterministic, unclipped DDIM")
         steps = run_spec.with_overrides(**{k: flags_given.get(k) for k in ("steps", "spacing")})
         return SamplerSpec(sampler="ddim", steps=steps.steps, spacing=steps.spacing,
