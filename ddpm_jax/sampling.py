@@ -131,6 +131,25 @@ class Sampler:
     def batch_size(self) -> int:
         return self.static.shape[0]
 
+    def with_plan(self, plan: SamplingPlan) -> Sampler:
+        """This sampler on another plan (a custom spacing, per-step eta, hand-made weights) of
+        the same fields and array shapes: the same compiled chain runs it, with the same model
+        call, spec, options and guidance. Another structure is refused (its update rule reads
+        other arrays, or its length would compile another chain)."""
+        if not isinstance(plan, SamplingPlan):
+            raise TypeError(f"plan must be a SamplingPlan; got {type(plan).__name__}.")
+        mine, theirs = jax.tree.structure(self.plan), jax.tree.structure(plan)
+        shapes = [(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(self.plan)]
+        if mine != theirs or shapes != [(jnp.shape(a), jnp.result_type(a))
+                                        for a in jax.tree.leaves(plan)]:
+            raise ValueError(
+                f"with_plan needs a plan with the fields and shapes of this sampler's "
+                f"({self.spec.describe(self.plan.num_steps)}: {self.plan.num_steps} steps); "
+                f"got {plan.num_steps} steps or other fields. Build it like "
+                f"spec.plan(schedule) does, or make a sampler for its spec.")
+        return Sampler(self.apply_fn, plan, self.spec, self.static, self.guidance,
+                       self.classifier_scale)
+
     def __call__(self, params: Any, key: Array, example_offset: int | Array = 0,
                  labels: Array | np.ndarray | None = None, *, init: Array | None = None,
                  start: str = "noise", rows: Array | np.ndarray | None = None,

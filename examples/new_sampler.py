@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import plans
-from ddpm_jax.sampling import Sampler, make_sampler
+from ddpm_jax.sampling import make_sampler
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec
 
@@ -119,9 +119,10 @@ print("quadratic timesteps:", quadratic.tolist())
 # ## One compiled chain for every plan
 #
 # `make_sampler` compiles the built-in DDIM chain for this shape. A `Sampler` is its model
-# call, plan, spec and compile options (`static`). A new `Sampler` with the same call, spec
-# and options and another plan of the same length reuses that program. The built-in
-# log-SNR spacing (a spec option) runs the same way.
+# call, plan, spec and compile options (`static`); `sampler.with_plan(plan)` is the same
+# sampler on another plan of the same fields and length, and reuses that program (a plan of
+# another structure is refused). The built-in log-SNR spacing (a spec option) runs the same
+# way.
 
 # %%
 sampler = make_sampler(gaussian_eps, schedule, SHAPE, builtin)
@@ -130,7 +131,7 @@ samplers = {"uniform (built-in), eta 0": sampler,
                     gaussian_eps, schedule, SHAPE,
                     builtin.with_overrides(spacing="logsnr"))}
 for name, custom_plan in custom.items():
-    samplers[name] = Sampler(sampler.apply_fn, custom_plan, sampler.spec, sampler.static)
+    samplers[name] = sampler.with_plan(custom_plan)
 outputs = {name: np.asarray(s(params, jax.random.key(0))["images"], np.float64)
            for name, s in samplers.items()}
 print(f"{len(samplers)} plans ran; the model was traced {len(traces)} time(s)")

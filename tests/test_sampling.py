@@ -942,3 +942,30 @@ def test_draw_images_with_labels_does_not_depend_on_the_batch_size():
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     other = sampling.draw_images(small, params, key, 5, labels=1 - labels, progress=False)
     assert np.abs(a.astype(int) - other.astype(int)).max() > 5  # the labels reach the images
+
+
+def test_with_plan_runs_another_plan_in_the_same_compiled_chain():
+    # A hand-made plan (DDIM at eta 1 instead of the sampler's 0) through with_plan equals the
+    # sampler built for it, with one trace of the model for both; another length is refused.
+    from ddpm_jax.spec import SamplerSpec
+    schedule = Schedule.create("linear", 50)
+    traces = []
+
+    def apply_fn(params, x_t, t):
+        traces.append(1)
+        return 0.5 * x_t + params * t[:, None, None, None] / 50.0
+
+    shape = (4, 2, 2, 1)
+    base = make_sampler(apply_fn, schedule, shape, SamplerSpec(sampler="ddim", steps=10, eta=0.0))
+    eta_one = SamplerSpec(sampler="ddim", steps=10, eta=1.0)
+    moved = base.with_plan(eta_one.plan(schedule))
+    key = jax.random.key(3)
+    got = moved(jnp.float32(0.1), key)["images"]
+    assert len(traces) == 1
+    want = make_sampler(apply_fn, schedule, shape, eta_one)(jnp.float32(0.1), key)["images"]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+    assert not np.allclose(np.asarray(got), np.asarray(base(jnp.float32(0.1), key)["images"]))
+    with pytest.raises(ValueError, match="with_plan needs a plan with the fields and shapes"):
+        base.with_plan(SamplerSpec(sampler="ddim", steps=12).plan(schedule))
+    with pytest.raises(ValueError, match="fields and shapes"):
+        base.with_plan(SamplerSpec(sampler="dpm++", steps=10).plan(schedule))
