@@ -46,7 +46,8 @@ class SamplerSpec:
     sampler: "ddpm" (ancestral), "ddim", "dpm++" (DPM-Solver++ multistep, deterministic) or
       "dpm++sde" (its SDE variant). steps: None (all T), an int S, "ddimS" or "S1,S2,..."
       (`plans.space_timesteps`; a string of digits becomes the int). spacing: "time" or
-      "logsnr" (S steps uniform in log-SNR; steps an int). eta: DDIM's, in [0, 1], non-zero only
+      "logsnr" (S steps uniform in log-SNR; steps an int) or "trailing" (t = round(k T / S) - 1,
+      k = 1..S; steps an int). eta: DDIM's, in [0, 1], non-zero only
       with sampler "ddim". order: DPM-Solver++'s, 1-3 (dpm++) or 1-2 (dpm++sde), default 2;
       None for the other samplers. threshold: dynamic-thresholding percentile in (0, 1) of each
       x0 prediction instead of the [-1, 1] clip, or None. mean_type / var_type: how the model's
@@ -75,8 +76,8 @@ class SamplerSpec:
         if steps is not None and not (_is_int(steps) and steps >= 1) and not isinstance(steps, str):
             raise ValueError(f"steps={steps!r}: use None (all T), an int >= 1, 'ddimS' or "
                              "'S1,S2,...'.")
-        if self.spacing == "logsnr" and not _is_int(steps):
-            raise ValueError(f"spacing='logsnr' places an int number of steps S; got "
+        if self.spacing in ("logsnr", "trailing") and not _is_int(steps):
+            raise ValueError(f"spacing={self.spacing!r} places an int number of steps S; got "
                              f"steps={steps!r}.")
         if not isinstance(self.eta, (int, float)) or isinstance(self.eta, bool) \
                 or not 0.0 <= self.eta <= 1.0:
