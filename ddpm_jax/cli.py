@@ -276,8 +276,9 @@ def define_sampler_flags(*, variance: bool) -> None:
                         "kept), 'ddimS' (stride range(0, T, c)) or 'S1,S2,...' (default "
                         "config.sampling.steps).")
     flags.DEFINE_enum("spacing", None, list(SPACINGS), "Which timesteps --steps keeps: time (as "
-                      "--steps says), logsnr (S steps uniform in log-SNR) or trailing (t = round(k T / S) - 1, "
-                      "k = 1..S; a distilled student's grid); --steps an int for both. "
+                      "--steps says), logsnr (S steps uniform in log-SNR) or trailing (t = "
+                      "round(k T / S) - 1, k = 1..S: a distilled student's grid); --steps an "
+                      "int for both. "
                       "Default config.sampling.spacing with the config's sampler, else time.")
     flags.DEFINE_integer("order", None, "Solver order with --sampler=dpm++ (1-3; 1 is DDIM with "
                          "eta 0) or dpm++sde (1-2; 1 is DDIM with eta 1) (default "

@@ -220,7 +220,8 @@ def test_rounds_chain_their_teachers_and_sample_with_their_own_steps():
     config.distill.teacher = "runs/digits"
     rounds = loop.distillation_rounds(config, "out")
     assert [w for w, _ in rounds] == [f"out/round_{k}" for k in range(1, 5)]
-    assert [c.distill.teacher for _, c in rounds] == ["runs/digits"] + [f"out/round_{k}" for k in range(1, 4)]
+    teachers = ["runs/digits"] + [f"out/round_{k}" for k in range(1, 4)]
+    assert [c.distill.teacher for _, c in rounds] == teachers
     assert [c.distill.teacher_steps for _, c in rounds] == [64, 32, 16, 8]
     for _, c in rounds:
         config_lib.validate(c)
