@@ -196,15 +196,6 @@ def _student_config(data_dir, teacher, **changes):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from ddpm_jax import data
-
-    path = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare_dataset("digits", path, image_size=8)
-    return path
-
-
-@pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     from conftest import write_untrained_run
 
@@ -271,9 +262,10 @@ def test_another_network_as_teacher_is_refused_in_one_line(teacher_dir):
 
 @pytest.mark.slow
 def test_a_distillation_run_starts_from_its_teacher_and_resumes_bit_for_bit(
-        tmp_path, data_dir, teacher_dir):
+        tmp_path, digits_data_dir, teacher_dir):
     from ddpm_jax import checkpoint, loop, runs
 
+    data_dir = digits_data_dir
     straight = loop.train_and_evaluate(
             _student_config(data_dir, teacher_dir, **{"training.num_steps": 6}), str(tmp_path / "a"))
     loop.train_and_evaluate(_student_config(data_dir, teacher_dir, **{"training.num_steps": 3}),
