@@ -101,14 +101,21 @@ def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., 
     else:
         fn, spec = training.train_steps, PartitionSpec(None, parallel.DATA_AXIS)
 
-    jitted = jax.jit(fn, static_argnums=3,
-                     in_shardings=(replicated, NamedSharding(mesh, spec), replicated, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=0,
-                     compiler_options=xla_cpu.compiler_options("train"))
+    def build(teacher: bool) -> Any:
+        # jit's in_shardings must match the positional arguments passed (defaults and keywords
+        # do not count): one jit without the teacher argument, one with it.
+        shardings = (replicated, NamedSharding(mesh, spec), replicated) + (replicated,) * teacher
+        return jax.jit(fn, static_argnums=3, in_shardings=shardings,
+                       out_shardings=(replicated, replicated), donate_argnums=0,
+                       compiler_options=xla_cpu.compiler_options("train"))
+    jitted, jitted_with_teacher = build(False), build(True)
 
     def call(state, batch, schedule, settings: training.StepConfig, teacher_params=None):
-        return jitted(state, batch, schedule, settings, teacher_params)
+        if teacher_params is None:
+            return jitted(state, batch, schedule, settings)
+        return jitted_with_teacher(state, batch, schedule, settings, teacher_params)
     call.jitted = jitted  # for tests: jitted._cache_size()
+    call.jitted_with_teacher = jitted_with_teacher
     return call
 
 
