@@ -5,6 +5,10 @@ Override any config field on the command line, e.g. `--config.training.batch_siz
 from its latest checkpoint. Multi-host: run the same command on every host with
 --coordinator_address=HOST0:PORT --num_processes=N --process_id=I (or let a launcher's
 environment, e.g. Slurm or Cloud TPU, provide them).
+
+Progressive distillation (docs/distillation.md): `--config configs/digits.py:distill
+--config.distill.teacher=runs/digits` trains config.distill.rounds halvings, round k in
+WORKDIR/round_k, each an ordinary run (its own checkpoints; rerunning resumes the chain).
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; overrides look like "
                              "--config.training.lr=1e-4.")
     _check_workdir(_WORKDIR.value)
-    from ddpm_jax.cli import OwnInfoOnly, ProgressBar, drop_closed_event_loop_noise
+    from ddpm_jax.cli import OwnInfoOnly, drop_closed_event_loop_noise
     drop_closed_event_loop_noise()
     if not _LIBRARY_LOGS.value:
         logging.get_absl_handler().addFilter(OwnInfoOnly(os.path.abspath(__file__)))
@@ -89,10 +93,8 @@ def main(argv: list[str]) -> None:
     if not distributed and _PREEMPTION.value:
         checkpoint.start_single_process_preemption_service()
 
-    import jax
-
     from ddpm_jax import config as config_lib
-    from ddpm_jax import data, lock, loop
+    from ddpm_jax import loop
 
     config = _CONFIG.value
     try:
@@ -100,11 +102,29 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     logging.info("Config:\n%s", config)
+    if config.distill.teacher is None:
+        runs = [(_WORKDIR.value, config)]
+    else:  # a chain of distillation rounds, each an ordinary run in WORKDIR/round_k
+        runs = loop.distillation_rounds(config, _WORKDIR.value)
+    for workdir, run_config in runs:
+        if workdir != _WORKDIR.value:
+            logging.info("Distillation round in %s: %d -> %d steps.", workdir,
+                         run_config.distill.teacher_steps, run_config.distill.teacher_steps // 2)
+        _train(run_config, workdir)
+
+
+def _train(config, workdir: str) -> None:
+    """One run of the loop, with the expected mistakes as one line."""
+    import jax
+
+    from ddpm_jax import checkpoint, data, lock, loop
+    from ddpm_jax import config as config_lib
+    from ddpm_jax.cli import ProgressBar
     progress = None
     if _PROGRESS.value and jax.process_index() == 0:
         progress = ProgressBar(config.training.num_steps)
     try:
-        loop.train_and_evaluate(config, _WORKDIR.value, progress=progress)
+        loop.train_and_evaluate(config, workdir, progress=progress)
     except (lock.WorkdirLockedError, checkpoint.CheckpointError, data.DataNotPreparedError,
             data.DataShapeError, config_lib.ConfigError, loop.NonFiniteError) as e:
         # Expected mistakes (another trainer's work dir, a checkpoint of another config or a

@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
         sampler="ddpm",               # ddpm (ancestral) | ddim | dpm++ (DPM-Solver++, ODE) | dpm++sde (its SDE variant)
         steps=1000,                   # reverse steps S <= T (fewer respaces), 'ddimS', or None: all T
         spacing="time",               # time (as steps says) | logsnr (S steps uniform in log-SNR; int steps)
+                                      # | trailing (t = round(k T / S) - 1, k = 1..S; int steps)
         order=2,                      # solver order: dpm++ 1..3 (1 = DDIM eta 0), dpm++sde 1..2 (1 = DDIM eta 1)
         eta=0.0,                      # DDIM noise: 0 deterministic, 1 matches DDPM's beta~
         clip_denoised=True,           # clip the predicted x0 to [-1, 1], as the official sampler
@@ -103,6 +104,17 @@ def get_config() -> ml_collections.ConfigDict:
         bpd_split="test",             # split for bits/dim
         bpd_num_images=placeholder(int),  # None: the whole split
         bpd_batch_size=64,            # images per bits/dim evaluation call (T network passes each)
+    )
+    config.distill = dict(
+        teacher=placeholder(str),     # progressive distillation: the teacher run's work dir; None:
+                                      # an ordinary run. The student starts from its EMA weights
+                                      # (same model and schedule; diffusion.mean_type may differ)
+        teacher_step=placeholder(int),  # the teacher's checkpoint; None: its newest (pinned at start)
+        teacher_steps=64,             # N: the teacher's DDIM steps (trailing grid); students learn N/2
+        teacher_sampler="ddim",       # the chain distilled: ddim (eta 0) only, a deterministic map
+        teacher_eta=0.0,              # must be 0: a stochastic teacher chain cannot be distilled
+        rounds=1,                     # halvings in one command: round k in WORKDIR/round_k learns
+                                      # N / 2^k steps from round k-1 (round 1: from teacher)
     )
     return config
 

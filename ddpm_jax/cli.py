@@ -277,8 +277,9 @@ def define_sampler_flags(*, variance: bool) -> None:
                         "kept), 'ddimS' (stride range(0, T, c)) or 'S1,S2,...' (default "
                         "config.sampling.steps).")
     flags.DEFINE_enum("spacing", None, list(SPACINGS), "Which timesteps --steps keeps: time (as "
-                      "--steps says), logsnr (S steps uniform in log-SNR) or edm (the t nearest "
-                      "EDM's rho=7 sigmas); the last two with an int --steps. Default "
+                      "--steps says), logsnr (S steps uniform in log-SNR), edm (the t nearest "
+                      "EDM's rho=7 sigmas) or trailing (t = round(k T / S) - 1, k = 1..S: a "
+                      "distilled student's grid); the last three with an int --steps. Default "
                       "config.sampling.spacing with the config's sampler, else edm for heun and "
                       "euler_ancestral and time for the others.")
     flags.DEFINE_integer("order", None, "Solver order with --sampler=dpm++ (1-3; 1 is DDIM with "

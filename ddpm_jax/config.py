@@ -29,7 +29,7 @@ from ddpm_jax.spec import SAMPLERS, SamplerSpec, check_choice  # noqa: F401 (che
 
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval")
+SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval", "distill")
 MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_channels",
                 "num_classes", "remat", "resamp_with_conv", "num_groups", "kind")
 MODEL_KINDS = ("unet", "classifier")
@@ -109,6 +109,7 @@ def validate(config: Any) -> None:
     _validate_training(_Checker(config, "training"), config)
     _validate_sampling(_Checker(config, "sampling"), config)
     _validate_eval(_Checker(config, "eval"), config)
+    _validate_distill(_Checker(config, "distill"), config)
 
 
 def _validate_data(data: _Checker) -> None:
@@ -271,6 +272,46 @@ def _validate_eval(evaluation: _Checker, config: Any) -> None:
     evaluation.integer("bpd_batch_size", 1)
 
 
+def _validate_distill(distill: _Checker, config: Any) -> None:
+    """The distillation section (`ddpm_jax.distill`); the teacher run itself is checked when the
+    run starts (`runs.load_teacher`)."""
+    from ddpm_jax import distill as distill_lib
+
+    teacher = distill.get("teacher")
+    if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+        raise distill.fail("teacher", "use the teacher run's work dir, or None for an ordinary run")
+    distill.integer("teacher_step", 0, optional=True)
+    steps = distill.get("teacher_steps")
+    try:
+        distill_lib.check_teacher_steps(steps, config.diffusion.timesteps,
+                                        name="config.distill.teacher_steps")
+    except ValueError as error:
+        raise ValueError(str(error)) from None
+    rounds = distill.integer("rounds", 1)
+    if steps % 2 ** rounds:
+        raise distill.fail("rounds", f"teacher_steps={steps} halves only "
+                           f"{(steps & -steps).bit_length() - 1} times into whole steps: use fewer "
+                           "rounds or a teacher_steps with more factors of 2 (e.g. 64)")
+    sampler = distill.choice("teacher_sampler", SAMPLERS)
+    eta = distill.number("teacher_eta", 0.0, 1.0)
+    if sampler in ("ddpm", "dpm++sde") or eta:
+        raise distill.fail("teacher_sampler" if sampler != "ddim" else "teacher_eta",
+                           "a stochastic teacher chain has no deterministic two-step map to "
+                           "distil: use teacher_sampler='ddim' with teacher_eta=0")
+    if sampler != "ddim":
+        raise distill.fail("teacher_sampler", "a multistep solver's step depends on earlier "
+                           "steps: distil its one-step form, teacher_sampler='ddim'")
+    if teacher is None:
+        return
+    if config.model.kind != "unet":
+        raise ValueError(f"config.model.kind={config.model.kind!r}: distillation trains a "
+                         "denoiser student; use model.kind='unet' or distill.teacher=None.")
+    if config.diffusion.mean_type not in distill_lib.STUDENT_MEAN_TYPES:
+        raise ValueError(f"config.diffusion.mean_type={config.diffusion.mean_type!r}: a "
+                         f"distillation student predicts one of {distill_lib.STUDENT_MEAN_TYPES} "
+                         "('v', the paper's, is the default of configs/digits.py:distill).")
+
+
 # Fields added to configs/base.py after its first release, each with the value that runs made
 # before it ran with (label_dropout: none existed, so 0.0, not today's default 0.1).
 ADDED_FIELDS = {
@@ -278,8 +319,11 @@ ADDED_FIELDS = {
     "training.label_dropout": 0.0, "training.loss_weight": "uniform", "training.lr_decay": "none",
     "training.microbatches": 1, "training.min_snr_gamma": 5.0, "sampling.spacing": "time",
     "sampling.order": 2, "sampling.threshold": None, "eval.every_steps": 0, "eval.labels": "none",
-    "eval.guidance": None,
+    "eval.guidance": None, "distill.teacher": None, "distill.teacher_step": None,
+    "distill.teacher_steps": 64, "distill.teacher_sampler": "ddim", "distill.teacher_eta": 0.0,
+    "distill.rounds": 1,
 }
+ADDED_SECTIONS = ("distill",)  # sections added whole: an older config gets them from ADDED_FIELDS
 
 
 def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -289,6 +333,9 @@ def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(copy.deepcopy(dict(saved)))
     for path, value in ADDED_FIELDS.items():
         section, field = path.split(".")
+        if section not in config and section in ADDED_SECTIONS:
+            with config.unlocked():
+                config[section] = {}
         if section in config and field not in config[section]:
             with config.unlocked():
                 config[section][field] = value
@@ -335,9 +382,13 @@ def optimizer_from_config(config: Any) -> Any:
                                        adam_eps=config.training.adam_eps)
 
 
-def step_config(config: Any, model: Any) -> training_lib.StepConfig:
-    """The settings of `training.train_step` for a config (hashable: a static jit argument)."""
+def step_config(config: Any, model: Any, teacher_mean_type: str = "eps") -> training_lib.StepConfig:
+    """The settings of `training.train_step` for a config (hashable: a static jit argument).
+    With config.distill.teacher the objective is "distill" on distill.teacher_steps, the
+    teacher's output read as `teacher_mean_type` (its run's diffusion.mean_type) and its x0
+    clipped as config.sampling.clip_denoised says."""
     t, d = config.training, config.diffusion
+    distilling = config.distill.teacher is not None
     lr_decay = t.lr_decay
     return training_lib.StepConfig(model=model, optimizer=optimizer_from_config(config), base_lr=t.lr,
                 warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
@@ -349,4 +400,7 @@ def step_config(config: Any, model: Any) -> training_lib.StepConfig:
                 var_type=d.var_type, loss_type=d.loss_type,
                 use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,
                 microbatches=t.microbatches,
-                objective="classify" if model_kind(config) == "classifier" else "denoise")
+                objective=("classify" if model_kind(config) == "classifier" else
+                           "distill" if distilling else "denoise"),
+                teacher_steps=config.distill.teacher_steps if distilling else 0,
+                teacher_mean_type=teacher_mean_type, teacher_clip=config.sampling.clip_denoised)

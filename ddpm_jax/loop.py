@@ -14,6 +14,7 @@ normally, so the process exits 0.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -85,9 +86,11 @@ def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> Non
 
 @functools.cache
 def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., Any]:
-    """`training.train_step` (K = 1) or `train_steps` (K > 1) under one jit: the state and the
-    schedule replicated over the mesh, batches ([B, ...], or [K, B, ...]) split over "data", the
-    state donated. Call as f(state, batch, schedule, config_lib.step_config(config, model)).
+    """`training.train_step` (K = 1) or `train_steps` (K > 1) under one jit: the state, the
+    schedule and a distillation teacher's parameters replicated over the mesh, batches
+    ([B, ...], or [K, B, ...]) split over "data", the state donated (the teacher's parameters
+    are not: one buffer serves every step). Call as f(state, batch, schedule,
+    config_lib.step_config(config, model), teacher_params=None).
 
     Cached per (mesh, K), and the settings are hashable (static), so runs in one process with
     equal settings share one compilation.
@@ -98,14 +101,21 @@ def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., 
     else:
         fn, spec = training.train_steps, PartitionSpec(None, parallel.DATA_AXIS)
 
-    jitted = jax.jit(fn, static_argnums=3,
-                     in_shardings=(replicated, NamedSharding(mesh, spec), replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=0,
-                     compiler_options=xla_cpu.compiler_options("train"))
+    def build(teacher: bool) -> Any:
+        # jit's in_shardings must match the positional arguments passed (defaults and keywords
+        # do not count): one jit without the teacher argument, one with it.
+        shardings = (replicated, NamedSharding(mesh, spec), replicated) + (replicated,) * teacher
+        return jax.jit(fn, static_argnums=3, in_shardings=shardings,
+                       out_shardings=(replicated, replicated), donate_argnums=0,
+                       compiler_options=xla_cpu.compiler_options("train"))
+    jitted, jitted_with_teacher = build(False), build(True)
 
-    def call(state, batch, schedule, settings: training.StepConfig):
-        return jitted(state, batch, schedule, settings)
+    def call(state, batch, schedule, settings: training.StepConfig, teacher_params=None):
+        if teacher_params is None:
+            return jitted(state, batch, schedule, settings)
+        return jitted_with_teacher(state, batch, schedule, settings, teacher_params)
     call.jitted = jitted  # for tests: jitted._cache_size()
+    call.jitted_with_teacher = jitted_with_teacher
     return call
 
 
@@ -203,6 +213,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return _train_under_lock(config, workdir, progress)
 
 
+ROUND_DIR = "round_{}"  # round k (1-based) of a chain of distillation rounds, in the work dir
+
+
+def distillation_rounds(config: ml_collections.ConfigDict, workdir: str
+                        ) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """The runs of a chain of config.distill.rounds halvings: (work dir, config) per round, each
+    an ordinary distillation run for `train_and_evaluate`. Round k (1-based) in
+    workdir/round_k distils N_k = teacher_steps / 2^(k-1) steps into N_k / 2; its teacher is
+    config.distill.teacher (round 1) or round k-1's work dir. Each round's config.sampling is
+    its student's own chain, DDIM with eta 0 on the N_k / 2 trailing steps, so that sample
+    grids, sample.py and evaluation use it by default. Rerunning the chain resumes it: finished
+    rounds load, see they are done, and return."""
+    d = config.distill
+    rounds = []
+    for k in range(1, d.rounds + 1):
+        round_config = copy.deepcopy(config)
+        teacher_steps = d.teacher_steps // 2 ** (k - 1)
+        with round_config.unlocked():
+            round_config.distill.update(
+                    teacher=d.teacher if k == 1 else rounds[-1][0],
+                    teacher_step=d.teacher_step if k == 1 else None,
+                    teacher_steps=teacher_steps, rounds=1)
+            round_config.sampling.update(sampler="ddim", eta=0.0, steps=teacher_steps // 2,
+                                         spacing="trailing")
+        rounds.append((os.path.join(workdir, ROUND_DIR.format(k)), round_config))
+    return rounds
+
+
 def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
                       progress: ProgressFn | None) -> training.TrainState:
     """train_and_evaluate's body; the orbax manager's start-up removal of half-written
@@ -210,6 +248,7 @@ def _train_under_lock(config: ml_collections.ConfigDict, workdir: str,
     mesh = parallel.make_mesh()
     _check_setup(config, mesh)
     run = _start(config, workdir, mesh)
+    config = run.config
     # Report the starting step to the preemption sync now: a SIGTERM during compilation then
     # still has a step to sync on (JAX's protocol fails when no process has reported one).
     checkpoint.reached_preemption(run.manager, [run.step])
@@ -264,6 +303,8 @@ class _Run:
     iterator: Any
     manager: Any
     step: int
+    config: ml_collections.ConfigDict  # the run's config (a distillation's teacher step pinned)
+    teacher_params: Any = None     # a distillation's teacher (EMA weights), replicated; else None
 
 
 def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
@@ -278,7 +319,25 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
     # From host values, identical on every process, to one replicated global array per field.
     schedule = jax.device_put(jax.tree.map(np.asarray, config_lib.schedule_from_config(config)),
                               replicated)
-    settings = config_lib.step_config(config, model)
+    manager = checkpoint.make_manager(workdir, max_to_keep=t.keep_checkpoints,
+                                      keep_period=t.keep_every)
+    last_checkpoint = manager.latest_step()
+    teacher_params, teacher_mean_type = None, "eps"
+    if config.distill.teacher is not None:
+        config = _pin_teacher_step(config, manager, last_checkpoint)
+        try:
+            teacher_step, teacher_mean_type, teacher_params = runs.load_teacher(
+                    config.distill.teacher, config, step=config.distill.teacher_step,
+                    sharding=replicated)
+        except ValueError as e:
+            manager.close()
+            raise config_lib.ConfigError(str(e)) from None
+        with config.unlocked():
+            config.distill.teacher_step = teacher_step
+        logging.info("Distilling the %s-parameterised teacher %s (step %d) from %d DDIM steps to "
+                     "%d.", teacher_mean_type, config.distill.teacher, teacher_step,
+                     config.distill.teacher_steps, config.distill.teacher_steps // 2)
+    settings = config_lib.step_config(config, model, teacher_mean_type=teacher_mean_type)
     create = functools.partial(jitted_create_train_state(mesh), model, settings.optimizer,
                                image_shape=config_lib.image_shape(config))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
@@ -288,9 +347,6 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
             image_size=config.data.image_size, channels=config.data.channels,
             random_flip=config.data.random_flip, mesh=mesh, data_dir=config.data.data_dir)
 
-    manager = checkpoint.make_manager(workdir, max_to_keep=t.keep_checkpoints,
-                                      keep_period=t.keep_every)
-    last_checkpoint = manager.latest_step()
     if last_checkpoint is not None:
         logging.info("Resuming from the checkpoint at step %d in %s.", last_checkpoint,
                      manager.directory)
@@ -298,13 +354,39 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
                                    data_iterator=iterator)
     else:
         state = create(jax.random.PRNGKey(t.seed))
+        if teacher_params is not None:  # the student starts as its teacher
+            state = _start_from_teacher(mesh)(state, teacher_params)
     # Only now: a refused resume must not overwrite the config of the run that owns the dir.
     save_resolved_config(config, workdir)
     step = int(jax.device_get(state.step))
     num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     logging.info("Model: %s parameters; starting at step %d of %d.", f"{num_params:,}", step,
                  t.num_steps)
-    return _Run(model, schedule, settings, state, iterator, manager, step)
+    return _Run(model, schedule, settings, state, iterator, manager, step, config, teacher_params)
+
+
+def _pin_teacher_step(config: ml_collections.ConfigDict, manager: Any,
+                      last_checkpoint: int | None) -> ml_collections.ConfigDict:
+    """A copy of `config` whose distill.teacher_step None is the step the run started with
+    (saved with its checkpoints), so that a resume reads the same teacher even after the
+    teacher trained on; a fresh run's None stays None (the teacher's newest, pinned once
+    loaded)."""
+    config = copy.deepcopy(config)
+    if config.distill.teacher_step is None and last_checkpoint is not None:
+        saved = checkpoint.restore_config(manager, last_checkpoint)
+        with config.unlocked():
+            config.distill.teacher_step = saved.get("distill", {}).get("teacher_step")
+    return config
+
+
+@functools.cache
+def _start_from_teacher(mesh: Mesh) -> Callable[..., training.TrainState]:
+    """(fresh state, teacher params) -> the state with params and EMA copies of the teacher's
+    (own buffers: the step donates the state, never the teacher)."""
+    def start(state: training.TrainState, teacher: Any) -> training.TrainState:
+        return state.replace(params=jax.tree.map(jnp.copy, teacher),
+                             ema_params=jax.tree.map(jnp.copy, teacher))
+    return jax.jit(start, out_shardings=parallel.replicated(mesh))
 
 
 def _run_steps(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run: _Run,
@@ -320,7 +402,8 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run:
     while step < t.num_steps:
         k_now = min(k, t.num_steps - step)
         batches = [next(run.iterator) for _ in range(k_now)]
-        state, metrics = step_fn(state, batches[0] if k == 1 else stack(*batches), run.schedule)
+        state, metrics = step_fn(state, batches[0] if k == 1 else stack(*batches), run.schedule,
+                                 teacher_params=run.teacher_params)
         previous, step = step, step + k_now
         accumulator.add(metrics)
         # The counter of the previous dispatch is read after this one is queued, so the

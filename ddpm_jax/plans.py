@@ -7,7 +7,9 @@ schedule, `eta` or spacing of the same length reuses the executable.
 
 Spacings: "time" keeps the timesteps `space_timesteps` names (uniform in t); "logsnr" keeps S
 timesteps uniform in log-SNR between t = T-1 and t = 0 (`logsnr_timesteps`); "edm" keeps the S
-timesteps nearest EDM's rho = 7 sigmas (`edm_timesteps`).
+timesteps nearest EDM's rho = 7 sigmas (`edm_timesteps`); "trailing" keeps t = round(k T / S) - 1,
+k = 1..S (`trailing_timesteps`: ends on T-1; the grid of S/2 steps is every other point of the
+grid of S, which progressive distillation needs).
 
 Indexing: `i` is the 0-based index into the (respaced) chain's schedule, run from S-1 down to
 0; `plan.timesteps[i]` is the original 0-based t the model is called with.
@@ -27,7 +29,7 @@ from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
 
-SPACINGS = ("time", "logsnr", "edm")
+SPACINGS = ("time", "logsnr", "edm", "trailing")
 MAX_SOLVER_ORDER = 3
 MAX_SDE_SOLVER_ORDER = 2  # SDE-DPM-Solver++: 1 (DDIM with eta 1) and 2M
 DPM_SOLVERS = ("dpm++", "dpm++sde")  # the samplers that take an order
@@ -153,6 +155,21 @@ def edm_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
     return _nearest_unique(lambdas, -np.log(sigmas[::-1]))
 
 
+def trailing_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """num_steps timesteps t_k = round(k T / S) - 1 for k = 1..S (diffusers' "trailing"
+    spacing), exact in integers: the chain starts at t = T-1 and its last step goes from
+    t_1 = round(T / S) - 1 to the clean image. Nested under halving: the grid of S/2 steps is
+    the grid of S steps at even k, so each step of an S/2-step chain spans two steps of the
+    S-step chain (progressive distillation, `ddpm_jax.distill`).
+    Returns sorted, unique, 0-based int64 [S].
+    """
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"spacing='trailing' needs an int number of steps in 1..{num_timesteps}; "
+                         f"got {num_steps!r}.")
+    k = np.arange(1, num_steps + 1, dtype=np.int64)
+    return (2 * k * num_timesteps + num_steps) // (2 * num_steps) - 1
+
+
 def _half_log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
     """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)), float64."""
     return 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))
@@ -209,7 +226,7 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
               start_t: int | None = None, edm: str | None = None,
               corrector_snr: float | None = None) -> SamplingPlan:
     """Respaces `schedule` onto `steps` (None: all T; see `space_timesteps` for int / str; with
-    spacing="logsnr" an int S, see `logsnr_timesteps`) and precomputes DDIM's per-step
+    spacing="logsnr" or "trailing" an int S, see `logsnr_timesteps`, `trailing_timesteps`) and precomputes DDIM's per-step
     coefficients for `eta` in [0, 1] and, given `order` K in 1..3, DPM-Solver++'s (see
     `dpm_solver_coefficients`; `sde`: SDE-DPM-Solver++, K in 1..2); float64 math, stored float32.
 
@@ -239,6 +256,8 @@ def make_plan(schedule: Schedule, *, steps: int | str | None = None, eta: float 
         kept = logsnr_timesteps(schedule, num_timesteps if steps is None else steps)
     elif spacing == "edm":
         kept = edm_timesteps(schedule, num_timesteps if steps is None else steps)
+    elif spacing == "trailing":
+        kept = trailing_timesteps(num_timesteps, num_timesteps if steps is None else steps)
     elif steps is None:
         kept = np.arange(num_timesteps)
     else:

@@ -142,6 +142,52 @@ def load_classifier(workdir: str, *, image_shape: tuple[int, int, int], timestep
     return ClassifierApply(model), params
 
 
+# What a student shares with its teacher: the network (dropout and remat change no parameter)
+# and the noise schedule; the mean type may differ (the student's output is read its own way).
+TEACHER_MODEL_FIELDS = tuple(f for f in config_lib.MODEL_FIELDS if f not in ("dropout", "remat"))
+TEACHER_DIFFUSION_FIELDS = ("timesteps", "schedule", "beta_start", "beta_end")
+
+
+def load_teacher(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
+                 sharding: jax.sharding.Sharding | None = None) -> tuple[int, str, PyTree]:
+    """(step, mean_type, EMA params) of the teacher run in `workdir` for the distillation run
+    `config` (config.distill.teacher); ValueError with one line naming `distill.teacher` when it
+    cannot teach this student: no run there, a classifier, another network, schedule or image
+    shape, or a mean type without an x0 reading (xprev)."""
+    from ddpm_jax import distill
+
+    where = f"config.distill.teacher={workdir}"
+    if not os.path.isdir(workdir):
+        raise ValueError(f"{where} does not exist: name a trained run's work dir.")
+    try:
+        chosen, teacher, _, params = load_step_for_sampling(workdir, "ema", step=step,
+                                                            sharding=sharding)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise ValueError(f"{where}: {' '.join(str(e).split())}") from None
+    if config_lib.model_kind(teacher) != "unet":
+        raise ValueError(f"{where} is a classifier run (model.kind="
+                         f"{config_lib.model_kind(teacher)!r}), not a denoiser: name a run "
+                         "trained with model.kind='unet'.")
+    diffs = [f"model.{f}: teacher {teacher.model[f]!r}, student {config.model[f]!r}"
+             for f in TEACHER_MODEL_FIELDS if _plain(teacher.model[f]) != _plain(config.model[f])]
+    diffs += [f"diffusion.{f}: teacher {teacher.diffusion[f]!r}, student {config.diffusion[f]!r}"
+              for f in TEACHER_DIFFUSION_FIELDS if teacher.diffusion[f] != config.diffusion[f]]
+    diffs += [f"data.{f}: teacher {teacher.data[f]!r}, student {config.data[f]!r}"
+              for f in ("image_size", "channels") if teacher.data[f] != config.data[f]]
+    if diffs:
+        raise ValueError(f"{where} has another network or schedule than the student, which "
+                         f"starts from its weights ({'; '.join(diffs)}): use the teacher's "
+                         "config with only diffusion.mean_type, training and distill changed.")
+    if teacher.diffusion.mean_type not in distill.STUDENT_MEAN_TYPES:
+        raise ValueError(f"{where} predicts mean_type={teacher.diffusion.mean_type!r}, which "
+                         f"has no one-step x0 reading: distil a run of {distill.STUDENT_MEAN_TYPES}.")
+    return chosen, teacher.diffusion.mean_type, params
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
 CONFIG_FILE = "config.json"  # the work dir's copy of the resolved config, for people to read
 
 

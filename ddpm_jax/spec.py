@@ -55,8 +55,9 @@ class SamplerSpec:
       "dpm++sde" (its SDE variant), "heun" (EDM's second-order ODE step, 2S - 1 model calls) or
       "euler_ancestral" (k-diffusion's; equal to DDIM with eta 1 on the same timesteps). steps:
       None (all T), an int S, "ddimS" or "S1,S2,..." (`plans.space_timesteps`; a string of
-      digits becomes the int). spacing: "time", "logsnr" (S steps uniform in log-SNR) or "edm"
-      (the timesteps nearest EDM's rho = 7 sigmas), the last two with an int S; None: "edm" for
+      digits becomes the int). spacing: "time", "logsnr" (S steps uniform in log-SNR), "edm"
+      (the timesteps nearest EDM's rho = 7 sigmas) or "trailing" (t = round(k T / S) - 1,
+      k = 1..S), the last three with an int S; None: "edm" for
       heun and euler_ancestral, else "time". eta: DDIM's, in [0, 1], non-zero only
       with sampler "ddim". order: DPM-Solver++'s, 1-3 (dpm++) or 1-2 (dpm++sde), default 2;
       None for the other samplers. threshold: dynamic-thresholding percentile in (0, 1) of each
@@ -92,7 +93,7 @@ class SamplerSpec:
         if steps is not None and not (_is_int(steps) and steps >= 1) and not isinstance(steps, str):
             raise ValueError(f"steps={steps!r}: use None (all T), an int >= 1, 'ddimS' or "
                              "'S1,S2,...'.")
-        if self.spacing in ("logsnr", "edm") and not _is_int(steps):
+        if self.spacing in ("logsnr", "edm", "trailing") and not _is_int(steps):
             raise ValueError(f"spacing={self.spacing!r} places an int number of steps S; got "
                              f"steps={steps!r}.")
         if not isinstance(self.eta, (int, float)) or isinstance(self.eta, bool) \

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import diffusion, xla_cpu
+from ddpm_jax import diffusion, distill, xla_cpu
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -205,7 +205,10 @@ class StepConfig:
     loss_type, hybrid_lambda, loss_weight, min_snr_gamma: `diffusion.training_losses`.
     use_labels / label_dropout: class labels, each replaced by the null label with that
     probability. microbatches / unroll_microbatches: gradient accumulation (`_accumulate`).
-    objective: "denoise" or "classify" (a noise-conditional classifier)."""
+    objective: "denoise", "classify" (a noise-conditional classifier) or "distill" (progressive
+    distillation: `ddpm_jax.distill`; the teacher's parameters are the step's `teacher_params`
+    argument, its network is `model`, its output read as teacher_mean_type, its x0 clipped to
+    [-1, 1] with teacher_clip; teacher_steps N, the student learns N / 2)."""
 
     model: nn.Module
     optimizer: optax.GradientTransformation
@@ -226,10 +229,13 @@ class StepConfig:
     microbatches: int = 1
     unroll_microbatches: bool | None = None
     objective: str = "denoise"
+    teacher_steps: int = 0
+    teacher_mean_type: str = "eps"
+    teacher_clip: bool = True
 
 
-def train_step(state: TrainState, batch: Batch, schedule: Schedule,
-               settings: StepConfig) -> tuple[TrainState, Metrics]:
+def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: StepConfig,
+               teacher_params: PyTree = None) -> tuple[TrainState, Metrics]:
     """One optimizer step: (state, batch, schedule) -> (state, metrics).
 
     The schedule is an argument (data), not a constant, so that jit's cache can be shared by
@@ -254,6 +260,10 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule,
     [B, K] of x_t ~ q(x_t | x0) at the same uniform t; labels as given, never dropped): loss is
     the cross-entropy, with `accuracy` and `accuracy_t{0,1,2}`, the accuracy in the low, middle
     and high third of t (the batch's share of each third weighs it; 0 when a third is empty).
+    objective="distill" draws the student's step uniformly from its teacher_steps / 2 steps
+    instead of t and regresses the student's x0 on the teacher's two-step target
+    (`distill.distillation_losses`, metrics loss and x0_mse); `teacher_params` (the teacher's
+    parameters, never updated, not part of the state) are needed then and ignored otherwise.
     """
     x0 = batch["image"]
     step_rng = jax.random.fold_in(state.rng, state.step)
@@ -264,15 +274,18 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule,
     elif settings.use_labels:
         labels = drop_labels(batch["label"], jax.random.fold_in(step_rng, 3),
                              settings.label_dropout, settings.model.num_classes)
-    t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
+    # t: the timestep, or with objective="distill" the student's step index.
+    high = settings.teacher_steps // 2 if settings.objective == "distill" else schedule.num_timesteps
+    t = jax.random.randint(t_rng, (x0.shape[0],), 0, high, dtype=jnp.int32)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     (loss, terms), grads = _loss_and_grads(settings, state.params, schedule,
-                                           (x0, t, noise, labels), dropout_rng)
+                                           (x0, t, noise, labels), dropout_rng, teacher_params)
     return _update(settings, state, loss, terms, grads)
 
 
 def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
-                    data: tuple[Any, ...], dropout_rng: Array) -> tuple[Any, PyTree]:
+                    data: tuple[Any, ...], dropout_rng: Array,
+                    teacher_params: PyTree = None) -> tuple[Any, PyTree]:
     """((loss, terms), grads) of the objective on data = (x0, t, noise, labels), over the
     batch at once or accumulated over microbatches."""
     def loss_fn(params: PyTree, x0: Array, t: Array, noise: Array, labels: Array | None,
@@ -281,6 +294,13 @@ def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
             return _classifier_loss(settings.model, params, schedule, x0, t, noise, labels,
                                     dropout_rng)
         denoise_fn = _model_denoise_fn(settings.model, params, labels, dropout_rng)
+        if settings.objective == "distill":
+            terms = distill.distillation_losses(
+                    schedule, denoise_fn, _teacher_x0_fn(settings, teacher_params, schedule, labels),
+                    x0=x0, step_index=t, noise=noise, teacher_steps=settings.teacher_steps,
+                    mean_type=settings.mean_type)
+            terms = {name: jnp.mean(value) for name, value in terms.items()}
+            return terms["loss"], terms
         terms = diffusion.training_losses(
                 schedule, denoise_fn, x0=x0, t=t, noise=noise, mean_type=settings.mean_type,
                 var_type=settings.var_type, loss_type=settings.loss_type,
@@ -294,6 +314,23 @@ def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
         return grad_fn(params, *data, dropout_rng)
     return _accumulate(grad_fn, params, data, dropout_rng, settings.microbatches,
                        _unroll_loops(settings.unroll_microbatches))
+
+
+def _teacher_x0_fn(settings: StepConfig, teacher_params: PyTree, schedule: Schedule,
+                   labels: Array | None) -> distill.X0Fn:
+    """The teacher's x0 prediction: `model` with the teacher's parameters, deterministic (no
+    dropout), its output read as teacher_mean_type, clipped with teacher_clip; no gradient."""
+    if teacher_params is None:
+        raise ValueError("objective='distill' needs the teacher's parameters: pass "
+                         "teacher_params to train_step.")
+
+    def x0_fn(z: Array, t: Array) -> Array:
+        out = settings.model.apply({"params": teacher_params}, z, t, labels, train=False)
+        out = jax.lax.stop_gradient(out.astype(jnp.float32))[..., :z.shape[-1]]
+        return distill.x0_from_output(schedule, output=out, z_t=z, t=t,
+                                      mean_type=settings.teacher_mean_type,
+                                      clip=settings.teacher_clip)
+    return x0_fn
 
 
 def _update(settings: StepConfig, state: TrainState, loss: Array, terms: dict[str, Array],
@@ -343,7 +380,8 @@ def _classifier_loss(model: nn.Module, params: PyTree, schedule: Schedule, x0: A
     return loss, terms
 
 
-def train_steps(state: TrainState, batches: Batch, schedule: Schedule, settings: StepConfig, *,
+def train_steps(state: TrainState, batches: Batch, schedule: Schedule, settings: StepConfig,
+                teacher_params: PyTree = None, *,
                 unroll: bool | None = None) -> tuple[TrainState, Metrics]:
     """K optimizer steps in one call: batches hold a leading axis of K batches, [K, B, ...].
 
@@ -353,5 +391,5 @@ def train_steps(state: TrainState, batches: Batch, schedule: Schedule, settings:
     the K steps: [K].
     """
     def body(carry: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        return train_step(carry, batch, schedule, settings)
+        return train_step(carry, batch, schedule, settings, teacher_params)
     return jax.lax.scan(body, state, batches, unroll=_unroll_loops(unroll))

@@ -38,6 +38,16 @@ def digits_net(cache_dir):
     return features.digits_feature_net(16, cache_dir=cache_dir)
 
 
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+    """The digits at 8x8, prepared once per test process (read only: every run reads them)."""
+    from ddpm_jax import data
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare_dataset("digits", path, image_size=8)
+    return path
+
+
 def perturbed(params, key, scale: float = 0.05):
     """params plus scale * N(0, 1) noise per leaf: an untrained UNet's zero-initialised output
     layers predict eps = 0 whatever its inputs (labels included); this one does not."""

@@ -118,10 +118,8 @@ class PreemptedRun:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare_dataset("digits", path, image_size=8)
-    return path
+def data_dir(digits_data_dir):
+    return digits_data_dir
 
 
 @pytest.fixture(scope="module")

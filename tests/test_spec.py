@@ -35,7 +35,7 @@ def test_defaults_and_normalisation():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(sampler="plms"), "sampler='plms': choose one of ('ddpm', 'ddim', 'dpm++', 'dpm++sde', 'heun', "
               "'euler_ancestral')."),
-    (dict(spacing="karras"), "spacing='karras': choose one of ('time', 'logsnr', 'edm')."),
+    (dict(spacing="karras"), "spacing='karras': choose one of ('time', 'logsnr', 'edm', 'trailing')."),
     (dict(steps=0), "steps=0: use None (all T), an int >= 1, 'ddimS' or 'S1,S2,...'."),
     (dict(steps=2.5), "steps=2.5: use None (all T), an int >= 1"),
     (dict(spacing="logsnr", steps="ddim50"), "spacing='logsnr' places an int number of steps S"),
