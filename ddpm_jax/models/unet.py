@@ -249,10 +249,18 @@ class AttnBlock(nn.Module):
                             name=name)(inputs)
 
         q, k, v = (proj(name, h).reshape(batch, height * width, channels) for name in ("q", "k", "v"))
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * (channels ** -0.5), axis=-1).astype(self.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(batch, height, width, channels)
+        h = self.attend(q, k, v).reshape(batch, height, width, channels)
         return x + proj("proj_out", h, zero_init)
+
+    def attend(self, q: Array, k: Array, v: Array) -> Array:
+        """Scaled dot-product attention: q [B, N, C], k and v [B, M, C] -> [B, N, C].
+
+        A method of its own so that `models.seams` can read or replace the queries, keys and
+        values of one block (Plug-and-Play, StyleAligned) without a second model class.
+        """
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(self.dtype)
+        return jnp.einsum("bqk,bkc->bqc", weights, v)
 
 
 # Rematerialised variants: activations inside a block are recomputed in the backward pass.
