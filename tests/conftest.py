@@ -18,10 +18,38 @@ def xla_flags(devices: int | None = None) -> str:
     return FAST_COMPILE + ("" if devices is None else
                            f" --xla_force_host_platform_device_count={devices}")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The suite compiles the same tiny programs many times over: in each test process, and in the
+# train.py / sample.py / example subprocesses. One persistent compilation cache per pytest run
+# (made before the xdist workers start, so they and every subprocess inherit it; removed at the
+# end) lets each program compile once. A cached executable is the same binary, so results are
+# bit-identical; only XLA's compile step is skipped (tracing and the in-memory jit caches, which
+# the compile-once tests count, are untouched).
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or os.environ.get(CACHE_ENV):
+        return  # an xdist worker (it inherited the controller's cache) or a cache chosen by hand
+    path = tempfile.mkdtemp(prefix="ddpm_jax_tests_xla_cache_")
+    config._ddpm_xla_cache = path
+    os.environ[CACHE_ENV] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_ddpm_xla_cache", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # The digits feature net (test_features.py, test_evaluate.py): trained once per test process
