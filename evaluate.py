@@ -87,7 +87,7 @@ def main(argv: Sequence[str]) -> None:
                 guidance=FLAGS.guidance, classifier=FLAGS.classifier,
                 classifier_scale=FLAGS.classifier_scale, ode_solver=FLAGS.ode_solver,
                 ode_trace=FLAGS.ode_trace, ode_tolerance=FLAGS.ode_tolerance,
-                ode_steps=FLAGS.ode_steps)
+                ode_steps=FLAGS.ode_steps, ode_dequantization=FLAGS.ode_dequantization)
         if options.classifier is None:
             check_labels_and_guidance(options.labels, options.guidance, model.num_classes,
                                       labels_name="--labels", guidance_name="--guidance")

@@ -6,7 +6,7 @@
 
 Rows: the VLB (prior + decoder + all T KL terms, `likelihood.evaluate_bpd`) and the ODE bits/dim
 (`ode_likelihood.evaluate_ode_bpd`, RK45 at --tolerance, Hutchinson-Skilling with --trace
-probes, uniform dequantisation), each with its standard error over the images; for the ODE the
+probes, --dequantization uniform or decoder), each with its standard error over the images; for the ODE the
 mean number of field evaluations (NFE) and the estimator's spread over --probes independent
 probe sets on the same dequantised images (the std over the probe sets of the split's mean, and
 the mean over the images of each image's std over the probes). --exact adds the exact trace (64
@@ -46,6 +46,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--exact", action="store_true", help="also the exact trace (slow)")
     parser.add_argument("--skip_vlb", action="store_true")
+    parser.add_argument("--dequantization", default="uniform", choices=("uniform", "decoder"),
+                        help="uniform: score_sde's (a density bound, + 7 bits); decoder: "
+                             "x_1 ~ q(x_1|x_0) and the model's discretized decoder (a bound on "
+                             "the pixels, like the VLB)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -71,7 +75,8 @@ def main() -> None:
                          seconds=round(time.perf_counter() - start, 1)))
         print(json.dumps(rows[-1]), flush=True)
     ode = dict(mean_type=config.diffusion.mean_type, rtol=args.tolerance, atol=args.tolerance,
-               batch_size=args.batch_size, progress=False)
+               batch_size=args.batch_size, progress=False, dequantization=args.dequantization,
+               var_type=config.diffusion.var_type)
     per_probe = []
     for p in range(args.probes):
         start = time.perf_counter()
@@ -80,7 +85,8 @@ def main() -> None:
                                   **ode)
         per_probe.append(result["bpd"])
         summary = ode_bpd_summary(result)
-        rows.append(dict(method=f"ODE RK45 tol {args.tolerance:g}, {args.trace} probe set {p}",
+        rows.append(dict(method=f"ODE RK45 tol {args.tolerance:g}, {args.dequantization} "
+                                f"dequantisation, {args.trace} probe set {p}",
                          bpd=summary["total"], stderr=summary["total_stderr"], nfe=summary["nfe"],
                          nfe_max=summary["nfe_max"], not_converged=summary["not_converged"],
                          seconds=round(time.perf_counter() - start, 1)))

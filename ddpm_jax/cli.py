@@ -319,7 +319,7 @@ def define_ode_flags() -> None:
     """evaluate.py's options of --metrics ode_bpd (`evaluate.EvalOptions`' ode_* fields)."""
     from absl import flags
 
-    from ddpm_jax.ode_likelihood import SOLVERS, TRACES
+    from ddpm_jax.ode_likelihood import DEQUANTIZATIONS, SOLVERS, TRACES
     flags.DEFINE_enum("ode_solver", "rk45", list(SOLVERS), "ode_bpd's integrator: rk45 "
                       "(Dormand-Prince, adaptive) or rk4 (--ode_steps equal steps).")
     flags.DEFINE_enum("ode_trace", "rademacher", list(TRACES), "ode_bpd's divergence: "
@@ -328,6 +328,10 @@ def define_ode_flags() -> None:
     flags.DEFINE_float("ode_tolerance", 1e-5, "RK45's rtol = atol (score_sde's 1e-5).",
                        lower_bound=0.0)
     flags.DEFINE_integer("ode_steps", 100, "RK4's steps (4 evaluations each).", lower_bound=1)
+    flags.DEFINE_enum("ode_dequantization", "uniform", list(DEQUANTIZATIONS), "ode_bpd's bridge "
+                      "from 8-bit pixels to the ODE: uniform (score_sde's x = 2 (k + u) / 256 - 1, "
+                      "a density bound + 7 bits) or decoder (x_1 ~ q(x_1|x_0) and the model's "
+                      "discretized decoder, a bound on the pixels themselves, like --metrics bpd).")
 
 
 def define_guidance_flags(labels_rule: str) -> None:

@@ -139,6 +139,7 @@ class EvalOptions:
     ode_trace: str = "rademacher"            # rademacher | gaussian (Hutchinson) | exact
     ode_tolerance: float = 1e-5              # RK45's rtol = atol (score_sde's 1e-5)
     ode_steps: int = 100                     # RK4's steps
+    ode_dequantization: str = "uniform"      # uniform (score_sde) | decoder (the bound's L_0)
     num_samples: int = 1000
     sampler: SamplerSpec = SamplerSpec()     # the samples' chain; its clip_denoised also bpd's
     sample_batch_size: int = 256
@@ -166,7 +167,7 @@ class EvalOptions:
         if "ode_bpd" in self.metrics:
             check_ode_options(solver=self.ode_solver, trace=self.ode_trace, mean_type="eps",
                               rtol=self.ode_tolerance, atol=self.ode_tolerance,
-                              num_steps=self.ode_steps)
+                              num_steps=self.ode_steps, dequantization=self.ode_dequantization)
         if self.num_samples < 2 and sample_metrics(self.metrics):
             raise ValueError(f"num_samples={self.num_samples}: FID/IS/KID need >= 2 samples.")
         if not isinstance(self.sampler, SamplerSpec):
@@ -215,7 +216,9 @@ def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) 
     if "bpd" in options.metrics:
         parts.append(f"bpd-{options.bpd_split}")
     if "ode_bpd" in options.metrics:
-        parts.append(f"odebpd-{options.bpd_split}-{options.ode_solver}-{options.ode_trace}")
+        parts.append(f"odebpd-{options.bpd_split}-{options.ode_solver}-{options.ode_trace}"
+                     + ("" if options.ode_dequantization == "uniform" else
+                        f"-{options.ode_dequantization}"))
     if sample_metrics(options.metrics):
         parts.append(f"{options.sampler.sampler}{num_steps}-n{options.num_samples}-"
                      f"{options.feature_net}")
@@ -268,6 +271,11 @@ def _bpd_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOpti
     return summary, line
 
 
+_DEQUANTIZATION_WORDS = {
+    "uniform": "uniform dequantisation",
+    "decoder": "decoder dequantisation (x_1 ~ q(x_1|x_0), + the discretized decoder: 1 call)"}
+
+
 def _ode_bpd_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOptions,
                      schedule: Schedule, key: Array, mesh: jax.sharding.Mesh | None,
                      progress: bool, where: str, **_: Any) -> tuple[dict[str, Any], str]:
@@ -282,17 +290,21 @@ def _ode_bpd_section(run: RunData, apply_fn: ApplyFn, params: Any, options: Eval
                               mean_type=run.mean_type, trace=options.ode_trace,
                               solver=options.ode_solver, rtol=options.ode_tolerance,
                               atol=options.ode_tolerance, num_steps=options.ode_steps,
+                              dequantization=options.ode_dequantization, var_type=run.var_type,
+                              clip_denoised=options.sampler.clip_denoised,
                               batch_size=options.bpd_batch_size, mesh=mesh, progress=progress)
     summary = ode_bpd_summary(result)
     summary.update(split=options.bpd_split, seconds=round(time.time() - start, 1),
-                   solver=options.ode_solver, trace=options.ode_trace)
+                   solver=options.ode_solver, trace=options.ode_trace,
+                   dequantization=options.ode_dequantization)
     how = (f"RK45 rtol=atol={options.ode_tolerance:g}" if options.ode_solver == "rk45" else
            f"RK4 {options.ode_steps} steps")
     line = (f"{options.bpd_split} ODE bits/dim {summary['total']:.4f} (+- "
             f"{summary['total_stderr']:.4f} s.e.): probability-flow ODE from t=0 to "
             f"t={run.timesteps - 1}, {how}, {options.ode_trace} trace, mean NFE "
             f"{summary['nfe']:.1f} (max {summary['nfe_max']}, {summary['not_converged']} not "
-            f"converged), uniform dequantisation, {summary['num_images']} images of "
+            f"converged), {_DEQUANTIZATION_WORDS[options.ode_dequantization]}, "
+            f"{summary['num_images']} images of "
             f"{run.dataset}/{options.bpd_split}, {where}"
             + (", null label (the unconditional model)"
                if getattr(apply_fn, "null_label", None) is not None else "") + ".")

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ddpm_jax import parallel, xla_cpu
+from ddpm_jax import diffusion, parallel, xla_cpu
 from ddpm_jax.diffusion import split_model_output
 from ddpm_jax.likelihood import _to_global
 from ddpm_jax.schedule import Schedule
@@ -55,6 +55,9 @@ Array = jax.Array
 SOLVERS = ("rk45", "rk4")
 TRACES = ("rademacher", "gaussian", "exact")
 ODE_MEAN_TYPES = ("eps", "xstart", "v")
+# uniform: score_sde's x = 2 (k + u) / 256 - 1 (a density bound, +7 bits); decoder: x_1 ~ q(x_1|x_0)
+# with the model's discretized decoder for p(x_0 | x_1) (a bound on the discrete data itself).
+DEQUANTIZATIONS = ("uniform", "decoder")
 
 # Dormand-Prince 5(4) (scipy's RK45): nodes C, stage weights A, 5th-order B, error E = B - B*.
 _C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0])
@@ -66,10 +69,11 @@ _E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 52
 
 
 def check_ode_options(*, solver: str, trace: str, mean_type: str, rtol: float, atol: float,
-                      num_steps: int) -> None:
+                      num_steps: int, dequantization: str = "uniform") -> None:
     """ValueError, one line per mistake, before anything compiles."""
     for name, value, choices in (("solver", solver, SOLVERS), ("trace", trace, TRACES),
-                                 ("mean_type", mean_type, ODE_MEAN_TYPES)):
+                                 ("mean_type", mean_type, ODE_MEAN_TYPES),
+                                 ("dequantization", dequantization, DEQUANTIZATIONS)):
         if value not in choices:
             extra = (" (the posterior mean has no continuous-time reading)"
                      if name == "mean_type" and value == "xprev" else "")
@@ -242,15 +246,54 @@ def bpd_from_log_likelihood(log_likelihood: Array, num_dims: int) -> Array:
     return -log_likelihood / (num_dims * math.log(2.0)) + 7.0
 
 
-def _ode_bpd_batch_fn(apply_fn, params, knots, data, indices, key, probe_key, *, options):
+def decoder_bound_terms(apply_fn: Callable, params: Any, schedule: Schedule, k: Array,
+                        noise: Array, *, mean_type: str, var_type: str,
+                        clip_denoised: bool) -> dict[str, Array]:
+    """The first-step terms of the "decoder" dequantisation bound on 8-bit data k [1, H, W, C]:
+        -log P(k) <= E_{x_1 ~ q(x_1|x_0)}[-log p(x_0 | x_1) - log p_ODE(x_1) + log q(x_1 | x_0)],
+    x_0 = k / 127.5 - 1, x_1 = the forward process at t = 0 (0-based) drawn with `noise`, the
+    decoder p(x_0 | x_1) the model's own discretized Gaussian (the bound's L_0). Returns x_1 (where
+    the ODE starts), the decoder's NLL in nats and log q(x_1 | x_0) in nats (each [1])."""
+    x0 = jnp.asarray(k, jnp.float32) / 127.5 - 1.0
+    t = jnp.zeros((1,), jnp.int32)
+    x1 = diffusion.q_sample(schedule, x0=x0, t=t, noise=noise)
+    output = apply_fn(params, x1, t.astype(jnp.float32))
+    decoder_bits, _ = diffusion.vb_terms_bpd(schedule, model_output=output, x0=x0, x_t=x1, t=t,
+                                             mean_type=mean_type, var_type=var_type,
+                                             clip_denoised=clip_denoised)
+    num_dims = k.size
+    sigma2 = 1.0 - schedule.alphas_cumprod[0]
+    log_q = (-0.5 * jnp.sum(jnp.square(noise), axis=(1, 2, 3))
+             - 0.5 * num_dims * jnp.log(2 * math.pi * sigma2))
+    return dict(x1=x1, decoder_nll=decoder_bits * num_dims * math.log(2.0), log_q=log_q)
+
+
+def _ode_bpd_batch_fn(apply_fn, params, knots, data, indices, key, probe_key, schedule, *,
+                      options):
+    options = dict(options)
+    dequantization = options.pop("dequantization")
+    var_type, clip_denoised = options.pop("var_type"), options.pop("clip_denoised")
+
     def one(k, index):
         image_key = jax.random.fold_in(key, index)
-        x = dequantize(k[None], jax.random.fold_in(image_key, 0))
         probe = jax.random.fold_in(image_key if probe_key is None else
                                    jax.random.fold_in(probe_key, index), 1)
-        out = ode_log_likelihood(apply_fn, params, knots, x, probe, **dict(options))
+        if dequantization == "uniform":
+            x = dequantize(k[None], jax.random.fold_in(image_key, 0))
+        else:
+            noise = jax.random.normal(jax.random.fold_in(image_key, 0), k[None].shape, jnp.float32)
+            first = decoder_bound_terms(apply_fn, params, schedule, k[None], noise,
+                                        mean_type=options["mean_type"], var_type=var_type,
+                                        clip_denoised=clip_denoised)
+            x = first["x1"]
+        out = ode_log_likelihood(apply_fn, params, knots, x, probe, **options)
         out = jax.tree.map(lambda a: a[0], out)
-        out["bpd"] = bpd_from_log_likelihood(out["log_likelihood"], k.size)
+        if dequantization == "uniform":
+            out["bpd"] = bpd_from_log_likelihood(out["log_likelihood"], k.size)
+        else:   # a bound on the discrete data itself: bits per dim, no +7
+            nats = first["decoder_nll"][0] - out["log_likelihood"] + first["log_q"][0]
+            out["bpd"] = nats / (k.size * math.log(2.0))
+            out["decoder_bpd"] = first["decoder_nll"][0] / (k.size * math.log(2.0))
         return out
 
     return jax.vmap(one)(data, indices)
@@ -277,13 +320,14 @@ def evaluate_ode_bpd(apply_fn: Callable, params: Any, schedule: Schedule, data: 
         raise ValueError(f"evaluate_ode_bpd takes uint8 images [N, H, W, C] with N >= 1, got "
                          f"{data.dtype} {data.shape}: dequantisation is defined on 8-bit data.")
     defaults = dict(mean_type="eps", trace="rademacher", solver="rk45", rtol=1e-5, atol=1e-5,
-                    num_steps=100, max_steps=2000)
+                    num_steps=100, max_steps=2000, dequantization="uniform",
+                    var_type="fixedlarge", clip_denoised=True)
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"evaluate_ode_bpd has no options {unknown}.")
     options = defaults | options
     check_ode_options(**{k: options[k] for k in ("solver", "trace", "mean_type", "rtol", "atol",
-                                                  "num_steps")})
+                                                  "num_steps", "dequantization")})
     batch = parallel.round_up_to_devices(min(batch_size, len(data)),
                                          1 if mesh is None else mesh.size)
     knots = jnp.asarray(rho_knots(schedule), jnp.float32)
@@ -291,7 +335,7 @@ def evaluate_ode_bpd(apply_fn: Callable, params: Any, schedule: Schedule, data: 
     def one_batch(start: int, chunk: np.ndarray) -> dict[str, Array]:
         indices = np.arange(start, start + batch, dtype=np.int32)
         return _ode_bpd_batch()(apply_fn, params, knots, _to_global(chunk, mesh),
-                                _to_global(indices, mesh), key, probe_key,
+                                _to_global(indices, mesh), key, probe_key, schedule,
                                 options=tuple(sorted(options.items())))
 
     out = parallel.map_batches(one_batch, [data], batch, desc="ODE bits/dim", progress=progress)

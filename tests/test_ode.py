@@ -118,6 +118,45 @@ def test_ode_bpd_dequantises_each_image_by_its_own_key(problem):
     assert summary["num_images"] == 3 and summary["not_converged"] == 0 and summary["nfe"] > 0
 
 
+def _discretized_gaussian_log_prob(k, mean, std):
+    """float64 log P(bin k) of N(mean, std^2) on 256 bins of width 2/255 (edge bins open)."""
+    from scipy.special import log_ndtr
+    x = k / 127.5 - 1.0
+    upper = np.where(k == 255, np.inf, (x + 1 / 255 - mean) / std)
+    lower = np.where(k == 0, -np.inf, (x - 1 / 255 - mean) / std)
+    return np.log(np.exp(log_ndtr(upper)) - np.exp(log_ndtr(lower)))
+
+
+def test_decoder_dequantisation_is_the_variational_bound_in_float64(problem):
+    # -log P(k) <= E_q[-log p(x_0|x_1) - log p_ODE(x_1) + log q(x_1|x_0)], one x_1 per image.
+    # Assembled here from the Gaussian closed forms: x_1 from the same key, p_ODE the analytic
+    # density, the decoder N(x0_hat, posterior variance at t = 1) with the exact predictor's x0_hat.
+    schedule, eps, q, s2, mu, _ = problem
+    rng = np.random.default_rng(4)
+    data = np.clip(np.round((mu + 0.3 * rng.normal(size=(3, D)) + 1) * 127.5), 0, 255)
+    data = data.astype(np.uint8).reshape((3,) + SHAPE)
+    key = jax.random.key(6)
+    result = ode.evaluate_ode_bpd(eps, None, schedule, data, key, trace="exact", batch_size=3,
+                                  progress=False, dequantization="decoder")
+
+    betas = np.asarray(schedule.betas, np.float64)
+    abar = np.cumprod(1 - betas)
+    x0 = data.reshape(3, D).astype(np.float64) / 127.5 - 1
+    noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, n), 0),
+                                                   (1,) + SHAPE)).reshape(D) for n in range(3)])
+    x1 = np.sqrt(abar[0]) * x0 + np.sqrt(1 - abar[0]) * noise
+    v0 = abar[0] * s2 + 1 - abar[0]
+    eps_hat = np.sqrt(1 - abar[0]) * (((x1 - np.sqrt(abar[0]) * mu) @ q) / v0) @ q.T
+    x0_hat = np.clip((x1 - np.sqrt(1 - abar[0]) * eps_hat) / np.sqrt(abar[0]), -1, 1)
+    decoder_std = math.sqrt(betas[1] * (1 - abar[0]) / (1 - abar[1]))    # fixedlarge at t = 0
+    decoder = _discretized_gaussian_log_prob(data.reshape(3, D).astype(np.float64), x0_hat,
+                                             decoder_std).sum(1)
+    log_q = (-0.5 * np.sum(noise**2, 1) - 0.5 * D * np.log(2 * math.pi * (1 - abar[0])))
+    expected = (-decoder - analytic_log_density(schedule, q, s2, mu, x1) + log_q) / (D * math.log(2))
+    np.testing.assert_allclose(result["bpd"], expected, atol=2e-3)
+    np.testing.assert_allclose(result["decoder_bpd"], -decoder / (D * math.log(2)), atol=1e-4)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(solver="euler"), "solver='euler': choose one of ('rk45', 'rk4')."),
     (dict(trace="sketch"), "trace='sketch': choose one of ('rademacher', 'gaussian', 'exact')."),
@@ -125,6 +164,8 @@ def test_ode_bpd_dequantises_each_image_by_its_own_key(problem):
                               "posterior mean has no continuous-time reading)."),
     (dict(rtol=0.0), "rtol=0.0: use a tolerance in (0, 1) such as 1e-5."),
     (dict(solver="rk4", num_steps=0), "num_steps=0: RK4 takes an int number of steps >= 1."),
+    (dict(dequantization="variational"), "dequantization='variational': choose one of "
+                                          "('uniform', 'decoder')."),
 ])
 def test_bad_ode_options_give_one_line_each(problem, options, message):
     schedule, eps, *_ = problem
@@ -158,7 +199,19 @@ def test_run_evaluation_reports_ode_bpd_beside_the_bound(tmp_path):
                                      progress=False)
     assert report["path"].endswith("report_step3_ema_bpd-test_odebpd-test-rk4-rademacher.json")
     bound, ode_line = report["protocol"]
+    bound_total = report["bpd"]["total"]
     assert ode_line.startswith("test ODE bits/dim") and "RK4 3 steps, rademacher trace" in ode_line
     assert "mean NFE 12.0" in ode_line and "2 images of digits/test" in ode_line
     assert report["ode_bpd"]["num_images"] == 2 and np.isfinite(report["ode_bpd"]["total"])
     assert evaluate.scalars(report)["eval/ode_bpd"] == report["ode_bpd"]["total"]
+
+    options = evaluate.EvalOptions.from_config(config, metrics=("ode_bpd",), bpd_num_images=2,
+                                               ode_solver="rk4", ode_steps=3,
+                                               ode_dequantization="decoder")
+    report = evaluate.run_evaluation(evaluate.RunData.from_config(config), _shrink_apply, None,
+                                     options, workdir=str(tmp_path / "run"), step=3,
+                                     progress=False)
+    assert report["path"].endswith("report_step3_ema_odebpd-test-rk4-rademacher-decoder.json")
+    assert "decoder dequantisation" in report["protocol"][0]
+    # A bound on the pixels themselves: the same scale as the bound's bits/dim (no +7 bits).
+    assert abs(report["ode_bpd"]["total"] - bound_total) < 0.5 * bound_total
