@@ -1,5 +1,7 @@
 """The UNet's feature seam (models/seams.py): reading and replacing block outputs and the
 attention core at apply time."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +13,13 @@ from ddpm_jax.models.unet import UNet
 ARCH = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, num_classes=3)
 
 
+@functools.cache   # one init per model: eager Flax init of a UNet is slow
 def _model_and_inputs(remat: bool = False):
     model = UNet(**ARCH, remat=remat)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
     t = jnp.array([1, 50, 900])
     y = jnp.array([0, 2, 3])
-    params = model.init(jax.random.PRNGKey(1), x, t, y, train=False)["params"]
+    params = jax.jit(lambda k: model.init(k, x, t, y, train=False)["params"])(jax.random.PRNGKey(1))
     # Give the zero-initialised output layers weights, so every block reaches the output.
     params = jax.tree_util.tree_map_with_path(
         lambda path, p: p + 0.05 if any(getattr(k, "key", None) in ("conv_1", "proj_out", "conv_out")
@@ -45,35 +48,46 @@ def _apply_with(model, params, inputs, per_site):
 
 def test_the_captured_attention_core_is_softmax_attention_in_float64():
     model, params, inputs = _model_and_inputs()
-    seen = {}
 
-    def record(call, args, kwargs):
-        seen["qkv"] = args
-        seen["out"] = call(*args, **kwargs)
-        return seen["out"]
+    @jax.jit
+    def run(params):
+        seen = {}
 
-    _apply_with(model, params, inputs, {"mid_attn.attend": record})
-    q, k, v = (np.asarray(a, np.float64) for a in seen["qkv"])
+        def record(call, args, kwargs):
+            seen["qkv"] = args
+            seen["out"] = call(*args, **kwargs)
+            return seen["out"]
+
+        _apply_with(model, params, inputs, {"mid_attn.attend": record})
+        return seen["qkv"], seen["out"]
+
+    qkv, out = run(params)
+    q, k, v = (np.asarray(a, np.float64) for a in qkv)
     logits = np.einsum("bqc,bkc->bqk", q, k) / np.sqrt(q.shape[-1])
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(seen["out"]), np.einsum("bqk,bkc->bqc", weights, v), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), np.einsum("bqk,bkc->bqc", weights, v), atol=1e-5)
     assert q.shape == (3, 4 * 4, 16)  # the middle works at 4x4 with 2 * ch channels
 
 
 def test_replacing_a_block_output_changes_only_what_it_feeds_and_capture_reads_it():
     model, params, inputs = _model_and_inputs()
-    with seams.capture(["up_0_block_0", "up_1_block_1"]) as found:
-        plain = model.apply({"params": params}, *inputs, train=False)
-    assert found["up_0_block_0"].shape == (3, 8, 8, 8) and found["up_1_block_1"].shape == (3, 4, 4, 16)
 
-    # Row 0 takes row 1's features at the last decoder block (up_0_block_1): only row 0's output moves, and it
-    # becomes exactly what row 1's features give through the output head.
+    # Row 0 takes row 1's features at the last decoder block (up_0_block_1): only row 0's
+    # output moves, and it becomes exactly what row 1's features give through the output head.
     def swap_row0(call, args, kwargs):
         h = call(*args, **kwargs)
         return h.at[0].set(h[1])
 
-    swapped = _apply_with(model, params, inputs, {"up_0_block_1": swap_row0})
+    @jax.jit
+    def run(params):
+        with seams.capture(["up_0_block_0", "up_1_block_1"]) as found:
+            plain = model.apply({"params": params}, *inputs, train=False)
+        swapped = _apply_with(model, params, inputs, {"up_0_block_1": swap_row0})
+        return plain, swapped, dict(found)
+
+    plain, swapped, found = run(params)
+    assert found["up_0_block_0"].shape == (3, 8, 8, 8) and found["up_1_block_1"].shape == (3, 4, 4, 16)
     np.testing.assert_array_equal(np.asarray(swapped[1:]), np.asarray(plain[1:]))
     np.testing.assert_allclose(np.asarray(swapped[0]), np.asarray(plain[1]), atol=1e-6)
     assert not np.allclose(np.asarray(swapped[0]), np.asarray(plain[0]), atol=1e-3)
