@@ -44,6 +44,9 @@ flags.DEFINE_integer("tile_px", 64, "Grid tiles are upscaled (nearest) to at lea
 flags.DEFINE_integer("max_grid_tiles", 100, "The grid shows the first N images.", lower_bound=1)
 flags.mark_flags_as_mutual_exclusive(["workdir", "diffusers_dir"], required=True)
 edit_jobs.define_flags()
+# Generation by class: --views (Visual Anagrams), --style_ref (StyleAligned).
+from ddpm_jax.editing import class_jobs  # noqa: E402
+class_jobs.define_flags()
 
 
 def _check_flags():
@@ -63,6 +66,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
     try:
         classes, mode = _check_flags()
+        class_mode = class_jobs.check_flags(FLAGS, mode)  # --views / --style_ref, or None
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     cli.drop_closed_event_loop_noise()
@@ -89,6 +93,8 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:  # plain sampling, or an edit on batches of the input images; written atomically
+        if class_mode is not None:
+            return class_jobs.run_and_write(class_mode, FLAGS, context)
         edit_jobs.run_and_write(mode or "sample", FLAGS, context)
     except (ValueError, images.OutputError) as e:
         raise app.UsageError(str(e)) from None
