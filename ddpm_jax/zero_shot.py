@@ -125,3 +125,45 @@ def evaluate_zero_shot(apply_fn: Any, params: Any, schedule: Schedule, images_ui
                 predictions=result["labels"], num_images=int(len(correct)),
                 num_samples=int(num_samples), seconds=round(time.time() - start, 2),
                 model_rows_per_image=int(num_classes * num_samples))
+
+
+# ------------------------------------------------------------------ evaluate.py's section
+
+def load_split_with_labels(dataset: str, split: str, data_dir: str | None, *, image_size: int,
+                           channels: int, max_examples: int | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W, C], labels int64 [N]) of a prepared split, in stored order."""
+    from ddpm_jax.data import builders
+    from ddpm_jax.data.pipeline import SplitReader
+    reader = SplitReader(dataset, split, data_dir, image_size, channels)
+    count = len(reader) if max_examples is None else min(max_examples, len(reader))
+    pairs = reader.read(range(count))
+    images = np.stack([builders.fit_image(image, image_size, channels) for image, _ in pairs])
+    return images, np.asarray([label for _, label in pairs], np.int64)
+
+
+def zero_shot_section(apply_fn: Any, params: Any, schedule: Schedule, key: Array, *,
+                      dataset: str, split: str, data_dir: str | None, image_size: int,
+                      channels: int, num_samples: int, max_images: int | None,
+                      batch_size: int, stem: str | None, where: str) -> tuple[dict[str, Any], str]:
+    """evaluate.py's `--metrics zero_shot`: (summary, protocol line) of the diffusion
+    classifier on the split; with `stem`, writes stem + '_zero_shot_confusion.png'."""
+    from ddpm_jax import plots
+    _check(apply_fn, num_samples, np.zeros((1, 1, 1, 1)))
+    images, labels = load_split_with_labels(dataset, split, data_dir, image_size=image_size,
+                                            channels=channels, max_examples=max_images)
+    result = evaluate_zero_shot(apply_fn, params, schedule, images, labels, key,
+                                num_samples=num_samples, batch_size=batch_size)
+    result.pop("predictions")
+    result.update(split=split)
+    line = (f"zero-shot accuracy {100 * result['accuracy']:.2f}% (+- "
+            f"{100 * result['accuracy_stderr']:.2f} s.e.): the diffusion classifier, argmin over "
+            f"{apply_fn.null_label} classes of E||eps - eps(x_t, t, y)||^2 with {num_samples} "
+            f"shared (t, eps) pairs per image, {result['num_images']} images of "
+            f"{dataset}/{split}, {where}, {result['seconds']:.1f} s.")
+    if stem is not None:
+        result["confusion_png"] = stem + "_zero_shot_confusion.png"
+        plots.save_matrix_plot(result["confusion_png"], np.asarray(result["confusion"]),
+                               title=f"diffusion classifier on {dataset}/{split}: "
+                                     f"{100 * result['accuracy']:.1f}%")
+    return result, line
