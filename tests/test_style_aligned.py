@@ -39,18 +39,23 @@ def _adain64(x, ref):
     return sd_r * (x - mu) / sd + mu_r
 
 
-@pytest.mark.parametrize("use_adain", [True, False])
-def test_shared_attention_matches_a_float64_reference(use_adain):
+@pytest.mark.parametrize("use_adain, shift", [(True, 0.0), (False, 0.0), (True, float(np.log(4)))])
+def test_shared_attention_matches_a_float64_reference(use_adain, shift):
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(4, 16, 8)) * s + m for s, m in ((1, 0), (2, 1), (1, -1)))
     r = 2
     out = shared_attention(lambda a, b, c: jnp.asarray(_attend64(*map(np.asarray, (a, b, c))),
                                                        jnp.float32),
                            *(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
-                           reference_row=r, use_adain=use_adain)
+                           reference_row=r, use_adain=use_adain, reference_shift=shift)
     qh, kh = (_adain64(q, q[r:r + 1]), _adain64(k, k[r:r + 1])) if use_adain else (q, k)
     keys = np.concatenate([np.repeat(k[r:r + 1], 4, 0), kh], 1)
     values = np.concatenate([np.repeat(v[r:r + 1], 4, 0), v], 1)
+    # A shift s of the reference keys' logits weighs each of them e^s: as e^s copies of it.
+    copies = round(np.exp(shift)) if shift else 1
+    assert abs(np.exp(shift) - copies) < 0.02 or not shift
+    keys = np.concatenate([keys[:, :16]] * copies + [keys[:, 16:]], 1)
+    values = np.concatenate([values[:, :16]] * copies + [values[:, 16:]], 1)
     expected = _attend64(qh, keys, values)
     expected[r] = _attend64(q[r:r + 1], k[r:r + 1], v[r:r + 1])[0]
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5)

@@ -131,3 +131,25 @@ def test_bad_views_and_labels_give_one_line_each():
         with pytest.raises(ValueError, match=words) as info:
             make()
         assert "\n" not in str(info.value)
+
+
+def test_sample_py_view_and_style_flags_are_checked_before_any_weights_load():
+    from types import SimpleNamespace
+
+    from ddpm_jax.editing import class_jobs
+
+    def flags(**given):
+        return SimpleNamespace(**(dict(views=None, style_ref=None, style_layers=None,
+                                       style_adain=True, style_shift=0.0, labels=None, classifier=None) | given))
+    assert class_jobs.check_flags(flags(views=["identity", "rot180"], labels="6,9,1,7"), None) \
+        == "views"
+    cases = [(flags(views=["identity", "rot180"], labels="6,9,1"), None, "3 classes for 2 views"),
+             (flags(views=["identity", "rot180"], labels="balanced"), None, "one class per view"),
+             (flags(views=["identity"], labels="6", style_ref="a.png"), None, "separate jobs"),
+             (flags(views=["identity"], labels="6"), "sdedit", "separate jobs"),
+             (flags(style_layers=["up"]), None, "only apply to --style_ref"),
+             (flags(style_ref="a.png", classifier="clf"), None, "not --classifier")]
+    for values, edit_mode, words in cases:
+        with pytest.raises(ValueError, match=words) as info:
+            class_jobs.check_flags(values, edit_mode)
+        assert "\n" not in str(info.value)

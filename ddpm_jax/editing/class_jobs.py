@@ -40,6 +40,9 @@ def define_flags() -> None:
     flags.DEFINE_boolean("style_adain", True, "With --style_ref: AdaIN the queries and keys "
                          "to the reference's statistics (StyleAligned's; off: share keys and "
                          "values only).")
+    flags.DEFINE_float("style_shift", 0.0, "With --style_ref: added to the attention logits of "
+                       "the reference's keys (log of the weight the reference gets; 0: "
+                       "StyleAligned as written; 1-3 strengthen the style).")
 
 
 def check_flags(values: Any, edit_mode: str | None) -> str | None:
@@ -52,8 +55,10 @@ def check_flags(values: Any, edit_mode: str | None) -> str | None:
     if mode is not None and edit_mode is not None:
         raise ValueError(f"Pick one of --{mode if mode == 'views' else 'style_ref'} / "
                          f"--{edit_mode}; they are separate jobs.")
-    if mode != "style" and (values.style_layers is not None or not values.style_adain):
-        raise ValueError("--style_layers / --style_adain only apply to --style_ref.")
+    if mode != "style" and (values.style_layers is not None or not values.style_adain
+                            or values.style_shift):
+        raise ValueError("--style_layers / --style_adain / --style_shift only apply to "
+                         "--style_ref.")
     if mode is None:
         return None
     if values.classifier is not None:
@@ -117,14 +122,15 @@ def _style(values: Any, context: Context) -> Result:
                             if values.style_layers and len(values.style_layers) == 1 and
                             values.style_layers[0] in LAYER_GROUPS else
                             (values.style_layers or "all"))
-    logging.info("StyleAligned: %d images sharing %s's attention at %s (AdaIN %s): %s.",
-                 values.num_samples, values.style_ref, ",".join(sites),
-                 "on" if values.style_adain else "off", spec.describe())
+    logging.info("StyleAligned: %d images sharing %s's attention at %s (AdaIN %s, shift %g): "
+                 "%s.", values.num_samples, values.style_ref, ",".join(sites),
+                 "on" if values.style_adain else "off", values.style_shift, spec.describe())
     out = style_aligned_samples(context.model_apply, context.params, context.schedule, spec,
                                 reference, context.labels, context.key,
                                 num_samples=values.num_samples,
                                 batch_size=max(2, context.batch_size), sites=sites,
-                                use_adain=values.style_adain, guidance=context.guidance,
+                                use_adain=values.style_adain,
+                                reference_shift=values.style_shift, guidance=context.guidance,
                                 progress=True)
     grid = np.concatenate([reference[None], out["reconstruction"][None], out["images"]])
     extra = dict(reference=reference, reconstruction=out["reconstruction"])

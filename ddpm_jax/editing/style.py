@@ -39,12 +39,13 @@ def check_style_spec(spec: SamplerSpec) -> None:
 def style_aligned_samples(apply_fn: Any, params: Any, schedule: Schedule, spec: SamplerSpec,
                           reference: np.ndarray, labels: np.ndarray | None, key: Array, *,
                           num_samples: int, batch_size: int, sites: Sequence[str],
-                          use_adain: bool = True, guidance: float | None = None,
+                          use_adain: bool = True, reference_shift: float = 0.0,
+                          guidance: float | None = None,
                           progress: bool = False) -> dict[str, np.ndarray]:
     """num_samples images sharing `reference`'s attention at `sites` ('<block>.attend'; ()
     for no sharing). apply_fn: a class-conditional or unconditional `ModelApply`; reference:
     uint8 [H, W, C]; labels: [num_samples] classes (None: the null label); batch_size: rows
-    per call, the reference's included (>= 2). Sample n starts from normal(fold_in(key, n)).
+    per call, the reference's included (>= 2); use_adain, reference_shift: `StyleAlignedApply`'s. Sample n starts from normal(fold_in(key, n)).
     Returns images uint8 [N, H, W, C] and reconstruction uint8 [H, W, C] (the reference row)."""
     check_style_spec(spec)
     if batch_size < 2:
@@ -53,7 +54,8 @@ def style_aligned_samples(apply_fn: Any, params: Any, schedule: Schedule, spec: 
     image_shape = reference.shape
     batch = min(batch_size, num_samples + 1)
     null = getattr(apply_fn, "null_label", None)
-    styled = StyleAlignedApply(apply_fn, tuple(sites), reference_row=0, use_adain=use_adain)
+    styled = StyleAlignedApply(apply_fn, tuple(sites), reference_row=0, use_adain=use_adain,
+                               reference_shift=float(reference_shift))
     sampler = make_sampler(styled, schedule, (batch,) + image_shape, spec, guidance=guidance)
     x0 = jnp.asarray(reference, jnp.float32)[None] / 127.5 - 1.0
     ref_label = None if null is None else jnp.asarray([null], jnp.int32)

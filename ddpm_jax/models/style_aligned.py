@@ -42,17 +42,28 @@ def adain(x: Array, reference: Array) -> Array:
 
 
 def shared_attention(attend: Callable[[Array, Array, Array], Array], q: Array, k: Array,
-                     v: Array, *, reference_row: int, use_adain: bool = True) -> Array:
+                     v: Array, *, reference_row: int, use_adain: bool = True,
+                     reference_shift: float = 0.0) -> Array:
     """The attention core of StyleAligned: q, k, v [B, N, C] -> [B, N, C]. Row
     `reference_row` attends to itself as usual; every row attends (queries Q^_t) over the 2N
-    keys [K_r; K^_t] with values [V_r; V_t]. use_adain=False: Q_t, K_t unnormalised."""
+    keys [K_r; K^_t] with values [V_r; V_t]. use_adain=False: Q_t, K_t unnormalised.
+    reference_shift: added to the softmax logits of the N reference keys (log of the weight
+    the reference gets against a row's own keys; 0: StyleAligned as written)."""
     batch = q.shape[0]
     r = reference_row
     q_r, k_r, v_r = q[r:r + 1], k[r:r + 1], v[r:r + 1]
     q_hat, k_hat = (adain(q, q_r), adain(k, k_r)) if use_adain else (q, k)
     keys = jnp.concatenate([jnp.broadcast_to(k_r, k.shape), k_hat], axis=1)
     values = jnp.concatenate([jnp.broadcast_to(v_r, v.shape), v], axis=1)
-    shared = attend(q_hat, keys, values)
+    if reference_shift:  # the block's softmax attention with the reference keys' logits shifted
+        logits = jnp.einsum("bqc,bkc->bqk", q_hat, keys, preferred_element_type=jnp.float32)
+        logits = logits * (q.shape[-1] ** -0.5)
+        logits = logits + jnp.where(jnp.arange(keys.shape[1]) < k.shape[1], reference_shift,
+                                    0.0)[None, None, :]
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        shared = jnp.einsum("bqk,bkc->bqc", weights, values)
+    else:
+        shared = attend(q_hat, keys, values)
     own = attend(q_r, k_r, v_r)
     return shared.at[r].set(own[0]) if batch > 1 else own
 
@@ -83,12 +94,14 @@ def attention_sites(params: Any, layers: str | Sequence[str] = "all") -> tuple[s
 class StyleAlignedApply:
     """An apply_fn `(params, x_t, t, y=None)` running `apply_fn` with StyleAligned's shared
     attention at `sites` ('<block>.attend'; () leaves the call untouched), row
-    `reference_row` of each call being the reference. Hashable: keys the compile cache."""
+    `reference_row` of each call being the reference; use_adain and reference_shift as
+    `shared_attention`. Hashable: keys the compile cache."""
 
     apply_fn: Any
     sites: tuple[str, ...] = ()
     reference_row: int = 0
     use_adain: bool = True
+    reference_shift: float = 0.0
 
     def __post_init__(self) -> None:
         seams.check_sites(list(self.sites))
@@ -113,7 +126,8 @@ class StyleAlignedApply:
         def hook(call: Callable[..., Array], args: tuple, kwargs: dict) -> Array:
             q, k, v = args
             return shared_attention(call, q, k, v, reference_row=self.reference_row,
-                                    use_adain=self.use_adain)
+                                    use_adain=self.use_adain,
+                                    reference_shift=self.reference_shift)
 
         with seams.hooks({site: hook for site in self.sites}):
             return self.apply_fn(params, x_t, t, y)
