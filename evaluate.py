@@ -102,6 +102,9 @@ def main(argv: Sequence[str]) -> None:
             raise ValueError("--metrics zero_shot: the diffusion classifier needs a "
                              "class-conditional run (model.num_classes set); this one is "
                              "unconditional.")
+        if "zero_shot" in options.metrics and config.diffusion.mean_type != "eps":
+            raise ValueError(f"--metrics zero_shot scores noise predictions; this run predicts "
+                             f"{config.diffusion.mean_type!r} (diffusion.mean_type).")
         if "ode_bpd" in options.metrics and config.diffusion.mean_type == "xprev":
             raise ValueError("--metrics ode_bpd: this run predicts the posterior mean "
                              "(diffusion.mean_type='xprev'), which has no continuous-time "
