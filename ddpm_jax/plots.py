@@ -61,7 +61,8 @@ def save_matrix_plot(path: str | os.PathLike, matrix: np.ndarray, *, title: str,
     of its row and labelled with its count; rows and columns numbered 0..K-1."""
     matrix = np.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"Nothing to plot in {path}: a square matrix is needed, got {matrix.shape}.")
+        raise ValueError(f"Nothing to plot in {path}: a square matrix is needed, got "
+                         f"{matrix.shape}.")
     k = matrix.shape[0]
     share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     left, top = 40, 40
@@ -69,8 +70,9 @@ def save_matrix_plot(path: str | os.PathLike, matrix: np.ndarray, *, title: str,
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     for i in range(k):
-        draw.text((left - 16, top + i * cell_px + cell_px // 2 - 6), str(i), fill="black", font=font)
-        draw.text((left + i * cell_px + cell_px // 2 - 3, top - 14), str(i), fill="black", font=font)
+        middle = i * cell_px + cell_px // 2
+        draw.text((left - 16, top + middle - 6), str(i), fill="black", font=font)
+        draw.text((left + middle - 3, top - 14), str(i), fill="black", font=font)
         for j in range(k):
             shade = int(255 * (1 - share[i, j]))
             x, y = left + j * cell_px, top + i * cell_px

@@ -1,7 +1,8 @@
 """The diffusion classifier (Li et al. 2023): zero-shot classification with a class-conditional
 noise predictor,
 
-    y* = argmin_y  E_{t, eps} || eps - eps_theta(x_t, t, y) ||^2,   x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
+    y* = argmin_y  E_{t, eps} || eps - eps_theta(x_t, t, y) ||^2,
+    x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
 
 estimated with S pairs (t_j, eps_j) per image that every class shares (paired noise: the
 class-independent part of the error cancels in the comparison). t_j is stratified, one in each

@@ -45,7 +45,8 @@ def style_aligned_samples(apply_fn: Any, params: Any, schedule: Schedule, spec: 
     """num_samples images sharing `reference`'s attention at `sites` ('<block>.attend'; ()
     for no sharing). apply_fn: a class-conditional or unconditional `ModelApply`; reference:
     uint8 [H, W, C]; labels: [num_samples] classes (None: the null label); batch_size: rows
-    per call, the reference's included (>= 2); use_adain, reference_shift: `StyleAlignedApply`'s. Sample n starts from normal(fold_in(key, n)).
+    per call, the reference's included (>= 2); use_adain, reference_shift: as
+    `StyleAlignedApply`. Sample n starts from normal(fold_in(key, n)).
     Returns images uint8 [N, H, W, C] and reconstruction uint8 [H, W, C] (the reference row)."""
     check_style_spec(spec)
     if batch_size < 2:
