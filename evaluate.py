@@ -53,6 +53,11 @@ flags.DEFINE_string("cache_dir", None, "Classifier weights and reference statist
                     "(default $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
 flags.DEFINE_boolean("save_samples", True, "Also write the samples (.npz and a PNG grid).")
 flags.DEFINE_boolean("progress", True, "Progress bars.")
+# --metrics zero_shot: the diffusion classifier's accuracy on --split (ddpm_jax/zero_shot.py).
+flags.DEFINE_integer("zero_shot_samples", None, "With --metrics zero_shot: (t, eps) pairs per "
+                     "image, shared by every class (default 64).", lower_bound=1)
+flags.DEFINE_integer("zero_shot_images", None, "With --metrics zero_shot: the first N images "
+                     "of --split (default: all).", lower_bound=1)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -87,11 +92,20 @@ def main(argv: Sequence[str]) -> None:
                 guidance=FLAGS.guidance, classifier=FLAGS.classifier,
                 classifier_scale=FLAGS.classifier_scale, ode_solver=FLAGS.ode_solver,
                 ode_trace=FLAGS.ode_trace, ode_tolerance=FLAGS.ode_tolerance,
-                ode_steps=FLAGS.ode_steps, ode_dequantization=FLAGS.ode_dequantization)
+                ode_steps=FLAGS.ode_steps, ode_dequantization=FLAGS.ode_dequantization,
+                zero_shot_samples=FLAGS.zero_shot_samples,
+                zero_shot_images=FLAGS.zero_shot_images)
         if options.classifier is None:
             check_labels_and_guidance(options.labels, options.guidance, model.num_classes,
                                       labels_name="--labels", guidance_name="--guidance")
         options.sampler.plan(config_lib.schedule_from_config(config))
+        if "zero_shot" in options.metrics and model.num_classes is None:
+            raise ValueError("--metrics zero_shot: the diffusion classifier needs a "
+                             "class-conditional run (model.num_classes set); this one is "
+                             "unconditional.")
+        if "zero_shot" in options.metrics and config.diffusion.mean_type != "eps":
+            raise ValueError(f"--metrics zero_shot scores noise predictions; this run predicts "
+                             f"{config.diffusion.mean_type!r} (diffusion.mean_type).")
         if "ode_bpd" in options.metrics and config.diffusion.mean_type == "xprev":
             raise ValueError("--metrics ode_bpd: this run predicts the posterior mean "
                              "(diffusion.mean_type='xprev'), which has no continuous-time "

@@ -7,6 +7,8 @@
     python sample.py --workdir runs/digits --classifier runs/digits-clf --labels 3,7 --classifier_scale 2
     python sample.py --workdir runs/digits --inpaint x.npz --mask m.png --steps 250 --out fill.png
     (--sdedit / --encode / --interpolate / --progressive: see ddpm_jax/editing/jobs.py)
+    python sample.py --workdir runs/digits_cond --views identity,rot180 --labels 6,9
+    (--style_ref: see ddpm_jax/editing/generation_jobs.py)
 
 Unset sampler flags take the run's config.sampling (--workdir) or the paper's settings
 (--diffusers_dir). The chain compiles once per (batch shape, steps); sample n is drawn from
@@ -18,6 +20,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from ddpm_jax import cli
+from ddpm_jax.editing import generation_jobs
 from ddpm_jax.editing import jobs as edit_jobs
 from ddpm_jax.labels import check_label_text, check_labels_and_guidance, sample_labels
 
@@ -44,6 +47,7 @@ flags.DEFINE_integer("tile_px", 64, "Grid tiles are upscaled (nearest) to at lea
 flags.DEFINE_integer("max_grid_tiles", 100, "The grid shows the first N images.", lower_bound=1)
 flags.mark_flags_as_mutual_exclusive(["workdir", "diffusers_dir"], required=True)
 edit_jobs.define_flags()
+generation_jobs.define_flags()  # --views (Visual Anagrams), --style_ref (StyleAligned)
 
 
 def _check_flags():
@@ -63,6 +67,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
     try:
         classes, mode = _check_flags()
+        generation_mode = generation_jobs.check_flags(FLAGS, mode)  # --views / --style_ref, or None
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     cli.drop_closed_event_loop_noise()
@@ -89,6 +94,8 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:  # plain sampling, or an edit on batches of the input images; written atomically
+        if generation_mode is not None:
+            return generation_jobs.run_and_write(generation_mode, FLAGS, context)
         edit_jobs.run_and_write(mode or "sample", FLAGS, context)
     except (ValueError, images.OutputError) as e:
         raise app.UsageError(str(e)) from None

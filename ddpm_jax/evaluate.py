@@ -44,13 +44,14 @@ from ddpm_jax.spec import SamplerSpec, finite_scale
 
 Array = jax.Array
 
-METRICS = ("bpd", "ode_bpd", "fid", "is", "kid")
+METRICS = ("bpd", "ode_bpd", "fid", "is", "kid", "zero_shot")
 LIKELIHOODS = ("bpd", "ode_bpd")  # of the data split; the others score generated samples
+DATA_METRICS = LIKELIHOODS + ("zero_shot",)  # zero_shot: the diffusion classifier (zero_shot.py)
 
 
 def sample_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     """The metrics that need generated samples (FID / IS / KID)."""
-    return tuple(m for m in metrics if m not in LIKELIHOODS)
+    return tuple(m for m in metrics if m not in DATA_METRICS)
 
 
 # ------------------------------------------------------------------------------- samples
@@ -157,6 +158,8 @@ class EvalOptions:
     seed: int = 0
     cache_dir: str | None = None
     save_samples: bool = True
+    zero_shot_samples: int = 64              # zero_shot: (t, eps) pairs per image
+    zero_shot_images: int | None = None      # zero_shot: first N images of bpd_split (None: all)
 
     def __post_init__(self):
         self.metrics = tuple(self.metrics)
@@ -215,6 +218,8 @@ def _report_name(step: int, weights: str, options: EvalOptions, num_steps: int) 
     parts = [f"report_step{step}", weights]
     if "bpd" in options.metrics:
         parts.append(f"bpd-{options.bpd_split}")
+    if "zero_shot" in options.metrics:
+        parts.append(f"zeroshot-{options.bpd_split}-s{options.zero_shot_samples}")
     if "ode_bpd" in options.metrics:
         parts.append(f"odebpd-{options.bpd_split}-{options.ode_solver}-{options.ode_trace}"
                      + ("" if options.ode_dequantization == "uniform" else
@@ -415,6 +420,15 @@ def run_evaluation(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalOp
         report["ode_bpd"], line = _ode_bpd_section(run, apply_fn, params, options,
                                                    key=jax.random.fold_in(key, 3), **common)
         report["protocol"].append(line)
+    if "zero_shot" in options.metrics:  # the diffusion classifier on the split (bpd_split)
+        from ddpm_jax.zero_shot import zero_shot_section
+        report["zero_shot"], line = zero_shot_section(
+                apply_fn, params, schedule, jax.random.fold_in(key, 4), dataset=run.dataset,
+                split=options.bpd_split, data_dir=run.data_dir, image_size=run.image_size,
+                channels=run.channels, num_samples=options.zero_shot_samples,
+                max_images=options.zero_shot_images, batch_size=options.bpd_batch_size,
+                stem=stem if write else None, where=where)
+        report["protocol"].append(line)
     if sample_metrics(options.metrics):
         report["samples"], report["scores"], line = _scores_section(
                 run, apply_fn, params, options, key=jax.random.fold_in(key, 2),
@@ -435,6 +449,8 @@ def scalars(report: dict[str, Any]) -> dict[str, float]:
         out["eval/bpd"] = report["bpd"]["total"]
     if "ode_bpd" in report:
         out["eval/ode_bpd"] = report["ode_bpd"]["total"]
+    if "zero_shot" in report:
+        out["eval/zero_shot_accuracy"] = report["zero_shot"]["accuracy"]
     for name, entry in report.get("scores", {}).items():
         out[f"eval/{entry['label']}"] = entry["value"] if name == "fid" else entry["mean"]
     return out

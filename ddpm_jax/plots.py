@@ -53,3 +53,35 @@ def save_line_plot(path: str | os.PathLike, y: np.ndarray, *, title: str, xlabel
     draw.text((4, 10), ylabel, fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
+
+
+def save_matrix_plot(path: str | os.PathLike, matrix: np.ndarray, *, title: str,
+                     xlabel: str = "predicted", ylabel: str = "true", cell_px: int = 40) -> None:
+    """Writes a PNG of a [K, K] count matrix (a confusion matrix): each cell shaded by its share
+    of its row and labelled with its count; rows and columns numbered 0..K-1."""
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"Nothing to plot in {path}: a square matrix is needed, got "
+                         f"{matrix.shape}.")
+    k = matrix.shape[0]
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    left, top = 40, 40
+    img = Image.new("RGB", (left + k * cell_px + 10, top + k * cell_px + 30), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i in range(k):
+        middle = i * cell_px + cell_px // 2
+        draw.text((left - 16, top + middle - 6), str(i), fill="black", font=font)
+        draw.text((left + middle - 3, top - 14), str(i), fill="black", font=font)
+        for j in range(k):
+            shade = int(255 * (1 - share[i, j]))
+            x, y = left + j * cell_px, top + i * cell_px
+            draw.rectangle([x, y, x + cell_px, y + cell_px], fill=(shade, shade, 255),
+                           outline=(200, 200, 200))
+            draw.text((x + 4, y + cell_px // 2 - 6), str(int(matrix[i, j])),
+                      fill="white" if shade < 128 else "black", font=font)
+    draw.text((4, 4), title, fill="black", font=font)
+    draw.text((left, top + k * cell_px + 8), f"columns: {xlabel}; rows: {ylabel}", fill="black",
+              font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
