@@ -3,13 +3,15 @@ Plug-and-Play. For Gaussian classes, x0 | y ~ N(mu_y, s^2 I), the class-conditio
 predictor is exact and per pixel, so the DiffEdit mask, Blended's known region and its edited
 region have closed forms; Plug-and-Play is checked for bit-identity on a tiny UNet."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ddpm_jax import reverse
-from ddpm_jax.editing import by_class, pnp
+from ddpm_jax.editing import by_class, jobs as edit_jobs, pnp
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.sampling import ModelApply, make_sampler
 from ddpm_jax.schedule import Schedule
@@ -147,8 +149,8 @@ ARCH = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_g
 def unet():
     model = UNet(**ARCH)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
-    params = model.init(jax.random.PRNGKey(1), x, jnp.array([1, 5]), jnp.array([0, 3]),
-                        train=False)["params"]
+    params = jax.jit(lambda x: model.init(jax.random.PRNGKey(1), x, jnp.array([1, 5]),
+                                          jnp.array([0, 3]), train=False))(x)["params"]
     params = jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), params)
     return model, params, np.tanh(np.asarray(x))
 
@@ -219,3 +221,59 @@ def test_bad_class_edits_are_refused_in_one_line(unet):
         with pytest.raises(ValueError, match=message) as error:
             call()
         assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------ sample.py's class edits
+
+def _flags(**changes):
+    base = dict(inpaint=None, mask=None, sdedit=None, strength=None, encode=None,
+                interpolate=None, at_step=None, ddim_latent=False, grid_cells=None,
+                progressive=None, labels=None, guidance=None, classifier=None, diffedit=None,
+                blend=None, pnp=None, from_label=None, to_label=None, feature_t=None,
+                attn_t=None, feature_level=None)
+    return types.SimpleNamespace(**{**base, **changes})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(diffedit="x.png", to_label=1), "--diffedit needs --from_label"),
+    (dict(diffedit="x.png", from_label=1, to_label=1), "both 1: nothing to edit"),
+    (dict(blend="x.png", to_label=1), "--blend needs --mask"),
+    (dict(pnp="x.png"), "--pnp needs --to_label"),
+    (dict(pnp="x.png", to_label=1, attn_t=1.5), r"--attn_t=1.5: use a share"),
+    (dict(sdedit="x.png", to_label=1), "--to_label only applies to --diffedit"),
+    (dict(pnp="x.png", to_label=1, strength=0.5), "--strength only applies to"),
+    (dict(blend="x.png", mask="m.png", to_label=1, labels="3"), "drop --labels"),
+    (dict(pnp="x.png", to_label=1, classifier="clf"), "drop --classifier"),
+])
+def test_class_edit_flags_are_checked_in_one_line(changes, message):
+    with pytest.raises(ValueError, match=message):
+        edit_jobs.check_flags(_flags(**changes))
+    assert edit_jobs.check_flags(_flags(blend="x", mask="m", to_label=2, guidance=1.0)) == "blend"
+
+
+def test_the_class_edit_jobs_write_inputs_masks_and_results(unet, tmp_path):
+    model, params, _ = unet
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+    np.savez(tmp_path / "x.npz", images=images)
+    mask = np.ones((8, 8), bool)
+    mask[2:6, 2:6] = False
+    np.savez(tmp_path / "m.npz", mask=mask)
+    spec = SamplerSpec(sampler="ddim", steps=5, clip_denoised=False)
+    context = edit_jobs.Context(model_apply=ModelApply(model), params=params,
+                                schedule=Schedule.from_betas(scaled_linear(50)),
+                                image_shape=(8, 8, 1), batch_size=2, key=jax.random.key(0),
+                                run_spec=spec, spec=spec, guidance=1.0)
+    path = str(tmp_path / "x.npz")
+    blend = edit_jobs.run("blend", _flags(blend=path, mask=str(tmp_path / "m.npz"), to_label=1),
+                          context)
+    np.testing.assert_array_equal(blend.images[:, mask], images[:, mask])
+    assert blend.extra["masks"].shape == (3, 8, 8, 1) and blend.nrow == 3
+    np.testing.assert_array_equal(blend.grid[0::3], images)
+    diff = edit_jobs.run("diffedit", _flags(diffedit=path, from_label=0, to_label=2), context)
+    changed = diff.extra["masks"]
+    np.testing.assert_array_equal(diff.images[~changed], images[~changed])
+    assert changed.any() and diff.extra["soft_masks"].max() == 1.0
+    np.testing.assert_array_equal(diff.extra["from_labels"], 0)
+    plug = edit_jobs.run("pnp", _flags(pnp=path, to_label=1), context)
+    assert plug.images.shape == images.shape and plug.extra["guides"].shape == images.shape
+    np.testing.assert_array_equal(plug.extra["labels"], 1)

@@ -126,10 +126,11 @@ def pnp(model: Any, params: Any, schedule: Schedule, spec: SamplerSpec, images: 
     sampler = make_sampler(apply_fn, schedule, (2 * batch,) + images.shape[1:], spec,
                            guidance=guidance)
     plan = sampler.plan
+    thresholds = dict(feature_t=jnp.int32(injection_threshold(plan, feature_share)),
+                      attn_t=jnp.int32(injection_threshold(plan, attn_share)))
     latents = ddim_encode(ModelApply(model), params, plan, images, mean_type=spec.mean_type,
                           var_type=spec.var_type)
-    bundle = dict(model=params, feature_t=jnp.int32(injection_threshold(plan, feature_share)),
-                  attn_t=jnp.int32(injection_threshold(plan, attn_share)))
+    bundle = dict(model=params, **thresholds)
     null = np.full(batch, model.num_classes, np.int32)
     labels = np.concatenate([null, np.broadcast_to(np.asarray(target, np.int32), (batch,))])
     rows = np.tile(example_offset + np.arange(batch, dtype=np.int32), 2)
