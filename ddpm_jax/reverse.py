@@ -278,8 +278,9 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         if static.corrector_steps:  # none after the last step, which lands on x0_hat
             x_prev = jax.lax.cond(i > 0, lambda x: correct(x, i), lambda x: x, x_prev)
         if static.blend == "q_x0":  # noise normal(fold_in(fold_in(step_key, i), 0))
-            z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, i), 0),
-                                                     image_shape, jnp.float32))(step_keys)
+            z = jax.vmap(lambda k: jax.random.normal(
+                    jax.random.fold_in(jax.random.fold_in(k, i), 0), image_shape,
+                    jnp.float32))(step_keys)
             x_prev = constrain(blend_known(known_mask, q_known(plan.schedule, blend["known"], i, z),
                                            x_prev), mesh)
         elif static.blend == "trajectory":

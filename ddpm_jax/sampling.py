@@ -230,10 +230,12 @@ class Sampler:
             raise ValueError(f"known must be {list(want)} for blend={how!r}; got "
                              f"{list(np.shape(known))}.")
         mask_shape = tuple(np.shape(known_mask))
-        if mask_shape[:3] != shape[:3] or len(mask_shape) != 4 or mask_shape[3] not in (1, shape[3]):
+        if len(mask_shape) != 4 or mask_shape[:3] != shape[:3] or mask_shape[3] not in (
+                1, shape[3]):
             raise ValueError(f"known_mask must be [{shape[0]}, {shape[1]}, {shape[2]}, 1] (1 = "
                              f"known pixel); got {list(mask_shape)}.")
-        return dict(known=jnp.asarray(known, jnp.float32), mask=jnp.asarray(known_mask, jnp.float32))
+        return dict(known=jnp.asarray(known, jnp.float32),
+                    mask=jnp.asarray(known_mask, jnp.float32))
 
     def _check_labels(self, labels: Any) -> Array | None:
         """labels as int32 [B], after the checks that can name the problem."""

@@ -21,7 +21,7 @@ from reference import assert_follows_gaussian, gaussian_chain_law, scaled_linear
 T = 100
 BETAS = scaled_linear(T)
 S = 0.4  # every class's per-pixel standard deviation
-# 2x2 images, one channel; classes 0 and 1 and the null label 2. Classes 0 and 1 differ at pixels 1, 3.
+# 2x2 images, one channel; classes 0 and 1 and the null label 2; 0 and 1 differ at pixels 1, 3.
 MU = np.array([[0.2, -0.1, 0.3, 0.0], [0.2, 0.6, 0.3, -0.5], [0.0, 0.1, 0.0, 0.1]])
 CHANGED = np.array([False, True, False, True])
 
@@ -142,7 +142,8 @@ def test_blended_with_a_classifier_keeps_the_known_pixels_and_moves_the_rest():
 
 # ---------------------------------------------------------------------- Plug-and-Play
 
-ARCH = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, num_classes=3)
+ARCH = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4,
+            num_classes=3)
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +231,7 @@ def _flags(**changes):
                 interpolate=None, at_step=None, ddim_latent=False, grid_cells=None,
                 progressive=None, labels=None, guidance=None, classifier=None, diffedit=None,
                 blend=None, pnp=None, from_label=None, to_label=None, feature_t=None,
+                mask_threshold=None,
                 attn_t=None, feature_level=None)
     return types.SimpleNamespace(**{**base, **changes})
 
@@ -240,6 +242,8 @@ def _flags(**changes):
     (dict(blend="x.png", to_label=1), "--blend needs --mask"),
     (dict(pnp="x.png"), "--pnp needs --to_label"),
     (dict(pnp="x.png", to_label=1, attn_t=1.5), r"--attn_t=1.5: use a share"),
+    (dict(blend="x.png", mask="m.png", to_label=1, mask_threshold=0.3),
+     "--mask_threshold only applies to --diffedit"),
     (dict(sdedit="x.png", to_label=1), "--to_label only applies to --diffedit"),
     (dict(pnp="x.png", to_label=1, strength=0.5), "--strength only applies to"),
     (dict(blend="x.png", mask="m.png", to_label=1, labels="3"), "drop --labels"),
@@ -269,9 +273,11 @@ def test_the_class_edit_jobs_write_inputs_masks_and_results(unet, tmp_path):
     np.testing.assert_array_equal(blend.images[:, mask], images[:, mask])
     assert blend.extra["masks"].shape == (3, 8, 8, 1) and blend.nrow == 3
     np.testing.assert_array_equal(blend.grid[0::3], images)
-    diff = edit_jobs.run("diffedit", _flags(diffedit=path, from_label=0, to_label=2), context)
+    diff = edit_jobs.run("diffedit", _flags(diffedit=path, from_label=0, to_label=2,
+                                            mask_threshold=0.3), context)
     changed = diff.extra["masks"]
     np.testing.assert_array_equal(diff.images[~changed], images[~changed])
+    np.testing.assert_array_equal(changed, diff.extra["soft_masks"] >= 0.3)
     assert changed.any() and diff.extra["soft_masks"].max() == 1.0
     np.testing.assert_array_equal(diff.extra["from_labels"], 0)
     plug = edit_jobs.run("pnp", _flags(pnp=path, to_label=1), context)

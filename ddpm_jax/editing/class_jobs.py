@@ -1,7 +1,7 @@
 """sample.py's editing-by-class commands (`editing.by_class`, `editing.pnp`): their flags,
 checks and jobs, declared as `jobs` declares the other edits.
 
-    --diffedit IMAGES --from_label a --to_label b [--strength 0.5]      DiffEdit, any --sampler
+    --diffedit IMAGES --from_label a --to_label b [--strength 0.5 --mask_threshold 0.5]   DiffEdit
     --blend IMAGES --mask MASK --to_label b [--strength 0.5]            Blended diffusion
     --pnp IMAGES --to_label b [--feature_t 0.8 --attn_t 0.5 --feature_level 1]   Plug-and-Play
 
@@ -37,6 +37,9 @@ def define_flags() -> None:
     flags.DEFINE_string("pnp", None, "Plug-and-Play: draw --to_label with the structure of "
                         "IMAGES (their decoder features and attention injected; DDIM, eta 0).")
     flags.DEFINE_integer("from_label", None, "With --diffedit: the class the images show.")
+    flags.DEFINE_float("mask_threshold", None, "With --diffedit: change the pixels whose "
+                       "normalised prediction difference is at least this (default 0.5, the "
+                       "paper's; lower: a larger region).")
     flags.DEFINE_integer("to_label", None, "With --diffedit / --blend / --pnp: the class to edit "
                          "towards.")
     flags.DEFINE_float("feature_t", None, "With --pnp: the share of the steps (from the first) "
@@ -52,8 +55,8 @@ def check_flags(values: Any, mode: str | None) -> None:
     """ValueError (one line) for class-edit flags that are missing, misplaced or out of range.
     `values` may lack the flags sample.py alone defines (unset)."""
     values = _Flags(values)
-    own = dict(from_label=("diffedit",), to_label=CLASS_MODES, feature_t=("pnp",),
-               attn_t=("pnp",), feature_level=("pnp",))
+    own = dict(from_label=("diffedit",), mask_threshold=("diffedit",), to_label=CLASS_MODES,
+               feature_t=("pnp",), attn_t=("pnp",), feature_level=("pnp",))
     for flag, modes in own.items():
         if getattr(values, flag) is not None and mode not in modes:
             raise ValueError(f"--{flag} only applies to --{' / --'.join(modes)}.")
@@ -69,7 +72,7 @@ def check_flags(values: Any, mode: str | None) -> None:
                              "to edit; name two classes.")
     if mode == "blend" and values.mask is None:
         raise ValueError("--blend needs --mask (nonzero = known pixel, kept).")
-    for flag in ("feature_t", "attn_t"):
+    for flag in ("feature_t", "attn_t", "mask_threshold"):
         share = getattr(values, flag)
         if share is not None and not 0.0 <= share <= 1.0:
             raise ValueError(f"--{flag}={share}: use a share of the steps in [0, 1].")
@@ -117,9 +120,10 @@ def _diffedit(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
     strength = 0.5 if values.strength is None else values.strength
     batch = min(context.batch_size, images.shape[0])
     options = _classes(context)
-    logging.info("DiffEdit: %d images, class %d -> %d, strength %.3g: DDIM encoding, decoding "
-                 "with %s.", images.shape[0], values.from_label, values.to_label, strength,
-                 spec.describe())
+    threshold = by_class.MASK_THRESHOLD if values.mask_threshold is None else values.mask_threshold
+    logging.info("DiffEdit: %d images, class %d -> %d, strength %.3g, mask threshold %.3g: DDIM "
+                 "encoding, decoding with %s.", images.shape[0], values.from_label,
+                 values.to_label, strength, threshold, spec.describe())
 
     def one_batch(n: int, x: np.ndarray) -> dict[str, Any]:
         x = to_model_range(x)
@@ -128,7 +132,7 @@ def _diffedit(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
                                       strength=strength, mean_type=spec.mean_type,
                                       classifier=options["classifier"],
                                       classifier_params=options["classifier_params"])
-        edit = by_class.edit_region(soft)
+        edit = by_class.edit_region(soft, threshold)
         out = by_class.diffedit(context.model_apply, context.params, context.schedule, spec, x,
                                 edit, values.from_label, values.to_label, context.key,
                                 strength=strength, example_offset=n, **options)

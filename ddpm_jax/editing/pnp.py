@@ -63,7 +63,8 @@ class InjectApply:
     def null_label(self) -> int | None:
         return getattr(self.model, "num_classes", None)
 
-    def __call__(self, params: dict[str, Any], x_t: Array, t: Array, y: Array | None = None) -> Array:
+    def __call__(self, params: dict[str, Any], x_t: Array, t: Array,
+                 y: Array | None = None) -> Array:
         half = x_t.shape[0] // 2
         features_on = t[half:] > params["feature_t"]
         attn_on = t[half:] > params["attn_t"]
