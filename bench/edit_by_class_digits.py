@@ -167,7 +167,8 @@ def main() -> None:
               f"{row['changed']:.1f} | {row['changed_outside']:.1f} | "
               f"{row['lowpass_similarity']:.3f} | {row.get('known_exact', '')} | "
               f"{row.get('calls', '')} | {row.get('seconds', '')} |")
-    tiles = np.stack([images[:20]] + [g[:20] for g in grids.values()], axis=1)
+    shown = max(1, 100 // (1 + len(grids)))   # save_image_grid shows at most 100 tiles
+    tiles = np.stack([images[:shown]] + [g[:shown] for g in grids.values()], axis=1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_image_grid(tiles.reshape((-1,) + shape), args.out, nrow=tiles.shape[1])
 
