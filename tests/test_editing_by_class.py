@@ -142,26 +142,36 @@ def test_blended_with_a_classifier_keeps_the_known_pixels_and_moves_the_rest():
 
 # ---------------------------------------------------------------------- Plug-and-Play
 
-ARCH = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4,
+# One resolution level (no downsampling), attention at 8x8: the decoder is level 0 alone.
+ARCH = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), num_groups=4,
             num_classes=3)
 
 
 @pytest.fixture(scope="module")
 def unet():
+    """A tiny UNet with fixed random weights (no zero layers), built from the parameter shapes
+    alone (nothing compiled), and two images in [-1, 1]."""
     model = UNet(**ARCH)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
-    params = jax.jit(lambda x: model.init(jax.random.PRNGKey(1), x, jnp.array([1, 5]),
-                                          jnp.array([0, 3]), train=False))(x)["params"]
-    params = jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), params)
-    return model, params, np.tanh(np.asarray(x))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(1), x, jnp.array([1, 5]),
+                                               jnp.array([0, 3]), train=False))["params"]
+    rng = np.random.default_rng(1)
+
+    def fill(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 10
+        return jnp.asarray(rng.normal(0.0, 1.0 / np.sqrt(fan_in), leaf.shape), leaf.dtype)
+    return model, jax.tree_util.tree_map_with_path(fill, shapes), np.tanh(np.asarray(x))
 
 
 def test_pnp_without_injection_is_plain_sampling_bit_for_bit(unet):
     model, params, images = unet
     schedule = Schedule.from_betas(scaled_linear(50))
     spec = SamplerSpec(sampler="ddim", steps=5, clip_denoised=False)
-    out = pnp.pnp(model, params, schedule, spec, images, 1, jax.random.key(0), feature_share=0.0,
-                  attn_share=0.0, guidance=1.0)
+    out = pnp.pnp(model, params, schedule, spec, images, 1, jax.random.key(0), feature_level=0,
+                  feature_share=0.0, attn_share=0.0, guidance=1.0)
     plain = make_sampler(ModelApply(model), schedule, (4, 8, 8, 1), spec, guidance=1.0)(
             params, jax.random.key(0), 0, np.array([3, 3, 1, 1]),
             init=jnp.concatenate([out["latents"]] * 2), start="x_t", rows=np.array([0, 1, 0, 1]))
@@ -170,14 +180,13 @@ def test_pnp_without_injection_is_plain_sampling_bit_for_bit(unet):
     # Every share runs the same program: the thresholds are data.
     cached = reverse.chain_jit(True)._cache_size()
     full = pnp.pnp(model, params, schedule, spec, images, 1, jax.random.key(0), feature_level=0,
-                   feature_share=1.0, attn_share=1.0, guidance=1.0)
-    assert reverse.chain_jit(True)._cache_size() == cached + 1   # another feature level: sites
+                   feature_share=1.0, attn_share=0.0, guidance=1.0)
     # Injecting the last decoder level's block outputs at every step makes the targets' every
     # prediction the guides': they retrace the guides exactly.
     np.testing.assert_array_equal(np.asarray(full["images"]), np.asarray(full["guides"]))
-    attn = pnp.pnp(model, params, schedule, spec, images, 1, jax.random.key(0), feature_share=0.0,
-                   attn_share=1.0, guidance=1.0)
-    assert reverse.chain_jit(True)._cache_size() == cached + 1
+    attn = pnp.pnp(model, params, schedule, spec, images, 1, jax.random.key(0), feature_level=0,
+                   feature_share=0.0, attn_share=1.0, guidance=1.0)
+    assert reverse.chain_jit(True)._cache_size() == cached
     assert not np.allclose(np.asarray(attn["images"]), np.asarray(out["images"]), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(attn["guides"]), np.asarray(out["guides"]))
 
@@ -214,9 +223,10 @@ def test_bad_class_edits_are_refused_in_one_line(unet):
                          SamplerSpec(sampler="dpm++", steps=4), images, 1, jax.random.key(0)),
          "use sampler 'ddim' with eta 0"),
         (lambda: pnp.pnp(model, params, Schedule.from_betas(scaled_linear(50)), spec, images, 1,
-                         jax.random.key(0), feature_level=4), r"the decoder has levels \[0, 1\]"),
+                         jax.random.key(0), feature_level=4), r"the decoder has levels \[0\]"),
         (lambda: pnp.pnp(model, params, Schedule.from_betas(scaled_linear(50)), spec, images, 1,
-                         jax.random.key(0), attn_share=1.5), "use a share of the steps in"),
+                         jax.random.key(0), feature_level=0, attn_share=1.5),
+         "use a share of the steps in"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message) as error:
@@ -255,31 +265,39 @@ def test_class_edit_flags_are_checked_in_one_line(changes, message):
     assert edit_jobs.check_flags(_flags(blend="x", mask="m", to_label=2, guidance=1.0)) == "blend"
 
 
+def _context(model_apply, params, image_shape, spec, schedule):
+    return edit_jobs.Context(model_apply=model_apply, params=params, schedule=schedule,
+                             image_shape=image_shape, batch_size=2, key=jax.random.key(0),
+                             run_spec=spec, spec=spec, guidance=1.0)
+
+
 def test_the_class_edit_jobs_write_inputs_masks_and_results(unet, tmp_path):
-    model, params, _ = unet
-    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
-    np.savez(tmp_path / "x.npz", images=images)
-    mask = np.ones((8, 8), bool)
-    mask[2:6, 2:6] = False
-    np.savez(tmp_path / "m.npz", mask=mask)
-    spec = SamplerSpec(sampler="ddim", steps=5, clip_denoised=False)
-    context = edit_jobs.Context(model_apply=ModelApply(model), params=params,
-                                schedule=Schedule.from_betas(scaled_linear(50)),
-                                image_shape=(8, 8, 1), batch_size=2, key=jax.random.key(0),
-                                run_spec=spec, spec=spec, guidance=1.0)
+    # DiffEdit and Blended on the Gaussian classes (2x2 images), Plug-and-Play on the tiny UNet.
+    images = np.random.default_rng(0).integers(0, 256, (3, 2, 2, 1)).astype(np.uint8)
     path = str(tmp_path / "x.npz")
+    np.savez(path, images=images)
+    keep = ~CHANGED.reshape(2, 2)
+    np.savez(tmp_path / "m.npz", mask=keep)
+    spec = SamplerSpec(sampler="ddim", steps=5, clip_denoised=False)
+    gaussian = _context(MODEL, None, (2, 2, 1), spec, SCHEDULE)
     blend = edit_jobs.run("blend", _flags(blend=path, mask=str(tmp_path / "m.npz"), to_label=1),
-                          context)
-    np.testing.assert_array_equal(blend.images[:, mask], images[:, mask])
-    assert blend.extra["masks"].shape == (3, 8, 8, 1) and blend.nrow == 3
+                          gaussian)
+    np.testing.assert_array_equal(blend.images[:, keep], images[:, keep])
+    np.testing.assert_array_equal(blend.extra["masks"][..., 0], np.broadcast_to(~keep, (3, 2, 2)))
+    assert blend.nrow == 3
     np.testing.assert_array_equal(blend.grid[0::3], images)
-    diff = edit_jobs.run("diffedit", _flags(diffedit=path, from_label=0, to_label=2,
-                                            mask_threshold=0.3), context)
+    diff = edit_jobs.run("diffedit", _flags(diffedit=path, from_label=0, to_label=1,
+                                            mask_threshold=0.6), gaussian)
     changed = diff.extra["masks"]
+    np.testing.assert_array_equal(changed, diff.extra["soft_masks"] >= 0.6)
+    np.testing.assert_array_equal(changed[..., 0], np.broadcast_to(CHANGED.reshape(2, 2), (3, 2, 2)))
     np.testing.assert_array_equal(diff.images[~changed], images[~changed])
-    np.testing.assert_array_equal(changed, diff.extra["soft_masks"] >= 0.3)
-    assert changed.any() and diff.extra["soft_masks"].max() == 1.0
     np.testing.assert_array_equal(diff.extra["from_labels"], 0)
-    plug = edit_jobs.run("pnp", _flags(pnp=path, to_label=1), context)
-    assert plug.images.shape == images.shape and plug.extra["guides"].shape == images.shape
+    model, params, _ = unet
+    pictures = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+    np.savez(path, images=pictures)
+    plug = edit_jobs.run("pnp", _flags(pnp=path, to_label=1, feature_level=0),
+                         _context(ModelApply(model), params, (8, 8, 1), spec,
+                                  Schedule.from_betas(scaled_linear(50))))
+    assert plug.images.shape == pictures.shape and plug.extra["guides"].shape == pictures.shape
     np.testing.assert_array_equal(plug.extra["labels"], 1)
