@@ -14,8 +14,8 @@ on the last step, which lands on sigma = 0).
 Known regions (`ChainOptions.blend`; DiffEdit, Blended diffusion): after every step the pixels
 that `blend["mask"]` marks known are replaced by the source's state at the index landed on,
 `blend_known`, the rule RePaint's chain (`editing.chain`) uses too: "q_x0" draws it from
-q(X_{i-1} | x0 = blend["known"]) (the image itself after the last step), "trajectory" takes it
-from blend["known"][i] (a deterministic encoding's X_{i-1}, [S, B, H, W, C]).
+q(X_{i-1} | x0 = `blend["known"]`) (the image itself after the last step), "trajectory" takes
+it from `blend["known"][i]` (a deterministic encoding's X_{i-1}, [S, B, H, W, C]).
 
 Indexing and randomness: see `sampling` (the contract lives with the public API).
 """
