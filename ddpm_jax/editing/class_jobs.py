@@ -42,10 +42,10 @@ def define_flags() -> None:
                        "paper's; lower: a larger region).")
     flags.DEFINE_integer("to_label", None, "With --diffedit / --blend / --pnp: the class to edit "
                          "towards.")
-    flags.DEFINE_float("feature_t", None, "With --pnp: the share of the steps (from the first) "
-                       "whose decoder features are injected (default 0.8, the paper's tau_f).")
-    flags.DEFINE_float("attn_t", None, "With --pnp: the share of the steps whose attention "
-                       "queries and keys are injected (default 0.5, the paper's tau_A).")
+    flags.DEFINE_float("feature_t", None, "With --pnp: decoder features are injected while "
+                       "t >= (1 - feature_t) T (default 0.8, the paper's tau_f).")
+    flags.DEFINE_float("attn_t", None, "With --pnp: attention queries and keys are injected "
+                       "while t >= (1 - attn_t) T (default 0.5, the paper's tau_A).")
     flags.DEFINE_integer("feature_level", None, "With --pnp: the decoder level whose residual "
                          "blocks' outputs are injected (default 1; 0 = full resolution).",
                          lower_bound=0)

@@ -13,7 +13,7 @@ t the original timestep of the call. The thresholds are data (the params bundle)
 choice of them runs one program; with no injection (thresholds at or above the chain's first
 timestep) the chain is plain sampling of those rows, bit for bit. `injection_threshold` turns
 the paper's "share of the steps injected" (tau_f = 0.8, tau_A = 0.5 of the chain) into a
-threshold on t. Classifier-free guidance of the target rows is the chain's (`guidance`): the
+threshold on t (t >= (1 - share) T). Classifier-free guidance of the target rows is the chain's (`guidance`): the
 guide rows' null label makes it a no-op on them.
 """
 
@@ -29,7 +29,6 @@ import numpy as np
 from ddpm_jax.editing.by_class import check_class_edit
 from ddpm_jax.editing.chain import ddim_encode
 from ddpm_jax.models import seams
-from ddpm_jax.plans import SamplingPlan
 from ddpm_jax.sampling import ModelApply, make_sampler
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec
@@ -95,17 +94,15 @@ def injection_sites(params: Any, feature_level: int) -> tuple[tuple[str, ...], t
     return blocks, attn
 
 
-def injection_threshold(plan: SamplingPlan, share: float) -> int:
-    """The timestep threshold that injects over the first round(share S) of the plan's S steps:
-    t_i > threshold exactly at those indices (share 0: the first timestep, no injection;
-    share 1: -1, every step)."""
+def injection_threshold(num_timesteps: int, share: float) -> int:
+    """The timestep threshold of injecting over the first `share` of the diffusion's T steps:
+    t > threshold exactly for t >= round((1 - share) T) (share 0: T - 1, no injection; share 1:
+    -1, every step). On a time-spaced chain this is the first `share` of its steps (the paper's
+    tau_f = 0.8 and tau_A = 0.5 of 50 DDIM steps); on another spacing, the steps above that t."""
     if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise ValueError(f"injection share {share!r}: use a share of the steps in [0, 1] (the "
                          "paper: 0.8 for features, 0.5 for attention; 0: none).")
-    steps = plan.num_steps
-    injected = int(round(share * steps))
-    timesteps = np.asarray(plan.timesteps)
-    return -1 if injected >= steps else int(timesteps[steps - 1 - injected])
+    return int(round((1.0 - share) * num_timesteps)) - 1
 
 
 def pnp(model: Any, params: Any, schedule: Schedule, spec: SamplerSpec, images: Array,
@@ -127,8 +124,9 @@ def pnp(model: Any, params: Any, schedule: Schedule, spec: SamplerSpec, images: 
     sampler = make_sampler(apply_fn, schedule, (2 * batch,) + images.shape[1:], spec,
                            guidance=guidance)
     plan = sampler.plan
-    thresholds = dict(feature_t=jnp.int32(injection_threshold(plan, feature_share)),
-                      attn_t=jnp.int32(injection_threshold(plan, attn_share)))
+    T = schedule.num_timesteps
+    thresholds = dict(feature_t=jnp.int32(injection_threshold(T, feature_share)),
+                      attn_t=jnp.int32(injection_threshold(T, attn_share)))
     latents = ddim_encode(ModelApply(model), params, plan, images, mean_type=spec.mean_type,
                           var_type=spec.var_type)
     bundle = dict(model=params, **thresholds)
