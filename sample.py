@@ -7,6 +7,8 @@
     python sample.py --workdir runs/digits --classifier runs/digits-clf --labels 3,7 --classifier_scale 2
     python sample.py --workdir runs/digits --inpaint x.npz --mask m.png --steps 250 --out fill.png
     (--sdedit / --encode / --interpolate / --progressive: see ddpm_jax/editing/jobs.py)
+    python sample.py --workdir runs/digits_cond --diffedit x.npz --from_label 3 --to_label 8
+    (--blend / --pnp, editing by class: see ddpm_jax/editing/class_jobs.py)
     python sample.py --workdir runs/digits_cond --views identity,rot180 --labels 6,9
     (--style_ref: see ddpm_jax/editing/generation_jobs.py)
 
@@ -55,10 +57,11 @@ def _check_flags():
     cli.check_run_dir(FLAGS.workdir, "--workdir")
     cli.check_png_output(FLAGS.out, "--out")
     classes = check_label_text(FLAGS.labels, "--labels")
-    check_labels_and_guidance(classes, FLAGS.guidance, labels_name="--labels",
-                              guidance_name="--guidance", class_lists=True)
     mode = edit_jobs.check_flags(FLAGS)
-    cli.check_classifier_flags(FLAGS.classifier, FLAGS.classifier_scale, classes, FLAGS.guidance)
+    guided = edit_jobs.class_jobs.guided_classes(FLAGS, mode, classes)  # --to_label of a class edit
+    check_labels_and_guidance(guided, FLAGS.guidance, labels_name="--labels",
+                              guidance_name="--guidance", class_lists=True)
+    cli.check_classifier_flags(FLAGS.classifier, FLAGS.classifier_scale, guided, FLAGS.guidance)
     return classes, mode
 
 

@@ -11,6 +11,12 @@ same guided prediction at chain index j on another x. Heun's rule calls it on it
 proposal at index i - 1; the Langevin corrector calls it after the predictor step (both skipped
 on the last step, which lands on sigma = 0).
 
+Known regions (`ChainOptions.blend`; DiffEdit, Blended diffusion): after every step the pixels
+that `blend["mask"]` marks known are replaced by the source's state at the index landed on,
+`blend_known`, the rule RePaint's chain (`editing.chain`) uses too: "q_x0" draws it from
+q(X_{i-1} | x0 = `blend["known"]`) (the image itself after the last step), "trajectory" takes
+it from `blend["known"][i]` (a deterministic encoding's X_{i-1}, [S, B, H, W, C]).
+
 Indexing and randomness: see `sampling` (the contract lives with the public API).
 """
 
@@ -32,6 +38,25 @@ from ddpm_jax.plans import SamplingPlan, progressive_indices
 from ddpm_jax.spec import SAMPLERS, SamplerSpec
 
 Array = jax.Array
+
+
+BLENDS = ("q_x0", "trajectory")
+
+
+def q_known(schedule: Any, x0: Array, i: Array, noise: Array) -> Array:
+    """A draw of q(X_{i-1} | x0) for the state the reverse move at chain index i lands on:
+    sqrt(abar_{i-1}) x0 + sqrt(1 - abar_{i-1}) noise, and x0 itself (bit for bit) after i = 0.
+    x0, noise: [B, H, W, C]; i: a scalar chain index."""
+    last = i == 0
+    prev = jnp.maximum(i - 1, 0)
+    abar_prev = jnp.where(last, 1.0, schedule.alphas_cumprod[prev])
+    return jnp.sqrt(abar_prev) * x0 + jnp.where(last, 0.0, jnp.sqrt(1.0 - abar_prev)) * noise
+
+
+def blend_known(known_mask: Array, known: Array, generated: Array) -> Array:
+    """known_mask * known + (1 - known_mask) * generated: with a 0 / 1 mask, the known pixels
+    exactly `known`'s and the rest exactly `generated`'s. known_mask: [B, H, W, 1 or C]."""
+    return known_mask * known + (1.0 - known_mask) * generated
 
 
 def row_keys(key: Array, rows: Array) -> tuple[Array, Array]:
@@ -130,7 +155,8 @@ def langevin_step(x: Array, score: Array, noise: Array, snr: Array, alpha: Array
 class ChainOptions:
     """What the compiled chain is specialised on (hashable; everything else is data): the
     batch shape, the spec's sampler and output reading, recording, guidance, sharding, start,
-    and the corrector's number of Langevin steps (0: none)."""
+    the corrector's number of Langevin steps (0: none) and the known region's source (None,
+    or one of BLENDS)."""
 
     shape: tuple[int, ...]
     sampler: str
@@ -146,6 +172,7 @@ class ChainOptions:
     classifier: ApplyFn | None = None
     start: str = "noise"
     corrector_steps: int = 0
+    blend: str | None = None
 
     @classmethod
     def of(cls, spec: SamplerSpec, shape: Sequence[int], **rest: Any) -> ChainOptions:
@@ -186,7 +213,8 @@ def _predict(model_out: Callable[[Array, Array], Array], plan: SamplingPlan, x_t
 def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Array,
                    example_offset: Array, labels: Array | None, guidance: Array,
                    init: Array | None, rows: Array | None, classifier_params: Any,
-                   classifier_scale: Array, *, static: ChainOptions) -> dict[str, Array]:
+                   classifier_scale: Array, blend: dict[str, Array] | None = None, *,
+                   static: ChainOptions) -> dict[str, Array]:
     batch, image_shape = static.shape[0], static.shape[1:]
     mesh, rule, classifier = static.mesh, STEP_RULES[static.sampler], static.classifier
     # With a classifier the labels are its targets; the model sees them only if conditional.
@@ -249,6 +277,14 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
             x_prev = constrain(mean + jnp.where(i > 0, std, 0.0) * noise, mesh)
         if static.corrector_steps:  # none after the last step, which lands on x0_hat
             x_prev = jax.lax.cond(i > 0, lambda x: correct(x, i), lambda x: x, x_prev)
+        if static.blend == "q_x0":  # noise normal(fold_in(fold_in(step_key, i), 0))
+            z = jax.vmap(lambda k: jax.random.normal(
+                    jax.random.fold_in(jax.random.fold_in(k, i), 0), image_shape,
+                    jnp.float32))(step_keys)
+            x_prev = constrain(blend_known(known_mask, q_known(plan.schedule, blend["known"], i, z),
+                                           x_prev), mesh)
+        elif static.blend == "trajectory":
+            x_prev = constrain(blend_known(known_mask, per_step["known"], x_prev), mesh)
         if records:
             # Slot i // k is rewritten at every index of its block; the chain runs i downwards,
             # so the value left is the one at i = slot * k, with no conditional.
@@ -267,6 +303,10 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         history = tuple(jnp.zeros_like(x_t) for _ in range(plan.dpm_coef_x0.shape[1] - 1))
     if rule.edm:
         per_step.update(step_coef=plan.step_coef, heun_coef=plan.heun_coef)
+    if static.blend is not None:
+        known_mask = constrain(blend["mask"].astype(jnp.float32), mesh)
+        if static.blend == "trajectory":
+            per_step["known"] = blend["known"].astype(jnp.float32)
     per_step = jax.tree.map(lambda a: jnp.flip(a, axis=0), per_step)
     (images, _, records), _ = jax.lax.scan(step, (x_t, history, records), per_step,
                                            unroll=static.unroll)

@@ -22,6 +22,7 @@ example at global index n (`example_offset + row`):
     x_T[row]               = normal(init_key, [H, W, C])
     z at chain index i     = normal(fold_in(step_key, i), [H, W, C])     (unused at i = 0)
     corrector step j after the step from i = normal(fold_in(fold_in(step_key, i), 1 + j), [H, W, C])
+    known region's q(x | x0) draw after the step from i = normal(fold_in(fold_in(step_key, i), 0))
 so a sample depends only on (key, n), never on the batch size or on how the batch is split
 over devices and hosts.
 
@@ -48,7 +49,7 @@ from ddpm_jax.images import to_uint8
 from ddpm_jax.labels import balanced, check_labels_and_guidance
 from ddpm_jax.parallel import DATA_AXIS, gather_to_host, map_batches, replicate
 from ddpm_jax.plans import SamplingPlan, progressive_indices
-from ddpm_jax.reverse import STARTS, ChainOptions, chain_jit
+from ddpm_jax.reverse import BLENDS, STARTS, ChainOptions, chain_jit
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec, finite_scale, spec_and_options
 
@@ -153,7 +154,8 @@ class Sampler:
     def __call__(self, params: Any, key: Array, example_offset: int | Array = 0,
                  labels: Array | np.ndarray | None = None, *, init: Array | None = None,
                  start: str = "noise", rows: Array | np.ndarray | None = None,
-                 classifier_params: Any = None) -> dict[str, Array]:
+                 classifier_params: Any = None, known: Array | None = None,
+                 known_mask: Array | None = None) -> dict[str, Array]:
         """params: the model's; key: PRNG key; example_offset: global index of row 0; labels:
         [B] int class labels of the rows (a class-conditional apply_fn such as `ModelApply` of
         a UNet with num_classes; None: the unconditional call, the null label).
@@ -164,6 +166,9 @@ class Sampler:
         int, the global index n of each row's randomness (default example_offset + 0..B-1);
         rows that share n share their noise. classifier_params: the guiding classifier's, for a
         sampler made with `classifier=` (then labels [B] are the classes to guide towards).
+        known, known_mask: a sampler made with `blend=` (see `make_sampler`): the source,
+        x0 [B, H, W, C] ("q_x0") or the states X_{i-1} after each chain index i [S, B, H, W, C]
+        ("trajectory"), and known_mask [B, H, W, 1 or C], 1 = known pixel.
 
         Returns images [B, H, W, C] (the final mean; in [-1, 1] when clip_denoised) and, with
         return_every, `pred_x0` / `x_t` [K, B, H, W, C] in chain order plus
@@ -188,6 +193,7 @@ class Sampler:
         if (classifier_params is None) != (self.static.classifier is None):
             raise ValueError("Pass classifier_params exactly when the sampler was made with a "
                              "classifier (make_sampler(..., classifier=ClassifierApply(model))).")
+        blend = self._check_blend(known, known_mask)
         plan, offset = self.plan, jnp.asarray(example_offset, dtype=jnp.int32)
         guidance, scale = jnp.float32(self.guidance), jnp.float32(self.classifier_scale)
         if self.static.mesh is not None:
@@ -195,7 +201,7 @@ class Sampler:
                     (params, plan, key, offset, labels, guidance, classifier_params, scale),
                     self.static.mesh)
         args = (self.apply_fn, params, plan, key, offset, labels, guidance, init, rows,
-                classifier_params, scale)
+                classifier_params, scale, blend)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args[1:]))
         static = dataclasses.replace(self.static, start=start)
         try:
@@ -207,6 +213,29 @@ class Sampler:
         if self.timesteps is not None:
             result["progressive_timesteps"] = self.timesteps
         return result
+
+    def _check_blend(self, known: Any, known_mask: Any) -> dict[str, Array] | None:
+        """The known region's data for the chain, after the checks that name the problem."""
+        how, shape = self.static.blend, self.static.shape
+        if how is None:
+            if known is not None or known_mask is not None:
+                raise ValueError("known / known_mask need a sampler made with blend='q_x0' or "
+                                 "'trajectory'.")
+            return None
+        if known is None or known_mask is None:
+            raise ValueError(f"This sampler keeps a known region (blend={how!r}): pass known "
+                             "and known_mask.")
+        want = shape if how == "q_x0" else (self.plan.num_steps,) + shape
+        if tuple(np.shape(known)) != want:
+            raise ValueError(f"known must be {list(want)} for blend={how!r}; got "
+                             f"{list(np.shape(known))}.")
+        mask_shape = tuple(np.shape(known_mask))
+        if len(mask_shape) != 4 or mask_shape[:3] != shape[:3] or mask_shape[3] not in (
+                1, shape[3]):
+            raise ValueError(f"known_mask must be [{shape[0]}, {shape[1]}, {shape[2]}, 1] (1 = "
+                             f"known pixel); got {list(mask_shape)}.")
+        return dict(known=jnp.asarray(known, jnp.float32),
+                    mask=jnp.asarray(known_mask, jnp.float32))
 
     def _check_labels(self, labels: Any) -> Array | None:
         """labels as int32 [B], after the checks that can name the problem."""
@@ -278,7 +307,7 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int],
                  progressive: Sequence[str] = ("pred_x0",), unroll: int = 1,
                  guidance: float | None = None, start_t: int | None = None,
                  classifier: ApplyFn | None = None, classifier_scale: float | None = None,
-                 mesh: Mesh | None = None) -> Sampler:
+                 mesh: Mesh | None = None, blend: str | None = None) -> Sampler:
     """Builds a sampler compiled once per (apply_fn, shape, number of steps, options).
 
     apply_fn(params, x_t [B,H,W,C], t [B] int) -> model output (`ModelApply(model)` for a Flax
@@ -296,6 +325,9 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int],
     `(params, x_t, t) -> logits` (`guidance.ClassifierApply(NoisyClassifier)`) for classifier
     guidance of scale `classifier_scale` >= 0 (None: 1) towards the call's labels
     (`guidance.classifier_guidance`); its params come with each call, like the model's.
+    blend: keep a known region (each call's known_mask) after every step: "q_x0" draws it from
+    q(x_{t-1} | x0 = known) (Blended diffusion; exactly x0 at the end), "trajectory" takes it from
+    the given states (DiffEdit's DDIM encoding); None: no known region.
     """
     if not isinstance(spec, SamplerSpec):
         raise TypeError(f"spec must be a SamplerSpec; got {type(spec).__name__}.")
@@ -310,9 +342,11 @@ def make_sampler(apply_fn: ApplyFn, schedule: Schedule, shape: Sequence[int],
     finite_scale("classifier_scale", classifier_scale)
     if classifier_scale and classifier is None:
         raise ValueError("classifier_scale needs a classifier (make_sampler(..., classifier=...)).")
+    if blend is not None and blend not in BLENDS:
+        raise ValueError(f"blend={blend!r}: choose one of {BLENDS} (or None).")
     static = ChainOptions.of(spec, shape, return_every=return_every, progressive=progressive,
                              unroll=int(unroll), guided=guidance is not None, mesh=mesh,
-                             classifier=classifier)
+                             classifier=classifier, blend=blend)
     return Sampler(apply_fn, spec.plan(schedule, start_t=start_t), spec, static,
                    guidance or 0.0, classifier_scale)
 

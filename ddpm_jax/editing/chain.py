@@ -34,7 +34,7 @@ from ddpm_jax.diffusion import extract, p_mean_variance, predict_eps_from_x0
 from ddpm_jax.guidance import ApplyFn, guided_model
 from ddpm_jax.parallel import constrain, replicate
 from ddpm_jax.plans import SamplingPlan
-from ddpm_jax.reverse import row_keys
+from ddpm_jax.reverse import blend_known, q_known, row_keys
 
 Array = jax.Array
 
@@ -120,10 +120,7 @@ def _repaint_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, moves: di
         z_unknown, z_known = normals(m)
         last = i == 0   # X_{-1} is the image: no noise, and the known pixels exactly
         unknown = out["mean"] + jnp.where(last, 0.0, jnp.exp(0.5 * out["log_variance"])) * z_unknown
-        prev = jnp.maximum(i - 1, 0)
-        abar_prev = jnp.where(last, 1.0, schedule.alphas_cumprod[prev])
-        given = jnp.sqrt(abar_prev) * images + jnp.where(last, 0.0, jnp.sqrt(1.0 - abar_prev)) * z_known
-        return constrain(known * given + (1.0 - known) * unknown, mesh)
+        return constrain(blend_known(known, q_known(schedule, images, i, z_known), unknown), mesh)
 
     def forward(x: Array, i: Array, m: Array) -> Array:
         beta = schedule.betas[i]
@@ -192,7 +189,7 @@ def sdedit_start_t(num_timesteps: int, strength: float) -> int:
 
 def _encode_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, images: Array,
                   labels: Array | None, guidance: Array, *, mean_type: str, var_type: str,
-                  guided: bool, unroll: int) -> Array:
+                  guided: bool, unroll: int, trajectory: bool) -> Array | tuple[Array, Array]:
     schedule = plan.schedule
     model_out = guided_model(apply_fn, params, labels, guidance, channels=images.shape[-1],
                              guided=guided, mesh=None)
@@ -209,34 +206,41 @@ def _encode_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, images: Ar
         abar_prev = extract(schedule.alphas_cumprod_prev, index, x.ndim)
         x0 = (x - jnp.sqrt(1.0 - abar_prev) * eps) / jnp.sqrt(abar_prev)
         abar = extract(schedule.alphas_cumprod, index, x.ndim)
-        return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps, None
+        # The state the step leaves, X_{i-1}, is what a reverse move at i lands on.
+        return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps, x if trajectory else None
 
-    latents, _ = jax.lax.scan(step, images.astype(jnp.float32),
-                              jnp.arange(plan.num_steps, dtype=jnp.int32), unroll=unroll)
-    return latents
+    latents, states = jax.lax.scan(step, images.astype(jnp.float32),
+                                   jnp.arange(plan.num_steps, dtype=jnp.int32), unroll=unroll)
+    return (latents, states) if trajectory else latents
 
 
 @functools.cache
 def _encode_jit() -> Any:
     return jax.jit(_encode_chain, static_argnums=0, compiler_options=xla_cpu.compiler_options(
-            "inference"), static_argnames=("mean_type", "var_type", "guided", "unroll"))
+            "inference"), static_argnames=("mean_type", "var_type", "guided", "unroll",
+                                           "trajectory"))
 
 
 def ddim_encode(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, images: Array, *,
                 labels: Array | None = None, guidance: float | None = None,
-                mean_type: str = "eps", var_type: str = "fixedlarge", unroll: int = 1) -> Array:
+                mean_type: str = "eps", var_type: str = "fixedlarge", unroll: int = 1,
+                trajectory: bool = False) -> Array | tuple[Array, Array]:
     """DDIM inversion: images [B, H, W, C] in [-1, 1] -> latents X_{S-1} [B, H, W, C], by
     the eta = 0 update run from X_{-1} = images up the plan's S steps, the network evaluated at
     the state it leaves and the timestep it goes to (S calls). Decode with the DDIM sampler of
     the same plan, eta 0 and clip_denoised False, started at the latents (start="x_t"); the
-    round trip is exact as the steps shrink (the network sees X_{i-1} for X_i)."""
+    round trip is exact as the steps shrink (the network sees X_{i-1} for X_i).
+    trajectory: also return the states [S, B, H, W, C], entry i = X_{i-1} (the state a reverse
+    move at chain index i lands on; entry 0 = the images), as (latents, states): the known
+    region of a `make_sampler(..., blend="trajectory")` chain (DiffEdit)."""
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C]; got {images.shape}.")
     return _encode_jit()(apply_fn, params, plan, images,
                          None if labels is None else jnp.asarray(labels, jnp.int32),
                          jnp.float32(guidance or 0.0), mean_type=mean_type, var_type=var_type,
-                         guided=guidance is not None, unroll=int(unroll))
+                         guided=guidance is not None, unroll=int(unroll),
+                         trajectory=bool(trajectory))
 
 
 # --------------------------------------------------------------------------- interpolation

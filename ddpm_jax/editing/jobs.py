@@ -7,6 +7,7 @@ what sample.py writes: the output images, a grid to look at, and any extra array
     --encode IMAGES                                                     DDIM inversion + decoding
     --interpolate A,B --lambdas 9 [--at_step 500 | --ddim_latent]       DDPM Fig. 8 / DDIM slerp
     --progressive K                                                     x0 predictions every K steps
+    --diffedit / --blend / --pnp                                        by class: see `class_jobs`
 
 Each job picks the chain it runs from the run's `SamplerSpec` and the sampler flags given on
 the command line (`job_spec`): RePaint runs ancestral steps (by default on RePaint's 250
@@ -26,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from ddpm_jax.editing import chain as editing, inputs as edit_io
+from ddpm_jax.editing import chain as editing, class_jobs, inputs as edit_io
 from ddpm_jax.images import save_samples, to_model_range, to_uint8
 from ddpm_jax.parallel import gather_to_host, map_batches, round_up_to_devices
 from ddpm_jax.sampling import ModelApply, Sampler, draw_images, make_sampler
 from ddpm_jax.spec import SamplerSpec
 
-MODES = ("inpaint", "sdedit", "encode", "interpolate", "progressive")
+MODES = ("inpaint", "sdedit", "encode", "interpolate", "progressive") + class_jobs.CLASS_MODES
 REPAINT_STEPS = 250  # RePaint's respaced chain (Lugmayr et al. 2022: T = 250, j = 10, r = 10)
 
 
@@ -41,7 +42,7 @@ def define_flags() -> None:
     flags.DEFINE_string("inpaint", None, "RePaint: complete the unknown pixels of IMAGES (a PNG, "
                         "a grid PNG with --grid_cells, or an .npz of uint8 [N, H, W, C]); needs "
                         "--mask and --sampler=ddpm (respaced --steps allowed).")
-    flags.DEFINE_string("mask", None, "With --inpaint: a PNG or .npz of [H, W(, 1)] or "
+    flags.DEFINE_string("mask", None, "With --inpaint / --blend: a PNG or .npz of [H, W(, 1)] or "
                         "[N, H, W, 1]; nonzero = known pixel.")
     flags.DEFINE_integer("jump_length", 10, "RePaint's jump length j (steps re-noised per "
                          "resampling).", lower_bound=1)
@@ -49,7 +50,7 @@ def define_flags() -> None:
                          "(1: no resampling).", lower_bound=1)
     flags.DEFINE_string("sdedit", None, "SDEdit: re-draw IMAGES from q(x_t0 | image), "
                         "t0 = --strength * T, with the chosen --sampler.")
-    flags.DEFINE_float("strength", None, "With --sdedit: the share of the chain re-run, in "
+    flags.DEFINE_float("strength", None, "With --sdedit / --diffedit / --blend: the share of the chain re-run, in "
                        "(0, 1] (default 0.5).")
     flags.DEFINE_string("encode", None, "DDIM inversion of IMAGES (eta 0, --steps): writes the "
                         "latents ('latents' in the .npz) and the decoded reconstructions.")
@@ -67,26 +68,29 @@ def define_flags() -> None:
     flags.DEFINE_integer("progressive", None, "Plain sampling that also writes the x0 "
                         "predictions every K steps, one row per sample (the DDPM paper's "
                         "Fig. 6); 'progressive' [N, K, H, W, C] in the .npz.", lower_bound=1)
+    class_jobs.define_flags()
 
 
 def check_flags(values: Any) -> str | None:
     """The editing mode the flags ask for (None: plain sampling); ValueError (one line) for
     flags that conflict or would do nothing. Needs no weights."""
     chosen = {"inpaint": values.inpaint, "sdedit": values.sdedit, "encode": values.encode,
-              "interpolate": values.interpolate, "progressive": values.progressive}
+              "interpolate": values.interpolate, "progressive": values.progressive,
+              **{name: getattr(values, name, None) for name in class_jobs.CLASS_MODES}}
     modes = [name for name, value in chosen.items() if value is not None]
     if len(modes) > 1:
         raise ValueError(f"Pick one of --{' / --'.join(modes)}; they are separate jobs.")
     mode = modes[0] if modes else None
-    lonely = [("mask", "inpaint"), ("strength", "sdedit"), ("at_step", "interpolate")]
-    for flag, owner in lonely:
-        if getattr(values, flag) is not None and mode != owner:
-            raise ValueError(f"--{flag} only applies to --{owner}.")
+    lonely = [("mask", ("inpaint", "blend")), ("strength", ("sdedit", "diffedit", "blend")),
+              ("at_step", ("interpolate",))]
+    for flag, owners in lonely:
+        if getattr(values, flag) is not None and mode not in owners:
+            raise ValueError(f"--{flag} only applies to --{' / --'.join(owners)}.")
     if values.ddim_latent and mode != "interpolate":
         raise ValueError("--ddim_latent only applies to --interpolate.")
     if mode == "inpaint" and values.mask is None:
         raise ValueError("--inpaint needs --mask (nonzero = known pixel).")
-    if mode == "sdedit" and values.strength is not None and not 0.0 < values.strength <= 1.0:
+    if values.strength is not None and not 0.0 < values.strength <= 1.0:
         raise ValueError(f"--strength={values.strength} must lie in (0, 1] (the share of the "
                          "chain re-run; 1: from noise).")
     if mode == "interpolate":
@@ -94,12 +98,13 @@ def check_flags(values: Any) -> str | None:
             raise ValueError(f"--interpolate takes two files A,B; got {values.interpolate}.")
         if values.at_step is not None and values.ddim_latent:
             raise ValueError("--at_step and --ddim_latent are two methods; pick one.")
-    if mode not in (None, "progressive") and (values.labels not in (None, "none")
-                                              or values.guidance is not None):
+    class_jobs.check_flags(values, mode)
+    if mode not in (None, "progressive") + class_jobs.CLASS_MODES and (
+            values.labels not in (None, "none") or values.guidance is not None):
         raise ValueError(f"--{mode} runs the unconditional model; drop --labels / --guidance.")
-    if values.grid_cells is not None and mode not in ("inpaint", "sdedit", "encode", "interpolate"):
-        raise ValueError("--grid_cells only applies to the image inputs of --inpaint / --sdedit / "
-                         "--encode / --interpolate.")
+    if values.grid_cells is not None and mode in (None, "progressive"):
+        raise ValueError("--grid_cells only applies to the image inputs of the edits (--inpaint, "
+                         "--sdedit, --encode, --interpolate, --diffedit, --blend, --pnp).")
     return mode
 
 
@@ -183,8 +188,8 @@ def job_spec(mode: str, context: Context, *, ddim_latent: bool = False) -> Sampl
                            mean_type=run_spec.mean_type,
                            var_type=flags_given.get("var_type", run_spec.var_type),
                            clip_denoised=flags_given.get("clip_denoised", run_spec.clip_denoised))
-    if mode == "encode" or (mode == "interpolate" and ddim_latent):
-        flag = "--encode" if mode == "encode" else "--interpolate --ddim_latent"
+    if mode in ("encode", "pnp") or (mode == "interpolate" and ddim_latent):
+        flag = "--interpolate --ddim_latent" if mode == "interpolate" else f"--{mode}"
         if flags_given.get("sampler", "ddim") != "ddim":
             raise ValueError(f"{flag} runs DDIM inversion and DDIM decoding (eta 0); use "
                              f"--sampler=ddim, not {flags_given['sampler']} (or leave it out).")
@@ -356,7 +361,7 @@ def _progressive(values: Any, context: Context, spec: SamplerSpec) -> Result:
 
 
 JOBS = dict(sample=_sample, inpaint=_inpaint, sdedit=_sdedit, encode=_encode, interpolate=_interpolate,
-            progressive=_progressive)
+            progressive=_progressive, **class_jobs.JOBS)
 
 
 def run_and_write(mode: str, values: Any, context: Context) -> None:
