@@ -99,3 +99,31 @@ def test_bad_inputs_give_one_line_and_leave_the_base_untouched(base_run, tmp_pat
     assert "\n" not in str(error.value)
     assert _tree_digest(str(base_run / "base")) == before
     assert not checkpoint.make_manager(str(tmp_path / "run"), max_to_keep=1).all_steps()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"finetune.method": "dreambooth"}, r"config.finetune.method='dreambooth'"),
+    ({"finetune.images": None}, r"config.finetune.images=None: name the images"),
+    ({"finetune.label": 1}, r"config.finetune.label=1: new_class=True teaches a new class id"),
+    ({"finetune.prior_weight": -1.0}, r"config.finetune.prior_weight=-1.0"),
+    ({"lora.targets": ("mlp",)}, r"config.lora.targets=\('mlp',\)"),
+    ({"lora.rank": 0}, r"config.lora.rank=0"),
+    ({"distill.teacher": "t"}, r"either distils"),
+])
+def test_validate_names_the_bad_finetune_field(tmp_path, change, message):
+    config = tuning_config(tmp_path, **change)
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config)
+
+
+def test_exclude_labels_leaves_a_class_out_of_the_training_split(digits_data_dir):
+    from ddpm_jax import data, parallel
+
+    mesh = parallel.make_mesh()
+    kept = data.make_input_iterator("digits", "train", global_batch_size=1000, seed=0,
+                                    image_size=8, channels=1, random_flip=False, mesh=mesh,
+                                    data_dir=digits_data_dir, shuffle=False, num_epochs=1,
+                                    exclude_labels=(9,))
+    labels = np.asarray(next(kept)["label"])
+    assert 9 not in labels and set(labels) == set(range(9))
+    assert kept.get_state()["settings"]["exclude_labels"] == [9]
