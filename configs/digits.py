@@ -112,10 +112,13 @@ def _finetune(config: ml_collections.ConfigDict, tiny: bool) -> None:
     """Fine-tuning a class-conditional digits run (docs/finetuning.md): name the base with
     --config.finetune.base=RUN and the images with --config.finetune.images=FILE; a new class
     (the base's N classes plus one), prior preservation on 500 of the base's samples with
-    weight 1, 400 steps at batch 32 (16 instance rows, 16 prior rows)."""
+    weight 1, 400 steps at batch 32 (16 instance rows, 16 prior rows); LoRA rank 1 (use
+    --config.training.lr=1e-3 with method=lora, 1e-2 with method=embedding)."""
     _class_conditional(config, tiny=False)
     # model.num_classes is replaced by the base run's (+1 for the new class) at start.
     config.finetune.method = "full"
+    config.lora.rank = 1                  # 2.0% of the digits model's parameters (all targets)
+    config.lora.alpha = 1.0
     config.training.batch_size = 32
     config.training.lr = 1e-4
     config.training.warmup_steps = 20
