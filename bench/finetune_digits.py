@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--per_class", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--set", action="append", default=[],
+                        help="METHOD:section.field=value, e.g. lora:training.lr=3e-4")
+    parser.add_argument("--skip_base", action="store_true", help="do not score the base")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     train, test = digits_arrays(8)["train"], digits_arrays(8)["test"]
@@ -107,13 +110,20 @@ def main() -> None:
           f"{args.per_class} samples per class (the run's sampler); digits classifier "
           f"{net.name}; 9s reference: {len(held_out_nines)} 9s, 0-8 reference: the test split's "
           f"{int(np.sum(test[1] != NEW))}", flush=True)
-    pixels, labels = _draw(args.base, args.per_class, range(0, NEW), 0)
-    base_row = dict(method="base", seed=0, **_score(net, pixels, labels, refs))
-    print(json.dumps(base_row), flush=True)
-    rows = [base_row]
+    rows = []
+    if not args.skip_base:
+        pixels, labels = _draw(args.base, args.per_class, range(0, NEW), 0)
+        rows.append(dict(method="base", seed=0, **_score(net, pixels, labels, refs)))
+        print(json.dumps(rows[-1]), flush=True)
+    for item in args.set:
+        method, assignment = item.split(":", 1)
+        key, value = assignment.split("=", 1)
+        METHODS[method][key] = json.loads(value) if value[:1].isdigit() or value in (
+                "true", "false") else value
     for method in args.methods.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            workdir = os.path.join(args.out, f"{method}_seed{seed}")
+            tag = "".join(f"_{i.split(':', 1)[1]}" for i in args.set if i.startswith(method + ":"))
+            workdir = os.path.join(args.out, f"{method}{tag}_seed{seed}")
             config = _set(digits.get_config("finetune"), {
                     "finetune.base": args.base, "finetune.images": images_path,
                     "training.seed": seed, "training.num_steps": args.steps,
@@ -130,7 +140,7 @@ def main() -> None:
             on_disk = sum(os.path.getsize(os.path.join(d, f))
                           for d, _, fs in os.walk(state_dir) for f in fs)
             pixels, labels = _draw(workdir, args.per_class, range(0, NEW + 1), seed)
-            row = dict(method=method, seed=seed, trained_share=values / total,
+            row = dict(method=method + tag, seed=seed, trained_share=values / total,
                        trainable_bytes=size, checkpoint_state_bytes=on_disk, train_s=wall,
                        **_score(net, pixels, labels, refs))
             print(json.dumps(row), flush=True)
