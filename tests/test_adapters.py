@@ -49,7 +49,7 @@ def test_lora_merge_equals_the_float64_reference_for_dense_and_conv_kernels():
 
 
 def test_lora_targets_and_a_zero_up_leave_the_unet_bit_identical():
-    config, model, params = _tiny()
+    config, model, params = _tiny(3)
     paths = adapters.lora_paths(params, ("attn", "time", "conv"))
     assert "up_1_attn_0/q/kernel" in paths and "time_dense_1/kernel" in paths
     assert "mid_block_1/time_proj/kernel" in paths and "conv_in/kernel" in paths
@@ -76,8 +76,12 @@ def test_lora_targets_and_a_zero_up_leave_the_unet_bit_identical():
 
 def test_grow_base_adds_the_new_row_and_refuses_another_architecture_by_leaf():
     _, _, base = _tiny(3)
-    _, _, shapes = _tiny(4)
-    grown = adapters.grow_base(base, jax.eval_shape(lambda: shapes), new_class=True, where="W")
+    config = digits.get_config("cond_tiny")
+    config.model.num_classes = 4
+    model = config_lib.model_from_config(config)
+    shapes = jax.eval_shape(lambda k: training.init_params(model, k, (8, 8, 1)),
+                            jax.random.PRNGKey(0))
+    grown = adapters.grow_base(base, shapes, new_class=True, where="W")
     table, old = grown["class_embed"]["embedding"], base["class_embed"]["embedding"]
     np.testing.assert_array_equal(table[:3], old[:3])
     np.testing.assert_array_equal(table[3], old[3])   # the new class starts as the null row
@@ -85,12 +89,13 @@ def test_grow_base_adds_the_new_row_and_refuses_another_architecture_by_leaf():
     assert grown["conv_in"]["kernel"] is base["conv_in"]["kernel"]
     with pytest.raises(ValueError, match=r"^W: leaf class_embed/embedding has shape \(4, 64\)"):
         adapters.grow_base(base, shapes, new_class=False, where="W")
-    other = dict(shapes, conv_in={"kernel": jnp.zeros((3, 3, 1, 8)), "bias": jnp.zeros(8)})
+    other = dict(shapes, conv_in={"kernel": jax.ShapeDtypeStruct((3, 3, 1, 8), jnp.float32),
+                                  "bias": jax.ShapeDtypeStruct((8,), jnp.float32)})
     with pytest.raises(ValueError, match=r"leaf conv_in/kernel has shape \(3, 3, 1, 16\) in the base"):
         adapters.grow_base(base, other, new_class=True, where="W")
     with pytest.raises(ValueError, match="leaf extra/kernel .* is not in the base run"):
-        adapters.grow_base(base, dict(shapes, extra={"kernel": jnp.zeros(2)}), new_class=True,
-                           where="W")
+        extra = {"kernel": jax.ShapeDtypeStruct((2,), jnp.float32)}
+        adapters.grow_base(base, dict(shapes, extra=extra), new_class=True, where="W")
     with pytest.raises(ValueError, match="leaf conv_out/bias of the base run is not in this model"):
         adapters.grow_base(base, dict(shapes, conv_out={"kernel": shapes["conv_out"]["kernel"]}),
                            new_class=True, where="W")
@@ -123,7 +128,7 @@ def test_prior_preservation_loss_equals_its_formula_on_a_test_double():
     np.testing.assert_allclose(loss, per_row[:4].mean() + 0.7 * per_row[4:].mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "embedding"])
+@pytest.mark.parametrize("method", ["embedding"])  # lora: through the loop, in test_finetune.py
 def test_frozen_leaves_stay_bitwise_equal_through_train_steps(method):
     config, model, params = _tiny(4)
     paths = adapters.lora_paths(params, ("attn", "time")) if method == "lora" else ()
