@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
         channels=3,                   # C
         random_flip=True,             # random horizontal flips during training
         data_dir=placeholder(str),    # TFDS / data root; None: the library default
+        exclude_labels=(),            # classes left out of the training split (a held-out class
+                                      # for fine-tuning experiments, docs/finetuning.md)
     )
 
     config.training = dict(
@@ -115,6 +117,29 @@ def get_config() -> ml_collections.ConfigDict:
         teacher_eta=0.0,              # must be 0: a stochastic teacher chain cannot be distilled
         rounds=1,                     # halvings in one command: round k in WORKDIR/round_k learns
                                       # N / 2^k steps from round k-1 (round 1: from teacher)
+    )
+    config.finetune = dict(           # fine-tuning a trained run (docs/finetuning.md)
+        base=placeholder(str),        # the base run's work dir; None: an ordinary run. Its EMA
+                                      # weights are loaded by tree path; model.num_classes is
+                                      # the base's (+1 with new_class)
+        base_step=placeholder(int),   # the base's checkpoint; None: its newest (pinned at start)
+        method="full",                # full | lora (config.lora adapters) | embedding (only the
+                                      # taught class's embedding row trains)
+        images=placeholder(str),      # the few images: a PNG grid (grid_cells tiles) or an .npz
+                                      # with uint8 'images' [N, H, W, C]
+        grid_cells=placeholder(int),  # tiles in a PNG grid; None: the PNG is one image
+        new_class=True,               # add a class: id N for a base of N classes; the null label
+                                      # of guidance moves from N to N + 1
+        label=placeholder(int),       # new_class False: the existing class (0..N-1) the images
+                                      # are taught as; None: the null label / unconditional
+        prior_weight=1.0,             # lambda of the prior-preservation term (0: off)
+        prior_samples=500,            # base samples of its classes drawn once into the run
+    )
+    config.lora = dict(               # LoRA adapters of finetune.method='lora'
+        rank=4,                       # r
+        alpha=4.0,                    # the update is (alpha / r) down @ up
+        targets=("attn", "time", "conv"),  # attn: q/k/v/proj_out, time: time-embedding
+                                      # projections, conv: every convolution kernel
     )
     return config
 

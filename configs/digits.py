@@ -21,7 +21,10 @@ the 10 classes, label dropout 0.1 for classifier-free guidance: the one class-co
 run that the class-conditional methods and their benchmarks train once and reuse; `cond_tiny`
 for tests), `configs/digits.py:distill` (progressive distillation of a default run, named by
 --config.distill.teacher, from 64 DDIM steps to 4 in four rounds; `distill_tiny` for tests;
-docs/distillation.md).
+docs/distillation.md), `configs/digits.py:cond_without9` (`cond` with the 9s left out of the
+training split and 9 classes: the base of the fine-tuning benchmark), `configs/digits.py:finetune`
+(fine-tuning a class-conditional run named by --config.finetune.base on a few images;
+`finetune_tiny` for tests; docs/finetuning.md).
 """
 
 import ml_collections
@@ -68,11 +71,17 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         _classifier(config, tiny=variant == "classifier_tiny")
     if variant in ("cond", "cond_tiny"):
         _class_conditional(config, tiny=variant == "cond_tiny")
+    if variant == "cond_without9":
+        _class_conditional(config, tiny=False)
+        config.model.num_classes = 9          # labels 0..8, null label 9
+        config.data.exclude_labels = (9,)
     if variant in ("distill", "distill_tiny"):
         _distill(config, tiny=variant == "distill_tiny")
+    if variant in ("finetune", "finetune_tiny"):
+        _finetune(config, tiny=variant == "finetune_tiny")
     return base.with_variant(config, variant, "digits",
-                             handled=("16px", "classifier", "classifier_tiny", "cond", "cond_tiny",
-                                      "distill", "distill_tiny"))
+                             handled=("16px", "classifier", "classifier_tiny", "cond", "cond_tiny", "cond_without9",
+                                      "distill", "distill_tiny", "finetune", "finetune_tiny"))
 
 
 def _distill(config: ml_collections.ConfigDict, tiny: bool) -> None:
@@ -97,6 +106,30 @@ def _distill(config: ml_collections.ConfigDict, tiny: bool) -> None:
         config.distill.teacher_steps = 8
         config.distill.rounds = 1
         config.training.lr_decay = "none"
+
+
+def _finetune(config: ml_collections.ConfigDict, tiny: bool) -> None:
+    """Fine-tuning a class-conditional digits run (docs/finetuning.md): name the base with
+    --config.finetune.base=RUN and the images with --config.finetune.images=FILE; a new class
+    (the base's N classes plus one), prior preservation on 500 of the base's samples with
+    weight 1, 400 steps at batch 32 (16 instance rows, 16 prior rows); LoRA rank 1 (use
+    --config.training.lr=1e-3 with method=lora, 1e-2 with method=embedding)."""
+    _class_conditional(config, tiny=False)
+    # model.num_classes is replaced by the base run's (+1 for the new class) at start.
+    config.finetune.method = "full"
+    config.lora.rank = 1                  # 2.0% of the digits model's parameters (all targets)
+    config.lora.alpha = 1.0
+    config.training.batch_size = 32
+    config.training.lr = 1e-4
+    config.training.warmup_steps = 20
+    config.training.num_steps = 400
+    config.training.ema_decay = 0.995
+    config.training.checkpoint_every = 100
+    config.training.sample_every = 400
+    config.training.log_every = 20
+    if tiny:
+        base.make_tiny(config)
+        config.finetune.prior_samples = 8
 
 
 def _class_conditional(config: ml_collections.ConfigDict, tiny: bool) -> None:

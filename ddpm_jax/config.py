@@ -29,7 +29,8 @@ from ddpm_jax.spec import SAMPLERS, SamplerSpec, check_choice  # noqa: F401 (che
 
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval", "distill")
+SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval", "distill", "finetune",
+            "lora")
 MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_channels",
                 "num_classes", "remat", "resamp_with_conv", "num_groups", "kind")
 MODEL_KINDS = ("unet", "classifier")
@@ -110,6 +111,7 @@ def validate(config: Any) -> None:
     _validate_sampling(_Checker(config, "sampling"), config)
     _validate_eval(_Checker(config, "eval"), config)
     _validate_distill(_Checker(config, "distill"), config)
+    _validate_finetune(_Checker(config, "finetune"), _Checker(config, "lora"), config)
 
 
 def _validate_data(data: _Checker) -> None:
@@ -123,6 +125,7 @@ def _validate_data(data: _Checker) -> None:
     data.boolean("random_flip")
     if data.get("data_dir") is not None and not isinstance(data.get("data_dir"), str):
         raise data.fail("data_dir", "use a path string or None")
+    data.int_tuple("exclude_labels", 0, nonempty=False)
 
 
 def _validate_diffusion(diffusion: _Checker) -> None:
@@ -312,6 +315,48 @@ def _validate_distill(distill: _Checker, config: Any) -> None:
                          "('v', the paper's, is the default of configs/digits.py:distill).")
 
 
+def _validate_finetune(finetune: _Checker, lora: _Checker, config: Any) -> None:
+    """The fine-tuning sections (`ddpm_jax.finetune`); the base run and the images are checked
+    when the run starts."""
+    from ddpm_jax.adapters import LORA_GROUPS, METHODS
+
+    base = finetune.get("base")
+    if base is not None and (not isinstance(base, str) or not base):
+        raise finetune.fail("base", "use the base run's work dir, or None for an ordinary run")
+    finetune.integer("base_step", 0, optional=True)
+    method = finetune.choice("method", METHODS)
+    images = finetune.get("images")
+    if images is not None and not isinstance(images, str):
+        raise finetune.fail("images", "use the path of a PNG grid or a uint8 .npz")
+    finetune.integer("grid_cells", 1, optional=True)
+    new_class = finetune.boolean("new_class")
+    label = finetune.integer("label", 0, optional=True)
+    finetune.number("prior_weight", 0.0, 1e6)
+    finetune.integer("prior_samples", 0)
+    lora.integer("rank", 1)
+    lora.number("alpha", 0.0, 1e6, low_open=True)
+    targets = lora.get("targets")
+    if (not isinstance(targets, (tuple, list)) or not targets
+            or any(t not in LORA_GROUPS for t in targets)):
+        raise lora.fail("targets", f"use a non-empty tuple of {tuple(LORA_GROUPS)}")
+    if base is None:
+        return
+    if images is None:
+        raise finetune.fail("images", "name the images to fine-tune on (a PNG grid with "
+                            "finetune.grid_cells, or an .npz of uint8 'images')")
+    if new_class and label is not None:
+        raise finetune.fail("label", "new_class=True teaches a new class id; set "
+                            "finetune.new_class=False to teach an existing class, or label=None")
+    if method == "embedding" and not new_class and label is None:
+        raise finetune.fail("method", "embedding trains one class's row: set new_class=True or "
+                            "a label")
+    if config.distill.teacher is not None:
+        raise finetune.fail("base", "a run either distils (distill.teacher) or fine-tunes; "
+                            "set one of them to None")
+    if model_kind(config) != "unet":
+        raise finetune.fail("base", "fine-tuning trains a denoiser; use model.kind='unet'")
+
+
 # Fields added to configs/base.py after its first release, each with the value that runs made
 # before it ran with (label_dropout: none existed, so 0.0, not today's default 0.1).
 ADDED_FIELDS = {
@@ -321,9 +366,13 @@ ADDED_FIELDS = {
     "sampling.order": 2, "sampling.threshold": None, "eval.every_steps": 0, "eval.labels": "none",
     "eval.guidance": None, "distill.teacher": None, "distill.teacher_step": None,
     "distill.teacher_steps": 64, "distill.teacher_sampler": "ddim", "distill.teacher_eta": 0.0,
-    "distill.rounds": 1,
+    "distill.rounds": 1, "data.exclude_labels": (), "finetune.base": None,
+    "finetune.base_step": None, "finetune.method": "full", "finetune.images": None,
+    "finetune.grid_cells": None, "finetune.new_class": True, "finetune.label": None,
+    "finetune.prior_weight": 1.0, "finetune.prior_samples": 500, "lora.rank": 4,
+    "lora.alpha": 4.0, "lora.targets": ("attn", "time", "conv"),
 }
-ADDED_SECTIONS = ("distill",)  # sections added whole: an older config gets them from ADDED_FIELDS
+ADDED_SECTIONS = ("distill", "finetune", "lora")  # sections added whole: an older config gets them from ADDED_FIELDS
 
 
 def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -382,11 +431,13 @@ def optimizer_from_config(config: Any) -> Any:
                                        adam_eps=config.training.adam_eps)
 
 
-def step_config(config: Any, model: Any, teacher_mean_type: str = "eps") -> training_lib.StepConfig:
+def step_config(config: Any, model: Any, teacher_mean_type: str = "eps",
+                transform: Any = None) -> training_lib.StepConfig:
     """The settings of `training.train_step` for a config (hashable: a static jit argument).
     With config.distill.teacher the objective is "distill" on distill.teacher_steps, the
     teacher's output read as `teacher_mean_type` (its run's diffusion.mean_type) and its x0
-    clipped as config.sampling.clip_denoised says."""
+    clipped as config.sampling.clip_denoised says. transform: a fine-tuning run's
+    (`finetune.resolve`), None otherwise."""
     t, d = config.training, config.diffusion
     distilling = config.distill.teacher is not None
     lr_decay = t.lr_decay
@@ -403,4 +454,5 @@ def step_config(config: Any, model: Any, teacher_mean_type: str = "eps") -> trai
                 objective=("classify" if model_kind(config) == "classifier" else
                            "distill" if distilling else "denoise"),
                 teacher_steps=config.distill.teacher_steps if distilling else 0,
-                teacher_mean_type=teacher_mean_type, teacher_clip=config.sampling.clip_denoised)
+                teacher_mean_type=teacher_mean_type, teacher_clip=config.sampling.clip_denoised,
+                transform=transform)

@@ -30,7 +30,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import (checkpoint, data, images, lock, memory, parallel, runs, sampling, training,
+from ddpm_jax import (adapters, checkpoint, data, finetune, images, lock, memory, parallel, runs,
+                      sampling, training,
                       writers, xla_cpu)
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
@@ -304,7 +305,21 @@ class _Run:
     manager: Any
     step: int
     config: ml_collections.ConfigDict  # the run's config (a distillation's teacher step pinned)
-    teacher_params: Any = None     # a distillation's teacher (EMA weights), replicated; else None
+    teacher_params: Any = None     # the step's frozen parameters, replicated: a distillation's
+                                   # teacher or a fine-tuning's base (EMA weights); else None
+    finetune: Any = None           # a fine-tuning run's finetune.Setup; else None
+
+    def plain_params(self, params: Any) -> Any:
+        """The UNet parameters of a state's (EMA) params: a fine-tuning run's trainable tree
+        merged into its base."""
+        if self.finetune is None:
+            return params
+        return _merge_jitted(params, self.teacher_params, self.finetune.transform)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _merge_jitted(trainable: Any, base: Any, transform: Any) -> Any:
+    return adapters.merge(base, trainable, transform)
 
 
 def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
@@ -322,9 +337,18 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
     manager = checkpoint.make_manager(workdir, max_to_keep=t.keep_checkpoints,
                                       keep_period=t.keep_every)
     last_checkpoint = manager.latest_step()
-    teacher_params, teacher_mean_type = None, "eps"
+    teacher_params, teacher_mean_type, tuning = None, "eps", None
+    if config.finetune.base is not None:
+        config = _pin_step(config, manager, last_checkpoint, "finetune", "base_step")
+        try:
+            tuning = finetune.resolve(config, replicated)
+            instances = finetune.load_instances(config)
+        except ValueError as e:
+            manager.close()
+            raise config_lib.ConfigError(str(e)) from None
+        config, model, teacher_params = tuning.config, tuning.model, tuning.base_params
     if config.distill.teacher is not None:
-        config = _pin_teacher_step(config, manager, last_checkpoint)
+        config = _pin_step(config, manager, last_checkpoint, "distill", "teacher_step")
         try:
             teacher_step, teacher_mean_type, teacher_params = runs.load_teacher(
                     config.distill.teacher, config, step=config.distill.teacher_step,
@@ -337,15 +361,25 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
         logging.info("Distilling the %s-parameterised teacher %s (step %d) from %d DDIM steps to "
                      "%d.", teacher_mean_type, config.distill.teacher, teacher_step,
                      config.distill.teacher_steps, config.distill.teacher_steps // 2)
-    settings = config_lib.step_config(config, model, teacher_mean_type=teacher_mean_type)
+    settings = config_lib.step_config(config, model, teacher_mean_type=teacher_mean_type,
+                                      transform=tuning and tuning.transform)
     create = functools.partial(jitted_create_train_state(mesh), model, settings.optimizer,
                                image_shape=config_lib.image_shape(config))
+    if tuning is not None:
+        create = jax.jit(functools.partial(finetune.create_state, tuning, settings.optimizer),
+                         out_shardings=replicated)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(create, jax.random.PRNGKey(t.seed)))
-    iterator = data.make_input_iterator(
+    if tuning is not None:
+        iterator = finetune.make_iterator(tuning, instances,
+                                          finetune.prior_data(tuning, workdir, mesh), mesh)
+        logging.info("%s", finetune.summary(tuning, abstract.params))
+    else:
+        iterator = data.make_input_iterator(
             config.data.dataset, "train", global_batch_size=t.batch_size, seed=t.seed,
             image_size=config.data.image_size, channels=config.data.channels,
-            random_flip=config.data.random_flip, mesh=mesh, data_dir=config.data.data_dir)
+            random_flip=config.data.random_flip, mesh=mesh, data_dir=config.data.data_dir,
+                exclude_labels=tuple(config.data.exclude_labels))
 
     if last_checkpoint is not None:
         logging.info("Resuming from the checkpoint at step %d in %s.", last_checkpoint,
@@ -354,7 +388,7 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
                                    data_iterator=iterator)
     else:
         state = create(jax.random.PRNGKey(t.seed))
-        if teacher_params is not None:  # the student starts as its teacher
+        if teacher_params is not None and tuning is None:  # the student starts as its teacher
             state = _start_from_teacher(mesh)(state, teacher_params)
     # Only now: a refused resume must not overwrite the config of the run that owns the dir.
     save_resolved_config(config, workdir)
@@ -362,20 +396,21 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
     num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     logging.info("Model: %s parameters; starting at step %d of %d.", f"{num_params:,}", step,
                  t.num_steps)
-    return _Run(model, schedule, settings, state, iterator, manager, step, config, teacher_params)
+    return _Run(model, schedule, settings, state, iterator, manager, step, config, teacher_params,
+                tuning)
 
 
-def _pin_teacher_step(config: ml_collections.ConfigDict, manager: Any,
-                      last_checkpoint: int | None) -> ml_collections.ConfigDict:
-    """A copy of `config` whose distill.teacher_step None is the step the run started with
-    (saved with its checkpoints), so that a resume reads the same teacher even after the
-    teacher trained on; a fresh run's None stays None (the teacher's newest, pinned once
-    loaded)."""
+def _pin_step(config: ml_collections.ConfigDict, manager: Any, last_checkpoint: int | None,
+              section: str, field: str) -> ml_collections.ConfigDict:
+    """A copy of `config` whose section.field (distill.teacher_step, finetune.base_step) None is
+    the step the run started with (saved with its checkpoints), so that a resume reads the
+    same teacher or base even after that run trained on; a fresh run's None stays None (the
+    newest, pinned once loaded)."""
     config = copy.deepcopy(config)
-    if config.distill.teacher_step is None and last_checkpoint is not None:
+    if config[section][field] is None and last_checkpoint is not None:
         saved = checkpoint.restore_config(manager, last_checkpoint)
         with config.unlocked():
-            config.distill.teacher_step = saved.get("distill", {}).get("teacher_step")
+            config[section][field] = saved.get(section, {}).get(field)
     return config
 
 
@@ -457,13 +492,15 @@ def _grids_and_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh:
     """A due sample grid of the EMA weights, and a due evaluation with its scalars."""
     t = config.training
     if due(step, t.sample_every, t.num_steps, prev_step=previous):
-        write_sample_grid(config, run.model, run.schedule, state.ema_params, mesh,
+        write_sample_grid(config, run.model, run.schedule, run.plain_params(state.ema_params),
+                          mesh,
                           os.path.join(workdir, SAMPLES_DIR, f"step_{step:08d}.png"))
     every = config.eval.every_steps
     if every and due(step, every, t.num_steps, prev_step=previous):
         from ddpm_jax import evaluate  # feature networks: loaded only when asked for
         report = evaluate.run_evaluation(
                 evaluate.RunData.from_config(config), sampling.ModelApply(run.model),
-                state.ema_params, evaluate.EvalOptions.from_config(config), workdir=workdir,
+                run.plain_params(state.ema_params), evaluate.EvalOptions.from_config(config),
+                workdir=workdir,
                 step=step, weights="ema", mesh=mesh, progress=False)
         writer.write_scalars(step, evaluate.scalars(report))

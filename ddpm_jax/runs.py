@@ -96,6 +96,20 @@ def _load_params(manager: ocp.CheckpointManager, step: int, weights: str,
                             jax.random.PRNGKey(0))
     if sharding is None:
         sharding = parallel.replicated(parallel.make_mesh())
+    if config.finetune.base is not None:  # its trainable tree merged into its base run's
+        from ddpm_jax import finetune
+        try:
+            params = finetune.load_merged(config, manager, step, weights, sharding, checksums)
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"{workdir} fine-tunes {config.finetune.base}, "
+                                             f"which cannot be loaded: {e}") from None
+        except Exception as e:
+            raise checkpoint.unreadable(manager, step, f"the {weights} parameters", e) from e
+        finally:
+            manager.close()
+        logging.info("Loaded the %s parameters of step %d from %s, merged into its base run %s.",
+                     weights, step, manager.directory, config.finetune.base)
+        return config, model, params
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                             shapes)
     field = {"ema": "ema_params", "raw": "params"}[weights]
@@ -148,6 +162,38 @@ TEACHER_MODEL_FIELDS = tuple(f for f in config_lib.MODEL_FIELDS if f not in ("dr
 TEACHER_DIFFUSION_FIELDS = ("timesteps", "schedule", "beta_start", "beta_end")
 
 
+def load_base_run(workdir: str, config: ml_collections.ConfigDict, *, flag: str,
+                  step: int | None = None, sharding: jax.sharding.Sharding | None = None,
+                  same_mean_type: bool = False
+                  ) -> tuple[int, ml_collections.ConfigDict, PyTree]:
+    """(step, config, EMA params) of a trained denoiser run that another run starts from (a
+    distillation's teacher, a fine-tuning's base); ValueError with one line naming `flag` when
+    there is no run there, it is a classifier, or it has another schedule, image shape (or,
+    with same_mean_type, another mean and variance type) than `config`."""
+    where = f"{flag}={workdir}"
+    if not os.path.isdir(workdir):
+        raise ValueError(f"{where} does not exist: name a trained run's work dir.")
+    try:
+        chosen, base, _, params = load_step_for_sampling(workdir, "ema", step=step,
+                                                         sharding=sharding)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise ValueError(f"{where}: {' '.join(str(e).split())}") from None
+    if config_lib.model_kind(base) != "unet":
+        raise ValueError(f"{where} is a classifier run (model.kind="
+                         f"{config_lib.model_kind(base)!r}), not a denoiser: name a run "
+                         "trained with model.kind='unet'.")
+    fields = TEACHER_DIFFUSION_FIELDS + (("mean_type", "var_type") if same_mean_type else ())
+    diffs = [f"diffusion.{f}: base {base.diffusion[f]!r}, this run {config.diffusion[f]!r}"
+             for f in fields if base.diffusion[f] != config.diffusion[f]]
+    diffs += [f"data.{f}: base {base.data[f]!r}, this run {config.data[f]!r}"
+              for f in ("image_size", "channels") if base.data[f] != config.data[f]]
+    if diffs:
+        raise ValueError(f"{where} has another schedule or image shape than this run, which "
+                         f"starts from its weights ({'; '.join(diffs)}): use the base run's "
+                         "diffusion and data settings.")
+    return chosen, base, params
+
+
 def load_teacher(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
                  sharding: jax.sharding.Sharding | None = None) -> tuple[int, str, PyTree]:
     """(step, mean_type, EMA params) of the teacher run in `workdir` for the distillation run
@@ -157,23 +203,10 @@ def load_teacher(workdir: str, config: ml_collections.ConfigDict, *, step: int |
     from ddpm_jax import distill
 
     where = f"config.distill.teacher={workdir}"
-    if not os.path.isdir(workdir):
-        raise ValueError(f"{where} does not exist: name a trained run's work dir.")
-    try:
-        chosen, teacher, _, params = load_step_for_sampling(workdir, "ema", step=step,
-                                                            sharding=sharding)
-    except (FileNotFoundError, checkpoint.CheckpointError) as e:
-        raise ValueError(f"{where}: {' '.join(str(e).split())}") from None
-    if config_lib.model_kind(teacher) != "unet":
-        raise ValueError(f"{where} is a classifier run (model.kind="
-                         f"{config_lib.model_kind(teacher)!r}), not a denoiser: name a run "
-                         "trained with model.kind='unet'.")
+    chosen, teacher, params = load_base_run(workdir, config, flag="config.distill.teacher",
+                                            step=step, sharding=sharding)
     diffs = [f"model.{f}: teacher {teacher.model[f]!r}, student {config.model[f]!r}"
              for f in TEACHER_MODEL_FIELDS if _plain(teacher.model[f]) != _plain(config.model[f])]
-    diffs += [f"diffusion.{f}: teacher {teacher.diffusion[f]!r}, student {config.diffusion[f]!r}"
-              for f in TEACHER_DIFFUSION_FIELDS if teacher.diffusion[f] != config.diffusion[f]]
-    diffs += [f"data.{f}: teacher {teacher.data[f]!r}, student {config.data[f]!r}"
-              for f in ("image_size", "channels") if teacher.data[f] != config.data[f]]
     if diffs:
         raise ValueError(f"{where} has another network or schedule than the student, which "
                          f"starts from its weights ({'; '.join(diffs)}): use the teacher's "

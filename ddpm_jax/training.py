@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import diffusion, distill, xla_cpu
+from ddpm_jax import adapters, diffusion, distill, xla_cpu
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -208,7 +208,10 @@ class StepConfig:
     objective: "denoise", "classify" (a noise-conditional classifier) or "distill" (progressive
     distillation: `ddpm_jax.distill`; the teacher's parameters are the step's `teacher_params`
     argument, its network is `model`, its output read as teacher_mean_type, its x0 clipped to
-    [-1, 1] with teacher_clip; teacher_steps N, the student learns N / 2)."""
+    [-1, 1] with teacher_clip; teacher_steps N, the student learns N / 2). transform: a
+    fine-tuning run's (`ddpm_jax.adapters`): the state's params are its trainable tree, and
+    the network runs on `adapters.merge(frozen base, trainable, transform)`, the base being the
+    step's `teacher_params` argument (the step's frozen parameters)."""
 
     model: nn.Module
     optimizer: optax.GradientTransformation
@@ -232,6 +235,7 @@ class StepConfig:
     teacher_steps: int = 0
     teacher_mean_type: str = "eps"
     teacher_clip: bool = True
+    transform: adapters.Transform | None = None
 
 
 def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: StepConfig,
@@ -264,6 +268,10 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: St
     instead of t and regresses the student's x0 on the teacher's two-step target
     (`distill.distillation_losses`, metrics loss and x0_mse); `teacher_params` (the teacher's
     parameters, never updated, not part of the state) are needed then and ignored otherwise.
+    With settings.transform (fine-tuning) `teacher_params` holds the frozen base instead.
+    batch["weight"] (optional, [B] float32): per-row loss weights, loss = mean_b(w_b l_b)
+    (`weighted_mean`; prior preservation weighs instance and prior rows); other terms stay
+    unweighted means.
     """
     x0 = batch["image"]
     step_rng = jax.random.fold_in(state.rng, state.step)
@@ -279,17 +287,21 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: St
     t = jax.random.randint(t_rng, (x0.shape[0],), 0, high, dtype=jnp.int32)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     (loss, terms), grads = _loss_and_grads(settings, state.params, schedule,
-                                           (x0, t, noise, labels), dropout_rng, teacher_params)
+                                           (x0, t, noise, labels, batch.get("weight")),
+                                           dropout_rng, teacher_params)
     return _update(settings, state, loss, terms, grads)
 
 
 def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
                     data: tuple[Any, ...], dropout_rng: Array,
                     teacher_params: PyTree = None) -> tuple[Any, PyTree]:
-    """((loss, terms), grads) of the objective on data = (x0, t, noise, labels), over the
-    batch at once or accumulated over microbatches."""
+    """((loss, terms), grads) of the objective on data = (x0, t, noise, labels, weight), over
+    the batch at once or accumulated over microbatches; grads are those of the trainable tree
+    when settings.transform is set."""
     def loss_fn(params: PyTree, x0: Array, t: Array, noise: Array, labels: Array | None,
-                dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
+                weight: Array | None, dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
+        if settings.transform is not None:
+            params = adapters.merge(teacher_params, params, settings.transform)
         if settings.objective == "classify":
             return _classifier_loss(settings.model, params, schedule, x0, t, noise, labels,
                                     dropout_rng)
@@ -306,14 +318,23 @@ def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
                 var_type=settings.var_type, loss_type=settings.loss_type,
                 hybrid_lambda=settings.hybrid_lambda, loss_weight=settings.loss_weight,
                 min_snr_gamma=settings.min_snr_gamma)
+        loss = weighted_mean(terms["loss"], weight)
         terms = {name: jnp.mean(value) for name, value in terms.items()}
-        return terms["loss"], terms
+        terms["loss"] = loss
+        return loss, terms
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if settings.microbatches == 1:
         return grad_fn(params, *data, dropout_rng)
     return _accumulate(grad_fn, params, data, dropout_rng, settings.microbatches,
                        _unroll_loops(settings.unroll_microbatches))
+
+
+def weighted_mean(values: Array, weight: Array | None) -> Array:
+    """mean_b(weight_b values_b) over the batch (the plain mean without weights). With weights
+    2 on B/2 instance rows and 2 lambda on B/2 prior rows this is DreamBooth's objective,
+    mean over instances + lambda * mean over prior samples. values, weight: [B]."""
+    return jnp.mean(values) if weight is None else jnp.mean(weight * values)
 
 
 def _teacher_x0_fn(settings: StepConfig, teacher_params: PyTree, schedule: Schedule,

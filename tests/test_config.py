@@ -175,12 +175,13 @@ def test_evaluate_options_follow_the_same_spacing_rule():
     *[(name, variant) for name in ("cifar10", "celebahq", "lsun_bedroom", "lsun_cat",
                                    "lsun_church", "digits") for variant in (None, "tiny")],
     *[("digits", variant) for variant in ("16px", "classifier", "classifier_tiny", "cond",
-                                          "cond_tiny")]])
+                                          "cond_tiny", "cond_without9", "finetune",
+                                          "finetune_tiny")]])
 def test_every_shipped_config_and_variant_validates(name, variant):
     import importlib
     config = importlib.import_module(f"configs.{name}").get_config(variant)
     config_lib.validate(config)
-    if variant and variant.startswith("cond"):
+    if variant in ("cond", "cond_tiny"):
         # The one class-conditional digits config: labels 0..9, label dropout for guidance,
         # the rest of the default run unchanged.
         default = importlib.import_module("configs.digits").get_config(

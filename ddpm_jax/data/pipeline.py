@@ -16,7 +16,7 @@ import io
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -248,6 +248,25 @@ class SplitReader:
         return [(ex["image"], int(ex.get("label", 0))) for ex in examples]
 
 
+class _WithoutLabels:
+    """A SplitReader's examples whose label is not in `exclude`, in stored order."""
+
+    def __init__(self, reader: SplitReader, exclude: tuple[int, ...]):
+        self._reader = reader
+        self.stored_shape = reader.stored_shape
+        labels = np.concatenate([
+                [label for _, label in reader.read(range(s, min(s + 1024, len(reader))))]
+                for s in range(0, len(reader), 1024)] or [np.zeros(0, np.int64)])
+        self._keep = np.flatnonzero(~np.isin(labels, exclude))
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
+        """(image, label) of each kept index, in order."""
+        return self._reader.read(self._keep[np.asarray(indices, np.int64)])
+
+
 def num_examples(name: str, split: str, data_dir: str | os.PathLike | None = None,
                  image_size: int | None = None) -> int:
     """Number of examples in a prepared split."""
@@ -348,11 +367,23 @@ class InputIterator(grain.DatasetIterator):
         self._parent.set_state(state["grain"])
 
 
+def iterator_from_batches(read_batch: Callable[[int], dict[str, np.ndarray]], mesh: Mesh,
+                          settings: dict[str, Any], *, num_threads: int = 1,
+                          prefetch_batches: int = 4) -> InputIterator:
+    """An endless InputIterator over read_batch(global batch index) -> this host's rows (numpy,
+    "image" uint8 [B_local, H, W, C] plus any [B_local] columns): batches from memory (e.g.
+    fine-tuning's few images) with the same checkpointable position as a data set's."""
+    ds = grain.MapDataset.range(sys.maxsize).map(read_batch)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    return InputIterator(iter(ds.to_iter_dataset(read)), mesh, settings)
+
+
 def make_input_iterator(
     name: str, split: str, *, global_batch_size: int, seed: int, image_size: int,
     channels: int, random_flip: bool, mesh: Mesh, data_dir: str | os.PathLike | None = None,
     shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
     num_threads: int | None = None, prefetch_batches: int = 4,
+    exclude_labels: Sequence[int] = (),
 ) -> InputIterator:
     """The input pipeline for training (defaults) and evaluation (num_epochs=1, no shuffle).
 
@@ -360,13 +391,18 @@ def make_input_iterator(
     reads only its rows. num_epochs=None repeats forever. drop_remainder=False pads the last
     batch and adds "mask". Labels are 0 for data sets without labels. num_threads: batches
     read in parallel (default min(8, CPUs)); prefetch_batches: batches read ahead.
+    exclude_labels: classes left out of the split (every label is read once to find them; the
+    rest keep their stored order), e.g. to hold a class out for fine-tuning experiments.
     """
     if global_batch_size <= 0 or global_batch_size % mesh.size:
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
                          f"{mesh.size} devices of the mesh; use a multiple of {mesh.size}.")
     reader = SplitReader(name, split, data_dir, image_size, channels)
+    if exclude_labels:
+        reader = _WithoutLabels(reader, tuple(int(c) for c in exclude_labels))
     if len(reader) == 0:
-        raise ValueError(f"{name}/{split} is empty.")
+        raise ValueError(f"{name}/{split} is empty" + (
+                f" without the labels {tuple(exclude_labels)}" if exclude_labels else "") + ".")
     first_row, local_batch = parallel.local_rows(mesh, global_batch_size)
     total = None if num_epochs is None else len(reader) * num_epochs
     if total is None:
@@ -391,4 +427,6 @@ def make_input_iterator(
     settings = dict(name=name, split=split, seed=seed, global_batch_size=global_batch_size,
                     image_size=image_size, channels=channels, random_flip=random_flip,
                     shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder)
+    if exclude_labels:  # only then: iterator states saved before the option stay valid
+        settings["exclude_labels"] = [int(c) for c in exclude_labels]
     return InputIterator(iter(ds.to_iter_dataset(read)), mesh, settings)
