@@ -281,6 +281,23 @@ def verify_checksums(manager: ocp.CheckpointManager, step: int, tree: PyTree,
                                f"{expected.get(key)} was saved")
 
 
+def restore_weights(manager: ocp.CheckpointManager, step: int, shapes: PyTree, weights: str,
+                    sharding: jax.sharding.Sharding,
+                    checksums: Mapping[str, Any] | None = None) -> PyTree:
+    """One parameter tree of a checkpoint's state: `weights` "ema" (ema_params) or "raw"
+    (params), of the structure and shapes of `shapes`, placed with `sharding`, checked against
+    the saved checksums (`verify_checksums`). Reads nothing else of the state."""
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            shapes)
+    field = {"ema": "ema_params", "raw": "params"}[weights]
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    args = ocp.args.PyTreeRestore(item={field: abstract}, restore_args={field: restore_args},
+                                  partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    verify_checksums(manager, step, restored[STATE], checksums)
+    return restored[STATE][field]
+
+
 def restore_config(manager: ocp.CheckpointManager, step: int,
                    checksums: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The config saved with step `step` (plain JSON types), checked against `checksums`

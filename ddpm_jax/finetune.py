@@ -241,21 +241,10 @@ def load_merged(config: ml_collections.ConfigDict, manager: Any, step: int, weig
     """Plain parameters of a fine-tuning run's checkpoint: its trainable tree (`weights`: "ema"
     or "raw") merged into the base run's parameters, so that sampling costs what the base
     costs. Reads only that tree of the checkpoint."""
-    import orbax.checkpoint as ocp
-
     setup = resolve(config, sharding)
-    abstract = jax.eval_shape(lambda k: adapters.init_trainable(setup.base_params,
-                                                                setup.transform, k),
-                              jax.random.PRNGKey(0))
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            abstract)
-    field = {"ema": "ema_params", "raw": "params"}[weights]
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    args = ocp.args.PyTreeRestore(item={field: abstract}, restore_args={field: restore_args},
-                                  partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(**{checkpoint.STATE: args}))
-    checkpoint.verify_checksums(manager, step, restored[checkpoint.STATE], checksums)
-    trainable = restored[checkpoint.STATE][field]
+    shapes = jax.eval_shape(lambda k: adapters.init_trainable(setup.base_params, setup.transform,
+                                                              k), jax.random.PRNGKey(0))
+    trainable = checkpoint.restore_weights(manager, step, shapes, weights, sharding, checksums)
     return jax.jit(adapters.merge, static_argnums=2)(setup.base_params, trainable,
                                                      setup.transform)
 

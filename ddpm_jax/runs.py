@@ -110,21 +110,16 @@ def _load_params(manager: ocp.CheckpointManager, step: int, weights: str,
         logging.info("Loaded the %s parameters of step %d from %s, merged into its base run %s.",
                      weights, step, manager.directory, config.finetune.base)
         return config, model, params
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            shapes)
-    field = {"ema": "ema_params", "raw": "params"}[weights]
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    args = ocp.args.PyTreeRestore(item={field: abstract}, restore_args={field: restore_args},
-                                  partial_restore=True)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(**{checkpoint.STATE: args}))
+        params = checkpoint.restore_weights(manager, step, shapes, weights, sharding, checksums)
+    except checkpoint.CheckpointError:
+        raise
     except Exception as e:
         raise checkpoint.unreadable(manager, step, f"the {weights} parameters", e) from e
     finally:
         manager.close()
-    checkpoint.verify_checksums(manager, step, restored[checkpoint.STATE], checksums)
     logging.info("Loaded the %s parameters of step %d from %s.", weights, step, manager.directory)
-    return config, model, restored[checkpoint.STATE][field]
+    return config, model, params
 
 
 def load_classifier(workdir: str, *, image_shape: tuple[int, int, int], timesteps: int,

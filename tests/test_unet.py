@@ -303,7 +303,8 @@ def test_validate_rejects_with_field_and_fix(mutate, match):
 FLOAT_FIELDS = ("diffusion.beta_start", "diffusion.beta_end", "model.dropout", "training.lr",
                 "training.grad_clip", "training.ema_decay", "training.adam_eps",
                 "training.min_snr_gamma",
-                "training.label_dropout", "sampling.eta", "eval.guidance", "distill.teacher_eta")
+                "training.label_dropout", "sampling.eta", "eval.guidance", "distill.teacher_eta",
+                "finetune.prior_weight", "lora.alpha")
 
 
 def test_float_field_list_covers_every_float_of_the_config():
