@@ -17,7 +17,7 @@ import numpy as np
 from absl import flags, logging
 
 from ddpm_jax.editing import inputs as edit_io, views as views_lib
-from ddpm_jax.editing.jobs import Context, Result
+from ddpm_jax.editing.jobs import Context, Result, write_result
 from ddpm_jax.labels import check_label_text
 from ddpm_jax.models.style_aligned import LAYER_GROUPS, attention_sites
 from ddpm_jax.sampling import draw_images, make_sampler
@@ -148,19 +148,11 @@ def run(mode: str, values: Any, context: Context) -> Result:
 
 
 def run_and_write(mode: str, values: Any, context: Context) -> None:
-    """Runs job `mode`, then (process 0) writes the grid at values.out and the .npz beside it,
-    as `editing.jobs.run_and_write` does."""
-    import os
-
+    """Runs job `mode`, then writes the grid at values.out and the .npz beside it
+    (`editing.jobs.write_result`)."""
     import jax
 
-    from ddpm_jax.images import save_samples
     if jax.process_count() > 1:
         raise ValueError(f"--{'views' if mode == 'views' else 'style_ref'} runs on one host; "
                          "start sample.py on one process.")
-    result = run(mode, values, context)
-    os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
-    npz_path = save_samples(result.images, values.out, grid_images=result.grid, extra=result.extra,
-                            nrow=values.nrow or result.nrow, tile_px=values.tile_px,
-                            max_tiles=values.max_grid_tiles)
-    logging.info("Wrote %s and %s: uint8 %s.", values.out, npz_path, result.images.shape)
+    write_result(run(mode, values, context), values)

@@ -370,10 +370,15 @@ def run_and_write(mode: str, values: Any, context: Context) -> None:
     if jax.process_count() > 1 and mode != "sample":
         raise ValueError(f"--{mode} runs on one host; start sample.py on one process.")
     result = run(mode, values, context)
-    if jax.process_index() != 0:
-        return
+    if jax.process_index() == 0:
+        write_result(result, values)
+
+
+def write_result(result: Result, values: Any) -> None:
+    """The grid at values.out and the .npz beside it ('images' plus the job's extra arrays),
+    written atomically, the .npz last; every sample.py job ends here."""
     os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
     npz_path = save_samples(result.images, values.out, grid_images=result.grid, extra=result.extra,
                             nrow=values.nrow or result.nrow, tile_px=values.tile_px,
-                            max_tiles=values.max_grid_tiles)  # atomic, the .npz last
+                            max_tiles=values.max_grid_tiles)
     logging.info("Wrote %s and %s: uint8 %s.", values.out, npz_path, result.images.shape)
