@@ -141,6 +141,18 @@ def get_config() -> ml_collections.ConfigDict:
         targets=("attn", "time", "conv"),  # attn: q/k/v/proj_out, time: time-embedding
                                       # projections, conv: every convolution kernel
     )
+    config.latent = dict(             # latent diffusion and its first stage (docs/latent.md)
+        autoencoder=placeholder(str), # a latent run: the finished autoencoder run's work dir
+                                      # (model.kind='autoencoder'); None: diffusion on pixels
+        autoencoder_step=placeholder(int),  # its checkpoint; None: its newest (pinned at start)
+        scale=placeholder(float),     # latents are multiplied by it: None measures 1 / std of the
+                                      # first training batch's latents at start (LDM's scale
+                                      # factor), stored with the run's checkpoints
+        factor=2,                     # f: latents are image_size / f per side
+        channels=2,                   # c: latent channels
+        kl_weight=1e-6,               # model.kind='autoencoder': weight of the KL term (per pixel)
+        reconstruction="l1",          # model.kind='autoencoder': l1 | l2
+    )
     return config
 
 
