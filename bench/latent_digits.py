@@ -1,7 +1,7 @@
 """Latent diffusion on the 16px digits: the first stage's reconstructions, and the latent model
 against the pixel model at equal total wall clock (docs/latent.md).
 
-    nice -n 10 python bench/latent_digits.py --out /tmp/latent_bench [--ae_steps 1000]
+    nice -n 10 python bench/latent_digits.py --out /tmp/latent_bench [--ae_steps 800]
         [--latent_steps 2000] [--seeds 3]
 
 1. Trains the autoencoder (configs/digits.py:autoencoder16: 16x16 -> 8x8x2) and the latent DDPM
@@ -140,9 +140,9 @@ def reconstruction_rows(ae_dir: str, yardstick: Yardstick) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="a fresh directory for the three runs")
-    parser.add_argument("--ae_steps", type=int, default=1000)
+    parser.add_argument("--ae_steps", type=int, default=800)
     parser.add_argument("--latent_steps", type=int, default=2000)
-    parser.add_argument("--calibration_steps", type=int, default=150)
+    parser.add_argument("--calibration_steps", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=500)

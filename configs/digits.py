@@ -112,15 +112,16 @@ def _latent(config: ml_collections.ConfigDict, variant: str) -> None:
         config.model.num_res_blocks = 1
         config.model.attn_resolutions = ()
         config.model.dropout = 0.0
+        config.model.ch = 16                   # 16 and 32 channels: 0.1M parameters
         config.model.num_groups = 8
-        config.training.batch_size = 64
+        config.training.batch_size = 32
         config.training.lr = 1e-3
         config.training.warmup_steps = 50
-        config.training.num_steps = 1000
+        config.training.num_steps = 800
         config.training.ema_decay = 0.99
         config.training.ema_warmup = True
-        config.training.checkpoint_every = 500
-        config.training.sample_every = 500     # grids of test images over their reconstructions
+        config.training.checkpoint_every = 400
+        config.training.sample_every = 400     # grids of test images over their reconstructions
         config.training.num_sample_images = 18
         if tiny:
             config.model.ch = 8

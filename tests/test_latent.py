@@ -1,0 +1,179 @@
+"""Latent diffusion (ddpm_jax/latent.py): LDM's scale factor, the chain on latents with the
+decode in the same program, the autoencoder objective of the train step, the resume contract
+of the batch encoding, and the one-line refusals (the first stage's own shapes and KL term:
+tests/test_autoencoder.py)."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from ddpm_jax import checkpoint, latent, sampling, training
+from ddpm_jax import config as config_lib
+from ddpm_jax.models.autoencoder import Autoencoder, autoencoder_loss
+from ddpm_jax.models.unet import UNet
+from ddpm_jax.spec import spec_and_options
+
+AE = Autoencoder(ch=8, ch_mult=(1, 2), num_res_blocks=1, latent_channels=2, image_channels=1,
+                 num_groups=4)
+UNET = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(2,), dropout=0.0,
+            out_channels=2, num_classes=3, num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """(LatentUNet, joined params, pixel images [4, 8, 8, 1]): random weights, perturbed so the
+    UNet's zero-initialised output layer does not predict eps = 0."""
+    from conftest import perturbed
+
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
+    ae = jax.jit(AE.init)({"params": jax.random.key(0)}, x, jax.random.key(1))["params"]
+    unet = jax.jit(lambda k: UNET.init({"params": k}, jnp.zeros((1, 4, 4, 2)), jnp.zeros((1,), jnp.int32),
+                                       train=False))(jax.random.key(2))["params"]
+    model = latent.LatentUNet(unet=UNET, autoencoder=AE, scale=1.7)
+    return model, {"unet": perturbed(unet, jax.random.key(3)), "autoencoder": ae}, x
+
+
+def _config(**changes):
+    config = digits.get_config("latent_tiny")
+    for key, value in changes.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def test_the_scale_is_one_over_the_std_of_the_first_batchs_latents_and_is_pinned(nets,
+                                                                                  monkeypatch):
+    _, params, x = nets
+    monkeypatch.setattr(latent, "load_autoencoder", lambda config, step, sharding: (
+            7, AE, params["autoencoder"]))
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    config = _config(**{"training.seed": 5})
+    pinned, stage = latent.setup(config, None, lambda: {"image": x}, mesh)
+    # Independently: z = mean + std * N(0, 1) from PRNGKey(seed), its std over every element.
+    mean, log_var = AE.apply({"params": params["autoencoder"]}, x, method="encode")
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(5), mean.shape), np.float64)
+    z = np.asarray(mean, np.float64) + np.exp(0.5 * np.asarray(log_var, np.float64)) * noise
+    np.testing.assert_allclose(stage.scale, 1.0 / z.std(), rtol=1e-5)
+    assert (pinned.latent.scale, pinned.latent.autoencoder_step) == (stage.scale, 7)
+    assert config.latent.scale is None  # the caller's config is left as it was
+    # A resume keeps the checkpoint's pinned scale and step: the first batch is not read.
+    saved = dict(latent=dict(scale=0.25, autoencoder_step=3))
+    resumed, stage = latent.setup(config, saved, lambda: pytest.fail("read a batch"), mesh)
+    assert (resumed.latent.scale, stage.scale) == (0.25, 0.25)
+    with pytest.raises(ValueError, match=r"standard deviation is 0.0: .* set config.latent.scale"):
+        latent.latent_scale(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("options", [dict(sampler="ddim", steps=4, guidance=None),
+                                     dict(sampler="dpm++sde", steps=4, spacing="logsnr",
+                                          guidance=1.5)])
+def test_a_latent_chain_is_the_pixel_chain_on_latents_then_decoded(nets, options):
+    model, params, _ = nets
+    options = dict(options, clip_denoised=False)
+    guidance = options.pop("guidance")
+    from ddpm_jax.schedule import Schedule
+    schedule = Schedule.create("linear", 50)
+    labels = np.array([0, 1, 2, 0])
+    out = sampling.make_sampler(sampling.ModelApply(model), schedule, (4, 4, 4, 2),
+                                guidance=guidance, **spec_and_options(**options))(
+            params, jax.random.key(9), labels=labels)
+    plain = sampling.make_sampler(sampling.ModelApply(UNET), schedule, (4, 4, 4, 2),
+                                  guidance=guidance, **spec_and_options(**options))(
+            params["unet"], jax.random.key(9), labels=labels)["images"]
+    np.testing.assert_array_equal(np.asarray(out["latents"]), np.asarray(plain))
+    decoded = jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode_latents"))(params, plain)
+    assert out["images"].shape == (4, 8, 8, 1)
+    np.testing.assert_allclose(np.asarray(out["images"]), np.asarray(decoded), atol=1e-6)
+    # The decode is z / scale through the decoder, clipped to the pixel range.
+    by_hand = AE.apply({"params": params["autoencoder"]}, plain / 1.7, method="decode")
+    np.testing.assert_allclose(np.asarray(decoded), np.clip(np.asarray(by_hand), -1, 1), atol=1e-6)
+
+
+def test_the_autoencoder_objective_is_the_loss_on_the_steps_own_draw(nets):
+    _, params, x = nets
+    config = digits.get_config("autoencoder_tiny")
+    model = config_lib.model_from_config(config)
+    settings = config_lib.step_config(config, model)
+    assert settings.objective == "autoencoder" and model.factor == config.latent.factor
+    state = training.create_train_state(model, settings.optimizer, jax.random.PRNGKey(0), (8, 8, 1))
+    state = state.replace(params=params["autoencoder"])
+    _, metrics = jax.jit(training.train_step, static_argnums=3)(
+            state, {"image": x}, config_lib.schedule_from_config(config), settings)
+    key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)[2]
+    loss, terms = autoencoder_loss(x, AE.apply({"params": params["autoencoder"]}, x, key),
+                                   kl_weight=config.latent.kl_weight)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["kl"]), float(terms["kl"]), rtol=1e-5)
+
+
+def test_batch_latents_depend_only_on_seed_and_step_so_a_resume_redraws_them(nets):
+    _, params, x = nets
+    stage = latent.FirstStage(AE, params["autoencoder"], step=4, scale=0.5, seed=3)
+    other = copy.deepcopy(stage)  # a resumed process: a new object, the same pinned values
+    a, b = stage.encode({"image": x, "label": jnp.arange(4)}, 11), other.encode({"image": x}, 11)
+    np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    np.testing.assert_array_equal(np.asarray(a["label"]), np.arange(4))
+    expected = latent.encode_latents(AE, params["autoencoder"], x,
+                                     jax.random.fold_in(jax.random.PRNGKey(3), 11), 0.5)
+    np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(expected))
+    assert not np.array_equal(np.asarray(stage.encode({"image": x}, 12)["image"]),
+                              np.asarray(a["image"]))
+
+
+def _write_run(config, workdir, step):
+    state = training.create_train_state(config_lib.model_from_config(config),
+                                        config_lib.optimizer_from_config(config),
+                                        jax.random.PRNGKey(0), config_lib.image_shape(config))
+    manager = checkpoint.make_manager(str(workdir), max_to_keep=1)
+    checkpoint.save(manager, step, state, config)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_bad_first_stages_and_bits_per_dim_are_refused_in_one_line(tmp_path):
+    ae16 = digits.get_config("autoencoder_tiny")
+    ae16.data.image_size = 16
+    _write_run(ae16, tmp_path / "ae16", ae16.training.num_steps)
+    unfinished = digits.get_config("autoencoder_tiny")
+    _write_run(unfinished, tmp_path / "unfinished", 2)
+    for path, pattern in (
+            ("ae16", r"trained for other images or latents than this run \(data.image_size: "
+                     r"autoencoder 16, this run 8\): name an autoencoder"),
+            ("unfinished", r"is not a finished run \(its newest checkpoint is step 2 of 4\): let "
+                           r"it finish, or pin a step with --config.latent.autoencoder_step"),
+            ("missing", r"does not exist: train one with train.py --config "
+                        r"configs/digits.py:autoencoder")):
+        with pytest.raises(ValueError, match=pattern) as error:
+            latent.load_autoencoder(_config(**{"latent.autoencoder": str(tmp_path / path)}),
+                                    step=None)
+        assert "\n" not in str(error.value)
+    for metrics in (["fid", "bpd"], ["ode_bpd"]):
+        with pytest.raises(ValueError, match=r"--metrics: .*bpd is refused on a latent run: its "
+                                             r"chain's likelihood is that of the autoencoder's"):
+            latent.check_metrics(_config(), metrics)
+    latent.check_metrics(digits.get_config("tiny"), ["bpd"])  # a pixel run: allowed
+    for changes, pattern in (
+            ({"eval.every_steps": 5, "eval.metrics": "bpd,fid"}, r"config.eval.metrics: bpd is refused"),
+            ({"sampling.clip_denoised": True}, r"clip_denoised=True: latents are not bounded"),
+            ({"latent.factor": 3}, r"config.latent.factor=3: .* use a power of 2")):
+        with pytest.raises(ValueError, match=pattern):
+            config_lib.validate(_config(**changes))
+    wrong = digits.get_config("autoencoder_tiny")
+    wrong.latent.factor = 4
+    with pytest.raises(ValueError, match=r"model.ch_mult=\(1, 2\) halves the image 2x: set "
+                                         r"latent.factor=2"):
+        config_lib.validate(wrong)
+
+
+def test_a_latent_runs_model_takes_latents_and_old_configs_upgrade_to_pixel_runs():
+    config = _config()
+    config_lib.validate(config)
+    assert config_lib.image_shape(config) == (4, 4, 2)
+    assert config_lib.model_from_config(config).out_channels == 2
+    saved = checkpoint.config_to_dict(digits.get_config("tiny"))
+    del saved["latent"]
+    upgraded = config_lib.upgrade(saved)
+    assert upgraded.latent.autoencoder is None and not latent.is_latent(upgraded)
