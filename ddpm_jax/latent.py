@@ -198,6 +198,41 @@ def reconstruct(model: Autoencoder, params: PyTree, images: Array) -> Array:
     return jnp.clip(model.apply({"params": params}, mean, method="decode"), -1.0, 1.0)
 
 
+def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """A pixel mask [N, H, W, 1] (True / nonzero = known) on the latent grid [N, H/f, W/f, 1]:
+    a latent position is known only when every pixel of its f x f block is (the decoder's
+    receptive field reaches beyond the block, so a partly known block is regenerated)."""
+    n, h, w, c = mask.shape
+    blocks = np.asarray(mask, bool).reshape(n, h // factor, factor, w // factor, factor, c)
+    return blocks.all(axis=(2, 4))
+
+
+# Edits whose inputs are encoded and masks downsampled on a latent run; the others are refused.
+LATENT_EDITS = ("sample", "progressive", "sdedit", "inpaint")
+
+
+def check_edit(model: Any, mode: str) -> None:
+    """ValueError (one line) for an edit that does not run on a latent run's latents."""
+    if isinstance(model, LatentUNet) and mode not in LATENT_EDITS:
+        raise ValueError(f"--{mode} is not available on a latent run: its inputs would need "
+                         f"encoding and its chain a decode; use one of "
+                         f"{', '.join('--' + m for m in LATENT_EDITS[1:])} or a pixel run.")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def to_latents(model: LatentUNet, params: PyTree, images: Array) -> Array:
+    """uint8 images [B, H, W, C] -> the scaled latent means [B, H/f, W/f, c] (edit inputs)."""
+    x = (images.astype(jnp.float32) - 127.5) / 127.5
+    return model.apply({"params": params}, x, method="encode_images")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def to_images(model: LatentUNet, params: PyTree, z: Array) -> Array:
+    """Scaled latents [B, h, w, c] -> images [B, H, W, C] in [-1, 1] (a chain outside
+    `sampling`, such as RePaint's, ends on latents)."""
+    return model.apply({"params": params}, z, method="decode_latents")
+
+
 # --------------------------------------------------------------------------- runs
 
 @dataclasses.dataclass(frozen=True)
