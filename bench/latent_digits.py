@@ -2,14 +2,16 @@
 against the pixel model at equal total wall clock (docs/latent.md).
 
     nice -n 10 python bench/latent_digits.py --out /tmp/latent_bench [--ae_steps 800]
-        [--latent_steps 2000] [--seeds 3]
+        [--latent_steps 1500] [--seeds 2]
 
 1. Trains the autoencoder (configs/digits.py:autoencoder16: 16x16 -> 8x8x2) and the latent DDPM
-   (configs/digits.py:latent16) with train.py, timing each command's wall clock (start-up and
-   compilation included).
-2. Calibrates the pixel model's (configs/digits.py:16px) seconds per step and start-up on a
-   short throwaway run, then trains it for the steps that fill the same total wall clock
-   (autoencoder + latent model), and reports its measured wall clock.
+   (configs/digits.py:latent16) with train.py, measuring each command's CPU seconds and wall
+   clock (start-up and compilation included).
+2. Trains the pixel model (configs/digits.py:16px, a checkpoint every 50 steps) until its
+   process has used the same CPU seconds as the two latent stages together, stops it there and
+   scores its newest checkpoint. The budget is CPU time, not wall clock, because the machine is
+   shared: on an idle machine, where each command keeps the cores busy, equal CPU time is equal
+   wall clock, while the wall clock of a shared machine measures the neighbours.
 3. Scores on the digits yardstick (bench/digits_yardstick.py: digits-FID at 8x8 against the
    train split): the test images, their reconstructions (the ceiling of a latent model), and
    1,000 samples of each model per seed with the same sampler and steps.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -42,33 +45,62 @@ def emit(**row) -> None:
     print(json.dumps(dict(row, date=time.strftime("%Y-%m-%d"))), flush=True)
 
 
-def train(variant: str, workdir: str, *flags: str) -> float:
-    """Wall seconds of `train.py --config configs/digits.py:VARIANT` in a fresh work dir."""
+def child_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a running process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def command(variant: str, workdir: str, *flags: str) -> list[str]:
+    if os.path.exists(workdir):
+        raise SystemExit(f"{workdir} exists: pass a fresh --out (this bench times fresh runs).")
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", f"{CONFIG}:{variant}",
+            "--workdir", workdir, *NO_GRIDS, *flags]
+
+
+def train(variant: str, workdir: str, *flags: str) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of `train.py --config configs/digits.py:VARIANT`."""
     record = os.path.join(workdir, "bench_seconds.json")
     if os.path.exists(record):  # a finished stage of an earlier, interrupted bench
         with open(record) as f:
-            return json.load(f)["seconds"]
-    if os.path.exists(workdir):
-        raise SystemExit(f"{workdir} exists: pass a fresh --out (this bench times fresh runs).")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", f"{CONFIG}:{variant}",
-           "--workdir", workdir, *NO_GRIDS, *flags]
-    start = time.perf_counter()
+            saved = json.load(f)
+            return saved["cpu_seconds"], saved["seconds"]
+    cmd = command(variant, workdir, *flags)
+    start, cpu = time.perf_counter(), child_cpu_s()
     subprocess.run(cmd, check=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, child_cpu_s() - cpu
     with open(record, "w") as f:
-        json.dump(dict(seconds=seconds, command=cmd), f)
-    return seconds
+        json.dump(dict(seconds=seconds, cpu_seconds=cpu, command=cmd), f)
+    return cpu, seconds
 
 
-def seconds_per_step(workdir: str) -> float:
-    """The mean seconds per step over the logged intervals after the first (compilation)."""
-    rates = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("steps_per_sec", 0) > 0:
-                rates.append(1.0 / record["steps_per_sec"])
-    return float(np.mean(rates[1:] or rates))
+def train_for_cpu(variant: str, workdir: str, budget: float, *flags: str) -> tuple[int, float, float]:
+    """Runs train.py until its process has used `budget` CPU seconds (or finishes); returns
+    (newest checkpoint step, CPU seconds, wall seconds) at the stop."""
+    from ddpm_jax import checkpoint
+    proc = subprocess.Popen(command(variant, workdir, *flags))
+    start, cpu = time.perf_counter(), 0.0
+    while proc.poll() is None:
+        try:
+            cpu = process_cpu_s(proc.pid)
+        except (OSError, IndexError):
+            break
+        if cpu >= budget:
+            proc.kill()
+            break
+        time.sleep(0.5)
+    proc.wait()
+    seconds = time.perf_counter() - start
+    manager = checkpoint.make_manager(workdir, max_to_keep=1, read_only=True)
+    step = manager.latest_step()
+    manager.close()
+    return step, cpu, seconds
 
 
 def load(workdir: str):
@@ -141,9 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="a fresh directory for the three runs")
     parser.add_argument("--ae_steps", type=int, default=800)
-    parser.add_argument("--latent_steps", type=int, default=2000)
-    parser.add_argument("--calibration_steps", type=int, default=100)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--latent_steps", type=int, default=1500)
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--sampler", default="dpm++sde")
@@ -152,20 +183,18 @@ def main() -> None:
     args = parser.parse_args()
     ae_dir, latent_dir, pixel_dir = (os.path.join(args.out, n) for n in ("autoencoder16",
                                                                           "latent16", "pixel16"))
-    ae_s = train("autoencoder16", ae_dir, f"--config.training.num_steps={args.ae_steps}")
-    emit(row="train", model="autoencoder16", steps=args.ae_steps, seconds=ae_s)
-    latent_s = train("latent16", latent_dir, f"--config.latent.autoencoder={ae_dir}",
-                     f"--config.training.num_steps={args.latent_steps}")
-    emit(row="train", model="latent16", steps=args.latent_steps, seconds=latent_s)
-    calibration = os.path.join(args.out, "pixel16_calibration")
-    cal_s = train("16px", calibration, f"--config.training.num_steps={args.calibration_steps}")
-    per_step = seconds_per_step(calibration)
-    start_up = cal_s - args.calibration_steps * per_step
-    budget = ae_s + latent_s
-    pixel_steps = max(50, int(round((budget - start_up) / per_step / 50)) * 50)
-    pixel_s = train("16px", pixel_dir, f"--config.training.num_steps={pixel_steps}")
-    emit(row="train", model="pixel16", steps=pixel_steps, seconds=pixel_s, budget_seconds=budget,
-         calibration=dict(seconds_per_step=per_step, start_up_seconds=start_up))
+    ae_cpu, ae_s = train("autoencoder16", ae_dir, f"--config.training.num_steps={args.ae_steps}")
+    emit(row="train", model="autoencoder16", steps=args.ae_steps, cpu_seconds=ae_cpu, seconds=ae_s)
+    latent_cpu, latent_s = train("latent16", latent_dir, f"--config.latent.autoencoder={ae_dir}",
+                                 f"--config.training.num_steps={args.latent_steps}")
+    emit(row="train", model="latent16", steps=args.latent_steps, cpu_seconds=latent_cpu,
+         seconds=latent_s)
+    budget = ae_cpu + latent_cpu
+    pixel_step, pixel_cpu, pixel_s = train_for_cpu(
+            "16px", pixel_dir, budget, "--config.training.num_steps=100000",
+            "--config.training.checkpoint_every=50", "--config.training.keep_checkpoints=1")
+    emit(row="train", model="pixel16", steps=pixel_step, cpu_seconds=pixel_cpu, seconds=pixel_s,
+         budget_cpu_seconds=budget)
 
     yardstick = Yardstick()
     reconstruction_rows(ae_dir, yardstick)
