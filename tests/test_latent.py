@@ -24,16 +24,21 @@ UNET = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(2,), dropo
 
 @pytest.fixture(scope="module")
 def nets():
-    """(LatentUNet, joined params, pixel images [4, 8, 8, 1]): random weights, perturbed so the
-    UNet's zero-initialised output layer does not predict eps = 0."""
-    from conftest import perturbed
-
+    """(LatentUNet, joined params, pixel images [4, 8, 8, 1]): random weights, the UNet's
+    perturbed so that its zero-initialised output layer does not predict eps = 0."""
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
-    ae = jax.jit(AE.init)({"params": jax.random.key(0)}, x, jax.random.key(1))["params"]
-    unet = jax.jit(lambda k: UNET.init({"params": k}, jnp.zeros((1, 4, 4, 2)), jnp.zeros((1,), jnp.int32),
-                                       train=False))(jax.random.key(2))["params"]
-    model = latent.LatentUNet(unet=UNET, autoencoder=AE, scale=1.7)
-    return model, {"unet": perturbed(unet, jax.random.key(3)), "autoencoder": ae}, x
+
+    @jax.jit  # one compilation for both networks
+    def init(x):
+        ae = AE.init({"params": jax.random.key(0)}, x, jax.random.key(1))["params"]
+        unet = UNET.init({"params": jax.random.key(2)}, jnp.zeros((1, 4, 4, 2)),
+                         jnp.zeros((1,), jnp.int32), train=False)["params"]
+        return {"unet": unet, "autoencoder": ae}
+    params = init(x)
+    # A fixed perturbation on the host (a random one per leaf compiles for seconds).
+    params["unet"] = jax.tree.map(lambda p: p + 0.05 * np.sin(np.arange(p.size) + 1.0).reshape(
+            p.shape).astype(np.float32), params["unet"])
+    return latent.LatentUNet(unet=UNET, autoencoder=AE, scale=1.7), params, x
 
 
 def _config(**changes):
@@ -124,32 +129,30 @@ def test_batch_latents_depend_only_on_seed_and_step_so_a_resume_redraws_them(net
                               np.asarray(a["image"]))
 
 
-def _write_run(config, workdir, step):
-    state = training.create_train_state(config_lib.model_from_config(config),
-                                        config_lib.optimizer_from_config(config),
-                                        jax.random.PRNGKey(0), config_lib.image_shape(config))
-    manager = checkpoint.make_manager(str(workdir), max_to_keep=1)
-    checkpoint.save(manager, step, state, config)
-    manager.wait_until_finished()
-    manager.close()
-
-
-def test_bad_first_stages_and_bits_per_dim_are_refused_in_one_line(tmp_path):
+def test_bad_first_stages_and_bits_per_dim_are_refused_in_one_line(tmp_path, nets):
+    # One autoencoder run of 16px images, saved at step 2 of its 4 (convolutions take any size:
+    # the fixture's weights serve).
     ae16 = digits.get_config("autoencoder_tiny")
     ae16.data.image_size = 16
-    _write_run(ae16, tmp_path / "ae16", ae16.training.num_steps)
-    unfinished = digits.get_config("autoencoder_tiny")
-    _write_run(unfinished, tmp_path / "unfinished", 2)
-    for path, pattern in (
-            ("ae16", r"trained for other images or latents than this run \(data.image_size: "
-                     r"autoencoder 16, this run 8\): name an autoencoder"),
-            ("unfinished", r"is not a finished run \(its newest checkpoint is step 2 of 4\): let "
+    weights = nets[1]["autoencoder"]
+    zero = jnp.zeros((), jnp.int32)
+    state = training.TrainState(step=zero + 2, params=weights, opt_state=(), ema_params=weights,
+                                rng=jax.random.PRNGKey(0), nonfinite_in_a_row=zero,
+                                nonfinite_total=zero)
+    manager = checkpoint.make_manager(str(tmp_path / "ae16"), max_to_keep=1)
+    checkpoint.save(manager, 2, state, ae16)
+    manager.wait_until_finished()
+    manager.close()
+    for path, step, pattern in (
+            ("ae16", None, r"is not a finished run \(its newest checkpoint is step 2 of 4\): let "
                            r"it finish, or pin a step with --config.latent.autoencoder_step"),
-            ("missing", r"does not exist: train one with train.py --config "
-                        r"configs/digits.py:autoencoder")):
+            ("ae16", 2, r"trained for other images or latents than this run \(data.image_size: "
+                        r"autoencoder 16, this run 8\): name an autoencoder"),
+            ("missing", None, r"does not exist: train one with train.py --config "
+                              r"configs/digits.py:autoencoder")):
         with pytest.raises(ValueError, match=pattern) as error:
             latent.load_autoencoder(_config(**{"latent.autoencoder": str(tmp_path / path)}),
-                                    step=None)
+                                    step=step)
         assert "\n" not in str(error.value)
     for metrics in (["fid", "bpd"], ["ode_bpd"]):
         with pytest.raises(ValueError, match=r"--metrics: .*bpd is refused on a latent run: its "
