@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
         num_groups=32,                # GroupNorm groups; every level's channels must divide by it
         kind="unet",                  # unet: the denoiser | classifier: p(y | x_t, t) for classifier
                                       # guidance (the UNet's down path + middle + a pooled head,
-                                      # num_classes outputs, trained with cross-entropy)
+                                      # num_classes outputs, trained with cross-entropy) |
+                                      # autoencoder: a latent-diffusion first stage (config.latent)
     )
 
     config.diffusion = dict(

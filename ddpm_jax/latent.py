@@ -89,9 +89,10 @@ def validate(config: Any) -> None:
     if lat.scale is not None and (isinstance(lat.scale, bool) or not isinstance(lat.scale, (int, float))
                                   or not math.isfinite(lat.scale) or lat.scale <= 0):
         raise fail("scale", "use a positive number, or None to measure it at start")
-    if (isinstance(lat.kl_weight, bool) or not isinstance(lat.kl_weight, (int, float))
-            or not 0 <= lat.kl_weight < float("inf")):
-        raise fail("kl_weight", "use a number >= 0 (LDM: 1e-6)")
+    if isinstance(lat.kl_weight, bool) or not isinstance(lat.kl_weight, (int, float)):
+        raise fail("kl_weight", "use a number (LDM: 1e-6)")
+    if not 0 <= lat.kl_weight < float("inf"):  # NaN fails this too
+        raise fail("kl_weight", "use a finite value in [0.0, inf) (LDM: 1e-6)")
     if lat.reconstruction not in RECONSTRUCTIONS:
         raise fail("reconstruction", f"use one of {RECONSTRUCTIONS}")
     if config.data.image_size % lat.factor:
@@ -212,7 +213,8 @@ LATENT_EDITS = ("sample", "progressive", "sdedit", "inpaint")
 
 
 def check_edit(model: Any, mode: str) -> None:
-    """ValueError (one line) for an edit that does not run on a latent run's latents."""
+    """ValueError (one line) for an edit that does not run on a latent run's latents (model:
+    the run's network, a LatentUNet on a latent run; None or another: a pixel run)."""
     if isinstance(model, LatentUNet) and mode not in LATENT_EDITS:
         raise ValueError(f"--{mode} is not available on a latent run: its inputs would need "
                          f"encoding and its chain a decode; use one of "

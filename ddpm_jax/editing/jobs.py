@@ -208,7 +208,7 @@ def run(mode: str, values: Any, context: Context) -> Result:
     """Runs the editing job `mode` with sample.py's flag `values` on `context`. Bad inputs
     raise ValueError before compiling."""
     spec = job_spec(mode, context, ddim_latent=bool(getattr(values, "ddim_latent", False)))
-    latent.check_edit(context.model_apply.model, mode)
+    latent.check_edit(_latent_model(context), mode)
     if mode in ("sample", "progressive", "interpolate"):
         return JOBS[mode](values, context, spec)
     images = edit_io.load_images(getattr(values, mode), flag=f"--{mode}",
@@ -222,10 +222,16 @@ def _pairs(first: np.ndarray, second: np.ndarray, per_row: int = 5) -> tuple[np.
     return tiles, 2 * min(per_row, first.shape[0])
 
 
+def _latent_model(context: Context) -> latent.LatentUNet | None:
+    """A latent run's model (the UNet with its autoencoder), else None."""
+    model = getattr(context.model_apply, "model", None)
+    return model if isinstance(model, latent.LatentUNet) else None
+
+
 def _pixel_shape(context: Context) -> tuple[int, int, int]:
     """The images' (H, W, C): the model's input, or on a latent run its decoder's output."""
-    model = context.model_apply.model
-    if not isinstance(model, latent.LatentUNet):
+    model = _latent_model(context)
+    if model is None:
         return context.image_shape
     h, w, _ = context.image_shape
     f = model.autoencoder.factor
@@ -234,8 +240,8 @@ def _pixel_shape(context: Context) -> tuple[int, int, int]:
 
 def _model_input(context: Context, images: np.ndarray) -> Any:
     """uint8 images -> the chain's x0: [-1, 1] pixels, or a latent run's scaled latents."""
-    if isinstance(context.model_apply.model, latent.LatentUNet):
-        return latent.to_latents(context.model_apply.model, context.params, images)
+    if _latent_model(context) is not None:
+        return latent.to_latents(_latent_model(context), context.params, images)
     return to_model_range(images)
 
 
@@ -247,10 +253,9 @@ def _sampler(context: Context, spec: SamplerSpec, batch: int, **options: Any) ->
 def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray) -> Result:
     mask = edit_io.load_mask(values.mask, image_shape=_pixel_shape(context),
                              num_images=images.shape[0])
-    model = context.model_apply.model
+    model = _latent_model(context)
     # A latent run completes its latents (known where a whole f x f block is) and decodes them.
-    chain_mask = (latent.downsample_mask(mask, model.autoencoder.factor)
-                  if isinstance(model, latent.LatentUNet) else mask)
+    chain_mask = mask if model is None else latent.downsample_mask(mask, model.autoencoder.factor)
     plan = spec.plan(context.schedule)
     moves = editing.repaint_moves(plan.num_steps, values.jump_length, values.resamplings)
     batch = min(context.batch_size, images.shape[0])
@@ -262,7 +267,7 @@ def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarra
             m, example_offset=n, mean_type=spec.mean_type, var_type=spec.var_type,
             clip_denoised=spec.clip_denoised, mesh=context.batch_mesh(batch)),
             [images, chain_mask], batch, desc="inpainting")
-    if isinstance(model, latent.LatentUNet):
+    if model is not None:
         out = np.asarray(latent.to_images(model, context.params, jnp.asarray(out)))
     shown = np.where(np.broadcast_to(mask, images.shape), images, 128).astype(np.uint8)
     return Result(to_uint8(out), *_pairs(shown, to_uint8(out)), extra=dict(mask=mask))
