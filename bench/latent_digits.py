@@ -2,7 +2,7 @@
 against the pixel model at equal total wall clock (docs/latent.md).
 
     nice -n 10 python bench/latent_digits.py --out /tmp/latent_bench [--ae_steps 800]
-        [--latent_steps 1500] [--seeds 2]
+        [--latent_steps 1000] [--seeds 2]
 
 1. Trains the autoencoder (configs/digits.py:autoencoder16: 16x16 -> 8x8x2) and the latent DDPM
    (configs/digits.py:latent16) with train.py, measuring each command's CPU seconds and wall
@@ -173,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="a fresh directory for the three runs")
     parser.add_argument("--ae_steps", type=int, default=800)
-    parser.add_argument("--latent_steps", type=int, default=1500)
+    parser.add_argument("--latent_steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=500)

@@ -320,8 +320,8 @@ def setup(config: Any, saved: dict[str, Any] | None, first_batch: Any, mesh: Any
                                            sharding=parallel.replicated(mesh))
     scale = config.latent.scale
     if scale is None:
-        z = encode_latents(model, params, first_batch()["image"],
-                           jax.random.PRNGKey(config.training.seed), 1.0)
+        z = _encode_jit(model, params, first_batch()["image"],  # the training transform's program
+                        jax.random.PRNGKey(config.training.seed), jnp.float32(1.0))
         scale = latent_scale(jax.device_get(z))
     with config.unlocked():
         config.latent.autoencoder_step, config.latent.scale = step, float(scale)

@@ -35,10 +35,13 @@ def nets():
                          jnp.zeros((1,), jnp.int32), train=False)["params"]
         return {"unet": unet, "autoencoder": ae}
     params = init(x)
+    params["moments"] = jax.jit(lambda p, x: AE.apply({"params": p}, x, method="encode"))(
+            params["autoencoder"], x)  # q(z | x): (mean, log_variance), for the references
     # A fixed perturbation on the host (a random one per leaf compiles for seconds).
     params["unet"] = jax.tree.map(lambda p: p + 0.05 * np.sin(np.arange(p.size) + 1.0).reshape(
             p.shape).astype(np.float32), params["unet"])
-    return latent.LatentUNet(unet=UNET, autoencoder=AE, scale=1.7), params, x
+    moments = params.pop("moments")
+    return latent.LatentUNet(unet=UNET, autoencoder=AE, scale=1.7), params, x, moments
 
 
 def _config(**changes):
@@ -51,14 +54,14 @@ def _config(**changes):
 
 def test_the_scale_is_one_over_the_std_of_the_first_batchs_latents_and_is_pinned(nets,
                                                                                   monkeypatch):
-    _, params, x = nets
+    _, params, x, moments = nets
     monkeypatch.setattr(latent, "load_autoencoder", lambda config, step, sharding: (
             7, AE, params["autoencoder"]))
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
     config = _config(**{"training.seed": 5})
     pinned, stage = latent.setup(config, None, lambda: {"image": x}, mesh)
     # Independently: z = mean + std * N(0, 1) from PRNGKey(seed), its std over every element.
-    mean, log_var = AE.apply({"params": params["autoencoder"]}, x, method="encode")
+    mean, log_var = moments
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(5), mean.shape), np.float64)
     z = np.asarray(mean, np.float64) + np.exp(0.5 * np.asarray(log_var, np.float64)) * noise
     np.testing.assert_allclose(stage.scale, 1.0 / z.std(), rtol=1e-5)
@@ -73,10 +76,10 @@ def test_the_scale_is_one_over_the_std_of_the_first_batchs_latents_and_is_pinned
 
 
 def test_a_latent_chain_is_the_pixel_chain_on_latents_then_decoded(nets):
-    # SDE-DPM-Solver++(2M) with classifier-free guidance: a stochastic multistep chain whose
-    # every step runs the model twice.
-    model, params, _ = nets
-    options, guidance = dict(sampler="dpm++sde", steps=4, spacing="logsnr", clip_denoised=False), 1.5
+    # Ancestral steps with classifier-free guidance: a stochastic chain whose every step runs
+    # the model twice (the chain is the one every sampler shares; the decode follows its scan).
+    model, params, _, _ = nets
+    options, guidance = dict(sampler="ddpm", steps=3, clip_denoised=False), 1.5
     from ddpm_jax.schedule import Schedule
     schedule = Schedule.create("linear", 50)
     labels = np.array([0, 1, 2, 0])
@@ -87,16 +90,16 @@ def test_a_latent_chain_is_the_pixel_chain_on_latents_then_decoded(nets):
                                   guidance=guidance, **spec_and_options(**options))(
             params["unet"], jax.random.key(9), labels=labels)["images"]
     np.testing.assert_array_equal(np.asarray(out["latents"]), np.asarray(plain))
-    decoded = jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode_latents"))(params, plain)
     assert out["images"].shape == (4, 8, 8, 1)
-    np.testing.assert_allclose(np.asarray(out["images"]), np.asarray(decoded), atol=1e-6)
-    # The decode is z / scale through the decoder, clipped to the pixel range.
-    by_hand = AE.apply({"params": params["autoencoder"]}, plain / 1.7, method="decode")
-    np.testing.assert_allclose(np.asarray(decoded), np.clip(np.asarray(by_hand), -1, 1), atol=1e-6)
+    # The decode: z / scale through the decoder, clipped to the pixel range.
+    by_hand = jax.jit(lambda p, z: AE.apply({"params": p}, z / 1.7, method="decode"))(
+            params["autoencoder"], plain)
+    np.testing.assert_allclose(np.asarray(out["images"]), np.clip(np.asarray(by_hand), -1, 1),
+                               atol=1e-6)
 
 
 def test_the_autoencoder_objective_is_the_loss_on_the_steps_own_draw(nets):
-    _, params, x = nets
+    _, params, x, _ = nets
     config = digits.get_config("autoencoder_tiny")
     model = config_lib.model_from_config(config)
     settings = config_lib.step_config(config, model)
@@ -109,22 +112,25 @@ def test_the_autoencoder_objective_is_the_loss_on_the_steps_own_draw(nets):
     _, metrics = jax.jit(training.train_step, static_argnums=3)(
             state, {"image": x}, config_lib.schedule_from_config(config), settings)
     key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)[2]
-    loss, terms = autoencoder_loss(x, AE.apply({"params": params["autoencoder"]}, x, key),
-                                   kl_weight=config.latent.kl_weight)
+    loss, terms = jax.jit(lambda p: autoencoder_loss(x, AE.apply({"params": p}, x, key),
+                                                     kl_weight=config.latent.kl_weight))(
+            params["autoencoder"])
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["kl"]), float(terms["kl"]), rtol=1e-5)
 
 
 def test_batch_latents_depend_only_on_seed_and_step_so_a_resume_redraws_them(nets):
-    _, params, x = nets
+    _, params, x, moments = nets
     stage = latent.FirstStage(AE, params["autoencoder"], step=4, scale=0.5, seed=3)
     other = copy.deepcopy(stage)  # a resumed process: a new object, the same pinned values
     a, b = stage.encode({"image": x, "label": jnp.arange(4)}, 11), other.encode({"image": x}, 11)
     np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
     np.testing.assert_array_equal(np.asarray(a["label"]), np.arange(4))
-    expected = latent.encode_latents(AE, params["autoencoder"], x,
-                                     jax.random.fold_in(jax.random.PRNGKey(3), 11), 0.5)
-    np.testing.assert_allclose(np.asarray(a["image"]), np.asarray(expected), atol=1e-6)
+    mean, log_var = (np.asarray(m, np.float64) for m in moments)
+    noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), 11),
+                                         mean.shape), np.float64)
+    np.testing.assert_allclose(np.asarray(a["image"]), 0.5 * (mean + np.exp(0.5 * log_var) * noise),
+                               atol=1e-5)
     assert not np.array_equal(np.asarray(stage.encode({"image": x}, 12)["image"]),
                               np.asarray(a["image"]))
 
@@ -191,7 +197,7 @@ def test_masks_reach_the_latent_grid_known_only_where_a_whole_block_is_and_edits
         for j in range(4):  # a float64-free reference: the loop over each 2x2 block
             expected[:, i, j, 0] = mask[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2, 0].all(axis=(1, 2))
     np.testing.assert_array_equal(latent.downsample_mask(mask, 2), expected)
-    model, _, _ = nets
+    model, _, _, _ = nets
     for mode in ("sdedit", "inpaint", "progressive"):
         latent.check_edit(model, mode)
     with pytest.raises(ValueError, match=r"--encode is not available on a latent run: .* use one "
