@@ -15,8 +15,10 @@ against the pixel model at equal total wall clock (docs/latent.md).
 3. Scores on the digits yardstick (bench/digits_yardstick.py: digits-FID at 8x8 against the
    train split): the test images, their reconstructions (the ceiling of a latent model), and
    1,000 samples of each model per seed with the same sampler and steps.
-4. Times one network call at the sampling batch, and 1,000 samples (a second draw, compiled;
-   the latent model's includes its decoder).
+4. Times one network call at the sampling batch and 1,000 samples (compiled; the latent
+   model's include its decoder) of both models, alternating between them over --repeats rounds
+   so that both see the same load of a shared machine; reports the median and the minimum.
+   `--only timing` runs this step alone on the runs of an earlier bench in --out.
 Training runs with the grids off (training.num_sample_images=0) for both models. Rows are JSON.
 """
 
@@ -121,36 +123,50 @@ def load(workdir: str):
     return config, model, params, make
 
 
-def draw(workdir: str, seed: int, num: int, batch: int, options: dict) -> tuple[np.ndarray, float]:
+def draw(workdir: str, seed: int, num: int, batch: int, options: dict) -> np.ndarray:
     import jax
 
     from ddpm_jax import sampling
     _, _, params, make = load(workdir)
-    sampler = make(batch, **options)
-    start = time.perf_counter()
-    images = sampling.draw_images(sampler, params, jax.random.key(seed), num, progress=False)
-    return images, time.perf_counter() - start
+    return sampling.draw_images(make(batch, **options), params, jax.random.key(seed), num,
+                                progress=False)
 
 
-def network_call_seconds(workdir: str, batch: int, repeats: int = 10) -> float:
-    """Median seconds of one jitted UNet call on a batch (the chain's per-step cost)."""
+def timers(workdir: str, batch: int, options: dict) -> dict:
+    """{"network_call": f, "samples_1000": g}: compiled, warmed-up callables of a run (a latent
+    run's network call is its UNet's alone; its samples include the decoder)."""
     import jax
     import jax.numpy as jnp
 
     from ddpm_jax import config as config_lib
-    config, model, params, _ = load(workdir)
-    if "unet" in params:  # a latent run: its UNet alone
-        model, params = model.unet, params["unet"]
+    from ddpm_jax import sampling
+    config, model, params, make = load(workdir)
+    unet, unet_params = (model.unet, params["unet"]) if "unet" in params else (model, params)
     x = jnp.zeros((batch, *config_lib.image_shape(config)), jnp.float32)
     t = jnp.full((batch,), 500, jnp.int32)
-    call = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
-    call(params, x, t).block_until_ready()
-    times = []
+    call = jax.jit(lambda p, x, t: unet.apply({"params": p}, x, t, train=False))
+    sampler = make(batch, **options)
+    fns = dict(network_call=lambda: call(unet_params, x, t).block_until_ready(),
+               samples_1000=lambda: sampling.draw_images(sampler, params, jax.random.key(0),
+                                                         1000, progress=False))
+    for fn in fns.values():
+        fn()
+    return fns
+
+
+def timing_rows(runs: dict, batch: int, options: dict, repeats: int) -> None:
+    """Alternates the runs' timers over `repeats` rounds (the same load for both)."""
+    fns = {name: timers(workdir, batch, options) for name, workdir in runs.items()}
+    times = {(name, what): [] for name in fns for what in fns[name]}
     for _ in range(repeats):
-        start = time.perf_counter()
-        call(params, x, t).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, timer in fns.items():
+            for what, fn in timer.items():
+                start = time.perf_counter()
+                fn()
+                times[name, what].append(time.perf_counter() - start)
+    for (name, what), values in times.items():
+        emit(row=what, model=name, batch=batch, **options, median_s=float(np.median(values)),
+             min_s=float(np.min(values)), repeats=repeats)
 
 
 def reconstruction_rows(ae_dir: str, yardstick: Yardstick) -> None:
@@ -180,9 +196,15 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpm++sde")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--spacing", default="logsnr")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("timing",), default=None)
     args = parser.parse_args()
     ae_dir, latent_dir, pixel_dir = (os.path.join(args.out, n) for n in ("autoencoder16",
                                                                           "latent16", "pixel16"))
+    options = dict(sampler=args.sampler, steps=args.steps, spacing=args.spacing)
+    if args.only == "timing":
+        return timing_rows(dict(latent16=latent_dir, pixel16=pixel_dir), args.batch, options,
+                           args.repeats)
     ae_cpu, ae_s = train("autoencoder16", ae_dir, f"--config.training.num_steps={args.ae_steps}")
     emit(row="train", model="autoencoder16", steps=args.ae_steps, cpu_seconds=ae_cpu, seconds=ae_s)
     latent_cpu, latent_s = train("latent16", latent_dir, f"--config.latent.autoencoder={ae_dir}",
@@ -198,17 +220,12 @@ def main() -> None:
 
     yardstick = Yardstick()
     reconstruction_rows(ae_dir, yardstick)
-    options = dict(sampler=args.sampler, steps=args.steps, spacing=args.spacing)
     for name, workdir in (("latent16", latent_dir), ("pixel16", pixel_dir)):
-        emit(row="network_call", model=name, batch=args.batch,
-             seconds=network_call_seconds(workdir, args.batch))
         for seed in range(args.seeds):
-            samples, seconds = draw(workdir, seed, args.num_samples, args.batch, options)
-            row = dict(row="samples", model=name, seed=seed, **options,
-                       fid=yardstick.score(samples)["fid"])
-            if seed == 0:  # compiled now: time a second, identical draw
-                row["seconds_1000"] = draw(workdir, seed, 1000, args.batch, options)[1]
-            emit(**row)
+            samples = draw(workdir, seed, args.num_samples, args.batch, options)
+            emit(row="samples", model=name, seed=seed, **options,
+                 fid=yardstick.score(samples)["fid"])
+    timing_rows(dict(latent16=latent_dir, pixel16=pixel_dir), args.batch, options, args.repeats)
 
 
 if __name__ == "__main__":
