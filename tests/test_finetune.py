@@ -6,13 +6,12 @@ import hashlib
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed
+from conftest import write_untrained_run
 
 from configs import digits
-from ddpm_jax import adapters, checkpoint, finetune, loop, runs, training
+from ddpm_jax import adapters, checkpoint, finetune, loop, runs
 from ddpm_jax import config as config_lib
 
 
@@ -25,24 +24,6 @@ def _tree_digest(path: str) -> str:
             with open(os.path.join(root, name), "rb") as f:
                 digest.update(f.read())
     return digest.hexdigest()
-
-
-def write_untrained_run(config, workdir: str, perturb: float = 0.0) -> None:
-    """conftest.write_untrained_run with the state made under jit (seconds, not a minute, of
-    eager UNet initialisation on a loaded CPU)."""
-    model = config_lib.model_from_config(config)
-    optimizer = config_lib.optimizer_from_config(config)
-
-    @jax.jit
-    def create(key):
-        state = training.create_train_state(model, optimizer, key, config_lib.image_shape(config))
-        params = perturbed(state.params, jax.random.PRNGKey(1), perturb)
-        return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
-
-    manager = checkpoint.make_manager(workdir, max_to_keep=1)
-    checkpoint.save(manager, 0, create(jax.random.PRNGKey(0)), config)
-    manager.wait_until_finished()
-    manager.close()
 
 
 @pytest.fixture(scope="module")
