@@ -4,6 +4,7 @@ merged parameters; bad inputs give one line each and leave the base run untouche
 
 import hashlib
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -54,8 +55,10 @@ def test_lora_run_resumes_bit_for_bit_and_samples_from_merged_params(base_run, t
     before = _tree_digest(str(base_run / "base"))
     straight = loop.train_and_evaluate(tuning_config(base_run, **{"training.num_steps": 4}),
                                        str(tmp_path / "straight"))
+    # The same run resumed from its step-2 checkpoint (as if it had died before saving step 4).
     workdir = str(tmp_path / "resumed")
-    loop.train_and_evaluate(tuning_config(base_run, **{"training.num_steps": 2}), workdir)
+    shutil.copytree(tmp_path / "straight", workdir)
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), "4"))
     resumed = loop.train_and_evaluate(tuning_config(base_run, **{"training.num_steps": 4}), workdir)
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
     # The state holds the adapters and the new class's row, not the base's weights.
