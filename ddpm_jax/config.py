@@ -31,7 +31,7 @@ from ddpm_jax.spec import SAMPLERS, SamplerSpec, check_choice  # noqa: F401 (che
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval", "distill", "finetune",
-            "lora")
+            "lora", "control")
 MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_channels",
                 "num_classes", "remat", "resamp_with_conv", "num_groups", "kind")
 MODEL_KINDS = ("unet", "classifier")
@@ -113,7 +113,7 @@ def validate(config: Any) -> None:
     _validate_eval(_Checker(config, "eval"), config)
     _validate_distill(_Checker(config, "distill"), config)
     _validate_finetune(_Checker(config, "finetune"), _Checker(config, "lora"), config)
-    control_lib.validate(config)
+    control_lib.validate(_Checker(config, "control"), config)
 
 
 def _validate_data(data: _Checker) -> None:

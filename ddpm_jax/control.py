@@ -304,34 +304,31 @@ def step_spec(config: Any, model: Any) -> StepSpec | None:
                     0.0 if branch is not None else float(c.condition_dropout))
 
 
-def validate(config: Any) -> None:
-    """config.control's values (the base run itself is checked when the run starts); ValueError
-    naming the field and the fix."""
-    if "control" not in config:
-        return
-    c = config.control
-    where = "config.control"
-    if c.kind not in KINDS:
-        raise ValueError(f"{where}.kind={c.kind!r}: use one of {KINDS}.")
+def validate(section: Any, config: Any) -> None:
+    """config.control's values (`config.validate` passes its checker of the section; the base
+    run itself is checked when the run starts); ValueError naming the field and the fix."""
+    section.choice("kind", KINDS)
+    factor = section.integer("factor", 1)
     size = config.data.image_size
-    if not isinstance(c.factor, int) or c.factor < 1 or size % c.factor:
-        raise ValueError(f"{where}.factor={c.factor!r}: use an integer that divides "
-                         f"data.image_size={size} (2 or 4 for 8x8 digits).")
-    if not 0.0 <= float(c.condition_dropout) < 1.0:
-        raise ValueError(f"{where}.condition_dropout={c.condition_dropout!r}: use a value in [0, 1).")
-    if not c.hint_channels or any(not isinstance(v, int) or v < 1 for v in c.hint_channels):
-        raise ValueError(f"{where}.hint_channels={c.hint_channels!r}: use a non-empty tuple of "
-                         "positive integers.")
-    if c.base is not None and (not isinstance(c.base, str) or not c.base):
-        raise ValueError(f"{where}.base={c.base!r}: use the base run's work dir, or None.")
-    if c.base is not None and c.condition:
-        raise ValueError(f"{where}.condition=True with control.base: a run is either a "
-                         "ControlNet on a base (base) or an image-conditioned model trained "
-                         "from scratch (condition); set one.")
-    if (c.base is not None or c.condition) and (config.finetune.base is not None
-                                                or config.distill.teacher is not None):
-        raise ValueError(f"{where}: a control run cannot also fine-tune (finetune.base) or "
-                         "distil (distill.teacher); set those to None.")
+    if size % factor:
+        raise section.fail("factor", f"use a divisor of data.image_size={size} (2 or 4 for 8x8 "
+                           "digits)")
+    section.number("condition_dropout", 0.0, 1.0, high_open=True)
+    section.int_tuple("hint_channels", 1, nonempty=True)
+    condition = section.boolean("condition")
+    section.integer("base_step", 0, optional=True)
+    base = section.get("base")
+    if base is not None and (not isinstance(base, str) or not base):
+        raise section.fail("base", "use the base run's work dir, or None")
+    if base is not None and condition:
+        raise section.fail("condition", "a run is either a ControlNet on a base (control.base) "
+                           "or an image-conditioned model trained from scratch (condition); set "
+                           "one of them")
+    if (base is not None or condition) and (config.finetune.base is not None
+                                            or config.distill.teacher is not None):
+        raise section.fail("base" if base is not None else "condition", "a control run cannot "
+                           "also fine-tune (finetune.base) or distil (distill.teacher); set "
+                           "those to None")
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ import pytest
 from conftest import perturbed
 
 from configs import digits
+from ddpm_jax import config as config_lib
 from ddpm_jax import control, sampling, training
 from ddpm_jax.editing import control_jobs
 from ddpm_jax.models import controlnet
@@ -220,5 +221,5 @@ def test_bad_inputs_give_one_line_each(tiny, tmp_path):
     config = digits.get_config("controlnet_tiny")
     config.control.kind = "depth"
     with pytest.raises(ValueError) as excinfo:
-        control.validate(config)
+        config_lib.validate(config)
     _one_line(excinfo, "config.control.kind='depth'")
