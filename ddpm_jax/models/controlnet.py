@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.models.unet import UNet, conv, zero_init
+from ddpm_jax.models.unet import UNet, conv, default_init, zero_init
 
 Array = jax.Array
 PyTree = Any
@@ -87,15 +87,23 @@ def branch_for(model: UNet, control_channels: int,
 def init_branch(branch: ControlBranch, base_params: PyTree, key: Array,
                 image_shape: tuple[int, int, int]) -> PyTree:
     """The branch's parameters at step 0: the base's leaves for every block it shares with the
-    UNet (its copy of the encoder), fresh ones for hint_* and zero_* (the zero_* and hint_out
-    kernels and biases zero). ValueError in one line for a base leaf of another shape."""
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    fresh = branch.init({"params": key}, x, t, train=False)["params"]
+    UNet (its copy of the encoder); hint_{i}: Glorot-uniform kernels (the UNet's convolution
+    init) and zero biases; hint_out and zero_*: zeros. ValueError in one line for a base leaf
+    of another shape. (Only the new leaves are drawn: no initialisation of the whole branch.)"""
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    fresh = jax.eval_shape(lambda x, t: branch.init({"params": jax.random.PRNGKey(0)}, x, t,
+                                                    train=False)["params"], x, t)
     out = {}
     for name, subtree in fresh.items():
         if name not in base_params:
-            out[name] = subtree
+            if name.startswith("hint_") and name != "hint_out":
+                kernel = subtree["kernel"]
+                out[name] = {"kernel": default_init(jax.random.fold_in(key, int(name[5:])),
+                                                    kernel.shape, kernel.dtype),
+                             "bias": jnp.zeros(subtree["bias"].shape, subtree["bias"].dtype)}
+            else:
+                out[name] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), subtree)
             continue
         theirs = base_params[name]
         shapes = jax.tree.map(jnp.shape, subtree), jax.tree.map(jnp.shape, theirs)
