@@ -7,13 +7,15 @@ low-pass image at equal network calls, and super-resolution by concatenation.
 Every test digit (digits/test, 360 images, never trained on) gives one control: its k x k
 low-pass (the run's control.factor; 2: the 4x4 image shown at 8x8). Rows:
   * ControlNet: the run's sampler (calls = its steps) at control scale 1 (and 0: the base),
-  * SDEdit: the base run from q(x_t0 | low-pass image) at --strengths, the same sampler and the
-    same number of network calls,
+  * SDEdit: the base run from q(x_t0 | low-pass image), t0 = strength T, at --strengths, the
+    same sampler on as many network calls below t0 as the ControlNet makes in all (--calls),
   * SR: the image-conditioned run on the same low-pass images (the run's sampler), and the
     low-pass image itself (nearest upsampling) as the trivial baseline.
 Scores: the share labelled as the source digit by the digits classifier (the evaluation one),
 the control error (RMSE in [0, 1] pixel units between the output's low-pass and the control),
-PSNR against the true digit (SR), and digits-FID against the 360 held-out digits. Each score is
+PSNR against the true digit (SR), and digits-FID against the 360 held-out digits. With
+--edges_controlnet, a ControlNet of kind edges under each digit's edge map (its error: the RMSE
+between the output's edge map and the control). Each score is
 the mean over --seeds with its spread (max - min). Prints JSON lines and a Markdown table.
 Never run by CI.
 """
@@ -41,16 +43,17 @@ from ddpm_jax.sampling import ModelApply, draw_images, make_sampler  # noqa: E40
 from ddpm_jax.spec import SamplerSpec  # noqa: E402
 
 
-def lowpass(images_uint8: np.ndarray, factor: int) -> np.ndarray:
-    """float32 [N, H, W, C] in [-1, 1]: the k x k block means at full size."""
-    return np.asarray(control.make_control("lowres", jnp.asarray(to_model_range(
+def transform(images_uint8: np.ndarray, factor: int, kind: str = "lowres") -> np.ndarray:
+    """float32 [N, H, W, C] in [-1, 1]: the control images of uint8 images (`make_control`)."""
+    return np.asarray(control.make_control(kind, jnp.asarray(to_model_range(
             images_uint8.astype(np.float32))), factor))
 
 
-def scores(net, yardstick, images, labels, controls, factor, truth=None) -> dict:
+def scores(net, yardstick, images, labels, controls, factor, truth=None, kind="lowres") -> dict:
     _, logits = features.compute_features(net, images, progress=False)
+    error = transform(images, factor, kind) - controls
     out = dict(source_digit_share=float((logits.argmax(1) == labels).mean()),
-               control_rmse=float(np.sqrt(np.mean((lowpass(images, factor) - controls) ** 2)) / 2),
+               control_rmse=float(np.sqrt(np.mean(error ** 2)) / 2),
                fid=yardstick.score(images)["fid"])
     if truth is not None:
         mse = np.mean((images.astype(np.float64) / 255 - truth.astype(np.float64) / 255) ** 2,
@@ -59,18 +62,43 @@ def scores(net, yardstick, images, labels, controls, factor, truth=None) -> dict
     return out
 
 
+def lowpass_bound(factor: int) -> dict:
+    """What the low-pass image says about the class: an RBF SVM fitted on the train split's
+    block means, on the test block means. argmax accuracy, and E[p(true class | low-pass)]: the
+    rate at which exact samples of p(digit | low-pass) would show the true class (times the
+    classifier's own accuracy), a bound on a faithful conditional sampler's share."""
+    import warnings
+
+    from sklearn.svm import SVC
+    (train, train_labels), (test, test_labels) = (digits_arrays(8)[s] for s in ("train", "test"))
+
+    def blocks(x: np.ndarray) -> np.ndarray:
+        n, k = len(x), 8 // factor
+        return x.reshape(n, k, factor, k, factor).mean(axis=(2, 4)).reshape(n, -1) / 255.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        svm = SVC(probability=True, random_state=0).fit(blocks(train), train_labels)
+        probs = svm.predict_proba(blocks(test))
+    return dict(row="low-pass only (RBF SVM on train block means): argmax / E[p(true class)]",
+                n_calls=0, svm_accuracy=float((probs.argmax(1) == test_labels).mean()),
+                source_digit_share=float(probs[np.arange(len(test_labels)), test_labels].mean()))
+
+
 def controlled(workdir: str, controls: np.ndarray, seed: int, batch: int, *, scale: float = 1.0,
-               condition: bool = False):
-    """(uint8 outputs, calls per image, seconds) of a ControlNet or image-conditioned run."""
+               condition: bool = False, guidance: float = 0.0):
+    """(uint8 outputs, calls per image, seconds) of a ControlNet or image-conditioned run, with
+    guidance g on the control image (0: none, one call per step; else two)."""
     config, model, params = runs.load_for_sampling(workdir, "ema")
     branch = None if condition else control.branch_from_config(config, model)
     spec = SamplerSpec.from_config(config)
-    sampler = make_sampler(control.ControlApply(model, branch), config_lib.schedule_from_config(config),
+    sampler = make_sampler(control.ControlApply(model, branch, condition_guidance=guidance > 0),
+                           config_lib.schedule_from_config(config),
                            (batch, *config_lib.image_shape(config)), spec)
-    rows = control.rows(controls, scale=None if condition else scale)
+    rows = control.rows(controls, scale=None if condition else scale,
+                        condition_guidance=guidance if guidance > 0 else None)
     start = time.perf_counter()
     out = control.draw(sampler, params, jax.random.key(seed), rows, progress=False)
-    return out, sampler.plan.num_steps, time.perf_counter() - start
+    return out, sampler.plan.num_steps * (2 if guidance > 0 else 1), time.perf_counter() - start
 
 
 def sdedit(workdir: str, controls: np.ndarray, seed: int, batch: int, strength: float, calls: int):
@@ -78,7 +106,11 @@ def sdedit(workdir: str, controls: np.ndarray, seed: int, batch: int, strength: 
     config, model, params = runs.load_for_sampling(workdir, "ema")
     schedule = config_lib.schedule_from_config(config)
     start_t = int(round(strength * schedule.num_timesteps)) - 1
-    spec = SamplerSpec.from_config(config, steps=calls)
+    # The run's sampler on the fewest steps whose part below start_t is `calls` steps.
+    steps = next(s for s in range(calls, schedule.num_timesteps + 1)
+                 if SamplerSpec.from_config(config, steps=s).plan(
+                         schedule, start_t=start_t).num_steps >= calls)
+    spec = SamplerSpec.from_config(config, steps=steps)
     sampler = make_sampler(ModelApply(model), schedule, (batch, *config_lib.image_shape(config)),
                            spec, start_t=start_t)
     begin = time.perf_counter()
@@ -93,16 +125,20 @@ def main() -> None:
     parser.add_argument("--controlnet", default=None)
     parser.add_argument("--base", default=None)
     parser.add_argument("--sr", default=None)
+    parser.add_argument("--edges_controlnet", default=None, help="a ControlNet run of kind edges")
     parser.add_argument("--factor", type=int, default=2)
     parser.add_argument("--calls", type=int, default=20, help="SDEdit's network calls (the "
                         "ControlNet run's sampler steps: 20 for the digits default)")
-    parser.add_argument("--strengths", default="0.5,0.7")
+    parser.add_argument("--strengths", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--sr_guidance", default="0,1,3", help="SR: guidance g on the condition")
+    parser.add_argument("--scales", default="1,2,0", help="ControlNet control scales")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--batch_size", type=int, default=360)
     parser.add_argument("--out", default="runs/control_digits.png")
     args = parser.parse_args()
     images, labels = digits_arrays(8)["test"]
-    controls = lowpass(images, args.factor)
+    controls = transform(images, args.factor)
+    edge_maps = transform(images, args.factor, "edges")
     yardstick = Yardstick(reference_split="test")
     net = yardstick.net
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -112,7 +148,7 @@ def main() -> None:
     jobs = []
     calls = args.calls
     if args.controlnet:
-        for scale in (1.0, 0.0):
+        for scale in (float(v) for v in args.scales.split(",")):
             jobs.append((f"ControlNet, control scale {scale:g}", lambda s, scale=scale:
                          controlled(args.controlnet, controls, s, args.batch_size, scale=scale)))
     if args.base:
@@ -120,27 +156,34 @@ def main() -> None:
             jobs.append((f"SDEdit from the low-pass, strength {strength:g}",
                          lambda s, strength=strength: sdedit(args.base, controls, s,
                                                              args.batch_size, strength, calls)))
+    if args.edges_controlnet:
+        jobs.append(("ControlNet on edge maps, control scale 1", lambda s: controlled(
+                args.edges_controlnet, edge_maps, s, args.batch_size)))
     if args.sr:
-        jobs.append(("SR (concatenation)", lambda s: controlled(args.sr, controls, s,
-                                                               args.batch_size, condition=True)))
+        for g in (float(v) for v in args.sr_guidance.split(",")):
+            jobs.append((f"SR (concatenation), condition guidance {g:g}", lambda s, g=g: controlled(
+                    args.sr, controls, s, args.batch_size, condition=True, guidance=g)))
     table = [dict(row="held-out digits themselves", n_calls=0,
                   **scores(net, yardstick, images, labels, controls, args.factor, images)),
              dict(row="the low-pass image (nearest upsampling)", n_calls=0,
                   **scores(net, yardstick, ((controls + 1) * 127.5).round().astype(np.uint8),
-                           labels, controls, args.factor, images))]
+                           labels, controls, args.factor, images)),
+             lowpass_bound(args.factor)]
     for row in table:
         print(json.dumps(row), flush=True)
     for name, job in jobs:
         per_seed = []
         for seed in seeds:
             out, n_calls, seconds = job(seed)
-            per_seed.append(dict(scores(net, yardstick, out, labels, controls, args.factor,
-                                        images if name.startswith("SR") else None),
-                                 seconds=seconds))
+            edges = "edge" in name
+            per_seed.append(dict(scores(net, yardstick, out, labels,
+                                        edge_maps if edges else controls, args.factor,
+                                        images if name.startswith("SR") else None,
+                                        kind="edges" if edges else "lowres"), seconds=seconds))
             if seed == seeds[0]:
                 path = args.out.replace(".png", f"_{len(table)}.png")
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                shown = ((controls[:50] + 1) * 127.5).round().astype(np.uint8)
+                shown = (((edge_maps if edges else controls)[:50] + 1) * 127.5).round().astype(np.uint8)
                 save_image_grid(np.stack([shown, out[:50]], 1).reshape(-1, 8, 8, 1), path, nrow=10)
         row = dict(row=name, n_calls=n_calls)
         for key in per_seed[0]:

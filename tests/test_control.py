@@ -4,6 +4,7 @@ unchanged; the chain's per-row control images give the exact conditional law of 
 InstructPix2Pix's two-scale formula; the transforms against NumPy; bad inputs one line each."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -212,12 +213,27 @@ def test_bad_inputs_give_one_line_each(tiny, tmp_path):
     with pytest.raises(ValueError) as excinfo:  # a control for a model without a branch
         controlnet.apply(model, branch, base, x, t, y, control=c)
     _one_line(excinfo, "control branch")
+    with pytest.raises(ValueError) as excinfo:  # a condition for a model without its input
+        model.apply({"params": base}, x, t, y, train=False, condition=c)
+    _one_line(excinfo, "condition_channels=0")
+    conditioned = UNet(**{**TINY, "condition_channels": 1})
+    with pytest.raises(ValueError) as excinfo:
+        jax.eval_shape(lambda k: conditioned.init(k, x, t, y, train=False, condition=c[:, :4]), key)
+    _one_line(excinfo, "condition must be [2, 8, 8, 1]")
     with pytest.raises(ValueError) as excinfo:
         control_jobs.check_run("control", digits.get_config("sr_tiny"))
     _one_line(excinfo, "--control needs a ControlNet run", "use --condition")
     with pytest.raises(ValueError) as excinfo:
         control_jobs.check_run("condition", digits.get_config("tiny"))
     _one_line(excinfo, "--condition needs an image-conditioned run")
+    flag_values = dict(control=None, condition=None, control_scale=1.0, condition_guidance=None,
+                       control_source=False, classifier=None)
+    for given, words in ((dict(control="a.png", condition="b.png"), "Pick one of --control"),
+                         (dict(control_scale=0.5), "--control_scale only applies to --control"),
+                         (dict(condition_guidance=1.0), "only apply to --control / --condition")):
+        with pytest.raises(ValueError) as excinfo:
+            control_jobs.check_flags(SimpleNamespace(**{**flag_values, **given}), None)
+        _one_line(excinfo, words)
     other = UNet(**{**TINY, "ch": 16, "num_groups": 8})  # a base of another architecture
     with pytest.raises(ValueError) as excinfo:
         jax.eval_shape(lambda k: controlnet.init_branch(controlnet.branch_for(other, 1), base, k,
