@@ -161,9 +161,10 @@ def run_and_write(mode: str, values: Any, context: Context, config: Any, model: 
     per_row = control.rows(controls, labels=labels,
                            scale=values.control_scale if mode == "control" else None,
                            condition_guidance=g)
-    logging.info("--%s: %d images, %s, control scale %s%s.", mode, len(controls),
-                 context.spec.describe(sampler.plan.num_steps), values.control_scale,
-                 "" if g is None else f", condition guidance {g}")
+    logging.info("--%s: %d images, %s%s%s.", mode, len(controls),
+                 context.spec.describe(sampler.plan.num_steps),
+                 f", control scale {values.control_scale}" if mode == "control" else "",
+                 "" if g is None else f", guidance {g} on the control image")
     images = control.draw(sampler, context.params, context.key, per_row, desc="batches")
     shown = to_uint8(controls)
     c = images.shape[-1]
