@@ -11,6 +11,9 @@
     (--blend / --pnp, editing by class: see ddpm_jax/editing/class_jobs.py)
     python sample.py --workdir runs/digits_cond --views identity,rot180 --labels 6,9
     (--style_ref: see ddpm_jax/editing/generation_jobs.py)
+    python sample.py --workdir runs/digits_controlnet --control lowres.png [--control_scale 1]
+    python sample.py --workdir runs/digits_sr --condition small.npz   (or --condition RUN: a cascade;
+    see ddpm_jax/editing/control_jobs.py)
 
 Unset sampler flags take the run's config.sampling (--workdir) or the paper's settings
 (--diffusers_dir). The chain compiles once per (batch shape, steps); sample n is drawn from
@@ -22,7 +25,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from ddpm_jax import cli
-from ddpm_jax.editing import generation_jobs
+from ddpm_jax.editing import control_jobs, generation_jobs
 from ddpm_jax.editing import jobs as edit_jobs
 from ddpm_jax.labels import check_label_text, check_labels_and_guidance, sample_labels
 
@@ -50,6 +53,7 @@ flags.DEFINE_integer("max_grid_tiles", 100, "The grid shows the first N images."
 flags.mark_flags_as_mutual_exclusive(["workdir", "diffusers_dir"], required=True)
 edit_jobs.define_flags()
 generation_jobs.define_flags()  # --views (Visual Anagrams), --style_ref (StyleAligned)
+control_jobs.define_flags()  # --control (ControlNet), --condition (super-resolution, cascades)
 
 
 def _check_flags():
@@ -71,6 +75,7 @@ def main(argv: list[str]) -> None:
     try:
         classes, mode = _check_flags()
         generation_mode = generation_jobs.check_flags(FLAGS, mode)  # --views / --style_ref, or None
+        control_mode = control_jobs.check_flags(FLAGS, mode or generation_mode)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     cli.drop_closed_event_loop_noise()
@@ -97,6 +102,8 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:  # plain sampling, or an edit on batches of the input images; written atomically
+        if control_mode is not None:
+            return control_jobs.run_and_write(control_mode, FLAGS, context, config, model)
         if generation_mode is not None:
             return generation_jobs.run_and_write(generation_mode, FLAGS, context)
         edit_jobs.run_and_write(mode or "sample", FLAGS, context)

@@ -142,6 +142,16 @@ def get_config() -> ml_collections.ConfigDict:
         targets=("attn", "time", "conv"),  # attn: q/k/v/proj_out, time: time-embedding
                                       # projections, conv: every convolution kernel
     )
+    config.control = dict(            # control images (docs/control.md)
+        base=placeholder(str),        # ControlNet: the frozen base run's work dir; None: none
+        base_step=placeholder(int),   # the base's checkpoint; None: its newest (pinned at start)
+        kind="lowres",                # the control / condition image of a training image:
+                                      # lowres (k x k block means) | edges (Sobel) | mask (top half)
+        factor=2,                     # lowres: k
+        hint_channels=(16, 16),       # ControlNet: the control image's 3x3 convolution stack
+        condition=False,              # the UNet reads [x_t, condition image] (SR3), from scratch
+        condition_dropout=0.1,        # condition: share of rows trained on the null (zero) image
+    )
     config.latent = dict(             # latent diffusion and its first stage (docs/latent.md)
         autoencoder=placeholder(str), # a latent run: the finished autoencoder run's work dir
                                       # (model.kind='autoencoder'); None: diffusion on pixels

@@ -79,12 +79,42 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         _distill(config, tiny=variant == "distill_tiny")
     if variant in ("finetune", "finetune_tiny"):
         _finetune(config, tiny=variant == "finetune_tiny")
+    if variant in CONTROL_VARIANTS:
+        _control(config, variant)
     if variant in LATENT_VARIANTS:
         _latent(config, variant)
     return base.with_variant(config, variant, "digits",
                              handled=("16px", "classifier", "classifier_tiny", "cond", "cond_tiny", "cond_without9",
                                       "distill", "distill_tiny", "finetune", "finetune_tiny",
-                                      *LATENT_VARIANTS))
+                                      *CONTROL_VARIANTS, *LATENT_VARIANTS))
+
+
+CONTROL_VARIANTS = ("controlnet", "controlnet_tiny", "sr", "sr_tiny", "sr16")
+
+
+def _control(config: ml_collections.ConfigDict, variant: str) -> None:
+    """Control images (docs/control.md). controlnet: a ControlNet on the run named by
+    --config.control.base (the default run or `cond`), the 4x4 low-pass as control
+    (--config.control.kind=edges for edge maps), 1,500 steps; sr: super-resolution 4x4 -> 8x8
+    by concatenation, trained from scratch with 10% null conditions, 2,000 steps; sr16: the
+    16px model (`16px`) conditioned on the 8x8 digits. Neither writes periodic sample grids
+    (they need control images: sample.py --control / --condition)."""
+    if variant == "sr16":
+        _previous_default(config)
+    config.control.kind = "lowres"
+    config.control.factor = 2
+    config.training.num_sample_images = 0
+    if variant.startswith("controlnet"):
+        config.training.num_steps = 1500
+        config.training.lr = 5e-4
+        config.training.warmup_steps = 50
+        config.training.ema_decay = 0.995
+    else:
+        config.control.condition = True
+        config.training.num_steps = 2000 if variant != "sr16" else config.training.num_steps
+    if variant.endswith("_tiny"):
+        base.make_tiny(config)
+        config.training.num_sample_images = 0
 
 
 LATENT_VARIANTS = ("autoencoder", "autoencoder_tiny", "autoencoder16", "latent", "latent_tiny",

@@ -10,6 +10,8 @@ step and the sampler (no second model class). The trainable tree of each method:
   W + (alpha / r) down @ up with down [in, r] and up [r, out] (Hu et al. 2021's A and B); up
   starts at zero, so the adapted model equals the base bit for bit at step 0.
 - ``embedding``: ``{"rows": class rows}`` only (class-embedding inversion).
+- ``control``: a ControlNet's branch (`models.controlnet`), merged as the ``control`` subtree
+  beside the base's leaves (a ControlNet run, `ddpm_jax.control`; not a `finetune.method`).
 
 ``rows`` [k, D] are the trained rows of the class-embedding table (`EMBED_PATH`), written over
 the base's table by row id; every other leaf of the merged tree is the base's, bit for bit.
@@ -131,6 +133,8 @@ def merge(base: PyTree, trainable: PyTree, transform: Transform) -> PyTree:
     own arrays, bit for bit."""
     if transform.method == "full":
         return trainable
+    if transform.method == "control":  # ControlNet: the branch beside the base (models.controlnet)
+        return {**base, "control": trainable}
     leaves = flat(base)
     if "lora" in trainable:
         adapters = flat(trainable["lora"])

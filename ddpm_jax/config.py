@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax import control as control_lib
 from ddpm_jax import latent as latent_lib
 from ddpm_jax import training as training_lib
 from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTS, MEAN_TYPES, VAR_TYPES
@@ -31,7 +32,7 @@ from ddpm_jax.spec import SAMPLERS, SamplerSpec, check_choice  # noqa: F401 (che
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval", "distill", "finetune",
-            "lora", "latent")
+            "lora", "control", "latent")
 MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_channels",
                 "num_classes", "remat", "resamp_with_conv", "num_groups", "kind")
 MODEL_KINDS = ("unet", "classifier", latent_lib.KIND)
@@ -114,6 +115,7 @@ def validate(config: Any) -> None:
     _validate_eval(_Checker(config, "eval"), config)
     _validate_distill(_Checker(config, "distill"), config)
     _validate_finetune(_Checker(config, "finetune"), _Checker(config, "lora"), config)
+    control_lib.validate(_Checker(config, "control"), config)
 
 
 def _validate_data(data: _Checker) -> None:
@@ -372,11 +374,14 @@ ADDED_FIELDS = {
     "finetune.base_step": None, "finetune.method": "full", "finetune.images": None,
     "finetune.grid_cells": None, "finetune.new_class": True, "finetune.label": None,
     "finetune.prior_weight": 1.0, "finetune.prior_samples": 500, "lora.rank": 4,
-    "lora.alpha": 4.0, "lora.targets": ("attn", "time", "conv"), "latent.autoencoder": None,
+    "lora.alpha": 4.0, "lora.targets": ("attn", "time", "conv"),
+    "control.base": None, "control.base_step": None, "control.kind": "lowres",
+    "control.factor": 2, "control.hint_channels": (16, 16), "control.condition": False,
+    "control.condition_dropout": 0.1, "latent.autoencoder": None,
     "latent.autoencoder_step": None, "latent.scale": None, "latent.factor": 2,
     "latent.channels": 2, "latent.kl_weight": 1e-6, "latent.reconstruction": "l1",
 }
-ADDED_SECTIONS = ("distill", "finetune", "lora", "latent")  # sections added whole: an older config gets them from ADDED_FIELDS
+ADDED_SECTIONS = ("distill", "finetune", "lora", "control", "latent")  # sections added whole: an older config gets them from ADDED_FIELDS
 
 
 def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -417,6 +422,7 @@ def model_from_config(config: Any) -> UNet:
     if kwargs.get("out_channels") is None:
         learned = config.diffusion.var_type in LEARNED_VAR_TYPES
         kwargs["out_channels"] = image_shape(config)[-1] * (2 if learned else 1)
+    kwargs.update(control_lib.model_options(config))
     return UNet(**kwargs, dtype=COMPUTE_DTYPES[config.training.compute_dtype])
 
 
@@ -467,4 +473,4 @@ def step_config(config: Any, model: Any, teacher_mean_type: str = "eps",
                 reconstruction=config.latent.reconstruction,
                 teacher_steps=config.distill.teacher_steps if distilling else 0,
                 teacher_mean_type=teacher_mean_type, teacher_clip=config.sampling.clip_denoised,
-                transform=transform)
+                transform=transform, control=control_lib.step_spec(config, model))

@@ -28,7 +28,12 @@ def guided_model(apply_fn: ApplyFn, params: Any, labels: Array | None, guidance:
                  channels: int, guided: bool, mesh: Mesh | None) -> Callable[[Array, Array], Array]:
     """`model_out(x_t [B,H,W,C], t [B]) -> output` of apply_fn with its params bound: the
     unconditional call (labels None), the conditional one, or with `guided` classifier-free
-    guidance on the first `channels` output channels (a learned variance stays conditional)."""
+    guidance on the first `channels` output channels (a learned variance stays conditional).
+    An apply_fn with its own `guided_model` (per-row data beyond labels:
+    `control.ControlApply`) builds model_out itself."""
+    if hasattr(apply_fn, "guided_model"):
+        return apply_fn.guided_model(params, labels, guidance, channels=channels, guided=guided,
+                                     mesh=mesh)
     if labels is not None:
         labels = constrain(labels, mesh)
         null = jnp.full_like(labels, apply_fn.null_label) if guided else None

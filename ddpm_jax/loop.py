@@ -30,9 +30,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import (adapters, checkpoint, data, finetune, images, latent, lock, memory, parallel,
-                      runs, sampling, training,
-                      writers, xla_cpu)
+from ddpm_jax import (adapters, checkpoint, control, data, finetune, images, latent, lock,
+                      memory, parallel, runs, sampling, training, writers, xla_cpu)
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec
@@ -352,6 +351,14 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
             manager.close()
             raise config_lib.ConfigError(str(e)) from None
         config, model, teacher_params = tuning.config, tuning.model, tuning.base_params
+    if control.is_controlnet(config):  # like fine-tuning: the base frozen, the branch trains
+        config = _pin_step(config, manager, last_checkpoint, "control", "base_step")
+        try:
+            tuning = control.resolve(config, replicated)
+        except ValueError as e:
+            manager.close()
+            raise config_lib.ConfigError(str(e)) from None
+        config, model, teacher_params = tuning.config, tuning.model, tuning.base_params
     if config.distill.teacher is not None:
         config = _pin_step(config, manager, last_checkpoint, "distill", "teacher_step")
         try:
@@ -371,11 +378,13 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
     create = functools.partial(jitted_create_train_state(mesh), model, settings.optimizer,
                                image_shape=config_lib.image_shape(config))
     if tuning is not None:
-        create = jax.jit(functools.partial(finetune.create_state, tuning, settings.optimizer),
+        create_fn = control.create_state if isinstance(tuning, control.Setup) else \
+            finetune.create_state
+        create = jax.jit(functools.partial(create_fn, tuning, settings.optimizer),
                          out_shardings=replicated)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(create, jax.random.PRNGKey(t.seed)))
-    if tuning is not None:
+    if config.finetune.base is not None:
         iterator = finetune.make_iterator(tuning, instances,
                                           finetune.prior_data(tuning, workdir, mesh), mesh)
         logging.info("%s", finetune.summary(tuning, abstract.params))

@@ -219,6 +219,9 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
     mesh, rule, classifier = static.mesh, STEP_RULES[static.sampler], static.classifier
     # With a classifier the labels are its targets; the model sees them only if conditional.
     conditional = classifier is None or getattr(apply_fn, "null_label", None) is not None
+    conditional = conditional or hasattr(apply_fn, "class_targets")  # rows beyond labels
+    targets = labels if labels is None or not hasattr(apply_fn, "class_targets") else \
+        apply_fn.class_targets(labels)
     model_out = guided_model(apply_fn, params, labels if conditional else None, guidance,
                              channels=image_shape[-1], guided=static.guided, mesh=mesh)
     if rows is None:
@@ -235,7 +238,7 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
         out = _predict(model_out, plan, x, t, index, static)
         if classifier is not None:
             out = classifier_guidance(out, classifier, classifier_params, classifier_scale,
-                                      labels, plan.schedule, x_t=x, t=t, index=index,
+                                      targets, plan.schedule, x_t=x, t=t, index=index,
                                       shift_mean=rule.ancestral)
         return out
 

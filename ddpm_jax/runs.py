@@ -96,19 +96,21 @@ def _load_params(manager: ocp.CheckpointManager, step: int, weights: str,
                             jax.random.PRNGKey(0))
     if sharding is None:
         sharding = parallel.replicated(parallel.make_mesh())
-    if config.finetune.base is not None:  # its trainable tree merged into its base run's
-        from ddpm_jax import finetune
+    base = config.finetune.base or config.control.base
+    if base is not None:  # its trainable tree merged into its base run's
+        from ddpm_jax import control, finetune
+        load_merged = finetune.load_merged if config.finetune.base else control.load_merged
         try:
-            params = finetune.load_merged(config, manager, step, weights, sharding, checksums)
+            params = load_merged(config, manager, step, weights, sharding, checksums)
         except ValueError as e:
-            raise checkpoint.CheckpointError(f"{workdir} fine-tunes {config.finetune.base}, "
-                                             f"which cannot be loaded: {e}") from None
+            raise checkpoint.CheckpointError(f"{workdir} starts from {base}, which cannot be "
+                                             f"loaded: {e}") from None
         except Exception as e:
             raise checkpoint.unreadable(manager, step, f"the {weights} parameters", e) from e
         finally:
             manager.close()
         logging.info("Loaded the %s parameters of step %d from %s, merged into its base run %s.",
-                     weights, step, manager.directory, config.finetune.base)
+                     weights, step, manager.directory, base)
         return config, model, params
     try:
         params = checkpoint.restore_weights(manager, step, shapes, weights, sharding, checksums)

@@ -251,6 +251,9 @@ class Sampler:
         """labels as int32 [B], after the checks that can name the problem."""
         null = getattr(self.apply_fn, "null_label", None)
         classifier = self.static.classifier
+        if hasattr(self.apply_fn, "check_rows"):  # per-row data beyond labels (control.ControlApply)
+            return self.apply_fn.check_rows(labels, self.static.shape, guided=self.static.guided,
+                                            classifier=classifier)
         if labels is None:
             if self.static.guided or classifier is not None:
                 raise ValueError("This sampler was built with guidance: pass labels [B], the "

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import adapters, diffusion, distill, xla_cpu
+from ddpm_jax import adapters, control, diffusion, distill, xla_cpu
 from ddpm_jax.models.autoencoder import Autoencoder, autoencoder_loss
 from ddpm_jax.schedule import Schedule
 
@@ -241,6 +241,7 @@ class StepConfig:
     teacher_mean_type: str = "eps"
     teacher_clip: bool = True
     transform: adapters.Transform | None = None
+    control: control.StepSpec | None = None  # a control image from each batch (ddpm_jax.control)
     kl_weight: float = 1e-6
     reconstruction: str = "l1"
 
@@ -320,7 +321,9 @@ def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
         if settings.objective == "classify":
             return _classifier_loss(settings.model, params, schedule, x0, t, noise, labels,
                                     dropout_rng)
-        denoise_fn = _model_denoise_fn(settings.model, params, labels, dropout_rng)
+        denoise_fn = (_model_denoise_fn(settings.model, params, labels, dropout_rng)
+                      if settings.control is None else control.train_denoise_fn(
+                              settings.control, settings.model, params, x0, labels, dropout_rng))
         if settings.objective == "distill":
             terms = distill.distillation_losses(
                     schedule, denoise_fn, _teacher_x0_fn(settings, teacher_params, schedule, labels),

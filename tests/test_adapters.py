@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed
+from conftest import perturbed_on_host
 
 from configs import digits
 from ddpm_jax import adapters, diffusion, finetune, training
@@ -21,9 +21,8 @@ def _tiny(num_classes=3):
     config = digits.get_config("cond_tiny")
     config.model.num_classes = num_classes
     model = config_lib.model_from_config(config)
-    params = jax.jit(lambda k: perturbed(training.init_params(
-            model, k, config_lib.image_shape(config)), jax.random.PRNGKey(1), 0.05))(
-            jax.random.PRNGKey(0))
+    params = perturbed_on_host(jax.jit(lambda k: training.init_params(
+            model, k, config_lib.image_shape(config)))(jax.random.PRNGKey(0)), 1, 0.05)
     return config, model, params
 
 

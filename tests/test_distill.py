@@ -4,6 +4,8 @@ perfect student's zero loss, convergence to the exact two-step map of Gaussian d
 bit-exact resume, and one-line refusals."""
 
 import functools
+import os
+import shutil
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -268,8 +270,9 @@ def test_a_distillation_run_starts_from_its_teacher_and_resumes_bit_for_bit(
     data_dir = digits_data_dir
     straight = loop.train_and_evaluate(
             _student_config(data_dir, teacher_dir, **{"training.num_steps": 6}), str(tmp_path / "a"))
-    loop.train_and_evaluate(_student_config(data_dir, teacher_dir, **{"training.num_steps": 3}),
-                            str(tmp_path / "b"))
+    # Resumed from its step-3 checkpoint (as if it had died before saving step 6).
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(str(tmp_path / "b")), "6"))
     resumed = loop.train_and_evaluate(
             _student_config(data_dir, teacher_dir, **{"training.num_steps": 6}), str(tmp_path / "b"))
     assert int(resumed.step) == 6

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` lives at the repo root
 
 from configs import digits  # noqa: E402
-from conftest import perturbed, write_untrained_run  # noqa: E402
+from conftest import perturbed_on_host, write_untrained_run  # noqa: E402
 from ddpm_jax import config as config_lib, runs  # noqa: E402
 from ddpm_jax.editing import jobs as edit_jobs  # noqa: E402
 from ddpm_jax.guidance import ClassifierApply  # noqa: E402
@@ -191,8 +191,8 @@ def test_progressive_honours_labels_and_both_guidances(cond_run):
     classifier = NoisyClassifier(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                  num_groups=8, classes=10)
     x = jnp.zeros((2, 8, 8, 1))
-    clf_params = perturbed(classifier.init(jax.random.key(3), x, jnp.zeros(2, jnp.int32),
-                                           train=False)["params"], jax.random.key(4))
+    clf_params = perturbed_on_host(jax.jit(lambda key: classifier.init(
+            key, x, jnp.zeros(2, jnp.int32), train=False)["params"])(jax.random.key(3)), 4)
 
     def progressive(**extra):
         return edit_jobs.run("progressive", values(progressive=2),

@@ -4,15 +4,15 @@ merged parameters; bad inputs give one line each and leave the base run untouche
 
 import hashlib
 import os
+import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed
+from conftest import write_untrained_run
 
 from configs import digits
-from ddpm_jax import adapters, checkpoint, finetune, loop, runs, training
+from ddpm_jax import adapters, checkpoint, finetune, loop, runs
 from ddpm_jax import config as config_lib
 
 
@@ -25,24 +25,6 @@ def _tree_digest(path: str) -> str:
             with open(os.path.join(root, name), "rb") as f:
                 digest.update(f.read())
     return digest.hexdigest()
-
-
-def write_untrained_run(config, workdir: str, perturb: float = 0.0) -> None:
-    """conftest.write_untrained_run with the state made under jit (seconds, not a minute, of
-    eager UNet initialisation on a loaded CPU)."""
-    model = config_lib.model_from_config(config)
-    optimizer = config_lib.optimizer_from_config(config)
-
-    @jax.jit
-    def create(key):
-        state = training.create_train_state(model, optimizer, key, config_lib.image_shape(config))
-        params = perturbed(state.params, jax.random.PRNGKey(1), perturb)
-        return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
-
-    manager = checkpoint.make_manager(workdir, max_to_keep=1)
-    checkpoint.save(manager, 0, create(jax.random.PRNGKey(0)), config)
-    manager.wait_until_finished()
-    manager.close()
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +55,10 @@ def test_lora_run_resumes_bit_for_bit_and_samples_from_merged_params(base_run, t
     before = _tree_digest(str(base_run / "base"))
     straight = loop.train_and_evaluate(tuning_config(base_run, **{"training.num_steps": 4}),
                                        str(tmp_path / "straight"))
+    # The same run resumed from its step-2 checkpoint (as if it had died before saving step 4).
     workdir = str(tmp_path / "resumed")
-    loop.train_and_evaluate(tuning_config(base_run, **{"training.num_steps": 2}), workdir)
+    shutil.copytree(tmp_path / "straight", workdir)
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), "4"))
     resumed = loop.train_and_evaluate(tuning_config(base_run, **{"training.num_steps": 4}), workdir)
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
     # The state holds the adapters and the new class's row, not the base's weights.

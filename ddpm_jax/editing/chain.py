@@ -165,8 +165,7 @@ def repaint(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, moves: dict[str,
                 number=jnp.arange(index.shape[0], dtype=jnp.int32))
     guided = guidance is not None
     offset, guidance_arr = jnp.int32(example_offset), jnp.float32(guidance or 0.0)
-    if labels is not None:
-        labels = jnp.asarray(labels, jnp.int32)
+    labels = row_data(labels)
     if mesh is not None:
         params, plan, data, key, offset, labels, guidance_arr = replicate(
                 (params, plan, data, key, offset, labels, guidance_arr), mesh)
@@ -221,6 +220,16 @@ def _encode_jit() -> Any:
                                            "trajectory"))
 
 
+def row_data(labels: Any) -> Any:
+    """The chain's per-row data as arrays: labels [B] int32, or a dict of rows
+    (`control.rows`: control images and scales) as they are; None stays None."""
+    if labels is None:
+        return None
+    if isinstance(labels, dict):
+        return {k: jnp.asarray(v) for k, v in labels.items()}
+    return jnp.asarray(labels, jnp.int32)
+
+
 def ddim_encode(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, images: Array, *,
                 labels: Array | None = None, guidance: float | None = None,
                 mean_type: str = "eps", var_type: str = "fixedlarge", unroll: int = 1,
@@ -237,7 +246,7 @@ def ddim_encode(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, images: Arra
     if images.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C]; got {images.shape}.")
     return _encode_jit()(apply_fn, params, plan, images,
-                         None if labels is None else jnp.asarray(labels, jnp.int32),
+                         row_data(labels),
                          jnp.float32(guidance or 0.0), mean_type=mean_type, var_type=var_type,
                          guided=guidance is not None, unroll=int(unroll),
                          trajectory=bool(trajectory))

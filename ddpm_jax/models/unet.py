@@ -290,11 +290,19 @@ class UNet(nn.Module):
     remat: bool = False
     resamp_with_conv: bool = True
     num_groups: int = 32
+    condition_channels: int = 0
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool) -> Array:
+    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool,
+                 condition: Array | None = None,
+                 residuals: tuple[Array, ...] | None = None) -> Array:
         """x: [B, H, W, C] in [-1, 1]; t: [B] int (0-based); y: [B] int labels in
         {0..num_classes} (num_classes = null class; None means all null) -> [B, H, W, out] float32.
+
+        condition: [B, H, W, condition_channels] (models with condition_channels; None: zeros).
+        residuals: added to the down path's outputs (the skip connections, in order) and to the
+        middle's output, one array each (ControlNet's features, `models.controlnet`); None adds
+        nothing, so the model is the model.
         """
         if x.ndim != 4:
             raise ValueError(f"x must be [B, H, W, C], got shape {x.shape}.")
@@ -302,8 +310,15 @@ class UNet(nn.Module):
         if t.shape != (batch,):
             raise ValueError(f"t must have shape [B] = ({batch},), got {t.shape}: pass one timestep per "
                              "image, e.g. jnp.full((B,), t).")
+        x = self._concat_condition(x, condition)
         temb = self._embed(t, y, batch)
         h, hs = self._encode(x, temb, train)
+        if residuals is not None:
+            if len(residuals) != len(hs) + 1:
+                raise ValueError(f"residuals must hold {len(hs) + 1} arrays (one per skip connection "
+                                 f"and the middle); got {len(residuals)}.")
+            hs = [skip + r.astype(skip.dtype) for skip, r in zip(hs, residuals)]
+            h = h + residuals[-1].astype(h.dtype)
         res_block, maybe_attn = self._blocks(temb, train)
         num_levels = len(self.ch_mult)
 
@@ -320,6 +335,22 @@ class UNet(nn.Module):
         out_channels = in_channels if self.out_channels is None else self.out_channels
         h = conv(out_channels, self.dtype, "conv_out", kernel_init=zero_init)(h)
         return h.astype(jnp.float32)
+
+    def _concat_condition(self, x: Array, condition: Array | None) -> Array:
+        """[x, condition] along the channels (zeros for a None condition); x itself when the
+        model takes no condition."""
+        if not self.condition_channels:
+            if condition is not None:
+                raise ValueError("got a condition image but the UNet has condition_channels=0: "
+                                 "train an image-conditioned run (configs/digits.py:sr).")
+            return x
+        want = (*x.shape[:3], self.condition_channels)
+        if condition is None:
+            condition = jnp.zeros(want, x.dtype)
+        if condition.shape != want:
+            raise ValueError(f"condition must be {list(want)} (the image's size, "
+                             f"{self.condition_channels} channels); got {list(condition.shape)}.")
+        return jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
 
     def _blocks(self, temb: Array, train: bool) -> tuple[Any, Any]:
         """(res_block(h, out_ch, name), maybe_attn(h, name)) closures with this module's settings."""
@@ -356,15 +387,19 @@ class UNet(nn.Module):
                              "model.num_classes to train a class-conditional model.")
         return temb
 
-    def _encode(self, x: Array, temb: Array, train: bool) -> tuple[Array, list[Array]]:
+    def _encode(self, x: Array, temb: Array, train: bool,
+                input_residual: Array | None = None) -> tuple[Array, list[Array]]:
         """The down path and the middle: (h [B, H/2^(L-1), W/2^(L-1), C_L], the skip
-        connections of the down path)."""
+        connections of the down path). input_residual [B, H, W, ch]: added to conv_in's output
+        (ControlNet's control features); None adds nothing."""
         check_architecture(x.shape[1], self.ch, self.ch_mult, self.attn_resolutions, self.num_groups)
         check_architecture(x.shape[2], self.ch, self.ch_mult, (), self.num_groups)
         res_block, maybe_attn = self._blocks(temb, train)
         num_levels = len(self.ch_mult)
         # Down path: every intermediate output is kept as a skip connection.
         hs = [conv(self.ch, self.dtype, "conv_in")(x)]
+        if input_residual is not None:
+            hs[0] = hs[0] + input_residual.astype(hs[0].dtype)
         for level in range(num_levels):
             for i in range(self.num_res_blocks):
                 h = res_block(hs[-1], self.ch * self.ch_mult[level], f"down_{level}_block_{i}")

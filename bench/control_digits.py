@@ -1,0 +1,210 @@
+"""Control images on held-out digits: a ControlNet under the low-pass control, SDEdit from the
+low-pass image at equal network calls, and super-resolution by concatenation.
+
+    python bench/control_digits.py --controlnet runs/digits_controlnet --base runs/digits \
+        --sr runs/digits_sr --seeds 0,1
+
+Every test digit (digits/test, 360 images, never trained on) gives one control: its k x k
+low-pass (the run's control.factor; 2: the 4x4 image shown at 8x8). Rows:
+  * ControlNet: the run's sampler (calls = its steps) at control scale 1 (and 0: the base),
+  * SDEdit: the base run from q(x_t0 | low-pass image), t0 = strength T, at --strengths, the
+    same sampler on as many network calls below t0 as the ControlNet makes in all (--calls),
+  * SR: the image-conditioned run on the same low-pass images (the run's sampler), and the
+    low-pass image itself (nearest upsampling) as the trivial baseline.
+Scores: the share labelled as the source digit by the digits classifier (the evaluation one),
+the control error (RMSE in [0, 1] pixel units between the output's low-pass and the control),
+PSNR against the true digit (SR), and digits-FID against the 360 held-out digits. With
+--edges_controlnet, a ControlNet of kind edges under each digit's edge map (its error: the RMSE
+between the output's edge map and the control). Each score is
+the mean over --seeds with its spread (max - min). Prints JSON lines and a Markdown table.
+Never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench.digits_yardstick import Yardstick  # noqa: E402
+from ddpm_jax import config as config_lib, control, features, runs  # noqa: E402
+from ddpm_jax.data.builders import digits_arrays  # noqa: E402
+from ddpm_jax.images import save_image_grid, to_model_range, to_uint8  # noqa: E402
+from ddpm_jax.parallel import map_batches  # noqa: E402
+from ddpm_jax.sampling import ModelApply, draw_images, make_sampler  # noqa: E402
+from ddpm_jax.spec import SamplerSpec  # noqa: E402
+
+
+def transform(images_uint8: np.ndarray, factor: int, kind: str = "lowres") -> np.ndarray:
+    """float32 [N, H, W, C] in [-1, 1]: the control images of uint8 images (`make_control`)."""
+    return np.asarray(control.make_control(kind, jnp.asarray(to_model_range(
+            images_uint8.astype(np.float32))), factor))
+
+
+def scores(net, yardstick, images, labels, controls, factor, truth=None, kind="lowres") -> dict:
+    _, logits = features.compute_features(net, images, progress=False)
+    error = transform(images, factor, kind) - controls
+    out = dict(source_digit_share=float((logits.argmax(1) == labels).mean()),
+               control_rmse=float(np.sqrt(np.mean(error ** 2)) / 2),
+               fid=yardstick.score(images)["fid"])
+    if truth is not None:
+        mse = np.mean((images.astype(np.float64) / 255 - truth.astype(np.float64) / 255) ** 2,
+                      axis=(1, 2, 3))
+        out["psnr_db"] = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+    return out
+
+
+def lowpass_bound(factor: int) -> dict:
+    """What the low-pass image says about the class: an RBF SVM fitted on the train split's
+    block means, on the test block means. argmax accuracy, and E[p(true class | low-pass)]: the
+    rate at which exact samples of p(digit | low-pass) would show the true class (times the
+    classifier's own accuracy), a bound on a faithful conditional sampler's share."""
+    import warnings
+
+    from sklearn.svm import SVC
+    (train, train_labels), (test, test_labels) = (digits_arrays(8)[s] for s in ("train", "test"))
+
+    def blocks(x: np.ndarray) -> np.ndarray:
+        n, k = len(x), 8 // factor
+        return x.reshape(n, k, factor, k, factor).mean(axis=(2, 4)).reshape(n, -1) / 255.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        svm = SVC(probability=True, random_state=0).fit(blocks(train), train_labels)
+        probs = svm.predict_proba(blocks(test))
+    return dict(row="low-pass only (RBF SVM on train block means): argmax / E[p(true class)]",
+                n_calls=0, svm_accuracy=float((probs.argmax(1) == test_labels).mean()),
+                source_digit_share=float(probs[np.arange(len(test_labels)), test_labels].mean()))
+
+
+def controlled(workdir: str, controls: np.ndarray, seed: int, batch: int, *, scale: float = 1.0,
+               condition: bool = False, guidance: float = 0.0):
+    """(uint8 outputs, calls per image, seconds) of a ControlNet or image-conditioned run, with
+    guidance g on the control image (0: none, one call per step; else two)."""
+    config, model, params = runs.load_for_sampling(workdir, "ema")
+    branch = None if condition else control.branch_from_config(config, model)
+    spec = SamplerSpec.from_config(config)
+    sampler = make_sampler(control.ControlApply(model, branch, condition_guidance=guidance > 0),
+                           config_lib.schedule_from_config(config),
+                           (batch, *config_lib.image_shape(config)), spec)
+    rows = control.rows(controls, scale=None if condition else scale,
+                        condition_guidance=guidance if guidance > 0 else None)
+    start = time.perf_counter()
+    out = control.draw(sampler, params, jax.random.key(seed), rows, progress=False)
+    return out, sampler.plan.num_steps * (2 if guidance > 0 else 1), time.perf_counter() - start
+
+
+def sdedit(workdir: str, controls: np.ndarray, seed: int, batch: int, strength: float, calls: int):
+    """(uint8 outputs, calls, seconds): SDEdit of the base run from the low-pass images."""
+    config, model, params = runs.load_for_sampling(workdir, "ema")
+    schedule = config_lib.schedule_from_config(config)
+    start_t = int(round(strength * schedule.num_timesteps)) - 1
+    # The run's sampler on the fewest steps whose part below start_t is `calls` steps.
+    steps = next(s for s in range(calls, schedule.num_timesteps + 1)
+                 if SamplerSpec.from_config(config, steps=s).plan(
+                         schedule, start_t=start_t).num_steps >= calls)
+    spec = SamplerSpec.from_config(config, steps=steps)
+    sampler = make_sampler(ModelApply(model), schedule, (batch, *config_lib.image_shape(config)),
+                           spec, start_t=start_t)
+    begin = time.perf_counter()
+    out = map_batches(lambda n, x: to_uint8(sampler(params, jax.random.key(seed), n, init=x,
+                                                    start="q_x0")["images"]),
+                      [controls], batch, progress=False, to_host=np.asarray)
+    return out, sampler.plan.num_steps, time.perf_counter() - begin
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--controlnet", default=None)
+    parser.add_argument("--base", default=None)
+    parser.add_argument("--sr", default=None)
+    parser.add_argument("--edges_controlnet", default=None, help="a ControlNet run of kind edges")
+    parser.add_argument("--factor", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=20, help="SDEdit's network calls (the "
+                        "ControlNet run's sampler steps: 20 for the digits default)")
+    parser.add_argument("--strengths", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--sr_guidance", default="0,1,3", help="SR: guidance g on the condition")
+    parser.add_argument("--scales", default="1,2,0", help="ControlNet control scales")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--batch_size", type=int, default=360)
+    parser.add_argument("--out", default="runs/control_digits.png")
+    args = parser.parse_args()
+    images, labels = digits_arrays(8)["test"]
+    controls = transform(images, args.factor)
+    edge_maps = transform(images, args.factor, "edges")
+    yardstick = Yardstick(reference_split="test")
+    net = yardstick.net
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"protocol: {len(images)} digits/test images, control = their {args.factor}x"
+          f"{args.factor} block means ({8 // args.factor}x{8 // args.factor} low-pass); seeds "
+          f"{seeds}; EMA weights; scored by {yardstick.protocol()}", flush=True)
+    jobs = []
+    calls = args.calls
+    if args.controlnet:
+        for scale in (float(v) for v in args.scales.split(",")):
+            jobs.append((f"ControlNet, control scale {scale:g}", lambda s, scale=scale:
+                         controlled(args.controlnet, controls, s, args.batch_size, scale=scale)))
+    if args.base:
+        for strength in (float(v) for v in args.strengths.split(",")):
+            jobs.append((f"SDEdit from the low-pass, strength {strength:g}",
+                         lambda s, strength=strength: sdedit(args.base, controls, s,
+                                                             args.batch_size, strength, calls)))
+    if args.edges_controlnet:
+        jobs.append(("ControlNet on edge maps, control scale 1", lambda s: controlled(
+                args.edges_controlnet, edge_maps, s, args.batch_size)))
+    if args.sr:
+        for g in (float(v) for v in args.sr_guidance.split(",")):
+            jobs.append((f"SR (concatenation), condition guidance {g:g}", lambda s, g=g: controlled(
+                    args.sr, controls, s, args.batch_size, condition=True, guidance=g)))
+    table = [dict(row="held-out digits themselves", n_calls=0,
+                  **scores(net, yardstick, images, labels, controls, args.factor, images)),
+             dict(row="the low-pass image (nearest upsampling)", n_calls=0,
+                  **scores(net, yardstick, ((controls + 1) * 127.5).round().astype(np.uint8),
+                           labels, controls, args.factor, images)),
+             lowpass_bound(args.factor)]
+    for row in table:
+        print(json.dumps(row), flush=True)
+    for name, job in jobs:
+        per_seed = []
+        for seed in seeds:
+            out, n_calls, seconds = job(seed)
+            edges = "edge" in name
+            per_seed.append(dict(scores(net, yardstick, out, labels,
+                                        edge_maps if edges else controls, args.factor,
+                                        images if name.startswith("SR") else None,
+                                        kind="edges" if edges else "lowres"), seconds=seconds))
+            if seed == seeds[0]:
+                path = args.out.replace(".png", f"_{len(table)}.png")
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                shown = (((edge_maps if edges else controls)[:50] + 1) * 127.5).round().astype(np.uint8)
+                save_image_grid(np.stack([shown, out[:50]], 1).reshape(-1, 8, 8, 1), path, nrow=10)
+        row = dict(row=name, n_calls=n_calls)
+        for key in per_seed[0]:
+            values = [p[key] for p in per_seed]
+            row[key] = float(np.mean(values))
+            row[key + "_spread"] = float(np.max(values) - np.min(values))
+        table.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| method | calls | labelled as the source digit | control RMSE | PSNR (dB) | "
+          "digits-FID vs held-out |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in table:
+        def cell(key, fmt, scale=1.0):
+            if key not in row:
+                return ""
+            spread = row.get(key + "_spread")
+            text = format(row[key] * scale, fmt)
+            return text + (f" +- {format(spread * scale / 2, fmt)}" if spread is not None else "")
+        print(f"| {row['row']} | {row['n_calls']} | {cell('source_digit_share', '.1f', 100)}% | "
+              f"{cell('control_rmse', '.3f')} | {cell('psnr_db', '.2f')} | {cell('fid', '.2f')} |")
+
+
+if __name__ == "__main__":
+    main()
