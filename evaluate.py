@@ -71,7 +71,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(str(e)) from None
     import jax
 
-    from ddpm_jax import checkpoint, evaluate, images, memory, parallel, runs  # orbax: after the flags
+    from ddpm_jax import checkpoint, evaluate, images, latent, memory, parallel, runs  # orbax: after the flags
     from ddpm_jax import config as config_lib
     cli.drop_closed_event_loop_noise()
     try:  # none, an incompatible or corrupt checkpoint: one line, as sample.py
@@ -81,6 +81,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"--workdir={FLAGS.workdir}: " + " ".join(str(e).split("\n"))) from None
     try:  # NumPy only: a bad option stops here, before anything compiles
         cli.check_denoiser(config, "--workdir", FLAGS.workdir)
+        latent.check_metrics(config, FLAGS.metrics)  # bits/dim: pixels only
         options = evaluate.EvalOptions.from_config(
                 config, metrics=tuple(FLAGS.metrics), num_samples=FLAGS.num_samples,
                 sampler=cli.sampler_flag_values(FLAGS), sample_batch_size=FLAGS.batch_size,

@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
         num_groups=32,                # GroupNorm groups; every level's channels must divide by it
         kind="unet",                  # unet: the denoiser | classifier: p(y | x_t, t) for classifier
                                       # guidance (the UNet's down path + middle + a pooled head,
-                                      # num_classes outputs, trained with cross-entropy)
+                                      # num_classes outputs, trained with cross-entropy) |
+                                      # autoencoder: a latent-diffusion first stage (config.latent)
     )
 
     config.diffusion = dict(
@@ -150,6 +151,18 @@ def get_config() -> ml_collections.ConfigDict:
         hint_channels=(16, 16),       # ControlNet: the control image's 3x3 convolution stack
         condition=False,              # the UNet reads [x_t, condition image] (SR3), from scratch
         condition_dropout=0.1,        # condition: share of rows trained on the null (zero) image
+    )
+    config.latent = dict(             # latent diffusion and its first stage (docs/latent.md)
+        autoencoder=placeholder(str), # a latent run: the finished autoencoder run's work dir
+                                      # (model.kind='autoencoder'); None: diffusion on pixels
+        autoencoder_step=placeholder(int),  # its checkpoint; None: its newest (pinned at start)
+        scale=placeholder(float),     # latents are multiplied by it: None measures 1 / std of the
+                                      # first training batch's latents at start (LDM's scale
+                                      # factor), stored with the run's checkpoints
+        factor=2,                     # f: latents are image_size / f per side
+        channels=2,                   # c: latent channels
+        kl_weight=1e-6,               # model.kind='autoencoder': weight of the KL term (per pixel)
+        reconstruction="l1",          # model.kind='autoencoder': l1 | l2
     )
     return config
 

@@ -81,10 +81,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         _finetune(config, tiny=variant == "finetune_tiny")
     if variant in CONTROL_VARIANTS:
         _control(config, variant)
+    if variant in LATENT_VARIANTS:
+        _latent(config, variant)
     return base.with_variant(config, variant, "digits",
                              handled=("16px", "classifier", "classifier_tiny", "cond", "cond_tiny", "cond_without9",
                                       "distill", "distill_tiny", "finetune", "finetune_tiny",
-                                      *CONTROL_VARIANTS))
+                                      *CONTROL_VARIANTS, *LATENT_VARIANTS))
 
 
 CONTROL_VARIANTS = ("controlnet", "controlnet_tiny", "sr", "sr_tiny", "sr16")
@@ -113,6 +115,58 @@ def _control(config: ml_collections.ConfigDict, variant: str) -> None:
     if variant.endswith("_tiny"):
         base.make_tiny(config)
         config.training.num_sample_images = 0
+
+
+LATENT_VARIANTS = ("autoencoder", "autoencoder_tiny", "autoencoder16", "latent", "latent_tiny",
+                   "latent16")
+
+
+def _latent(config: ml_collections.ConfigDict, variant: str) -> None:
+    """Latent diffusion (docs/latent.md). `autoencoder*`: the first stage, a KL autoencoder with
+    f = 2 (one halving) and 2 latent channels, L1 + 1e-6 KL, trained by the same loop (grids of
+    reconstructions). `latent*`: the DDPM on its latents, scaled by LDM's measured scale factor;
+    --config.latent.autoencoder names the finished autoencoder run (default runs/digits_
+    autoencoder, runs/digits_autoencoder16, runs/digits_autoencoder_tiny). 16: the 16px data
+    (16x16 -> 8x8x2 latents, the 16px UNet with attention at 4x4); 8px: 4x4x2 latents."""
+    size16, tiny = variant.endswith("16"), variant.endswith("_tiny")
+    if size16:
+        _previous_default(config)
+    if tiny:
+        base.make_tiny(config)
+    config.latent.factor = 2
+    config.latent.channels = 2
+    config.eval.metrics = "fid"               # bits/dim of latents is no image likelihood
+    if variant.startswith("autoencoder"):
+        config.model.kind = "autoencoder"
+        config.model.ch_mult = (1, 2)          # f = 2
+        config.model.num_res_blocks = 1
+        config.model.attn_resolutions = ()
+        config.model.dropout = 0.0
+        config.model.ch = 16                   # 16 and 32 channels: 0.1M parameters
+        config.model.num_groups = 8
+        config.training.batch_size = 32
+        config.training.lr = 1e-3
+        config.training.warmup_steps = 50
+        config.training.num_steps = 800
+        config.training.ema_decay = 0.99
+        config.training.ema_warmup = True
+        config.training.checkpoint_every = 400
+        config.training.sample_every = 400     # grids of test images over their reconstructions
+        config.training.num_sample_images = 18
+        if tiny:
+            config.model.ch = 8
+            config.model.num_groups = 4
+            config.training.batch_size = 8
+            config.training.num_steps = 4
+            config.training.checkpoint_every = 2
+            config.training.sample_every = 4
+            config.training.num_sample_images = 4
+        return
+    config.latent.autoencoder = "runs/digits_autoencoder" + ("16" if size16 else "_tiny" if tiny else "")
+    config.sampling.clip_denoised = False      # latents are not bounded to [-1, 1]
+    config.model.attn_resolutions = (4,) if size16 else (2,)
+    if not size16 and not tiny:
+        config.model.ch_mult = (1, 2)          # 4x4, 2x2
 
 
 def _distill(config: ml_collections.ConfigDict, tiny: bool) -> None:

@@ -81,6 +81,10 @@ def check_denoiser(config: Any, flag: str, workdir: str) -> None:
     """ValueError (one line) when the run at `workdir` is a noise-conditional classifier
     (model.kind 'classifier'), which guides a denoiser but cannot draw images itself."""
     from ddpm_jax import config as config_lib
+    if config_lib.model_kind(config) == "autoencoder":
+        raise ValueError(f"{flag}={workdir} is an autoencoder run (model.kind='autoencoder'), "
+                         "not a denoiser: name it as --config.latent.autoencoder of a latent "
+                         "run (configs/digits.py:latent), and sample that run.")
     if config_lib.model_kind(config) == "classifier":
         raise ValueError(f"{flag}={workdir} is a classifier run (model.kind='classifier'), not "
                          "a denoiser: pass a denoiser run here, and the classifier as "

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ddpm_jax import control as control_lib
+from ddpm_jax import latent as latent_lib
 from ddpm_jax import training as training_lib
 from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTS, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.labels import LABEL_MODES, check_labels_and_guidance
@@ -31,10 +32,10 @@ from ddpm_jax.spec import SAMPLERS, SamplerSpec, check_choice  # noqa: F401 (che
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SECTIONS = ("model", "diffusion", "data", "training", "sampling", "eval", "distill", "finetune",
-            "lora", "control")
+            "lora", "control", "latent")
 MODEL_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "out_channels",
                 "num_classes", "remat", "resamp_with_conv", "num_groups", "kind")
-MODEL_KINDS = ("unet", "classifier")
+MODEL_KINDS = ("unet", "classifier", latent_lib.KIND)
 
 
 class ConfigError(ValueError):
@@ -107,6 +108,7 @@ def validate(config: Any) -> None:
         _Checker(config, section)
     _validate_data(_Checker(config, "data"))
     _validate_diffusion(_Checker(config, "diffusion"))
+    latent_lib.validate(config)  # config.latent (autoencoder and latent runs): before the shapes
     _validate_model(_Checker(config, "model"), config)
     _validate_training(_Checker(config, "training"), config)
     _validate_sampling(_Checker(config, "sampling"), config)
@@ -169,8 +171,8 @@ def _validate_model(model: _Checker, config: Any) -> None:
     model.boolean("remat")
     model.boolean("resamp_with_conv")
     num_groups = model.integer("num_groups", 1)
-    check_architecture(config.data.image_size, ch, ch_mult, attn_resolutions, num_groups)
-    var_type, channels = config.diffusion.var_type, config.data.channels
+    check_architecture(image_shape(config)[0], ch, ch_mult, attn_resolutions, num_groups)
+    var_type, channels = config.diffusion.var_type, image_shape(config)[-1]
     needed = 2 * channels if var_type in LEARNED_VAR_TYPES else channels
     if out_channels is not None and out_channels != needed:
         raise model.fail("out_channels", f"diffusion.var_type={var_type!r} with data.channels={channels} "
@@ -375,9 +377,11 @@ ADDED_FIELDS = {
     "lora.alpha": 4.0, "lora.targets": ("attn", "time", "conv"),
     "control.base": None, "control.base_step": None, "control.kind": "lowres",
     "control.factor": 2, "control.hint_channels": (16, 16), "control.condition": False,
-    "control.condition_dropout": 0.1,
+    "control.condition_dropout": 0.1, "latent.autoencoder": None,
+    "latent.autoencoder_step": None, "latent.scale": None, "latent.factor": 2,
+    "latent.channels": 2, "latent.kl_weight": 1e-6, "latent.reconstruction": "l1",
 }
-ADDED_SECTIONS = ("distill", "finetune", "lora", "control")  # sections added whole: an older config gets them from ADDED_FIELDS
+ADDED_SECTIONS = ("distill", "finetune", "lora", "control", "latent")  # sections added whole: an older config gets them from ADDED_FIELDS
 
 
 def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -397,7 +401,7 @@ def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 
 def model_kind(config: Any) -> str:
-    """config.model.kind: 'unet' (the denoiser) or 'classifier'."""
+    """config.model.kind: 'unet' (the denoiser), 'classifier' or 'autoencoder' (a first stage)."""
     return config.model.kind
 
 
@@ -407,6 +411,8 @@ def model_from_config(config: Any) -> UNet:
     outputs."""
     kwargs = dict(config.model)
     kind = kwargs.pop("kind", "unet")
+    if kind == latent_lib.KIND:
+        return latent_lib.autoencoder(config, COMPUTE_DTYPES[config.training.compute_dtype])
     kwargs["ch_mult"] = tuple(kwargs["ch_mult"])
     kwargs["attn_resolutions"] = tuple(kwargs["attn_resolutions"])
     if kind == "classifier":
@@ -415,7 +421,7 @@ def model_from_config(config: Any) -> UNet:
                                dtype=COMPUTE_DTYPES[config.training.compute_dtype])
     if kwargs.get("out_channels") is None:
         learned = config.diffusion.var_type in LEARNED_VAR_TYPES
-        kwargs["out_channels"] = config.data.channels * (2 if learned else 1)
+        kwargs["out_channels"] = image_shape(config)[-1] * (2 if learned else 1)
     kwargs.update(control_lib.model_options(config))
     return UNet(**kwargs, dtype=COMPUTE_DTYPES[config.training.compute_dtype])
 
@@ -427,7 +433,10 @@ def schedule_from_config(config: Any) -> Schedule:
 
 
 def image_shape(config: Any) -> tuple[int, int, int]:
-    """(H, W, C) of the data: square data.image_size pixels, data.channels channels."""
+    """(H, W, C) of the model's input: square data.image_size pixels, data.channels channels;
+    on a latent run the latents' (`latent.latent_shape`)."""
+    if latent_lib.is_latent(config):
+        return latent_lib.latent_shape(config)
     return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
@@ -458,7 +467,10 @@ def step_config(config: Any, model: Any, teacher_mean_type: str = "eps",
                 use_labels=config.model.num_classes is not None, label_dropout=t.label_dropout,
                 microbatches=t.microbatches,
                 objective=("classify" if model_kind(config) == "classifier" else
+                           "autoencoder" if model_kind(config) == latent_lib.KIND else
                            "distill" if distilling else "denoise"),
+                kl_weight=float(config.latent.kl_weight),
+                reconstruction=config.latent.reconstruction,
                 teacher_steps=config.distill.teacher_steps if distilling else 0,
                 teacher_mean_type=teacher_mean_type, teacher_clip=config.sampling.clip_denoised,
                 transform=transform, control=control_lib.step_spec(config, model))

@@ -114,6 +114,8 @@ class RunData:
     mean_type: str
     var_type: str
     schedule: Schedule
+    chain_shape: tuple[int, int, int] | None = None  # the model's input, when not the image's
+                                                     # (a latent run's latents)
 
     @classmethod
     def from_config(cls, config: Any) -> RunData:
@@ -121,7 +123,8 @@ class RunData:
         return cls(dataset=data_cfg.dataset, image_size=data_cfg.image_size,
                    channels=data_cfg.channels, data_dir=data_cfg.get("data_dir"),
                    timesteps=d.timesteps, schedule_name=d.schedule, mean_type=d.mean_type,
-                   var_type=d.var_type, schedule=config_lib.schedule_from_config(config))
+                   var_type=d.var_type, schedule=config_lib.schedule_from_config(config),
+                   chain_shape=config_lib.image_shape(config))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -321,7 +324,7 @@ def _scores_section(run: RunData, apply_fn: ApplyFn, params: Any, options: EvalO
                     progress: bool, stem: str, where: str, write: bool,
                     classifier: tuple[Any, Any] | None) -> tuple[dict[str, Any], dict[str, Any], str]:
     """FID / IS / KID of generated samples: (samples info, scores, protocol line)."""
-    image_shape = run.image_shape
+    image_shape = run.chain_shape or run.image_shape
     # Before the reference statistics: an unconditional model fails here, not minutes later.
     if classifier is not None:
         labels = balanced(classifier[0].num_classes, options.num_samples)

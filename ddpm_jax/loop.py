@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import (adapters, checkpoint, control, data, finetune, images, lock, memory,
-                      parallel, runs, sampling, training, writers, xla_cpu)
+from ddpm_jax import (adapters, checkpoint, control, data, finetune, images, latent, lock,
+                      memory, parallel, runs, sampling, training, writers, xla_cpu)
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec
@@ -181,6 +181,8 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: Any, schedule: S
     steps show the same starting points. Class-conditional models follow config.eval.labels
     and config.eval.guidance, as evaluation does: the null label, or image n of class n mod N."""
     count = config.training.num_sample_images
+    if config_lib.model_kind(config) == latent.KIND:  # a first stage: its reconstructions
+        return latent.write_reconstruction_grid(config, model, ema_params, path)
     if count <= 0:
         return
     batch = parallel.round_up_to_devices(count, mesh.size)
@@ -307,10 +309,13 @@ class _Run:
     teacher_params: Any = None     # the step's frozen parameters, replicated: a distillation's
                                    # teacher or a fine-tuning's base (EMA weights); else None
     finetune: Any = None           # a fine-tuning run's finetune.Setup; else None
+    first_stage: Any = None        # a latent run's latent.FirstStage (frozen autoencoder); else None
 
     def plain_params(self, params: Any) -> Any:
-        """The UNet parameters of a state's (EMA) params: a fine-tuning run's trainable tree
-        merged into its base."""
+        """The sampling parameters of a state's (EMA) params: a fine-tuning run's trainable tree
+        merged into its base; a latent run's joined with its autoencoder's."""
+        if self.first_stage is not None:
+            return self.first_stage.join(params)
         if self.finetune is None:
             return params
         return _merge_jitted(params, self.teacher_params, self.finetune.transform)
@@ -389,6 +394,10 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
             image_size=config.data.image_size, channels=config.data.channels,
             random_flip=config.data.random_flip, mesh=mesh, data_dir=config.data.data_dir,
                 exclude_labels=tuple(config.data.exclude_labels))
+    first_stage = None
+    if latent.is_latent(config):  # its frozen autoencoder; the scale and step pinned in config
+        config, first_stage = latent.start(config, manager, last_checkpoint, iterator, mesh)
+        model = first_stage.unet_and_decoder(model)  # grids and evaluation decode
 
     if last_checkpoint is not None:
         logging.info("Resuming from the checkpoint at step %d in %s.", last_checkpoint,
@@ -406,7 +415,7 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
     logging.info("Model: %s parameters; starting at step %d of %d.", f"{num_params:,}", step,
                  t.num_steps)
     return _Run(model, schedule, settings, state, iterator, manager, step, config, teacher_params,
-                tuning)
+                tuning, first_stage)
 
 
 def _pin_step(config: ml_collections.ConfigDict, manager: Any, last_checkpoint: int | None,
@@ -446,6 +455,8 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run:
     while step < t.num_steps:
         k_now = min(k, t.num_steps - step)
         batches = [next(run.iterator) for _ in range(k_now)]
+        if run.first_stage is not None:  # latent diffusion: the batches' latents, on device
+            batches = [run.first_stage.encode(b, step + j) for j, b in enumerate(batches)]
         state, metrics = step_fn(state, batches[0] if k == 1 else stack(*batches), run.schedule,
                                  teacher_params=run.teacher_params)
         previous, step = step, step + k_now

@@ -81,8 +81,11 @@ def activation_bytes_per_image(model: Any, image_shape: Sequence[int]) -> int:
                             jax.random.PRNGKey(0))
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    closed = jax.make_jaxpr(lambda p, x, t: model.apply({"params": p}, x, t, train=False))(
-            params, x, t)
+    def forward(p: Any, x: Any, t: Any) -> Any:
+        if hasattr(model, "latent_channels"):  # a latent-diffusion first stage: (x, key)
+            return model.apply({"params": p}, x, jax.random.PRNGKey(0))
+        return model.apply({"params": p}, x, t, train=False)
+    closed = jax.make_jaxpr(forward)(params, x, t)
     largest = _largest_output(closed.jaxpr, "conv_general_dilated")
     return largest or _largest_output(closed.jaxpr, "dot_general")
 

@@ -314,6 +314,9 @@ def _reverse_chain(apply_fn: ApplyFn, params: Any, plan: SamplingPlan, key: Arra
     (images, _, records), _ = jax.lax.scan(step, (x_t, history, records), per_step,
                                            unroll=static.unroll)
     result = dict(images=images)
+    decode = getattr(apply_fn, "decode", None)  # a latent model's decoder, in the same program
+    if decode is not None and getattr(apply_fn, "decodes", False):
+        result.update(latents=images, images=decode(params, images))
     result.update({name: jnp.flip(buf, axis=0) for name, buf in records.items()})
     return result
 

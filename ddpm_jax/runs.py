@@ -15,7 +15,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ddpm_jax import checkpoint, parallel, training
+from ddpm_jax import checkpoint, latent, parallel, training
 from ddpm_jax import config as config_lib
 
 PyTree = Any
@@ -121,6 +121,12 @@ def _load_params(manager: ocp.CheckpointManager, step: int, weights: str,
     finally:
         manager.close()
     logging.info("Loaded the %s parameters of step %d from %s.", weights, step, manager.directory)
+    if latent.is_latent(config) and config_lib.model_kind(config) == "unet":
+        try:  # a latent run samples through its autoencoder's decoder (latent.LatentUNet)
+            model, params = latent.with_first_stage(config, model, params, sharding)
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"{workdir} is a latent run whose autoencoder "
+                                             f"cannot be loaded: {e}") from None
     return config, model, params
 
 

@@ -107,6 +107,16 @@ class ModelApply:
         """The label that means "no class" (= model.num_classes); None: unconditional model."""
         return getattr(self.model, "num_classes", None)
 
+    @property
+    def decodes(self) -> bool:
+        """Whether the chain's last state is a latent that `decode` maps to images (a latent
+        run's `latent.LatentUNet`): the chain applies it at its end, in the same program."""
+        return hasattr(self.model, "decode_latents")
+
+    def decode(self, params: Any, z: Array) -> Array:
+        """Latents [B, h, w, c] -> images [B, H, W, C] in [-1, 1] (`latent.LatentUNet`)."""
+        return self.model.apply({"params": params}, z, method="decode_latents")
+
 
 def model_denoise_fn(model: Any, params: Any, y: Array | None = None) -> DenoiseFn:
     """`denoise_fn(x_t, t)` of a Flax model with bound `params` (and class labels y: [B])."""

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from ddpm_jax import adapters, control, diffusion, distill, xla_cpu
+from ddpm_jax.models.autoencoder import Autoencoder, autoencoder_loss
 from ddpm_jax.schedule import Schedule
 
 Array = jax.Array
@@ -106,6 +107,8 @@ def init_params(model: nn.Module, rng: Array, image_shape: tuple[int, int, int])
     """The model's parameters for images of shape (H, W, C), from an all-zero batch of 1."""
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
+    if isinstance(model, Autoencoder):  # a first stage: (x, key), no timestep
+        return model.init({"params": rng}, x, jax.random.PRNGKey(0))["params"]
     variables = model.init({"params": rng}, x, t, train=False)
     return variables["params"]
 
@@ -211,7 +214,9 @@ class StepConfig:
     [-1, 1] with teacher_clip; teacher_steps N, the student learns N / 2). transform: a
     fine-tuning run's (`ddpm_jax.adapters`): the state's params are its trainable tree, and
     the network runs on `adapters.merge(frozen base, trainable, transform)`, the base being the
-    step's `teacher_params` argument (the step's frozen parameters)."""
+    step's `teacher_params` argument (the step's frozen parameters). objective "autoencoder":
+    a latent-diffusion first stage (`models.autoencoder.autoencoder_loss`, reconstruction
+    "l1" / "l2" + kl_weight * KL per pixel)."""
 
     model: nn.Module
     optimizer: optax.GradientTransformation
@@ -237,6 +242,8 @@ class StepConfig:
     teacher_clip: bool = True
     transform: adapters.Transform | None = None
     control: control.StepSpec | None = None  # a control image from each batch (ddpm_jax.control)
+    kl_weight: float = 1e-6
+    reconstruction: str = "l1"
 
 
 def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: StepConfig,
@@ -270,6 +277,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: St
     (`distill.distillation_losses`, metrics loss and x0_mse); `teacher_params` (the teacher's
     parameters, never updated, not part of the state) are needed then and ignored otherwise.
     With settings.transform (fine-tuning) `teacher_params` holds the frozen base instead.
+    objective="autoencoder" trains a first stage on the batch's images (t and the noise unused;
+    z ~ q(z | x) drawn from the dropout key): metrics loss, reconstruction, kl, mse.
     batch["weight"] (optional, [B] float32): per-row loss weights, loss = mean_b(w_b l_b)
     (`weighted_mean`; prior preservation weighs instance and prior rows); other terms stay
     unweighted means.
@@ -303,6 +312,12 @@ def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
                 weight: Array | None, dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
         if settings.transform is not None:
             params = adapters.merge(teacher_params, params, settings.transform)
+        if settings.objective == "autoencoder":  # z ~ q(z | x) from the step's dropout key
+            loss, terms = autoencoder_loss(x0, settings.model.apply({"params": params}, x0,
+                                                                    dropout_rng),
+                                           kl_weight=settings.kl_weight,
+                                           reconstruction=settings.reconstruction)
+            return loss, dict(terms, loss=loss)
         if settings.objective == "classify":
             return _classifier_loss(settings.model, params, schedule, x0, t, noise, labels,
                                     dropout_rng)

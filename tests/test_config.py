@@ -176,7 +176,9 @@ def test_evaluate_options_follow_the_same_spacing_rule():
                                    "lsun_church", "digits") for variant in (None, "tiny")],
     *[("digits", variant) for variant in ("16px", "classifier", "classifier_tiny", "cond",
                                           "cond_tiny", "cond_without9", "finetune",
-                                          "finetune_tiny")]])
+                                          "finetune_tiny", "autoencoder", "autoencoder_tiny",
+                                          "autoencoder16", "latent", "latent_tiny",
+                                          "latent16")]])
 def test_every_shipped_config_and_variant_validates(name, variant):
     import importlib
     config = importlib.import_module(f"configs.{name}").get_config(variant)

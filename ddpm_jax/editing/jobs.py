@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
+from ddpm_jax import latent
 from ddpm_jax.editing import chain as editing, class_jobs, inputs as edit_io
 from ddpm_jax.images import save_samples, to_model_range, to_uint8
 from ddpm_jax.parallel import gather_to_host, map_batches, round_up_to_devices
@@ -207,10 +208,11 @@ def run(mode: str, values: Any, context: Context) -> Result:
     """Runs the editing job `mode` with sample.py's flag `values` on `context`. Bad inputs
     raise ValueError before compiling."""
     spec = job_spec(mode, context, ddim_latent=bool(getattr(values, "ddim_latent", False)))
+    latent.check_edit(_latent_model(context), mode)
     if mode in ("sample", "progressive", "interpolate"):
         return JOBS[mode](values, context, spec)
     images = edit_io.load_images(getattr(values, mode), flag=f"--{mode}",
-                                 image_shape=context.image_shape, grid_cells=values.grid_cells)
+                                 image_shape=_pixel_shape(context), grid_cells=values.grid_cells)
     return JOBS[mode](values, context, spec, images)
 
 
@@ -220,14 +222,40 @@ def _pairs(first: np.ndarray, second: np.ndarray, per_row: int = 5) -> tuple[np.
     return tiles, 2 * min(per_row, first.shape[0])
 
 
+def _latent_model(context: Context) -> latent.LatentUNet | None:
+    """A latent run's model (the UNet with its autoencoder), else None."""
+    model = getattr(context.model_apply, "model", None)
+    return model if isinstance(model, latent.LatentUNet) else None
+
+
+def _pixel_shape(context: Context) -> tuple[int, int, int]:
+    """The images' (H, W, C): the model's input, or on a latent run its decoder's output."""
+    model = _latent_model(context)
+    if model is None:
+        return context.image_shape
+    h, w, _ = context.image_shape
+    f = model.autoencoder.factor
+    return (h * f, w * f, model.autoencoder.image_channels)
+
+
+def _model_input(context: Context, images: np.ndarray) -> Any:
+    """uint8 images -> the chain's x0: [-1, 1] pixels, or a latent run's scaled latents."""
+    if _latent_model(context) is not None:
+        return latent.to_latents(_latent_model(context), context.params, images)
+    return to_model_range(images)
+
+
 def _sampler(context: Context, spec: SamplerSpec, batch: int, **options: Any) -> Sampler:
     return make_sampler(context.model_apply, context.schedule, (batch,) + context.image_shape,
                         spec, mesh=context.batch_mesh(batch), **options)
 
 
 def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray) -> Result:
-    mask = edit_io.load_mask(values.mask, image_shape=context.image_shape,
+    mask = edit_io.load_mask(values.mask, image_shape=_pixel_shape(context),
                              num_images=images.shape[0])
+    model = _latent_model(context)
+    # A latent run completes its latents (known where a whole f x f block is) and decodes them.
+    chain_mask = mask if model is None else latent.downsample_mask(mask, model.autoencoder.factor)
     plan = spec.plan(context.schedule)
     moves = editing.repaint_moves(plan.num_steps, values.jump_length, values.resamplings)
     batch = min(context.batch_size, images.shape[0])
@@ -235,10 +263,12 @@ def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarra
                  images.shape[0], spec.describe(plan.num_steps), values.jump_length,
                  values.resamplings, int(moves["reverse"].sum()))
     out = map_batches(lambda n, x, m: editing.repaint(
-            context.model_apply, context.params, plan, moves, context.key, to_model_range(x), m,
-            example_offset=n, mean_type=spec.mean_type, var_type=spec.var_type,
+            context.model_apply, context.params, plan, moves, context.key, _model_input(context, x),
+            m, example_offset=n, mean_type=spec.mean_type, var_type=spec.var_type,
             clip_denoised=spec.clip_denoised, mesh=context.batch_mesh(batch)),
-            [images, mask], batch, desc="inpainting")
+            [images, chain_mask], batch, desc="inpainting")
+    if model is not None:
+        out = np.asarray(latent.to_images(model, context.params, jnp.asarray(out)))
     shown = np.where(np.broadcast_to(mask, images.shape), images, 128).astype(np.uint8)
     return Result(to_uint8(out), *_pairs(shown, to_uint8(out)), extra=dict(mask=mask))
 
@@ -250,7 +280,8 @@ def _sdedit(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray
                        start_t=editing.sdedit_start_t(context.schedule.num_timesteps, strength))
     logging.info("SDEdit: %d images, strength %.3g, from t0=%d: %s.", images.shape[0], strength,
                  int(sampler.plan.timesteps[-1]), spec.describe(sampler.plan.num_steps))
-    out = map_batches(lambda n, x: sampler(context.params, context.key, n, init=to_model_range(x),
+    out = map_batches(lambda n, x: sampler(context.params, context.key, n,
+                                           init=_model_input(context, x),
                                            start="q_x0")["images"], [images], batch, desc="sdedit")
     return Result(to_uint8(out), *_pairs(images, to_uint8(out)))
 
