@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import (adapters, checkpoint, control, data, finetune, images, latent, lock,
-                      memory, parallel, runs, sampling, training, writers, xla_cpu)
+from ddpm_jax import (adapters, checkpoint, data, finetune, frozen, images, latent, lock, memory,
+                      parallel, runs, sampling, training, writers, xla_cpu)
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec
@@ -341,51 +341,21 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
     manager = checkpoint.make_manager(workdir, max_to_keep=t.keep_checkpoints,
                                       keep_period=t.keep_every)
     last_checkpoint = manager.latest_step()
-    teacher_params, teacher_mean_type, tuning = None, "eps", None
-    if config.finetune.base is not None:
-        config = _pin_step(config, manager, last_checkpoint, "finetune", "base_step")
-        try:
-            tuning = finetune.resolve(config, replicated)
-            instances = finetune.load_instances(config)
-        except ValueError as e:
-            manager.close()
-            raise config_lib.ConfigError(str(e)) from None
-        config, model, teacher_params = tuning.config, tuning.model, tuning.base_params
-    if control.is_controlnet(config):  # like fine-tuning: the base frozen, the branch trains
-        config = _pin_step(config, manager, last_checkpoint, "control", "base_step")
-        try:
-            tuning = control.resolve(config, replicated)
-        except ValueError as e:
-            manager.close()
-            raise config_lib.ConfigError(str(e)) from None
-        config, model, teacher_params = tuning.config, tuning.model, tuning.base_params
-    if config.distill.teacher is not None:
-        config = _pin_step(config, manager, last_checkpoint, "distill", "teacher_step")
-        try:
-            teacher_step, teacher_mean_type, teacher_params = runs.load_teacher(
-                    config.distill.teacher, config, step=config.distill.teacher_step,
-                    sharding=replicated)
-        except ValueError as e:
-            manager.close()
-            raise config_lib.ConfigError(str(e)) from None
-        with config.unlocked():
-            config.distill.teacher_step = teacher_step
-        logging.info("Distilling the %s-parameterised teacher %s (step %d) from %d DDIM steps to "
-                     "%d.", teacher_mean_type, config.distill.teacher, teacher_step,
-                     config.distill.teacher_steps, config.distill.teacher_steps // 2)
-    settings = config_lib.step_config(config, model, teacher_mean_type=teacher_mean_type,
-                                      transform=tuning and tuning.transform)
-    create = functools.partial(jitted_create_train_state(mesh), model, settings.optimizer,
-                               image_shape=config_lib.image_shape(config))
-    if tuning is not None:
-        create_fn = control.create_state if isinstance(tuning, control.Setup) else \
-            finetune.create_state
-        create = jax.jit(functools.partial(create_fn, tuning, settings.optimizer),
-                         out_shardings=replicated)
+    try:
+        held = frozen.resolve(config, model, manager, last_checkpoint, replicated)
+    except config_lib.ConfigError:
+        manager.close()
+        raise
+    config, model, teacher_params, tuning = held.config, held.model, held.params, held.tuning
+    settings = config_lib.step_config(config, model, teacher_mean_type=held.teacher_mean_type,
+                                      transform=held.transform)
+    create = frozen.create_fn(held, settings.optimizer, replicated) or functools.partial(
+            jitted_create_train_state(mesh), model, settings.optimizer,
+            image_shape=config_lib.image_shape(config))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(create, jax.random.PRNGKey(t.seed)))
     if config.finetune.base is not None:
-        iterator = finetune.make_iterator(tuning, instances,
+        iterator = finetune.make_iterator(tuning, held.instances,
                                           finetune.prior_data(tuning, workdir, mesh), mesh)
         logging.info("%s", finetune.summary(tuning, abstract.params))
     else:
@@ -407,7 +377,7 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
     else:
         state = create(jax.random.PRNGKey(t.seed))
         if teacher_params is not None and tuning is None:  # the student starts as its teacher
-            state = _start_from_teacher(mesh)(state, teacher_params)
+            state = frozen.start_from_teacher(mesh)(state, teacher_params)
     # Only now: a refused resume must not overwrite the config of the run that owns the dir.
     save_resolved_config(config, workdir)
     step = int(jax.device_get(state.step))
@@ -416,30 +386,6 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
                  t.num_steps)
     return _Run(model, schedule, settings, state, iterator, manager, step, config, teacher_params,
                 tuning, first_stage)
-
-
-def _pin_step(config: ml_collections.ConfigDict, manager: Any, last_checkpoint: int | None,
-              section: str, field: str) -> ml_collections.ConfigDict:
-    """A copy of `config` whose section.field (distill.teacher_step, finetune.base_step) None is
-    the step the run started with (saved with its checkpoints), so that a resume reads the
-    same teacher or base even after that run trained on; a fresh run's None stays None (the
-    newest, pinned once loaded)."""
-    config = copy.deepcopy(config)
-    if config[section][field] is None and last_checkpoint is not None:
-        saved = checkpoint.restore_config(manager, last_checkpoint)
-        with config.unlocked():
-            config[section][field] = saved.get(section, {}).get(field)
-    return config
-
-
-@functools.cache
-def _start_from_teacher(mesh: Mesh) -> Callable[..., training.TrainState]:
-    """(fresh state, teacher params) -> the state with params and EMA copies of the teacher's
-    (own buffers: the step donates the state, never the teacher)."""
-    def start(state: training.TrainState, teacher: Any) -> training.TrainState:
-        return state.replace(params=jax.tree.map(jnp.copy, teacher),
-                             ema_params=jax.tree.map(jnp.copy, teacher))
-    return jax.jit(start, out_shardings=parallel.replicated(mesh))
 
 
 def _run_steps(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, run: _Run,
