@@ -3,6 +3,13 @@ low-pass image at equal network calls, and super-resolution by concatenation.
 
     python bench/control_digits.py --controlnet runs/digits_controlnet --base runs/digits \
         --sr runs/digits_sr --seeds 0,1
+    python bench/control_digits.py --cascade runs/digits4 --sr runs/digits_sr \
+        --default runs/digits --seeds 0,1,2
+
+The cascade (--cascade, a `configs/digits.py:4px` run): 1,000 samples of the 4x4 run (its
+sampler), upsampled, condition the SR run (its sampler, at each --sr_guidance); digits-FID of the
+8x8 outputs against the train (1,437) and held-out (360) references, next to 1,000 samples of the
+single-stage --default run, per seed.
 
 Every test digit (digits/test, 360 images, never trained on) gives one control: its k x k
 low-pass (the run's control.factor; 2: the 4x4 image shown at 8x8). Rows:
@@ -120,6 +127,57 @@ def sdedit(workdir: str, controls: np.ndarray, seed: int, batch: int, strength: 
     return out, sampler.plan.num_steps, time.perf_counter() - begin
 
 
+def run_samples(workdir: str, seed: int, num: int, batch: int) -> np.ndarray:
+    """uint8 [num, H, W, C]: a run's samples with its own sampler, key `seed`."""
+    config, model, params = runs.load_for_sampling(workdir, "ema")
+    sampler = make_sampler(ModelApply(model), config_lib.schedule_from_config(config),
+                           (min(batch, num), *config_lib.image_shape(config)),
+                           SamplerSpec.from_config(config))
+    return draw_images(sampler, params, jax.random.key(seed), num, progress=False), \
+        sampler.plan.num_steps
+
+
+def cascade_rows(first: str, sr: str, default: str, seeds: list[int], num: int, batch: int,
+                 sr_guidance: list[float]) -> list[dict]:
+    """The 4x4 -> 8x8 cascade (the 4x4 run's samples, upsampled, as the SR run's conditions)
+    next to the single-stage default run: digits-FID of `num` samples against the train and
+    held-out references, per seed (first stage key seed + 1000, second stage key seed)."""
+    train_ref, test_ref = Yardstick(), Yardstick(reference_split="test")
+    jobs = [("single-stage default", lambda s: run_samples(default, s, num, batch))]
+    for g in sr_guidance:
+        def two_stages(s, g=g):
+            low, first_calls = run_samples(first, s + 1000, num, batch)
+            conditions = np.asarray(control.upsample(jnp.asarray(to_model_range(
+                    low.astype(np.float32))), 8 // low.shape[1]))
+            out, calls, _ = controlled(sr, conditions, s, batch, condition=True, guidance=g)
+            return out, first_calls + calls
+        jobs.append((f"cascade 4x4 -> 8x8, condition guidance {g:g}", two_stages))
+    rows = []
+    for name, job in jobs:
+        per_seed = []
+        for seed in seeds:
+            start = time.perf_counter()
+            out, calls = job(seed)
+            per_seed.append(dict(fid_train=train_ref.score(out)["fid"],
+                                 fid_test=test_ref.score(out)["fid"],
+                                 seconds=time.perf_counter() - start))
+        row = dict(row=name, n_calls=calls, num_samples=num)
+        for key in per_seed[0]:
+            values = [p[key] for p in per_seed]
+            row[key] = float(np.mean(values))
+            row[key + "_spread"] = float(np.max(values) - np.min(values))
+            row[key + "_per_seed"] = values
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print("\n| model | calls | digits-FID vs train | digits-FID vs held-out |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['row']} | {row['n_calls']} | {row['fid_train']:.2f} +- "
+              f"{row['fid_train_spread'] / 2:.2f} | {row['fid_test']:.2f} +- "
+              f"{row['fid_test_spread'] / 2:.2f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--controlnet", default=None)
@@ -135,13 +193,23 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--batch_size", type=int, default=360)
     parser.add_argument("--out", default="runs/control_digits.png")
+    parser.add_argument("--cascade", default=None, help="a 4x4 run (configs/digits.py:4px): "
+                        "score the cascade into --sr next to --default, then stop")
+    parser.add_argument("--default", default=None, help="the single-stage 8x8 run (--cascade)")
+    parser.add_argument("--num_samples", type=int, default=1000, help="--cascade's samples")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.cascade:
+        if not (args.sr and args.default):
+            parser.error("--cascade needs --sr (the 4x4 -> 8x8 run) and --default (8x8).")
+        cascade_rows(args.cascade, args.sr, args.default, seeds, args.num_samples, 500,
+                     [float(v) for v in args.sr_guidance.split(",")])
+        return
     images, labels = digits_arrays(8)["test"]
     controls = transform(images, args.factor)
     edge_maps = transform(images, args.factor, "edges")
     yardstick = Yardstick(reference_split="test")
     net = yardstick.net
-    seeds = [int(s) for s in args.seeds.split(",")]
     print(f"protocol: {len(images)} digits/test images, control = their {args.factor}x"
           f"{args.factor} block means ({8 // args.factor}x{8 // args.factor} low-pass); seeds "
           f"{seeds}; EMA weights; scored by {yardstick.protocol()}", flush=True)

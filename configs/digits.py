@@ -15,7 +15,8 @@ worse (3.93 vs 2.84), Min-SNR-5 moved the scores within their seed spread.
 
 Variants: `configs/digits.py:tiny` (seconds, for tests), `configs/digits.py:16px` (the
 digits upsampled to 16x16, one res block per level, 2,000 steps at
-batch 32), `configs/digits.py:classifier` (the noise-conditional classifier for classifier
+batch 32), `configs/digits.py:4px` (the digits' 2x2 block means: the first stage of the
+4x4 -> 8x8 super-resolution cascade), `configs/digits.py:classifier` (the noise-conditional classifier for classifier
 guidance; `classifier_tiny` for tests), `configs/digits.py:cond` (the same model conditioned on
 the 10 classes, label dropout 0.1 for classifier-free guidance: the one class-conditional digits
 run that the class-conditional methods and their benchmarks train once and reuse; `cond_tiny`
@@ -67,6 +68,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.eval.bpd_batch_size = 64
     if variant == "16px":
         _previous_default(config)
+    if variant == "4px":
+        _four_px(config)
     if variant in ("classifier", "classifier_tiny"):
         _classifier(config, tiny=variant == "classifier_tiny")
     if variant in ("cond", "cond_tiny"):
@@ -84,9 +87,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     if variant in LATENT_VARIANTS:
         _latent(config, variant)
     return base.with_variant(config, variant, "digits",
-                             handled=("16px", "classifier", "classifier_tiny", "cond", "cond_tiny", "cond_without9",
+                             handled=("16px", "4px", "classifier", "classifier_tiny", "cond", "cond_tiny", "cond_without9",
                                       "distill", "distill_tiny", "finetune", "finetune_tiny",
                                       *CONTROL_VARIANTS, *LATENT_VARIANTS))
+
+
+def _four_px(config: ml_collections.ConfigDict) -> None:
+    """The digits at 4x4 (the 2x2 block means of the 8x8 images, the low-pass the `sr` runs
+    read): the first stage of the 4x4 -> 8x8 cascade (`sample.py --workdir SR_RUN --condition
+    THIS_RUN`). The default model on two levels (4x4 with attention, 2x2), the default steps."""
+    config.data.image_size = 4
+    config.model.ch_mult = (1, 2)          # 4x4, 2x2
+    config.model.attn_resolutions = (4,)
 
 
 CONTROL_VARIANTS = ("controlnet", "controlnet_tiny", "sr", "sr_tiny", "sr16")

@@ -17,7 +17,10 @@ their reconstructions, `write_reconstruction_grid`). A latent run names a finish
 * sampling runs `LatentUNet`, whose parameters are {"unet", "autoencoder"}: the chain runs on
   latents with the UNet, and `decode_latents` (z / scale through the decoder) is applied to the
   chain's last state at the end of the same compiled program (`sampling.ModelApply.decode`).
-  Every sampler and guidance runs unchanged; the images come out in pixels.
+  Every sampler and guidance runs unchanged; the images come out in pixels. sample.py's edits
+  take their input images to scaled latent means (`to_latents`) and their masks to the latent
+  grid (`downsample_mask`); the generation jobs (--views, --style_ref) are refused
+  (`check_edit`).
 
 Bits/dim is refused on a latent run (`check_metrics`): the chain's likelihood is one of scaled
 latents, not of the pixels.
@@ -208,17 +211,32 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     return blocks.all(axis=(2, 4))
 
 
-# Edits whose inputs are encoded and masks downsampled on a latent run; the others are refused.
-LATENT_EDITS = ("sample", "progressive", "sdedit", "inpaint")
+# sample.py's jobs that run on a latent run: their input images are encoded to scaled latent
+# means (`to_latents`), their masks taken to the latent grid (`downsample_mask`), and the chain's
+# end decoded. The generation jobs are refused (`NOT_ON_LATENTS` says why).
+LATENT_EDITS = ("sample", "progressive", "sdedit", "inpaint", "encode", "interpolate",
+                "diffedit", "blend", "pnp")
+NOT_ON_LATENTS = {
+    "views": "a view of the latents (a flip, a rotation, a transpose) is not that view of the "
+             "decoded image, since the decoder is not equivariant to it",
+    "style": "StyleAligned's shared attention is implemented for pixel runs only",
+}
 
 
 def check_edit(model: Any, mode: str) -> None:
-    """ValueError (one line) for an edit that does not run on a latent run's latents (model:
-    the run's network, a LatentUNet on a latent run; None or another: a pixel run)."""
-    if isinstance(model, LatentUNet) and mode not in LATENT_EDITS:
-        raise ValueError(f"--{mode} is not available on a latent run: its inputs would need "
-                         f"encoding and its chain a decode; use one of "
-                         f"{', '.join('--' + m for m in LATENT_EDITS[1:])} or a pixel run.")
+    """ValueError (one line) for a sample.py job `mode` that does not run on a latent run
+    (model: the run's network, a LatentUNet on a latent run; None or another: a pixel run)."""
+    if not isinstance(model, LatentUNet) or mode in LATENT_EDITS:
+        return
+    flag = "--style_ref" if mode == "style" else f"--{mode}"
+    why = NOT_ON_LATENTS.get(mode, "it has no latent form")
+    raise ValueError(f"{flag} is not available on a latent run: {why}; use a pixel run.")
+
+
+def upsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """A latent-grid mask [N, h, w, 1] shown on the pixels [N, h f, w f, 1]: each position
+    covers its f x f block (what the grids and the .npz of a latent run's edits hold)."""
+    return np.repeat(np.repeat(np.asarray(mask), factor, axis=1), factor, axis=2)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -291,10 +309,10 @@ def load_autoencoder(config: Any, *, step: int | None, sharding: Any = None
         raise ValueError(f"{where} is not a finished run (its newest checkpoint is step {chosen} "
                          f"of {ae_config.training.num_steps}): let it finish, or pin a step with "
                          "--config.latent.autoencoder_step.")
-    diffs = [f"data.{f}: autoencoder {ae_config.data[f]!r}, this run {config.data[f]!r}"
-             for f in ("dataset", "image_size", "channels") if ae_config.data[f] != config.data[f]]
-    diffs += [f"latent.{f}: autoencoder {ae_config.latent[f]!r}, this run {config.latent[f]!r}"
-              for f in ("factor", "channels") if ae_config.latent[f] != config.latent[f]]
+    diffs = (runs.field_differences(ae_config, config, "data",
+                                    ("dataset", "image_size", "channels"), "autoencoder")
+             + runs.field_differences(ae_config, config, "latent", ("factor", "channels"),
+                                      "autoencoder"))
     if diffs:
         raise ValueError(f"{where} was trained for other images or latents than this run "
                          f"({'; '.join(diffs)}): name an autoencoder of this run's data, or "

@@ -165,6 +165,15 @@ TEACHER_MODEL_FIELDS = tuple(f for f in config_lib.MODEL_FIELDS if f not in ("dr
 TEACHER_DIFFUSION_FIELDS = ("timesteps", "schedule", "beta_start", "beta_end")
 
 
+def field_differences(theirs: ml_collections.ConfigDict, ours: ml_collections.ConfigDict,
+                      section: str, fields: tuple[str, ...], who: str,
+                      this: str = "this run") -> list[str]:
+    """'section.field: <who> a, <this> b' for each of `fields` of config `section` where the
+    other run's config (`theirs`) and this one (`ours`) differ; tuples and lists compare equal."""
+    return [f"{section}.{f}: {who} {theirs[section][f]!r}, {this} {ours[section][f]!r}"
+            for f in fields if _plain(theirs[section][f]) != _plain(ours[section][f])]
+
+
 def load_base_run(workdir: str, config: ml_collections.ConfigDict, *, flag: str,
                   step: int | None = None, sharding: jax.sharding.Sharding | None = None,
                   same_mean_type: bool = False
@@ -186,10 +195,8 @@ def load_base_run(workdir: str, config: ml_collections.ConfigDict, *, flag: str,
                          f"{config_lib.model_kind(base)!r}), not a denoiser: name a run "
                          "trained with model.kind='unet'.")
     fields = TEACHER_DIFFUSION_FIELDS + (("mean_type", "var_type") if same_mean_type else ())
-    diffs = [f"diffusion.{f}: base {base.diffusion[f]!r}, this run {config.diffusion[f]!r}"
-             for f in fields if base.diffusion[f] != config.diffusion[f]]
-    diffs += [f"data.{f}: base {base.data[f]!r}, this run {config.data[f]!r}"
-              for f in ("image_size", "channels") if base.data[f] != config.data[f]]
+    diffs = (field_differences(base, config, "diffusion", fields, "base")
+             + field_differences(base, config, "data", ("image_size", "channels"), "base"))
     if diffs:
         raise ValueError(f"{where} has another schedule or image shape than this run, which "
                          f"starts from its weights ({'; '.join(diffs)}): use the base run's "
@@ -208,8 +215,8 @@ def load_teacher(workdir: str, config: ml_collections.ConfigDict, *, step: int |
     where = f"config.distill.teacher={workdir}"
     chosen, teacher, params = load_base_run(workdir, config, flag="config.distill.teacher",
                                             step=step, sharding=sharding)
-    diffs = [f"model.{f}: teacher {teacher.model[f]!r}, student {config.model[f]!r}"
-             for f in TEACHER_MODEL_FIELDS if _plain(teacher.model[f]) != _plain(config.model[f])]
+    diffs = field_differences(teacher, config, "model", TEACHER_MODEL_FIELDS, "teacher",
+                              this="student")
     if diffs:
         raise ValueError(f"{where} has another network or schedule than the student, which "
                          f"starts from its weights ({'; '.join(diffs)}): use the teacher's "

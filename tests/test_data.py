@@ -79,6 +79,19 @@ def test_digits_round_trip_against_sklearn(data_dir, mesh, monkeypatch):
         next(it)
 
 
+def test_the_4px_digits_are_the_2x2_block_means_of_the_8px_ones():
+    # The cascade's first stage must see the low-pass the super-resolution runs condition on:
+    # each 4x4 pixel the rounded mean of its 2x2 block, by a loop over the blocks.
+    four, eight = builders.digits_arrays(4)["test"], builders.digits_arrays(8)["test"]
+    np.testing.assert_array_equal(four[1], eight[1])
+    expected = np.zeros((len(eight[0]), 4, 4, 1))
+    for i in range(4):
+        for j in range(4):
+            expected[:, i, j] = eight[0][:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].astype(float).mean(
+                    axis=(1, 2))
+    np.testing.assert_array_equal(four[0], np.round(expected).astype(np.uint8))
+
+
 def test_batches_are_global_float_arrays_sharded_over_data(data_dir, mesh):
     batch = next(digits_iterator(data_dir, mesh))
     assert batch["image"].shape == (8, 8, 8, 1) and batch["image"].dtype == np.float32

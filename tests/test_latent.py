@@ -96,6 +96,28 @@ def test_a_latent_chain_is_the_pixel_chain_on_latents_then_decoded(nets):
             params["autoencoder"], plain)
     np.testing.assert_allclose(np.asarray(out["images"]), np.clip(np.asarray(by_hand), -1, 1),
                                atol=1e-6)
+    # Classifier guidance: a noise-conditional classifier of the latents steers the latent
+    # chain exactly as it steers the UNet's chain on latents.
+    from ddpm_jax.guidance import ClassifierApply
+    from ddpm_jax.models.classifier import NoisyClassifier
+    classifier = NoisyClassifier(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                 num_groups=4, classes=3)
+    clf_params = jax.jit(lambda key: classifier.init(key, jnp.zeros((1, 4, 4, 2)),
+                                                     jnp.zeros(1, jnp.int32), train=False))(
+            jax.random.key(5))["params"]
+    steer = dict(classifier=ClassifierApply(classifier), classifier_scale=50.0)
+    options = spec_and_options(sampler="ddim", steps=3, clip_denoised=False)
+    steered = sampling.make_sampler(sampling.ModelApply(model), schedule, (4, 4, 4, 2), **steer,
+                                    **options)(params, jax.random.key(9), labels=labels,
+                                               classifier_params=clf_params)
+    plain = sampling.make_sampler(sampling.ModelApply(UNET), schedule, (4, 4, 4, 2), **steer,
+                                  **options)(params["unet"], jax.random.key(9), labels=labels,
+                                             classifier_params=clf_params)["images"]
+    np.testing.assert_array_equal(np.asarray(steered["latents"]), np.asarray(plain))
+    unsteered = sampling.make_sampler(sampling.ModelApply(UNET), schedule, (4, 4, 4, 2),
+                                      **options)(params["unet"], jax.random.key(9),
+                                                 labels=labels)["images"]
+    assert np.abs(np.asarray(unsteered) - np.asarray(plain)).max() > 1e-4  # it steered
 
 
 def test_the_autoencoder_objective_is_the_loss_on_the_steps_own_draw(nets):
@@ -198,9 +220,133 @@ def test_masks_reach_the_latent_grid_known_only_where_a_whole_block_is_and_edits
             expected[:, i, j, 0] = mask[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2, 0].all(axis=(1, 2))
     np.testing.assert_array_equal(latent.downsample_mask(mask, 2), expected)
     model, _, _, _ = nets
-    for mode in ("sdedit", "inpaint", "progressive"):
+    for mode in latent.LATENT_EDITS:
         latent.check_edit(model, mode)
-    with pytest.raises(ValueError, match=r"--encode is not available on a latent run: .* use one "
-                                         r"of --progressive, --sdedit, --inpaint or a pixel run"):
-        latent.check_edit(model, "encode")
-    latent.check_edit(UNET, "encode")  # a pixel run: every edit
+    with pytest.raises(ValueError, match=r"--style_ref is not available on a latent run: "
+                                         r"StyleAligned's .* pixel runs only; use a pixel run"):
+        latent.check_edit(model, "style")
+    latent.check_edit(UNET, "views")  # a pixel run: every job
+
+
+def _decoded(params, z):
+    """z / scale through the fixture's decoder, clipped: the decode a latent chain ends with."""
+    return np.clip(np.asarray(jax.jit(lambda p, z: AE.apply({"params": p}, z / 1.7,
+                                                            method="decode"))(params, z)), -1, 1)
+
+
+def test_by_class_edits_on_a_latent_run_are_the_pixel_edits_on_its_latents_then_decoded(nets):
+    # Blended diffusion (the known latents re-drawn after every step) and Plug-and-Play (the
+    # UNet's decoder features injected through the seam) on the LatentUNet equal the same
+    # edits of its UNet on the same latents, decoded by hand; the same key, so bit for bit
+    # before the decode.
+    from ddpm_jax.editing import by_class, pnp
+    from ddpm_jax.schedule import Schedule
+    from ddpm_jax.spec import SamplerSpec
+    model, params, _, _ = nets
+    schedule = Schedule.create("linear", 50)
+    z = jnp.asarray(np.random.default_rng(5).normal(size=(2, 4, 4, 2)), jnp.float32)
+    known = np.zeros((2, 4, 4, 1), bool)
+    known[:, :2] = True
+    spec = SamplerSpec(sampler="ddim", steps=4, clip_denoised=False)
+    out = by_class.blended(sampling.ModelApply(model), params, schedule, spec, z, known, 1,
+                           jax.random.key(3), strength=0.6, guidance=1.0)
+    plain = by_class.blended(sampling.ModelApply(UNET), params["unet"], schedule, spec, z, known,
+                             1, jax.random.key(3), strength=0.6, guidance=1.0)
+    assert out.shape == (2, 8, 8, 1)
+    np.testing.assert_allclose(np.asarray(out), _decoded(params["autoencoder"], plain), atol=1e-6)
+    edited = pnp.pnp(model, params, schedule, spec, z, 2, jax.random.key(4), feature_level=1,
+                     feature_share=1.0, attn_share=0.5)
+    by_unet = pnp.pnp(UNET, params["unet"], schedule, spec, z, 2, jax.random.key(4),
+                      feature_level=1, feature_share=1.0, attn_share=0.5)
+    np.testing.assert_array_equal(np.asarray(edited["latents"]), np.asarray(by_unet["latents"]))
+    for name in ("images", "guides"):
+        np.testing.assert_allclose(np.asarray(edited[name]),
+                                   _decoded(params["autoencoder"], by_unet[name]), atol=1e-6)
+    # The injection acted: the targets differ from what their label alone draws.
+    alone = pnp.pnp(UNET, params["unet"], schedule, spec, z, 2, jax.random.key(4),
+                    feature_level=1, feature_share=0.0, attn_share=0.0)
+    assert np.abs(np.asarray(alone["images"]) - np.asarray(by_unet["images"])).max() > 1e-3
+
+
+def _job_flags(**changes):
+    """sample.py's editing flag values, all unset, then `changes`."""
+    import types
+    base = dict(inpaint=None, mask=None, jump_length=2, resamplings=2, sdedit=None,
+                strength=None, encode=None, interpolate=None, lambdas=3, at_step=None,
+                ddim_latent=False, grid_cells=None, progressive=None, labels=None,
+                guidance=None, num_samples=2, classifier=None, diffedit=None, blend=None,
+                pnp=None, from_label=None, to_label=None, feature_t=None, mask_threshold=None,
+                attn_t=None, feature_level=None)
+    return types.SimpleNamespace(**{**base, **changes})
+
+
+@pytest.mark.slow
+def test_a_latent_run_resumes_bit_for_bit_and_every_edit_runs_on_its_latents(tmp_path):
+    import os
+    import shutil
+
+    from conftest import write_untrained_run
+    from PIL import Image
+
+    from ddpm_jax import loop, runs
+    from ddpm_jax.editing import jobs as edit_jobs
+
+    # A first stage at step 0 (perturbed weights), pinned: a finished run is not needed then.
+    write_untrained_run(digits.get_config("autoencoder_tiny"), str(tmp_path / "ae"), perturb=0.05)
+
+    def config():
+        return _config(**{"latent.autoencoder": str(tmp_path / "ae"), "latent.autoencoder_step": 0,
+                          "model.num_classes": 10, "training.label_dropout": 0.1,
+                          "training.num_steps": 4, "training.checkpoint_every": 2,
+                          "training.num_sample_images": 0})
+    straight = loop.train_and_evaluate(config(), str(tmp_path / "straight"))
+    # The same run resumed from its step-2 checkpoint (as if it had died before saving step 4):
+    # the scale pinned in the checkpoint and the batches' latents drawn again by step.
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "straight", workdir)
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), "4"))
+    resumed = loop.train_and_evaluate(config(), workdir)
+    assert int(resumed.step) == 4
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+    # sample.py's jobs on it: pixel images in, the chain on latents, pixel images out.
+    saved, model, params = runs.load_for_sampling(workdir)
+    assert isinstance(model, latent.LatentUNet) and saved.latent.scale is not None
+    context = edit_jobs.Context.from_config(saved, model, params, flags=dict(steps=4),
+                                            batch_size=2, seed=0, guidance=1.0)
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)).astype(np.uint8)
+    np.savez(tmp_path / "x.npz", images=images)
+    x = str(tmp_path / "x.npz")
+    encoded = edit_jobs.run("encode", _job_flags(encode=x), context)
+    assert encoded.images.shape == (2, 8, 8, 1) and encoded.extra["latents"].shape == (2, 4, 4, 2)
+    for name, image in (("a.png", images[0]), ("b.png", images[1])):
+        Image.fromarray(image[..., 0]).save(tmp_path / name)
+    pair = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    for method in (dict(at_step=3), dict(ddim_latent=True)):
+        mixed = edit_jobs.run("interpolate", _job_flags(interpolate=pair, **method), context)
+        assert mixed.images.shape == (3, 8, 8, 1)
+        np.testing.assert_array_equal(mixed.grid[0], images[0])
+    edited = edit_jobs.run("diffedit", _job_flags(diffedit=x, from_label=1, to_label=2), context)
+    masks = edited.extra["masks"]  # on the pixels, one value per 2x2 block of the latent grid
+    assert edited.images.shape == masks.shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(masks, latent.upsample_mask(masks[:, ::2, ::2], 2))
+    top = np.zeros((8, 8), np.uint8)
+    top[:3] = 255  # rows 0-2: only latent row 0 is kept whole
+    Image.fromarray(top).save(tmp_path / "top.png")
+    blended = edit_jobs.run("blend", _job_flags(blend=x, mask=str(tmp_path / "top.png"),
+                                                to_label=3), context)
+    assert blended.images.shape == (2, 8, 8, 1)
+    assert not blended.extra["masks"][:, :2].any() and blended.extra["masks"][:, 2:].all()
+    guided = edit_jobs.run("pnp", _job_flags(pnp=x, to_label=4), context)
+    assert guided.images.shape == guided.extra["guides"].shape == (2, 8, 8, 1)
+    assert guided.extra["latents"].shape == (2, 4, 4, 2)
+    # One line each: a mask that keeps no whole block; an anagram of latents.
+    checker = np.indices((8, 8)).sum(axis=0) % 2 * 255
+    Image.fromarray(checker.astype(np.uint8)).save(tmp_path / "checker.png")
+    with pytest.raises(ValueError, match=r"--mask keeps no whole 2x2 block of image 0: on a "
+                                         r"latent run a latent position is kept only where"):
+        edit_jobs.run("blend", _job_flags(blend=x, mask=str(tmp_path / "checker.png"),
+                                          to_label=3), context)
+    with pytest.raises(ValueError, match=r"--views is not available on a latent run: a view of "
+                                         r"the latents .* is not that view of the decoded image"):
+        latent.check_edit(model, "views")

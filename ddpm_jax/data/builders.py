@@ -32,7 +32,7 @@ _CIFAR10_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)],
                   "test": ["test_batch.bin"]}
 _CIFAR10_RECORD = 1 + 32 * 32 * 3  # label byte, then R, G, B planes of 32x32
 
-DIGITS_SIZES = (8, 16, 32)
+DIGITS_SIZES = (4, 8, 16, 32)
 FOLDER_SIZES = (32, 64, 128, 256)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BAD_IMAGES_FILE = "bad_images.txt"  # beside the prepared files: the images left out, one a line
@@ -76,7 +76,9 @@ def read_cifar10_archive(
 def digits_arrays(size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """scikit-learn's digits: {split: (images [N,size,size,1] uint8, labels [N] int64)}.
 
-    The 0..16 ink counts map to round(v * 255 / 16); sizes above 8 are bicubic upsamplings.
+    The 0..16 ink counts map to round(v * 255 / 16); sizes above 8 are bicubic upsamplings;
+    size 4 is the rounded mean of each 2x2 block of the 8x8 image (the low-pass that the
+    super-resolution runs condition on: the first stage of a 4x4 -> 8x8 cascade).
     """
     from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
 
@@ -84,7 +86,10 @@ def digits_arrays(size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise ValueError(f"digits image_size={size} is not one of {DIGITS_SIZES}.")
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    if size != 8:
+    if size == 4:
+        blocks = images.astype(np.float64).reshape(-1, 4, 2, 4, 2).mean(axis=(2, 4))
+        images = np.round(blocks).astype(np.uint8)
+    elif size != 8:
         images = np.stack([
             np.asarray(Image.fromarray(x).resize((size, size), Image.Resampling.BICUBIC))
             for x in images])

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
+from ddpm_jax import latent
 from ddpm_jax.editing import by_class, inputs as edit_io, pnp as pnp_lib
-from ddpm_jax.images import to_model_range, to_uint8
+from ddpm_jax.images import to_uint8
 from ddpm_jax.parallel import map_batches
 
 CLASS_MODES = ("diffedit", "blend", "pnp")
@@ -115,8 +116,16 @@ def _shown(changed: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.where(changed, 255, 0).astype(np.uint8), like.shape)
 
 
+def _on_pixels(context: Any, mask: np.ndarray) -> np.ndarray:
+    """A chain-grid mask [N, h, w, 1] on the images' pixels: a latent run's masks live on its
+    latent grid (each position covers an f x f block); a pixel run's are the pixels'."""
+    from ddpm_jax.editing.jobs import latent_model
+    model = latent_model(context)
+    return mask if model is None else latent.upsample_mask(mask, model.autoencoder.factor)
+
+
 def _diffedit(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
-    from ddpm_jax.editing.jobs import Result
+    from ddpm_jax.editing.jobs import Result, model_input
     strength = 0.5 if values.strength is None else values.strength
     batch = min(context.batch_size, images.shape[0])
     options = _classes(context)
@@ -126,7 +135,7 @@ def _diffedit(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
                  values.to_label, strength, threshold, spec.describe())
 
     def one_batch(n: int, x: np.ndarray) -> dict[str, Any]:
-        x = to_model_range(x)
+        x = model_input(context, x)  # a latent run: its scaled latents, the mask on their grid
         soft = by_class.diffedit_mask(context.model_apply, context.params, context.schedule, x,
                                       values.from_label, values.to_label, context.key,
                                       strength=strength, mean_type=spec.mean_type,
@@ -140,34 +149,47 @@ def _diffedit(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
 
     out = map_batches(one_batch, [images], batch, desc="diffedit")
     result = to_uint8(out["images"])
-    masks = np.asarray(out["masks"], bool)
+    masks = _on_pixels(context, np.asarray(out["masks"], bool))
+    soft = _on_pixels(context, np.asarray(out["soft"], np.float32))
     labels = np.full(len(images), values.to_label, np.int32)
     return Result(result, *_tiles(images, _shown(masks, images), result),
-                  extra=dict(inputs=images, masks=masks, soft_masks=out["soft"].astype(np.float32),
+                  extra=dict(inputs=images, masks=masks, soft_masks=soft,
                              labels=labels, from_labels=np.full_like(labels, values.from_label)))
 
 
 def _blend(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
-    from ddpm_jax.editing.jobs import Result
+    from ddpm_jax.editing.jobs import Result, latent_model, model_input, pixel_shape
     strength = 0.5 if values.strength is None else values.strength
-    known = edit_io.load_mask(values.mask, image_shape=context.image_shape,
+    known = edit_io.load_mask(values.mask, image_shape=pixel_shape(context),
                               num_images=images.shape[0])
+    model = latent_model(context)
+    if model is not None:  # kept: the latent positions whose whole f x f block is kept
+        f = model.autoencoder.factor
+        kept = latent.downsample_mask(known, f)
+        lost = np.flatnonzero(~kept.reshape(len(kept), -1).any(axis=1)
+                              & known.reshape(len(known), -1).any(axis=1))
+        if lost.size:
+            raise ValueError(f"--mask keeps no whole {f}x{f} block of image {int(lost[0])}: on a "
+                             f"latent run a latent position is kept only where its whole block "
+                             f"is, so nothing would be kept; keep aligned {f}x{f} blocks.")
+        known = kept
     batch = min(context.batch_size, images.shape[0])
     options = _classes(context)
     logging.info("Blended diffusion: %d images towards class %d, strength %.3g: %s.",
                  images.shape[0], values.to_label, strength, spec.describe())
     out = map_batches(lambda n, x, m: by_class.blended(
-            context.model_apply, context.params, context.schedule, spec, to_model_range(x), m,
-            values.to_label, context.key, strength=strength, example_offset=n, **options),
+            context.model_apply, context.params, context.schedule, spec, model_input(context, x),
+            m, values.to_label, context.key, strength=strength, example_offset=n, **options),
             [images, known], batch, desc="blend")
     result = to_uint8(out)
-    return Result(result, *_tiles(images, _shown(~known, images), result),
-                  extra=dict(inputs=images, masks=~known,
+    changed = ~_on_pixels(context, known)
+    return Result(result, *_tiles(images, _shown(changed, images), result),
+                  extra=dict(inputs=images, masks=changed,
                              labels=np.full(len(images), values.to_label, np.int32)))
 
 
 def _pnp(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
-    from ddpm_jax.editing.jobs import Result
+    from ddpm_jax.editing.jobs import Result, model_input
     if context.classifier is not None:
         raise ValueError("--pnp needs a class-conditional run; drop --classifier.")
     shares = dict(feature_share=pnp_lib.FEATURE_SHARE if values.feature_t is None else
@@ -178,7 +200,7 @@ def _pnp(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
     logging.info("Plug-and-Play: %d guides towards class %d, %s, %s.", images.shape[0],
                  values.to_label, shares, spec.describe())
     out = map_batches(lambda n, x: pnp_lib.pnp(
-            context.model_apply.model, context.params, context.schedule, spec, to_model_range(x),
+            context.model_apply.model, context.params, context.schedule, spec, model_input(context, x),
             values.to_label, context.key, guidance=context.guidance, example_offset=n, **shares),
             [images], batch, desc="pnp")
     result = to_uint8(out["images"])

@@ -143,7 +143,10 @@ JOBS = dict(views=_views, style=_style)
 
 
 def run(mode: str, values: Any, context: Context) -> Result:
-    """Runs job `mode` ('views' or 'style') with sample.py's flag values on `context`."""
+    """Runs job `mode` ('views' or 'style') with sample.py's flag values on `context`;
+    ValueError (one line) on a latent run, where neither is available (`latent.check_edit`)."""
+    from ddpm_jax import latent
+    latent.check_edit(getattr(context.model_apply, "model", None), mode)
     return JOBS[mode](values, context)
 
 

@@ -208,11 +208,11 @@ def run(mode: str, values: Any, context: Context) -> Result:
     """Runs the editing job `mode` with sample.py's flag `values` on `context`. Bad inputs
     raise ValueError before compiling."""
     spec = job_spec(mode, context, ddim_latent=bool(getattr(values, "ddim_latent", False)))
-    latent.check_edit(_latent_model(context), mode)
+    latent.check_edit(latent_model(context), mode)
     if mode in ("sample", "progressive", "interpolate"):
         return JOBS[mode](values, context, spec)
     images = edit_io.load_images(getattr(values, mode), flag=f"--{mode}",
-                                 image_shape=_pixel_shape(context), grid_cells=values.grid_cells)
+                                 image_shape=pixel_shape(context), grid_cells=values.grid_cells)
     return JOBS[mode](values, context, spec, images)
 
 
@@ -222,15 +222,15 @@ def _pairs(first: np.ndarray, second: np.ndarray, per_row: int = 5) -> tuple[np.
     return tiles, 2 * min(per_row, first.shape[0])
 
 
-def _latent_model(context: Context) -> latent.LatentUNet | None:
+def latent_model(context: Context) -> latent.LatentUNet | None:
     """A latent run's model (the UNet with its autoencoder), else None."""
     model = getattr(context.model_apply, "model", None)
     return model if isinstance(model, latent.LatentUNet) else None
 
 
-def _pixel_shape(context: Context) -> tuple[int, int, int]:
+def pixel_shape(context: Context) -> tuple[int, int, int]:
     """The images' (H, W, C): the model's input, or on a latent run its decoder's output."""
-    model = _latent_model(context)
+    model = latent_model(context)
     if model is None:
         return context.image_shape
     h, w, _ = context.image_shape
@@ -238,10 +238,10 @@ def _pixel_shape(context: Context) -> tuple[int, int, int]:
     return (h * f, w * f, model.autoencoder.image_channels)
 
 
-def _model_input(context: Context, images: np.ndarray) -> Any:
+def model_input(context: Context, images: np.ndarray) -> Any:
     """uint8 images -> the chain's x0: [-1, 1] pixels, or a latent run's scaled latents."""
-    if _latent_model(context) is not None:
-        return latent.to_latents(_latent_model(context), context.params, images)
+    if latent_model(context) is not None:
+        return latent.to_latents(latent_model(context), context.params, images)
     return to_model_range(images)
 
 
@@ -251,9 +251,9 @@ def _sampler(context: Context, spec: SamplerSpec, batch: int, **options: Any) ->
 
 
 def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray) -> Result:
-    mask = edit_io.load_mask(values.mask, image_shape=_pixel_shape(context),
+    mask = edit_io.load_mask(values.mask, image_shape=pixel_shape(context),
                              num_images=images.shape[0])
-    model = _latent_model(context)
+    model = latent_model(context)
     # A latent run completes its latents (known where a whole f x f block is) and decodes them.
     chain_mask = mask if model is None else latent.downsample_mask(mask, model.autoencoder.factor)
     plan = spec.plan(context.schedule)
@@ -263,7 +263,7 @@ def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarra
                  images.shape[0], spec.describe(plan.num_steps), values.jump_length,
                  values.resamplings, int(moves["reverse"].sum()))
     out = map_batches(lambda n, x, m: editing.repaint(
-            context.model_apply, context.params, plan, moves, context.key, _model_input(context, x),
+            context.model_apply, context.params, plan, moves, context.key, model_input(context, x),
             m, example_offset=n, mean_type=spec.mean_type, var_type=spec.var_type,
             clip_denoised=spec.clip_denoised, mesh=context.batch_mesh(batch)),
             [images, chain_mask], batch, desc="inpainting")
@@ -281,7 +281,7 @@ def _sdedit(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray
     logging.info("SDEdit: %d images, strength %.3g, from t0=%d: %s.", images.shape[0], strength,
                  int(sampler.plan.timesteps[-1]), spec.describe(sampler.plan.num_steps))
     out = map_batches(lambda n, x: sampler(context.params, context.key, n,
-                                           init=_model_input(context, x),
+                                           init=model_input(context, x),
                                            start="q_x0")["images"], [images], batch, desc="sdedit")
     return Result(to_uint8(out), *_pairs(images, to_uint8(out)))
 
@@ -291,8 +291,9 @@ def _encode(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray
     decoder = _sampler(context, spec, batch)
     logging.info("DDIM inversion of %d images: %s, unclipped.", images.shape[0],
                  spec.describe(decoder.plan.num_steps))
+    # On a latent run the chain inverts the images' scaled latents; decoding ends in pixels.
     latents = map_batches(lambda n, x: editing.ddim_encode(
-            context.model_apply, context.params, decoder.plan, to_model_range(x),
+            context.model_apply, context.params, decoder.plan, model_input(context, x),
             mean_type=spec.mean_type, var_type=spec.var_type), [images], batch, desc="encoding")
     back = map_batches(lambda n, z: decoder(context.params, context.key, n, init=jnp.asarray(z),
                                             start="x_t")["images"], [latents], batch,
@@ -306,14 +307,16 @@ def _encode(values: Any, context: Context, spec: SamplerSpec, images: np.ndarray
 
 
 def _interpolate(values: Any, context: Context, spec: SamplerSpec) -> Result:
-    a, b = (edit_io.load_images(path, flag="--interpolate", image_shape=context.image_shape,
+    a, b = (edit_io.load_images(path, flag="--interpolate", image_shape=pixel_shape(context),
                                 grid_cells=values.grid_cells)[0] for path in values.interpolate)
     lambdas = np.linspace(0.0, 1.0, values.lambdas)
     batch = values.lambdas
+    shape = (batch,) + context.image_shape  # the chain's: a latent run's latents
+    x0_a, x0_b = model_input(context, np.stack([a, b]))
     if values.ddim_latent:
-        decoder = make_sampler(context.model_apply, context.schedule, (batch,) + a.shape, spec)
+        decoder = make_sampler(context.model_apply, context.schedule, shape, spec)
         both = editing.ddim_encode(context.model_apply, context.params, decoder.plan,
-                                   to_model_range(np.stack([a, b])), mean_type=spec.mean_type,
+                                   jnp.stack([x0_a, x0_b]), mean_type=spec.mean_type,
                                    var_type=spec.var_type)
         start = editing.slerp(both[0], both[1], lambdas)
         logging.info("Interpolation: slerp of DDIM latents, %s, unclipped.",
@@ -324,11 +327,11 @@ def _interpolate(values: Any, context: Context, spec: SamplerSpec) -> Result:
         at_step = values.at_step if values.at_step is not None else T // 2
         if not 0 <= at_step < T:
             raise ValueError(f"--at_step={at_step} must lie in 0..{T - 1}.")
-        noise = jax.random.normal(jax.random.fold_in(context.key, 1 << 30), a.shape, jnp.float32)
+        noise = jax.random.normal(jax.random.fold_in(context.key, 1 << 30), shape[1:],
+                                  jnp.float32)
         abar = np.cumprod(1.0 - np.asarray(context.schedule.betas, np.float64))[at_step]
-        start = editing.q_interpolate(float(np.sqrt(abar)), to_model_range(a), to_model_range(b),
-                                      noise, lambdas)
-        sampler = make_sampler(context.model_apply, context.schedule, (batch,) + a.shape, spec,
+        start = editing.q_interpolate(float(np.sqrt(abar)), x0_a, x0_b, noise, lambdas)
+        sampler = make_sampler(context.model_apply, context.schedule, shape, spec,
                                start_t=at_step)
         logging.info("Interpolation at t=%d with shared noise: %s.", at_step,
                      spec.describe(sampler.plan.num_steps))

@@ -62,6 +62,14 @@ class InjectApply:
     def null_label(self) -> int | None:
         return getattr(self.model, "num_classes", None)
 
+    @property
+    def decodes(self) -> bool:
+        """A latent run's model: the chain's end is decoded (outside the hooks)."""
+        return ModelApply(self.model).decodes
+
+    def decode(self, params: dict[str, Any], z: Array) -> Array:
+        return ModelApply(self.model).decode(params["model"], z)
+
     def __call__(self, params: dict[str, Any], x_t: Array, t: Array,
                  y: Array | None = None) -> Array:
         half = x_t.shape[0] // 2
@@ -111,15 +119,19 @@ def pnp(model: Any, params: Any, schedule: Schedule, spec: SamplerSpec, images: 
         example_offset: int = 0) -> dict[str, Array]:
     """Plug-and-Play: images [B, H, W, C] in [-1, 1] (the guides) -> dict(images [B, H, W, C]:
     the targets of class `target` (an int or [B] ints), guides [B, H, W, C]: the guide rows'
-    own decoding, latents [B, H, W, C]). model: a class-conditional Flax UNet; spec: DDIM with
-    eta 0 (the guide rows must retrace the inversion), unclipped as the inversion."""
+    own decoding, latents [B, H, W, C]). model: a class-conditional Flax UNet, or a latent
+    run's `LatentUNet` (then `images` are its scaled latents, the sites are its UNet's and
+    images and guides come out decoded); spec: DDIM with eta 0 (the guide rows must retrace
+    the inversion), unclipped as the inversion."""
     images = jnp.asarray(images, jnp.float32)
     batch = images.shape[0]
     check_class_edit(ModelApply(model), None, dict(target=target), batch)
     if spec.sampler != "ddim" or spec.eta != 0.0:
         raise ValueError(f"Plug-and-Play decodes along the guide's DDIM inversion: use "
                          f"sampler 'ddim' with eta 0, not {spec.describe()}.")
-    blocks, attn = injection_sites(params, feature_level)
+    # A latent run's model holds the UNet (whose blocks are the sites) beside its autoencoder.
+    blocks, attn = injection_sites(params["unet"] if ModelApply(model).decodes else params,
+                                   feature_level)
     apply_fn = InjectApply(model, blocks, attn)
     sampler = make_sampler(apply_fn, schedule, (2 * batch,) + images.shape[1:], spec,
                            guidance=guidance)
