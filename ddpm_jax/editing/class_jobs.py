@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from ddpm_jax import latent
 from ddpm_jax.editing import by_class, inputs as edit_io, pnp as pnp_lib
 from ddpm_jax.images import to_uint8
 from ddpm_jax.parallel import map_batches
@@ -116,16 +115,8 @@ def _shown(changed: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.where(changed, 255, 0).astype(np.uint8), like.shape)
 
 
-def _on_pixels(context: Any, mask: np.ndarray) -> np.ndarray:
-    """A chain-grid mask [N, h, w, 1] on the images' pixels: a latent run's masks live on its
-    latent grid (each position covers an f x f block); a pixel run's are the pixels'."""
-    from ddpm_jax.editing.jobs import latent_model
-    model = latent_model(context)
-    return mask if model is None else latent.upsample_mask(mask, model.autoencoder.factor)
-
-
 def _diffedit(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
-    from ddpm_jax.editing.jobs import Result, model_input
+    from ddpm_jax.editing.jobs import Result, model_input, pixel_mask
     strength = 0.5 if values.strength is None else values.strength
     batch = min(context.batch_size, images.shape[0])
     options = _classes(context)
@@ -149,8 +140,8 @@ def _diffedit(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
 
     out = map_batches(one_batch, [images], batch, desc="diffedit")
     result = to_uint8(out["images"])
-    masks = _on_pixels(context, np.asarray(out["masks"], bool))
-    soft = _on_pixels(context, np.asarray(out["soft"], np.float32))
+    masks = pixel_mask(context, np.asarray(out["masks"], bool))
+    soft = pixel_mask(context, np.asarray(out["soft"], np.float32))
     labels = np.full(len(images), values.to_label, np.int32)
     return Result(result, *_tiles(images, _shown(masks, images), result),
                   extra=dict(inputs=images, masks=masks, soft_masks=soft,
@@ -158,21 +149,11 @@ def _diffedit(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
 
 
 def _blend(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
-    from ddpm_jax.editing.jobs import Result, latent_model, model_input, pixel_shape
+    from ddpm_jax.editing.jobs import Result, chain_mask, model_input, pixel_mask, pixel_shape
     strength = 0.5 if values.strength is None else values.strength
     known = edit_io.load_mask(values.mask, image_shape=pixel_shape(context),
                               num_images=images.shape[0])
-    model = latent_model(context)
-    if model is not None:  # kept: the latent positions whose whole f x f block is kept
-        f = model.autoencoder.factor
-        kept = latent.downsample_mask(known, f)
-        lost = np.flatnonzero(~kept.reshape(len(kept), -1).any(axis=1)
-                              & known.reshape(len(known), -1).any(axis=1))
-        if lost.size:
-            raise ValueError(f"--mask keeps no whole {f}x{f} block of image {int(lost[0])}: on a "
-                             f"latent run a latent position is kept only where its whole block "
-                             f"is, so nothing would be kept; keep aligned {f}x{f} blocks.")
-        known = kept
+    known = chain_mask(context, known)  # a latent run: whole f x f blocks
     batch = min(context.batch_size, images.shape[0])
     options = _classes(context)
     logging.info("Blended diffusion: %d images towards class %d, strength %.3g: %s.",
@@ -182,7 +163,7 @@ def _blend(values: Any, context: Any, spec: Any, images: np.ndarray) -> Any:
             m, values.to_label, context.key, strength=strength, example_offset=n, **options),
             [images, known], batch, desc="blend")
     result = to_uint8(out)
-    changed = ~_on_pixels(context, known)
+    changed = ~pixel_mask(context, known)
     return Result(result, *_tiles(images, _shown(changed, images), result),
                   extra=dict(inputs=images, masks=changed,
                              labels=np.full(len(images), values.to_label, np.int32)))

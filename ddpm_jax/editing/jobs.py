@@ -238,6 +238,31 @@ def pixel_shape(context: Context) -> tuple[int, int, int]:
     return (h * f, w * f, model.autoencoder.image_channels)
 
 
+def chain_mask(context: Context, known: np.ndarray) -> np.ndarray:
+    """A pixel mask [N, H, W, 1] (True = known) on the chain's grid: itself on a pixel run; on
+    a latent run, known only where the whole f x f block is (`latent.downsample_mask`).
+    ValueError (one line) when that keeps nothing of an image whose pixel mask kept something."""
+    model = latent_model(context)
+    if model is None:
+        return known
+    f = model.autoencoder.factor
+    kept = latent.downsample_mask(known, f)
+    lost = np.flatnonzero(~kept.reshape(len(kept), -1).any(axis=1)
+                          & known.reshape(len(known), -1).any(axis=1))
+    if lost.size:
+        raise ValueError(f"--mask keeps no whole {f}x{f} block of image {int(lost[0])}: on a "
+                         f"latent run a latent position is kept only where its whole block "
+                         f"is, so nothing would be kept; keep aligned {f}x{f} blocks.")
+    return kept
+
+
+def pixel_mask(context: Context, mask: np.ndarray) -> np.ndarray:
+    """A chain-grid mask [N, h, w, 1] on the images' pixels: a latent run's masks live on its
+    latent grid (each position covers its f x f block); a pixel run's are the pixels'."""
+    model = latent_model(context)
+    return mask if model is None else latent.upsample_mask(mask, model.autoencoder.factor)
+
+
 def model_input(context: Context, images: np.ndarray) -> Any:
     """uint8 images -> the chain's x0: [-1, 1] pixels, or a latent run's scaled latents."""
     if latent_model(context) is not None:
@@ -255,7 +280,7 @@ def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarra
                              num_images=images.shape[0])
     model = latent_model(context)
     # A latent run completes its latents (known where a whole f x f block is) and decodes them.
-    chain_mask = mask if model is None else latent.downsample_mask(mask, model.autoencoder.factor)
+    known = chain_mask(context, mask)
     plan = spec.plan(context.schedule)
     moves = editing.repaint_moves(plan.num_steps, values.jump_length, values.resamplings)
     batch = min(context.batch_size, images.shape[0])
@@ -266,7 +291,7 @@ def _inpaint(values: Any, context: Context, spec: SamplerSpec, images: np.ndarra
             context.model_apply, context.params, plan, moves, context.key, model_input(context, x),
             m, example_offset=n, mean_type=spec.mean_type, var_type=spec.var_type,
             clip_denoised=spec.clip_denoised, mesh=context.batch_mesh(batch)),
-            [images, chain_mask], batch, desc="inpainting")
+            [images, known], batch, desc="inpainting")
     if model is not None:
         out = np.asarray(latent.to_images(model, context.params, jnp.asarray(out)))
     shown = np.where(np.broadcast_to(mask, images.shape), images, 128).astype(np.uint8)
