@@ -147,7 +147,11 @@ def get_config() -> ml_collections.ConfigDict:
         base_step=placeholder(int),   # the base's checkpoint; None: its newest (pinned at start)
         kind="lowres",                # the control / condition image of a training image:
                                       # lowres (k x k block means) | edges (Sobel) | mask (top half)
+                                      # | data (given with the data: control.data_file)
         factor=2,                     # lowres: k
+        data_file=placeholder(str),   # kind data: an .npz whose 'control' is uint8 [N, H, W, C_c],
+                                      # row n the control of example n of the train split (stored order)
+        channels=placeholder(int),    # kind data: C_c; None: data.channels
         hint_channels=(16, 16),       # ControlNet: the control image's 3x3 convolution stack
         condition=False,              # the UNet reads [x_t, condition image] (SR3), from scratch
         condition_dropout=0.1,        # condition: share of rows trained on the null (zero) image

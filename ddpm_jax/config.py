@@ -377,7 +377,8 @@ ADDED_FIELDS = {
     "lora.alpha": 4.0, "lora.targets": ("attn", "time", "conv"),
     "control.base": None, "control.base_step": None, "control.kind": "lowres",
     "control.factor": 2, "control.hint_channels": (16, 16), "control.condition": False,
-    "control.condition_dropout": 0.1, "latent.autoencoder": None,
+    "control.condition_dropout": 0.1, "control.data_file": None, "control.channels": None,
+    "latent.autoencoder": None,
     "latent.autoencoder_step": None, "latent.scale": None, "latent.factor": 2,
     "latent.channels": 2, "latent.kl_weight": 1e-6, "latent.reconstruction": "l1",
 }

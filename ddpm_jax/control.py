@@ -5,7 +5,9 @@ same compiled chain.
 * Transforms (`make_control`): the control / condition image of a training image, [B, H, W, C]
   in [-1, 1] -> [B, H, W, C_c] in [-1, 1]: "lowres" (the mean of each k x k block, repeated
   back to k x k: the 1/k-size image at full size), "edges" (Sobel gradient magnitude, a fixed
-  filter), "mask" (the top half of the image and the mask itself, 2 C_c = C + 1 channels).
+  filter), "mask" (the top half of the image and the mask itself, 2 C_c = C + 1 channels);
+  or "data": given with the data (`load_data_controls`: row n of config.control.data_file is
+  the control of example n of the train split, read by the input pipeline beside its image).
 * The train step's objective (`StepSpec`, `train_denoise_fn`): the control image is computed
   from the batch inside the step; a ControlNet runs the frozen base plus the trainable branch
   (`models.controlnet`), a concatenation model reads [x_t, condition] with the condition
@@ -20,6 +22,7 @@ same compiled chain.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from typing import Any
 
 import jax
@@ -34,7 +37,7 @@ from ddpm_jax.parallel import constrain
 Array = jax.Array
 PyTree = Any
 
-KINDS = ("lowres", "edges", "mask")
+KINDS = ("lowres", "edges", "mask", "data")
 SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], np.float32)
 SOBEL_MAX = 8.0  # |Sobel response| of a full -1 -> 1 step: edges map [0, SOBEL_MAX] to [-1, 1]
 CONTROL_TRANSFORM = adapters.Transform("control")  # the base frozen, the branch trains
@@ -74,9 +77,18 @@ def top_half_mask(height: int, width: int) -> np.ndarray:
                            (1, height, width, 1)).astype(np.float32)
 
 
-def control_channels(kind: str, channels: int) -> int:
-    """C_c of a kind's control image for images of `channels` channels."""
+def control_channels(kind: str, channels: int, given: int | None = None) -> int:
+    """C_c of a kind's control image for images of `channels` channels (kind "data": `given`,
+    config.control.channels, or `channels` when None)."""
+    if kind == "data":
+        return channels if given is None else int(given)
     return channels + 1 if kind == "mask" else channels
+
+
+def channels_of(config: Any) -> int:
+    """C_c of a config's control images."""
+    c = config.control
+    return control_channels(c.kind, config.data.channels, c.get("channels"))
 
 
 def make_control(kind: str, x0: Array, factor: int = 2) -> Array:
@@ -90,7 +102,37 @@ def make_control(kind: str, x0: Array, factor: int = 2) -> Array:
     if kind == "mask":
         mask = jnp.broadcast_to(top_half_mask(*x0.shape[1:3]), (*x0.shape[:3], 1))
         return jnp.concatenate([x0 * mask, 2.0 * mask - 1.0], axis=-1)
+    if kind == "data":
+        raise ValueError("control.kind='data' is given with the data (config.control.data_file), "
+                         "not computed from the image.")
     raise ValueError(f"control.kind={kind!r}: use one of {KINDS}.")
+
+
+def load_data_controls(config: Any, num_examples: int) -> np.ndarray:
+    """uint8 [N, H, W, C_c] of config.control.data_file (kind "data"): its array 'control', row
+    n the control image of example n of the train split in its stored order (N = num_examples,
+    the split's size before `data.exclude_labels`); ValueError (one line) naming the problem."""
+    path = config.control.data_file
+    where = f"config.control.data_file={path}"
+    h = w = config.data.image_size
+    want = f"uint8 [{num_examples}, {h}, {w}, {channels_of(config)}]"
+    try:
+        with np.load(path) as file:
+            arrays = {name: file[name] for name in file.files}
+    except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{where} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())}): give an .npz with 'control' of "
+                         f"{want}.") from None
+    if "control" not in arrays:
+        raise ValueError(f"{where} holds {sorted(arrays)}, no 'control': save the control "
+                         f"images as np.savez(path, control=...), {want}.")
+    controls = arrays["control"]
+    if controls.dtype != np.uint8 or controls.shape != (num_examples, h, w, channels_of(config)):
+        raise ValueError(f"{where}: 'control' is {controls.dtype} {list(controls.shape)}, the run "
+                         f"needs {want}: one control per training example (in the split's stored "
+                         "order, before data.exclude_labels), at the image size, with "
+                         "control.channels channels.")
+    return controls
 
 
 # ------------------------------------------------------------------------------ train step
@@ -109,9 +151,16 @@ class StepSpec:
 
 
 def train_denoise_fn(spec: StepSpec, model: UNet, params: PyTree, x0: Array,
-                     labels: Array | None, dropout_rng: Array) -> Any:
-    """`denoise_fn(x_t, t)` of the train step with the control image of x0 (see StepSpec)."""
-    image = make_control(spec.kind, x0, spec.factor)
+                     labels: Array | None, dropout_rng: Array, given: Array | None = None) -> Any:
+    """`denoise_fn(x_t, t)` of the train step with the control image of x0 (see StepSpec):
+    computed from x0, or with kind "data" the batch's own `given` [B, H, W, C_c] in [-1, 1]."""
+    if spec.kind == "data":
+        if given is None:
+            raise ValueError("control.kind='data' needs the batch's 'control' images (the input "
+                             "pipeline reads them from config.control.data_file).")
+        image = given.astype(jnp.float32)
+    else:
+        image = make_control(spec.kind, x0, spec.factor)
     rngs = {"dropout": dropout_rng}
     if spec.branch is None and spec.condition_dropout > 0.0:
         drop = jax.random.bernoulli(jax.random.fold_in(dropout_rng, 7), spec.condition_dropout,
@@ -285,13 +334,11 @@ def model_options(config: Any) -> dict[str, int]:
     """The UNet arguments config.control adds (`config.model_from_config`)."""
     if not is_conditioned(config):
         return {}
-    return {"condition_channels": control_channels(config.control.kind, config.data.channels)}
+    return {"condition_channels": channels_of(config)}
 
 
 def branch_from_config(config: Any, model: UNet) -> controlnet.ControlBranch:
-    c = config.control
-    return controlnet.branch_for(model, control_channels(c.kind, config.data.channels),
-                                 tuple(c.hint_channels))
+    return controlnet.branch_for(model, channels_of(config), tuple(config.control.hint_channels))
 
 
 def step_spec(config: Any, model: Any) -> StepSpec | None:
@@ -307,7 +354,15 @@ def step_spec(config: Any, model: Any) -> StepSpec | None:
 def validate(section: Any, config: Any) -> None:
     """config.control's values (`config.validate` passes its checker of the section; the base
     run itself is checked when the run starts); ValueError naming the field and the fix."""
-    section.choice("kind", KINDS)
+    kind = section.choice("kind", KINDS)
+    data_file = section.get("data_file")
+    if kind == "data" and (not isinstance(data_file, str) or not data_file):
+        raise section.fail("data_file", "kind 'data' reads the control images from an .npz "
+                           "('control': uint8 [N, H, W, C_c], one per training example); name it")
+    if kind != "data" and data_file is not None:
+        raise section.fail("data_file", f"only kind 'data' reads it (kind is {kind!r}); set it "
+                           "to None or kind to 'data'")
+    section.integer("channels", 1, optional=True)
     factor = section.integer("factor", 1)
     size = config.data.image_size
     if size % factor:

@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import (adapters, checkpoint, data, finetune, frozen, images, latent, lock, memory,
-                      parallel, runs, sampling, training, writers, xla_cpu)
+from ddpm_jax import (adapters, checkpoint, control, data, finetune, frozen, images, latent, lock,
+                      memory, parallel, runs, sampling, training, writers, xla_cpu)
 from ddpm_jax import config as config_lib
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.spec import SamplerSpec
@@ -117,6 +117,17 @@ def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., 
     call.jitted = jitted  # for tests: jitted._cache_size()
     call.jitted_with_teacher = jitted_with_teacher
     return call
+
+
+def given_controls(config: ml_collections.ConfigDict) -> np.ndarray | None:
+    """A control run of kind "data": its control images, one per training example
+    (`control.load_data_controls`); None otherwise."""
+    if not (control.is_controlnet(config) or control.is_conditioned(config)) \
+            or config.control.kind != "data":
+        return None
+    size = data.num_examples(config.data.dataset, "train", config.data.data_dir,
+                             image_size=config.data.image_size)
+    return control.load_data_controls(config, size)
 
 
 @functools.cache
@@ -363,7 +374,7 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
             config.data.dataset, "train", global_batch_size=t.batch_size, seed=t.seed,
             image_size=config.data.image_size, channels=config.data.channels,
             random_flip=config.data.random_flip, mesh=mesh, data_dir=config.data.data_dir,
-                exclude_labels=tuple(config.data.exclude_labels))
+            exclude_labels=tuple(config.data.exclude_labels), controls=given_controls(config))
     first_stage = None
     if latent.is_latent(config):  # its frozen autoencoder; the scale and step pinned in config
         config, first_stage = latent.start(config, manager, last_checkpoint, iterator, mesh)

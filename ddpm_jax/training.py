@@ -279,6 +279,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: St
     With settings.transform (fine-tuning) `teacher_params` holds the frozen base instead.
     objective="autoencoder" trains a first stage on the batch's images (t and the noise unused;
     z ~ q(z | x) drawn from the dropout key): metrics loss, reconstruction, kl, mse.
+    batch["control"] (optional, [B, H, W, C_c] in [-1, 1]): the rows' control images given with
+    the data (control kind "data").
     batch["weight"] (optional, [B] float32): per-row loss weights, loss = mean_b(w_b l_b)
     (`weighted_mean`; prior preservation weighs instance and prior rows); other terms stay
     unweighted means.
@@ -297,7 +299,8 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: St
     t = jax.random.randint(t_rng, (x0.shape[0],), 0, high, dtype=jnp.int32)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     (loss, terms), grads = _loss_and_grads(settings, state.params, schedule,
-                                           (x0, t, noise, labels, batch.get("weight")),
+                                           (x0, t, noise, labels, batch.get("weight"),
+                                            batch.get("control")),
                                            dropout_rng, teacher_params)
     return _update(settings, state, loss, terms, grads)
 
@@ -305,11 +308,13 @@ def train_step(state: TrainState, batch: Batch, schedule: Schedule, settings: St
 def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
                     data: tuple[Any, ...], dropout_rng: Array,
                     teacher_params: PyTree = None) -> tuple[Any, PyTree]:
-    """((loss, terms), grads) of the objective on data = (x0, t, noise, labels, weight), over
+    """((loss, terms), grads) of the objective on data = (x0, t, noise, labels, weight,
+    control: the batch's given control images or None), over
     the batch at once or accumulated over microbatches; grads are those of the trainable tree
     when settings.transform is set."""
     def loss_fn(params: PyTree, x0: Array, t: Array, noise: Array, labels: Array | None,
-                weight: Array | None, dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
+                weight: Array | None, given: Array | None,
+                dropout_rng: Array) -> tuple[Array, dict[str, Array]]:
         if settings.transform is not None:
             params = adapters.merge(teacher_params, params, settings.transform)
         if settings.objective == "autoencoder":  # z ~ q(z | x) from the step's dropout key
@@ -323,7 +328,8 @@ def _loss_and_grads(settings: StepConfig, params: PyTree, schedule: Schedule,
                                     dropout_rng)
         denoise_fn = (_model_denoise_fn(settings.model, params, labels, dropout_rng)
                       if settings.control is None else control.train_denoise_fn(
-                              settings.control, settings.model, params, x0, labels, dropout_rng))
+                              settings.control, settings.model, params, x0, labels, dropout_rng,
+                              given))
         if settings.objective == "distill":
             terms = distill.distillation_losses(
                     schedule, denoise_fn, _teacher_x0_fn(settings, teacher_params, schedule, labels),

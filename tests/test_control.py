@@ -99,6 +99,92 @@ def test_the_train_step_trains_the_branch_and_leaves_the_frozen_base_bitwise_unc
     assert float(jnp.abs(state.params["hint_out"]["kernel"]).max()) > 0.0
 
 
+def test_controls_given_with_the_data_train_as_the_same_controls_computed_in_the_step():
+    # Kind "data" reads each row's control from the batch: given the edge maps of the batch's
+    # images, one step is bitwise the step of kind "edges", which computes them itself.
+    model, branch, base, start = _tiny_model(dict(TINY, ch_mult=(1,)))
+    optimizer = training.make_optimizer(grad_clip=1.0)
+    zero = jnp.zeros((), jnp.int32)
+    state = training.TrainState(step=zero, params=start, opt_state=optimizer.init(start),
+                                ema_params=jax.tree.map(jnp.copy, start),
+                                rng=jax.random.PRNGKey(5), nonfinite_in_a_row=zero,
+                                nonfinite_total=zero)
+    schedule = Schedule.create("linear", 100)
+    image = jnp.tanh(_inputs(4)[0] * 2)
+    batch = dict(image=image, label=jnp.array([0, 1, 2, 0]))
+    step = jax.jit(training.train_step, static_argnums=3)
+    after = {}
+    for kind, extra in (("edges", {}), ("data", dict(control=control.make_control("edges", image)))):
+        settings = training.StepConfig(model=model, optimizer=optimizer, base_lr=1e-2,
+                                       warmup_steps=0, ema_decay=0.9, use_labels=True,
+                                       label_dropout=0.1, transform=control.CONTROL_TRANSFORM,
+                                       control=control.StepSpec(kind, 2, branch))
+        after[kind], _ = step(state, dict(batch, **extra), schedule, settings, base)
+    jax.tree.map(np.testing.assert_array_equal, after["data"], after["edges"])
+    with pytest.raises(ValueError, match=r"kind='data' needs the batch's 'control' images"):
+        control.train_denoise_fn(control.StepSpec("data", 2), model, base, image, None,
+                                 jax.random.PRNGKey(0))
+
+
+def test_given_controls_are_checked_against_the_run_in_one_line(tmp_path):
+    config = digits.get_config("sr_tiny")
+    config.control.kind = "data"
+    config.control.data_file = str(tmp_path / "controls.npz")
+    config.control.channels = 2
+    config_lib.validate(config)
+    assert control.channels_of(config) == 2
+    assert config_lib.model_from_config(config).condition_channels == 2
+    good = np.zeros((5, 8, 8, 2), np.uint8)
+    np.savez(tmp_path / "controls.npz", control=good)
+    np.testing.assert_array_equal(control.load_data_controls(config, 5), good)
+    for saved, pattern in (
+            (dict(control=good[:4]), r"'control' is uint8 \[4, 8, 8, 2\], the run needs uint8 "
+                                     r"\[5, 8, 8, 2\]: one control per training example"),
+            (dict(control=good.astype(np.float32)), r"is float32 \[5, 8, 8, 2\]"),
+            (dict(images=good), r"holds \['images'\], no 'control'")):
+        np.savez(tmp_path / "controls.npz", **saved)
+        with pytest.raises(ValueError, match=pattern) as error:
+            control.load_data_controls(config, 5)
+        assert "\n" not in str(error.value)
+    (tmp_path / "controls.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"controls.npz cannot be read \(.*\): give an .npz"):
+        control.load_data_controls(config, 5)
+    for changes, pattern in ((dict(data_file=None), r"kind 'data' reads the control images from"),
+                             (dict(kind="lowres"), r"only kind 'data' reads it \(kind is 'lowres'\)")):
+        wrong = digits.get_config("sr_tiny")
+        wrong.control.update({**dict(kind="data", data_file="x.npz"), **changes})
+        with pytest.raises(ValueError, match=pattern):
+            config_lib.validate(wrong)
+    with pytest.raises(ValueError, match=r"--control_source: this run's controls were given"):
+        control_jobs._to_controls(good, config, SHAPE, True)
+
+
+@pytest.mark.slow
+def test_a_run_of_kind_data_trains_on_the_controls_its_file_gives(tmp_path, digits_data_dir):
+    # Two runs of the same seed whose given controls differ (all black, all white) end apart:
+    # the loop reads the file and the controls reach the step. A file for another split size
+    # is refused before anything trains.
+    from ddpm_jax import data, loop
+    size = data.num_examples("digits", "train", digits_data_dir, image_size=8)
+    ends = []
+    for value in (0, 255):
+        np.savez(tmp_path / f"c{value}.npz", control=np.full((size, 8, 8, 1), value, np.uint8))
+        config = digits.get_config("sr_tiny")
+        config.control.update(kind="data", data_file=str(tmp_path / f"c{value}.npz"))
+        config.data.data_dir = digits_data_dir
+        config.training.num_steps = 2
+        config.training.checkpoint_every = 2
+        ends.append(loop.train_and_evaluate(config, str(tmp_path / f"run{value}")))
+    # Adam's first moments hold the gradients (its first update is their sign alone).
+    moments = [jax.tree.leaves(end.opt_state) for end in ends]
+    assert any(not np.array_equal(a, b) for a, b in zip(*moments))
+    np.savez(tmp_path / "short.npz", control=np.zeros((size - 1, 8, 8, 1), np.uint8))
+    config.control.data_file = str(tmp_path / "short.npz")
+    with pytest.raises(ValueError, match=rf"'control' is uint8 \[{size - 1}, 8, 8, 1\], the run "
+                                         rf"needs uint8 \[{size}, 8, 8, 1\]"):
+        loop.train_and_evaluate(config, str(tmp_path / "short"))
+
+
 @dataclasses.dataclass(frozen=True)
 class GaussianData:
     """x0 | c, y ~ N(c + shift(y), s^2 I) per pixel, shift(y) = 0.2 (y + 1) (0 for the null

@@ -92,6 +92,32 @@ def test_the_4px_digits_are_the_2x2_block_means_of_the_8px_ones():
     np.testing.assert_array_equal(four[0], np.round(expected).astype(np.uint8))
 
 
+def test_controls_given_with_the_data_follow_their_images_through_shuffle_flip_and_exclusion(
+        data_dir, mesh):
+    # Row n of the controls is example n's in stored order: here 255 - image in channel 0 and
+    # the label in channel 1, so every row shows whether it got its own example's control.
+    images = data.load_split_uint8("digits", "train", data_dir, image_size=8)
+    labels = np.asarray(builders.digits_arrays(8)["train"][1])
+    controls = np.concatenate([255 - images, np.broadcast_to(
+            labels[:, None, None, None] * 20, images.shape)], axis=-1).astype(np.uint8)
+    it = digits_iterator(data_dir, mesh, global_batch_size=64, controls=controls,
+                         exclude_labels=(3,))
+    flipped = 0
+    for batch in take(it, 3):
+        got = to_uint8(batch["control"])
+        np.testing.assert_array_equal(got[..., :1], 255 - to_uint8(batch["image"]))
+        np.testing.assert_array_equal(got[..., 1], np.broadcast_to(
+                batch["label"][:, None, None] * 20, got.shape[:3]))
+        assert not np.any(batch["label"] == 3)
+        stored = images[labels != 3]  # unflipped images of the batch's rows, found by content
+        flipped += sum(not any(np.array_equal(x, y) for y in stored)
+                       for x in to_uint8(batch["image"]))
+    assert flipped > 0  # some rows were flipped, and their controls with them
+    with pytest.raises(ValueError, match=r"controls of shape \[5, 8, 8, 2\] for digits/train: "
+                                         r"use one per example, \[1437, 8, 8, C_c\]"):
+        digits_iterator(data_dir, mesh, controls=controls[:5])
+
+
 def test_batches_are_global_float_arrays_sharded_over_data(data_dir, mesh):
     batch = next(digits_iterator(data_dir, mesh))
     assert batch["image"].shape == (8, 8, 8, 1) and batch["image"].dtype == np.float32

@@ -281,7 +281,8 @@ def _job_flags(**changes):
 
 
 @pytest.mark.slow
-def test_a_latent_run_resumes_bit_for_bit_and_every_edit_runs_on_its_latents(tmp_path):
+def test_a_latent_run_resumes_bit_for_bit_and_every_edit_runs_on_its_latents(tmp_path,
+                                                                            digits_data_dir):
     import os
     import shutil
 
@@ -298,7 +299,7 @@ def test_a_latent_run_resumes_bit_for_bit_and_every_edit_runs_on_its_latents(tmp
         return _config(**{"latent.autoencoder": str(tmp_path / "ae"), "latent.autoencoder_step": 0,
                           "model.num_classes": 10, "training.label_dropout": 0.1,
                           "training.num_steps": 4, "training.checkpoint_every": 2,
-                          "training.num_sample_images": 0})
+                          "training.num_sample_images": 0, "data.data_dir": digits_data_dir})
     straight = loop.train_and_evaluate(config(), str(tmp_path / "straight"))
     # The same run resumed from its step-2 checkpoint (as if it had died before saving step 4):
     # the scale pinned in the checkpoint and the batches' latents drawn again by step.

@@ -240,6 +240,10 @@ class SplitReader:
         return (np.array_equal(image, expected["image"])
                 and label == int(expected.get("label", 0)))
 
+    def stored_index(self, indices: np.ndarray) -> np.ndarray:
+        """The examples' positions in the split's stored order (here: the indices themselves)."""
+        return np.asarray(indices, np.int64)
+
     def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
         """(image, label) of each index, in order."""
         if self._fast:  # one batched read: several times faster than a read per record
@@ -262,9 +266,13 @@ class _WithoutLabels:
     def __len__(self) -> int:
         return len(self._keep)
 
+    def stored_index(self, indices: np.ndarray) -> np.ndarray:
+        """The kept examples' positions in the split's stored order."""
+        return self._keep[np.asarray(indices, np.int64)]
+
     def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
         """(image, label) of each kept index, in order."""
-        return self._reader.read(self._keep[np.asarray(indices, np.int64)])
+        return self._reader.read(self.stored_index(indices))
 
 
 def num_examples(name: str, split: str, data_dir: str | os.PathLike | None = None,
@@ -311,6 +319,7 @@ class _BatchReader:
     image_size: int
     channels: int
     with_mask: bool  # add "mask" [B_local] bool: False on padding past the last example
+    controls: np.ndarray | None = None  # uint8 [N_stored, H, W, C_c]: add "control", row by row
 
     def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
         positions = batch_index * self.global_batch + self.first_row + np.arange(
@@ -325,12 +334,17 @@ class _BatchReader:
         images, labels = np.zeros(shape, np.uint8), np.zeros(self.local_batch, np.int32)
         for row, (image, label) in zip(np.flatnonzero(mask), self.reader.read(index)):
             images[row], labels[row] = builders.fit_image(image, self.image_size, self.channels), label
+        batch = {"image": images, "label": labels}
+        if self.controls is not None:  # each row's own control, by its stored position
+            controls = np.zeros((self.local_batch, *self.controls.shape[1:]), np.uint8)
+            controls[mask] = self.controls[self.reader.stored_index(index)]
+            batch["control"] = controls
         if self.flip_seed is not None:
             rows = slice(self.first_row, self.first_row + self.local_batch)
             flip = np.random.default_rng([self.flip_seed, batch_index]).random(
                 self.global_batch)[rows] < 0.5
-            images[flip] = images[flip, :, ::-1]
-        batch = {"image": images, "label": labels}
+            for name in ("image", "control") if self.controls is not None else ("image",):
+                batch[name][flip] = batch[name][flip, :, ::-1]
         return {**batch, "mask": mask} if self.with_mask else batch
 
 
@@ -340,7 +354,8 @@ _to_unit_range = jax.jit(to_model_range)
 
 
 class InputIterator(grain.DatasetIterator):
-    """Yields {"image": [B,H,W,C] float32 in [-1, 1], "label": [B] int32} global arrays.
+    """Yields {"image": [B,H,W,C] float32 in [-1, 1], "label": [B] int32} global arrays (and
+    "control" [B,H,W,C_c] float32 in [-1, 1] when the pipeline reads given controls).
 
     With drop_remainder=False a "mask" [B] bool marks real rows (padding is zeros). Its state
     (get_state / set_state, a JSON-able dict) is the number of global batches consumed plus the
@@ -355,6 +370,8 @@ class InputIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, Array]:
         batch = parallel.host_local_to_global(next(self._parent), self._mesh)
         batch["image"] = _to_unit_range(batch["image"])
+        if "control" in batch:
+            batch["control"] = _to_unit_range(batch["control"])
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -384,6 +401,7 @@ def make_input_iterator(
     shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
     num_threads: int | None = None, prefetch_batches: int = 4,
     exclude_labels: Sequence[int] = (),
+    controls: np.ndarray | None = None,
 ) -> InputIterator:
     """The input pipeline for training (defaults) and evaluation (num_epochs=1, no shuffle).
 
@@ -393,11 +411,18 @@ def make_input_iterator(
     read in parallel (default min(8, CPUs)); prefetch_batches: batches read ahead.
     exclude_labels: classes left out of the split (every label is read once to find them; the
     rest keep their stored order), e.g. to hold a class out for fine-tuning experiments.
+    controls: uint8 [N, H, W, C_c], row n the control image of example n of the split in its
+    stored order (N: the split's size before exclude_labels): each batch then holds
+    "control" [B, H, W, C_c] in [-1, 1], flipped with its image.
     """
     if global_batch_size <= 0 or global_batch_size % mesh.size:
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
                          f"{mesh.size} devices of the mesh; use a multiple of {mesh.size}.")
     reader = SplitReader(name, split, data_dir, image_size, channels)
+    if controls is not None and (len(controls) != len(reader)
+                                 or controls.shape[1:3] != (image_size, image_size)):
+        raise ValueError(f"controls of shape {list(controls.shape)} for {name}/{split}: use one "
+                         f"per example, [{len(reader)}, {image_size}, {image_size}, C_c].")
     if exclude_labels:
         reader = _WithoutLabels(reader, tuple(int(c) for c in exclude_labels))
     if len(reader) == 0:
@@ -419,7 +444,7 @@ def make_input_iterator(
     read_batch = _BatchReader(
         reader, total, shuffle_seed if shuffle else None, flip_seed if random_flip else None,
         global_batch_size, first_row, local_batch, image_size, channels,
-        with_mask=not drop_remainder)
+        with_mask=not drop_remainder, controls=controls)
     ds = grain.MapDataset.range(num_batches).map(read_batch)
     if num_threads is None:
         num_threads = min(8, os.cpu_count() or 1)

@@ -10,7 +10,9 @@ first-stage run (a cascade).
 IMAGES (PNG, grid PNG with --grid_cells, or uint8 .npz): for control.kind='lowres' images at the
 low resolution (H/k) or at full size (their k x k block means are taken); for 'edges' the
 edge maps themselves (--control_source: images whose edges are taken); for 'mask' images (the
-top half is kept). With --labels / --guidance (class-conditional runs) the class guidance runs
+top half is kept); for 'data' (controls given with the training data) the control images
+themselves, with the run's control.channels channels (--control_source is refused: there is no
+transform). With --labels / --guidance (class-conditional runs) the class guidance runs
 with the control kept; with --condition_guidance g the step also runs the null control
 (InstructPix2Pix's two scales, s_I = 1 + g). The grid shows each control beside its result;
 the .npz holds 'images' (the results) and 'controls' (uint8 [N, H, W, C_c], in [-1, 1] mapped
@@ -94,6 +96,12 @@ def _to_controls(images: np.ndarray, config: Any, image_shape: tuple[int, int, i
     """float32 [N, H, W, C_c] control images in [-1, 1] of uint8 inputs (see the module doc)."""
     kind, factor = config.control.kind, config.control.factor
     x = to_model_range(images.astype(np.float32))
+    if kind == "data":
+        if source:
+            raise ValueError("--control_source: this run's controls were given with its data "
+                             "(control.kind='data'), there is no transform to apply; give the "
+                             "control images themselves.")
+        return x
     if kind == "lowres" and x.shape[1] != image_shape[0]:
         return np.asarray(control.upsample(jnp.asarray(x), factor))
     if kind == "lowres" or kind == "mask" or source:
@@ -113,7 +121,9 @@ def load_controls(path: str, config: Any, image_shape: tuple[int, int, int], *, 
             return _to_controls(small, config, image_shape, source)
         except ValueError:
             pass  # not low-res: read at full size, with that error if it fails too
-    images = edit_io.load_images(path, image_shape=image_shape, grid_cells=grid_cells, flag=flag)
+    if config.control.kind == "data" and not source:
+        c = control.channels_of(config)  # the given controls' own channels
+    images = edit_io.load_images(path, image_shape=(h, w, c), grid_cells=grid_cells, flag=flag)
     return _to_controls(images, config, image_shape, source)
 
 
