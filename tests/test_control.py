@@ -149,6 +149,9 @@ def test_given_controls_are_checked_against_the_run_in_one_line(tmp_path):
     (tmp_path / "controls.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=r"controls.npz cannot be read \(.*\): give an .npz"):
         control.load_data_controls(config, 5)
+    config.control.data_file = str(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match=r"missing.npz cannot be read \(FileNotFoundError"):
+        control.load_data_controls(config, 5)
     for changes, pattern in ((dict(data_file=None), r"kind 'data' reads the control images from"),
                              (dict(kind="lowres"), r"only kind 'data' reads it \(kind is 'lowres'\)")):
         wrong = digits.get_config("sr_tiny")

@@ -343,8 +343,9 @@ class _BatchReader:
             rows = slice(self.first_row, self.first_row + self.local_batch)
             flip = np.random.default_rng([self.flip_seed, batch_index]).random(
                 self.global_batch)[rows] < 0.5
-            for name in ("image", "control") if self.controls is not None else ("image",):
-                batch[name][flip] = batch[name][flip, :, ::-1]
+            for name in ("image", "control"):  # a row's control flips with its image
+                if name in batch:
+                    batch[name][flip] = batch[name][flip, :, ::-1]
         return {**batch, "mask": mask} if self.with_mask else batch
 
 
