@@ -108,6 +108,17 @@ def make_control(kind: str, x0: Array, factor: int = 2) -> Array:
     raise ValueError(f"control.kind={kind!r}: use one of {KINDS}.")
 
 
+def given_controls(config: Any) -> np.ndarray | None:
+    """A control run of kind "data": its control images, one per example of its training split
+    (`load_data_controls`), for the input pipeline; None for every other run."""
+    if not (is_controlnet(config) or is_conditioned(config)) or config.control.kind != "data":
+        return None
+    from ddpm_jax import data  # the input pipeline (TFDS), only for a run that reads controls
+    size = data.num_examples(config.data.dataset, "train", config.data.data_dir,
+                             image_size=config.data.image_size)
+    return load_data_controls(config, size)
+
+
 def load_data_controls(config: Any, num_examples: int) -> np.ndarray:
     """uint8 [N, H, W, C_c] of config.control.data_file (kind "data"): its array 'control', row
     n the control image of example n of the train split in its stored order (N = num_examples,

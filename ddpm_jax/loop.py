@@ -119,17 +119,6 @@ def jitted_train_step(mesh: Mesh, steps_per_dispatch: int = 1) -> Callable[..., 
     return call
 
 
-def given_controls(config: ml_collections.ConfigDict) -> np.ndarray | None:
-    """A control run of kind "data": its control images, one per training example
-    (`control.load_data_controls`); None otherwise."""
-    if not (control.is_controlnet(config) or control.is_conditioned(config)) \
-            or config.control.kind != "data":
-        return None
-    size = data.num_examples(config.data.dataset, "train", config.data.data_dir,
-                             image_size=config.data.image_size)
-    return control.load_data_controls(config, size)
-
-
 @functools.cache
 def jitted_create_train_state(mesh: Mesh) -> Callable[..., training.TrainState]:
     """`training.create_train_state(model, optimizer, rng, image_shape)` with its outputs born
@@ -374,7 +363,7 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
             config.data.dataset, "train", global_batch_size=t.batch_size, seed=t.seed,
             image_size=config.data.image_size, channels=config.data.channels,
             random_flip=config.data.random_flip, mesh=mesh, data_dir=config.data.data_dir,
-            exclude_labels=tuple(config.data.exclude_labels), controls=given_controls(config))
+            exclude_labels=tuple(config.data.exclude_labels), controls=control.given_controls(config))
     first_stage = None
     if latent.is_latent(config):  # its frozen autoencoder; the scale and step pinned in config
         config, first_stage = latent.start(config, manager, last_checkpoint, iterator, mesh)

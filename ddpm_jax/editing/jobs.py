@@ -337,11 +337,11 @@ def _interpolate(values: Any, context: Context, spec: SamplerSpec) -> Result:
     lambdas = np.linspace(0.0, 1.0, values.lambdas)
     batch = values.lambdas
     shape = (batch,) + context.image_shape  # the chain's: a latent run's latents
-    x0_a, x0_b = model_input(context, np.stack([a, b]))
+    pair = model_input(context, np.stack([a, b]))  # the chain's x0 of a and b
     if values.ddim_latent:
         decoder = make_sampler(context.model_apply, context.schedule, shape, spec)
         both = editing.ddim_encode(context.model_apply, context.params, decoder.plan,
-                                   jnp.stack([x0_a, x0_b]), mean_type=spec.mean_type,
+                                   pair, mean_type=spec.mean_type,
                                    var_type=spec.var_type)
         start = editing.slerp(both[0], both[1], lambdas)
         logging.info("Interpolation: slerp of DDIM latents, %s, unclipped.",
@@ -355,7 +355,7 @@ def _interpolate(values: Any, context: Context, spec: SamplerSpec) -> Result:
         noise = jax.random.normal(jax.random.fold_in(context.key, 1 << 30), shape[1:],
                                   jnp.float32)
         abar = np.cumprod(1.0 - np.asarray(context.schedule.betas, np.float64))[at_step]
-        start = editing.q_interpolate(float(np.sqrt(abar)), x0_a, x0_b, noise, lambdas)
+        start = editing.q_interpolate(float(np.sqrt(abar)), pair[0], pair[1], noise, lambdas)
         sampler = make_sampler(context.model_apply, context.schedule, shape, spec,
                                start_t=at_step)
         logging.info("Interpolation at t=%d with shared noise: %s.", at_step,
