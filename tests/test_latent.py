@@ -281,8 +281,8 @@ def _job_flags(**changes):
 
 
 @pytest.mark.slow
-def test_a_latent_run_resumes_bit_for_bit_and_every_edit_runs_on_its_latents(tmp_path,
-                                                                            digits_data_dir):
+def test_a_latent_run_resumes_bit_for_bit_and_its_edits_take_pixels_in_and_out(tmp_path,
+                                                                              digits_data_dir):
     import os
     import shutil
 
@@ -310,7 +310,8 @@ def test_a_latent_run_resumes_bit_for_bit_and_every_edit_runs_on_its_latents(tmp
     assert int(resumed.step) == 4
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
 
-    # sample.py's jobs on it: pixel images in, the chain on latents, pixel images out.
+    # sample.py's jobs on it: pixel images in, the chain on latents, pixel images out (each
+    # edit's chain against the UNet's own on latents: the tests above).
     saved, model, params = runs.load_for_sampling(workdir)
     assert isinstance(model, latent.LatentUNet) and saved.latent.scale is not None
     context = edit_jobs.Context.from_config(saved, model, params, flags=dict(steps=4),
@@ -322,25 +323,18 @@ def test_a_latent_run_resumes_bit_for_bit_and_every_edit_runs_on_its_latents(tmp
     assert encoded.images.shape == (2, 8, 8, 1) and encoded.extra["latents"].shape == (2, 4, 4, 2)
     for name, image in (("a.png", images[0]), ("b.png", images[1])):
         Image.fromarray(image[..., 0]).save(tmp_path / name)
-    pair = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
-    for method in (dict(at_step=3), dict(ddim_latent=True)):
-        mixed = edit_jobs.run("interpolate", _job_flags(interpolate=pair, **method), context)
-        assert mixed.images.shape == (3, 8, 8, 1)
-        np.testing.assert_array_equal(mixed.grid[0], images[0])
-    edited = edit_jobs.run("diffedit", _job_flags(diffedit=x, from_label=1, to_label=2), context)
-    masks = edited.extra["masks"]  # on the pixels, one value per 2x2 block of the latent grid
-    assert edited.images.shape == masks.shape == (2, 8, 8, 1)
-    np.testing.assert_array_equal(masks, latent.upsample_mask(masks[:, ::2, ::2], 2))
-    top = np.zeros((8, 8), np.uint8)
-    top[:3] = 255  # rows 0-2: only latent row 0 is kept whole
-    Image.fromarray(top).save(tmp_path / "top.png")
-    blended = edit_jobs.run("blend", _job_flags(blend=x, mask=str(tmp_path / "top.png"),
-                                                to_label=3), context)
-    assert blended.images.shape == (2, 8, 8, 1)
-    assert not blended.extra["masks"][:, :2].any() and blended.extra["masks"][:, 2:].all()
-    guided = edit_jobs.run("pnp", _job_flags(pnp=x, to_label=4), context)
-    assert guided.images.shape == guided.extra["guides"].shape == (2, 8, 8, 1)
-    assert guided.extra["latents"].shape == (2, 4, 4, 2)
+    mixed = edit_jobs.run("interpolate", _job_flags(
+            interpolate=[str(tmp_path / "a.png"), str(tmp_path / "b.png")], ddim_latent=True),
+            context)
+    assert mixed.images.shape == (3, 8, 8, 1)
+    np.testing.assert_array_equal(mixed.grid[0], images[0])
+    # Masks: to the latent grid (known only where a whole 2x2 block is) and back to the pixels.
+    top = np.zeros((2, 8, 8, 1), bool)
+    top[:, :3] = True  # rows 0-2: only latent row 0 is kept whole
+    kept = edit_jobs.chain_mask(context, top)
+    assert kept.shape == (2, 4, 4, 1) and kept[:, 0].all() and not kept[:, 1:].any()
+    np.testing.assert_array_equal(edit_jobs.pixel_mask(context, kept)[:, :2], True)
+    assert not edit_jobs.pixel_mask(context, kept)[:, 2:].any()
     # One line each: a mask that keeps no whole block; an anagram of latents.
     checker = np.indices((8, 8)).sum(axis=0) % 2 * 255
     Image.fromarray(checker.astype(np.uint8)).save(tmp_path / "checker.png")
