@@ -126,19 +126,20 @@ def load_data_controls(config: Any, num_examples: int) -> np.ndarray:
     path = config.control.data_file
     where = f"config.control.data_file={path}"
     h = w = config.data.image_size
-    want = f"uint8 [{num_examples}, {h}, {w}, {channels_of(config)}]"
+    shape = (num_examples, h, w, channels_of(config))
+    want = f"uint8 {list(shape)}"
     try:
-        with np.load(path) as file:
-            arrays = {name: file[name] for name in file.files}
+        with np.load(path) as file:  # only 'control' is read
+            names = list(file.files)
+            controls = file["control"] if "control" in names else None
     except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as e:
         raise ValueError(f"{where} cannot be read ({type(e).__name__}: "
                          f"{' '.join(str(e).split())}): give an .npz with 'control' of "
                          f"{want}.") from None
-    if "control" not in arrays:
-        raise ValueError(f"{where} holds {sorted(arrays)}, no 'control': save the control "
+    if controls is None:
+        raise ValueError(f"{where} holds {sorted(names)}, no 'control': save the control "
                          f"images as np.savez(path, control=...), {want}.")
-    controls = arrays["control"]
-    if controls.dtype != np.uint8 or controls.shape != (num_examples, h, w, channels_of(config)):
+    if controls.dtype != np.uint8 or controls.shape != shape:
         raise ValueError(f"{where}: 'control' is {controls.dtype} {list(controls.shape)}, the run "
                          f"needs {want}: one control per training example (in the split's stored "
                          "order, before data.exclude_labels), at the image size, with "
