@@ -420,7 +420,11 @@ def main() -> None:
     watchdog = suite.start_watchdog()
     suite.report.write()
     suite.run_all()
+    # Cancel, then join: a daemon thread still alive when the interpreter finalises is ended by
+    # pthread_exit, and that aborted the process (SIGABRT, "exception not rethrown") about once
+    # in six runs that finished near the deadline.
     watchdog.cancel()
+    watchdog.join()
     if jax.process_index() == 0:
         with open(os.path.join(args.out, "device_suite.md"), encoding="utf-8") as f:
             print(f.read())
