@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--methods", default="full,lora,embedding")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--per_class", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of each method (default: the config's)")
     parser.add_argument("--set", action="append", default=[],
                         help="METHOD:section.field=value, e.g. lora:training.lr=3e-4")
     parser.add_argument("--skip_base", action="store_true", help="do not score the base")
@@ -126,8 +127,9 @@ def main() -> None:
             workdir = os.path.join(args.out, f"{method}{tag}_seed{seed}")
             config = _set(digits.get_config("finetune"), {
                     "finetune.base": args.base, "finetune.images": images_path,
-                    "training.seed": seed, "training.num_steps": args.steps,
-                    "training.num_sample_images": 0, **METHODS[method]})
+                    "training.seed": seed, "training.num_sample_images": 0,
+                    **({} if args.steps is None else {"training.num_steps": args.steps}),
+                    **METHODS[method]})
             start = time.perf_counter()
             state = loop.train_and_evaluate(config, workdir)
             wall = time.perf_counter() - start
