@@ -112,17 +112,19 @@ def main() -> None:
           f"{net.name}; 9s reference: {len(held_out_nines)} 9s, 0-8 reference: the test split's "
           f"{int(np.sum(test[1] != NEW))}", flush=True)
     rows = []
-    if not args.skip_base:
-        pixels, labels = _draw(args.base, args.per_class, range(0, NEW), 0)
-        rows.append(dict(method="base", seed=0, **_score(net, pixels, labels, refs)))
-        print(json.dumps(rows[-1]), flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.skip_base:  # the base drawn with each seed's key: per-seed ratios
+        for seed in seeds:
+            pixels, labels = _draw(args.base, args.per_class, range(0, NEW), seed)
+            rows.append(dict(method="base", seed=seed, **_score(net, pixels, labels, refs)))
+            print(json.dumps(rows[-1]), flush=True)
     for item in args.set:
         method, assignment = item.split(":", 1)
         key, value = assignment.split("=", 1)
         METHODS[method][key] = json.loads(value) if value[:1].isdigit() or value in (
                 "true", "false") else value
     for method in args.methods.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in seeds:
             tag = "".join(f"_{i.split(':', 1)[1]}" for i in args.set if i.startswith(method + ":"))
             workdir = os.path.join(args.out, f"{method}{tag}_seed{seed}")
             config = _set(digits.get_config("finetune"), {
@@ -147,11 +149,18 @@ def main() -> None:
                        **_score(net, pixels, labels, refs))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| method | seed | 9s labelled 9 | digits-FID 9 | acc 0-8 | digits-FID 0-8 | "
-          "params trained | state on disk | train s |\n|---|---|---|---|---|---|---|---|---|")
+    base = {r["seed"]: r for r in rows if r["method"] == "base"}
+    print("\n| method | seed | 9s labelled 9 | digits-FID 9 | acc 0-8 (vs base) | digits-FID 0-8 "
+          "(/ base) | params trained | state on disk | train s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        b = base.get(r["seed"])  # the base drawn with the same key; absent with --skip_base
+        vs = ("", "") if b is None or b is r else (
+                f" ({100 * (r['acc_0_8'] - b['acc_0_8']):+.1f})",
+                f" ({r['fid_0_8'] / b['fid_0_8']:.2f}x)")
         print(f"| {r['method']} | {r['seed']} | {r.get('share_9', float('nan')):.3f} | "
-              f"{r.get('fid_9', float('nan')):.2f} | {r['acc_0_8']:.3f} | {r['fid_0_8']:.2f} | "
+              f"{r.get('fid_9', float('nan')):.2f} | {r['acc_0_8']:.3f}{vs[0]} | "
+              f"{r['fid_0_8']:.2f}{vs[1]} | "
               f"{100 * r.get('trained_share', 1.0):.2f}% | "
               f"{r.get('checkpoint_state_bytes', 0) / 1024:.0f} KiB | {r.get('train_s', 0):.0f} |")
 
