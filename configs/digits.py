@@ -218,7 +218,8 @@ def _finetune(config: ml_collections.ConfigDict, tiny: bool) -> None:
     _class_conditional(config, tiny=False)
     # model.num_classes is replaced by the base run's (+1 for the new class) at start.
     config.finetune.method = "full"
-    config.finetune.prior_samples = 5000  # 500: each seen 13 times in 400 steps; 0-8 drift 7.5 vs 6.5
+    # 500 prior samples were each seen 13 times in 400 steps: 0-8 digits-FID 7.5 against 6.5.
+    config.finetune.prior_samples = 5000
     config.lora.rank = 1                  # 2.0% of the digits model's parameters (all targets)
     config.lora.alpha = 1.0
     config.training.batch_size = 32

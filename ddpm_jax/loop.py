@@ -363,7 +363,8 @@ def _start(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> _Run:
             config.data.dataset, "train", global_batch_size=t.batch_size, seed=t.seed,
             image_size=config.data.image_size, channels=config.data.channels,
             random_flip=config.data.random_flip, mesh=mesh, data_dir=config.data.data_dir,
-            exclude_labels=tuple(config.data.exclude_labels), controls=control.given_controls(config))
+            exclude_labels=tuple(config.data.exclude_labels),
+            controls=control.given_controls(config))
     first_stage = None
     if latent.is_latent(config):  # its frozen autoencoder; the scale and step pinned in config
         config, first_stage = latent.start(config, manager, last_checkpoint, iterator, mesh)
