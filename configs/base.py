@@ -135,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
                                       # are taught as; None: the null label / unconditional
         prior_weight=1.0,             # lambda of the prior-preservation term (0: off)
         prior_samples=500,            # base samples of its classes drawn once into the run
+        row_lr_scale=1.0,             # the taught class's embedding row learns at training.lr
+                                      # times this (every method; the new row starts as the
+                                      # base's null row)
     )
     config.lora = dict(               # LoRA adapters of finetune.method='lora'
         rank=4,                       # r

@@ -64,7 +64,9 @@ class Transform:
     """What a fine-tuning run trains (hashable: part of the train step's static settings).
 
     method: one of METHODS. lora_paths: the adapted kernels; rank r, alpha: the scale alpha / r.
-    rows: class ids whose class-embedding rows train (lora, embedding); () for none.
+    rows: class ids whose class-embedding rows train (lora, embedding; with full, the taught
+    rows of the table, which trains whole); () for none. row_lr_scale: those rows' learning
+    rate as a multiple of the run's (`scale_row_updates`).
     """
 
     method: str
@@ -72,6 +74,7 @@ class Transform:
     rank: int = 4
     alpha: float = 4.0
     rows: tuple[int, ...] = ()
+    row_lr_scale: float = 1.0
 
     @property
     def scale(self) -> float:
@@ -120,6 +123,23 @@ def init_trainable(base: PyTree, transform: Transform, key: Array) -> PyTree:
     if transform.rows:
         tree["rows"] = jnp.asarray(leaves[EMBED_PATH])[np.asarray(transform.rows)]
     return tree
+
+
+def scale_row_updates(direction: PyTree, transform: Transform) -> PyTree:
+    """The optimizer's update direction of a trainable tree with the taught class rows' entries
+    multiplied by transform.row_lr_scale (the row then moves at lr * row_lr_scale): the
+    ``rows`` leaf (lora, embedding) or those rows of the whole table (full). Pure; the same
+    tree when the scale is 1 or no row is taught."""
+    if transform.row_lr_scale == 1.0 or not transform.rows:
+        return direction
+    scale = jnp.float32(transform.row_lr_scale)
+    if transform.method == "full":
+        leaves = flat(direction)
+        leaves[EMBED_PATH] = leaves[EMBED_PATH].at[np.asarray(transform.rows)].multiply(scale)
+        return nested(leaves)
+    if "rows" not in direction:
+        return direction
+    return {**direction, "rows": direction["rows"] * scale}
 
 
 def lora_delta(down: Array, up: Array, shape: Sequence[int], scale: float) -> Array:

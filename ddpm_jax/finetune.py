@@ -62,16 +62,18 @@ def transform_from_config(config: Any, shapes: PyTree, base_classes: int | None
                           ) -> adapters.Transform:
     """The `adapters.Transform` of config.finetune / config.lora for a model of parameter
     `shapes`: lora and embedding also train the taught class's embedding row (a class-
-    conditional model; with lora only when a class id is taught)."""
+    conditional model; with lora only when a class id is taught; with full the row is named
+    for finetune.row_lr_scale only, the whole table training)."""
     f, lo = config.finetune, config.lora
     conditional = config.model.num_classes is not None
     label = instance_label(config, base_classes)
     taught = conditional and (f.new_class or f.label is not None)
-    rows = (label,) if f.method in ("lora", "embedding") and taught else ()
+    rows = (label,) if taught else ()
+    scale = float(f.get("row_lr_scale", 1.0))
     if f.method == "full":
-        return adapters.Transform("full")
+        return adapters.Transform("full", rows=rows, row_lr_scale=scale)
     paths = adapters.lora_paths(shapes, tuple(lo.targets)) if f.method == "lora" else ()
-    return adapters.Transform(f.method, paths, int(lo.rank), float(lo.alpha), rows)
+    return adapters.Transform(f.method, paths, int(lo.rank), float(lo.alpha), rows, scale)
 
 
 @dataclasses.dataclass

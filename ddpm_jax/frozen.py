@@ -51,6 +51,11 @@ def resolve(config: ml_collections.ConfigDict, model: Any, manager: Any,
         if config.finetune.base is not None:
             config = pin_step(config, manager, last_checkpoint, "finetune", "base_step")
             tuning = finetune.resolve(config, replicated)
+            if config.training.ema_warmup:
+                logging.warning("config.training.ema_warmup=True on a fine-tuning run: the EMA "
+                                "starts at the base's weights and the warm-up's decay "
+                                "(1+n)/(10+n) forgets them (docs/finetuning.md); set "
+                                "training.ema_warmup=False to keep them.")
             frozen = Frozen(tuning.config, tuning.model, tuning.base_params, tuning=tuning,
                             instances=finetune.load_instances(config))
         if control.is_controlnet(frozen.config):  # as fine-tuning: the base frozen

@@ -386,6 +386,8 @@ def _update(settings: StepConfig, state: TrainState, loss: Array, terms: dict[st
     lr = learning_rate(state.step, base_lr=settings.base_lr, warmup_steps=settings.warmup_steps,
                        decay=settings.lr_decay, total_steps=settings.total_steps)
     direction, new_opt_state = settings.optimizer.update(grads, state.opt_state, state.params)
+    if settings.transform is not None and settings.transform.method in adapters.METHODS:
+        direction = adapters.scale_row_updates(direction, settings.transform)
     new_params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
     decay = ema_decay_at(state.step, ema_decay=settings.ema_decay, warmup=settings.ema_warmup)
     new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)

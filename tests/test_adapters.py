@@ -153,3 +153,39 @@ def test_frozen_leaves_stay_bitwise_equal_through_train_steps(method):
                 assert not np.array_equal(merged[path][3], leaf[3])
             else:
                 np.testing.assert_array_equal(merged[path], leaf, err_msg=path)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_row_lr_scale_moves_only_the_taught_row_faster(method):
+    # One step from the same state and batch with row_lr_scale 1 and 8: Adam's direction is the
+    # same, so the taught row (class 3) moves exactly 8 times as far and nothing else changes.
+    config, model, params = _tiny(4)
+    paths = adapters.lora_paths(params, ("attn",)) if method == "lora" else ()
+    config.training.lr, config.training.warmup_steps = 1e-3, 0
+    batch = {"image": jnp.ones((4, 8, 8, 1)) * 0.5, "label": jnp.array([3, 3, 0, 1]),
+             "weight": jnp.array([2.0, 2.0, 1.0, 1.0])}
+    moved = {}
+    for scale in (1.0, 8.0):
+        transform = adapters.Transform(method, paths, rank=2, alpha=2.0, rows=(3,),
+                                       row_lr_scale=scale)
+        settings = config_lib.step_config(config, model, transform=transform)
+        state = jax.jit(functools.partial(finetune.create_state,
+                                          finetune.Setup(config, model, transform, params, config, 3),
+                                          settings.optimizer))(jax.random.PRNGKey(0))
+        new, _ = jax.jit(training.train_step, static_argnums=3)(
+                state, batch, Schedule.create("linear", 1000), settings, params)
+        moved[scale] = (adapters.flat(jax.device_get(state.params)),
+                        adapters.flat(jax.device_get(new.params)))
+    (before, slow), (_, fast) = moved[1.0], moved[8.0]
+    row_path = adapters.EMBED_PATH if method == "full" else "rows"
+    for path in before:
+        if path != row_path:
+            np.testing.assert_array_equal(fast[path], slow[path], err_msg=path)
+    row = (lambda a: a[3]) if method == "full" else (lambda a: a[0])
+    step_slow = row(slow[row_path]).astype(np.float64) - row(before[row_path])
+    step_fast = row(fast[row_path]).astype(np.float64) - row(before[row_path])
+    assert np.abs(step_slow).max() > 1e-4  # the row did train
+    np.testing.assert_allclose(step_fast, 8.0 * step_slow, rtol=1e-3, atol=1e-7)
+    if method == "full":  # the other rows of the table move as without the scale
+        others = np.arange(5) != 3
+        np.testing.assert_array_equal(fast[row_path][others], slow[row_path][others])

@@ -3,6 +3,7 @@ preservation resumes bit for bit, its checkpoints hold only the adapters, the sa
 merged parameters; bad inputs give one line each and leave the base run untouched."""
 
 import hashlib
+import logging
 import os
 import shutil
 
@@ -12,7 +13,7 @@ import pytest
 from conftest import write_untrained_run
 
 from configs import digits
-from ddpm_jax import adapters, checkpoint, finetune, loop, runs
+from ddpm_jax import adapters, checkpoint, finetune, frozen, loop, runs
 from ddpm_jax import config as config_lib
 
 
@@ -88,6 +89,19 @@ def test_lora_run_resumes_bit_for_bit_and_samples_from_merged_params(base_run, t
     assert _tree_digest(str(base_run / "base")) == before
 
 
+def test_ema_warmup_on_a_fine_tuning_run_is_warned_about(base_run, tmp_path, caplog):
+    # The warm-up's decay (1+n)/(10+n) would forget the base's EMA weights the run starts from.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    manager = checkpoint.make_manager(str(tmp_path / "run"), max_to_keep=1)
+    for warmup in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            frozen.resolve(tuning_config(base_run, **{"training.ema_warmup": warmup}), None,
+                           manager, None, replicated)
+        assert ("ema_warmup=True on a fine-tuning run" in caplog.text) == warmup, caplog.text
+
+
 @pytest.mark.parametrize("change, message", [
     ({"finetune.base": "{tmp}/missing"}, r"config.finetune.base=.*/missing does not exist"),
     ({"model.ch": 8}, r"leaf .* has shape .* in the base run"),
@@ -119,6 +133,7 @@ def test_bad_inputs_give_one_line_and_leave_the_base_untouched(base_run, tmp_pat
     ({"finetune.prior_weight": -1.0}, r"config.finetune.prior_weight=-1.0"),
     ({"lora.targets": ("mlp",)}, r"config.lora.targets=\('mlp',\)"),
     ({"lora.rank": 0}, r"config.lora.rank=0"),
+    ({"finetune.row_lr_scale": 0.0}, r"config.finetune.row_lr_scale=0.0: use a value in \(0.0"),
     ({"distill.teacher": "t"}, r"either distils"),
 ])
 def test_validate_names_the_bad_finetune_field(tmp_path, change, message):
