@@ -138,6 +138,8 @@ def get_config() -> ml_collections.ConfigDict:
         row_lr_scale=1.0,             # the taught class's embedding row learns at training.lr
                                       # times this (every method; the new row starts as the
                                       # base's null row)
+        row_ema_warmup=False,         # that row's EMA warms up (forgets its start, the null
+                                      # row) even where training.ema_warmup is off
     )
     config.lora = dict(               # LoRA adapters of finetune.method='lora'
         rank=4,                       # r

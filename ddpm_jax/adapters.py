@@ -66,7 +66,8 @@ class Transform:
     method: one of METHODS. lora_paths: the adapted kernels; rank r, alpha: the scale alpha / r.
     rows: class ids whose class-embedding rows train (lora, embedding; with full, the taught
     rows of the table, which trains whole); () for none. row_lr_scale: those rows' learning
-    rate as a multiple of the run's (`scale_row_updates`).
+    rate as a multiple of the run's (`scale_row_updates`). row_ema_warmup: their EMA warms up
+    (`training.ema_decay_at` with warmup, forgetting their start) whatever the run's setting.
     """
 
     method: str
@@ -75,6 +76,7 @@ class Transform:
     alpha: float = 4.0
     rows: tuple[int, ...] = ()
     row_lr_scale: float = 1.0
+    row_ema_warmup: bool = False
 
     @property
     def scale(self) -> float:
@@ -125,21 +127,33 @@ def init_trainable(base: PyTree, transform: Transform, key: Array) -> PyTree:
     return tree
 
 
+def taught_rows(tree: PyTree, transform: Transform) -> Array | None:
+    """The taught class rows [k, D] of a trainable tree (or of its update or EMA): the ``rows``
+    leaf (lora, embedding) or those rows of the whole table (full); None when none is taught."""
+    if not transform.rows:
+        return None
+    if transform.method == "full":
+        return flat(tree)[EMBED_PATH][np.asarray(transform.rows)]
+    return tree.get("rows")
+
+
+def with_taught_rows(tree: PyTree, rows: Array, transform: Transform) -> PyTree:
+    """`tree` with its taught class rows (see `taught_rows`) replaced by rows [k, D]."""
+    if transform.method == "full":
+        leaves = flat(tree)
+        leaves[EMBED_PATH] = leaves[EMBED_PATH].at[np.asarray(transform.rows)].set(rows)
+        return nested(leaves)
+    return {**tree, "rows": rows}
+
+
 def scale_row_updates(direction: PyTree, transform: Transform) -> PyTree:
     """The optimizer's update direction of a trainable tree with the taught class rows' entries
-    multiplied by transform.row_lr_scale (the row then moves at lr * row_lr_scale): the
-    ``rows`` leaf (lora, embedding) or those rows of the whole table (full). Pure; the same
-    tree when the scale is 1 or no row is taught."""
-    if transform.row_lr_scale == 1.0 or not transform.rows:
+    multiplied by transform.row_lr_scale (the rows then move at lr * row_lr_scale). Pure; the
+    same tree when the scale is 1 or no row is taught."""
+    rows = taught_rows(direction, transform)
+    if transform.row_lr_scale == 1.0 or rows is None:
         return direction
-    scale = jnp.float32(transform.row_lr_scale)
-    if transform.method == "full":
-        leaves = flat(direction)
-        leaves[EMBED_PATH] = leaves[EMBED_PATH].at[np.asarray(transform.rows)].multiply(scale)
-        return nested(leaves)
-    if "rows" not in direction:
-        return direction
-    return {**direction, "rows": direction["rows"] * scale}
+    return with_taught_rows(direction, rows * jnp.float32(transform.row_lr_scale), transform)
 
 
 def lora_delta(down: Array, up: Array, shape: Sequence[int], scale: float) -> Array:

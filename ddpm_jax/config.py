@@ -338,6 +338,7 @@ def _validate_finetune(finetune: _Checker, lora: _Checker, config: Any) -> None:
     finetune.number("prior_weight", 0.0, 1e6)
     finetune.integer("prior_samples", 0)
     finetune.number("row_lr_scale", 0.0, 1e6, low_open=True)
+    finetune.boolean("row_ema_warmup")
     lora.integer("rank", 1)
     lora.number("alpha", 0.0, 1e6, low_open=True)
     targets = lora.get("targets")
@@ -375,7 +376,7 @@ ADDED_FIELDS = {
     "finetune.base_step": None, "finetune.method": "full", "finetune.images": None,
     "finetune.grid_cells": None, "finetune.new_class": True, "finetune.label": None,
     "finetune.prior_weight": 1.0, "finetune.prior_samples": 500,
-    "finetune.row_lr_scale": 1.0, "lora.rank": 4,
+    "finetune.row_lr_scale": 1.0, "finetune.row_ema_warmup": False, "lora.rank": 4,
     "lora.alpha": 4.0, "lora.targets": ("attn", "time", "conv"),
     "control.base": None, "control.base_step": None, "control.kind": "lowres",
     "control.factor": 2, "control.hint_channels": (16, 16), "control.condition": False,

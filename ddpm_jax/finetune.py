@@ -63,17 +63,18 @@ def transform_from_config(config: Any, shapes: PyTree, base_classes: int | None
     """The `adapters.Transform` of config.finetune / config.lora for a model of parameter
     `shapes`: lora and embedding also train the taught class's embedding row (a class-
     conditional model; with lora only when a class id is taught; with full the row is named
-    for finetune.row_lr_scale only, the whole table training)."""
+    for finetune.row_lr_scale and row_ema_warmup only, the whole table training)."""
     f, lo = config.finetune, config.lora
     conditional = config.model.num_classes is not None
     label = instance_label(config, base_classes)
     taught = conditional and (f.new_class or f.label is not None)
     rows = (label,) if taught else ()
-    scale = float(f.get("row_lr_scale", 1.0))
+    rates = dict(row_lr_scale=float(f.get("row_lr_scale", 1.0)),
+                 row_ema_warmup=bool(f.get("row_ema_warmup", False)))
     if f.method == "full":
-        return adapters.Transform("full", rows=rows, row_lr_scale=scale)
+        return adapters.Transform("full", rows=rows, **rates)
     paths = adapters.lora_paths(shapes, tuple(lo.targets)) if f.method == "lora" else ()
-    return adapters.Transform(f.method, paths, int(lo.rank), float(lo.alpha), rows, scale)
+    return adapters.Transform(f.method, paths, int(lo.rank), float(lo.alpha), rows, **rates)
 
 
 @dataclasses.dataclass

@@ -386,11 +386,19 @@ def _update(settings: StepConfig, state: TrainState, loss: Array, terms: dict[st
     lr = learning_rate(state.step, base_lr=settings.base_lr, warmup_steps=settings.warmup_steps,
                        decay=settings.lr_decay, total_steps=settings.total_steps)
     direction, new_opt_state = settings.optimizer.update(grads, state.opt_state, state.params)
-    if settings.transform is not None and settings.transform.method in adapters.METHODS:
+    tuning = settings.transform is not None and settings.transform.method in adapters.METHODS
+    if tuning:
         direction = adapters.scale_row_updates(direction, settings.transform)
     new_params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
     decay = ema_decay_at(state.step, ema_decay=settings.ema_decay, warmup=settings.ema_warmup)
     new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
+    if tuning and settings.transform.row_ema_warmup and settings.transform.rows:
+        # A taught row starts at an uninformative point (a new class: the null row): its
+        # average forgets that start, as a run from scratch does; the rest keeps the base's.
+        row_decay = ema_decay_at(state.step, ema_decay=settings.ema_decay, warmup=True)
+        rows = (row_decay * adapters.taught_rows(state.ema_params, settings.transform)
+                + (1.0 - row_decay) * adapters.taught_rows(new_params, settings.transform))
+        new_ema = adapters.with_taught_rows(new_ema, rows, settings.transform)
 
     def keep_if_nonfinite(new: PyTree, old: PyTree) -> PyTree:
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

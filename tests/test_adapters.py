@@ -189,3 +189,34 @@ def test_row_lr_scale_moves_only_the_taught_row_faster(method):
     if method == "full":  # the other rows of the table move as without the scale
         others = np.arange(5) != 3
         np.testing.assert_array_equal(fast[row_path][others], slow[row_path][others])
+
+
+@pytest.mark.parametrize("method", ["full", "embedding"])
+def test_row_ema_warmup_forgets_the_taught_rows_start_only(method):
+    # One step without the run's EMA warm-up (decay 0.99): the taught row's EMA takes the
+    # warm-up's first decay, (1 + 0) / (10 + 0) = 0.1, every other leaf 0.99.
+    config, model, params = _tiny(4)
+    config.training.lr, config.training.warmup_steps = 1e-3, 0
+    config.training.ema_decay, config.training.ema_warmup = 0.99, False
+    transform = adapters.Transform(method, rows=(3,), row_ema_warmup=True)
+    settings = config_lib.step_config(config, model, transform=transform)
+    state = jax.jit(functools.partial(finetune.create_state,
+                                      finetune.Setup(config, model, transform, params, config, 3),
+                                      settings.optimizer))(jax.random.PRNGKey(0))
+    batch = {"image": jnp.ones((4, 8, 8, 1)) * 0.5, "label": jnp.array([3, 3, 0, 1]),
+             "weight": jnp.array([2.0, 2.0, 1.0, 1.0])}
+    new, _ = jax.jit(training.train_step, static_argnums=3)(
+            state, batch, Schedule.create("linear", 1000), settings, params)
+    before, raw, ema = (adapters.flat(jax.device_get(t)) for t in
+                        (state.ema_params, new.params, new.ema_params))
+    taught = np.zeros(5, bool)
+    taught[3] = True
+    for path in before:
+        b, p = before[path].astype(np.float64), raw[path].astype(np.float64)
+        want = 0.99 * b + 0.01 * p
+        if path == adapters.EMBED_PATH:  # full: the table; row 3 warms up
+            want[taught] = 0.1 * b[taught] + 0.9 * p[taught]
+            assert not np.allclose(p[taught], b[taught])  # the row trained
+        elif path == "rows":             # embedding: the row itself
+            want = 0.1 * b + 0.9 * p
+        np.testing.assert_allclose(ema[path], want, rtol=1e-6, atol=1e-7, err_msg=path)
