@@ -141,7 +141,8 @@ def with_taught_rows(tree: PyTree, rows: Array, transform: Transform) -> PyTree:
     """`tree` with its taught class rows (see `taught_rows`) replaced by rows [k, D]."""
     if transform.method == "full":
         leaves = flat(tree)
-        leaves[EMBED_PATH] = leaves[EMBED_PATH].at[np.asarray(transform.rows)].set(rows)
+        table = jnp.asarray(leaves[EMBED_PATH])
+        leaves[EMBED_PATH] = table.at[np.asarray(transform.rows)].set(rows)
         return nested(leaves)
     return {**tree, "rows": rows}
 

@@ -155,68 +155,64 @@ def test_frozen_leaves_stay_bitwise_equal_through_train_steps(method):
                 np.testing.assert_array_equal(merged[path], leaf, err_msg=path)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_row_lr_scale_moves_only_the_taught_row_faster(method):
-    # One step from the same state and batch with row_lr_scale 1 and 8: Adam's direction is the
-    # same, so the taught row (class 3) moves exactly 8 times as far and nothing else changes.
+
+def test_row_rate_and_row_ema_warmup_act_on_the_taught_row_only():
+    # One step of a full fine-tune from the same state and batch, plain and with the taught row
+    # (class 3) at row_lr_scale 8 and row_ema_warmup (run's EMA: 0.99, no warm-up). Adam's
+    # direction is the same, so that row moves exactly 8 times as far and every other value
+    # as before; the row's EMA takes the warm-up's first decay (1 + 0) / (10 + 0) = 0.1.
     config, model, params = _tiny(4)
-    paths = adapters.lora_paths(params, ("attn",)) if method == "lora" else ()
     config.training.lr, config.training.warmup_steps = 1e-3, 0
+    config.training.ema_decay, config.training.ema_warmup = 0.99, False
     batch = {"image": jnp.ones((4, 8, 8, 1)) * 0.5, "label": jnp.array([3, 3, 0, 1]),
              "weight": jnp.array([2.0, 2.0, 1.0, 1.0])}
-    moved = {}
-    for scale in (1.0, 8.0):
-        transform = adapters.Transform(method, paths, rank=2, alpha=2.0, rows=(3,),
-                                       row_lr_scale=scale)
+    out = []
+    for scale, warm in ((1.0, False), (8.0, True)):
+        transform = adapters.Transform("full", rows=(3,), row_lr_scale=scale, row_ema_warmup=warm)
         settings = config_lib.step_config(config, model, transform=transform)
         state = jax.jit(functools.partial(finetune.create_state,
                                           finetune.Setup(config, model, transform, params, config, 3),
                                           settings.optimizer))(jax.random.PRNGKey(0))
         new, _ = jax.jit(training.train_step, static_argnums=3)(
                 state, batch, Schedule.create("linear", 1000), settings, params)
-        moved[scale] = (adapters.flat(jax.device_get(state.params)),
-                        adapters.flat(jax.device_get(new.params)))
-    (before, slow), (_, fast) = moved[1.0], moved[8.0]
-    row_path = adapters.EMBED_PATH if method == "full" else "rows"
+        out.append([adapters.flat(jax.device_get(t)) for t in (state.params, new.params,
+                                                               new.ema_params)])
+    (before, slow, slow_ema), (_, fast, fast_ema) = out
+    taught = np.arange(5) == 3
     for path in before:
-        if path != row_path:
+        b, p = before[path].astype(np.float64), fast[path].astype(np.float64)
+        want_ema = 0.99 * b + 0.01 * p
+        np.testing.assert_allclose(slow_ema[path], 0.99 * b + 0.01 * slow[path], rtol=1e-6,
+                                   atol=1e-7, err_msg=path)
+        if path != adapters.EMBED_PATH:
             np.testing.assert_array_equal(fast[path], slow[path], err_msg=path)
-    row = (lambda a: a[3]) if method == "full" else (lambda a: a[0])
-    step_slow = row(slow[row_path]).astype(np.float64) - row(before[row_path])
-    step_fast = row(fast[row_path]).astype(np.float64) - row(before[row_path])
-    assert np.abs(step_slow).max() > 1e-4  # the row did train
-    np.testing.assert_allclose(step_fast, 8.0 * step_slow, rtol=1e-3, atol=1e-7)
-    if method == "full":  # the other rows of the table move as without the scale
-        others = np.arange(5) != 3
-        np.testing.assert_array_equal(fast[row_path][others], slow[row_path][others])
+        else:
+            np.testing.assert_array_equal(fast[path][~taught], slow[path][~taught])
+            step = slow[path][taught].astype(np.float64) - b[taught]
+            assert np.abs(step).max() > 1e-4  # the row did train
+            np.testing.assert_allclose(p[taught] - b[taught], 8.0 * step, rtol=1e-3, atol=1e-7)
+            want_ema[taught] = 0.1 * b[taught] + 0.9 * p[taught]
+        np.testing.assert_allclose(fast_ema[path], want_ema, rtol=1e-6, atol=1e-7, err_msg=path)
 
 
-@pytest.mark.parametrize("method", ["full", "embedding"])
-def test_row_ema_warmup_forgets_the_taught_rows_start_only(method):
-    # One step without the run's EMA warm-up (decay 0.99): the taught row's EMA takes the
-    # warm-up's first decay, (1 + 0) / (10 + 0) = 0.1, every other leaf 0.99.
-    config, model, params = _tiny(4)
-    config.training.lr, config.training.warmup_steps = 1e-3, 0
-    config.training.ema_decay, config.training.ema_warmup = 0.99, False
-    transform = adapters.Transform(method, rows=(3,), row_ema_warmup=True)
-    settings = config_lib.step_config(config, model, transform=transform)
-    state = jax.jit(functools.partial(finetune.create_state,
-                                      finetune.Setup(config, model, transform, params, config, 3),
-                                      settings.optimizer))(jax.random.PRNGKey(0))
-    batch = {"image": jnp.ones((4, 8, 8, 1)) * 0.5, "label": jnp.array([3, 3, 0, 1]),
-             "weight": jnp.array([2.0, 2.0, 1.0, 1.0])}
-    new, _ = jax.jit(training.train_step, static_argnums=3)(
-            state, batch, Schedule.create("linear", 1000), settings, params)
-    before, raw, ema = (adapters.flat(jax.device_get(t)) for t in
-                        (state.ema_params, new.params, new.ema_params))
-    taught = np.zeros(5, bool)
-    taught[3] = True
-    for path in before:
-        b, p = before[path].astype(np.float64), raw[path].astype(np.float64)
-        want = 0.99 * b + 0.01 * p
-        if path == adapters.EMBED_PATH:  # full: the table; row 3 warms up
-            want[taught] = 0.1 * b[taught] + 0.9 * p[taught]
-            assert not np.allclose(p[taught], b[taught])  # the row trained
-        elif path == "rows":             # embedding: the row itself
-            want = 0.1 * b + 0.9 * p
-        np.testing.assert_allclose(ema[path], want, rtol=1e-6, atol=1e-7, err_msg=path)
+def test_taught_rows_of_a_rows_leaf_and_of_the_whole_table():
+    table = np.arange(20, dtype=np.float32).reshape(5, 4)
+    full = adapters.Transform("full", rows=(3,), row_lr_scale=2.0)
+    tree = {"class_embed": {"embedding": table}, "conv": {"kernel": np.ones((3,), np.float32)}}
+    np.testing.assert_array_equal(adapters.taught_rows(tree, full), table[3:4])
+    scaled = adapters.scale_row_updates(tree, full)
+    want = table.copy()
+    want[3] *= 2.0
+    np.testing.assert_array_equal(scaled["class_embed"]["embedding"], want)
+    np.testing.assert_array_equal(scaled["conv"]["kernel"], tree["conv"]["kernel"])
+    lora = adapters.Transform("lora", ("conv/kernel",), rows=(3,), row_lr_scale=2.0)
+    small = {"lora": {"conv": {"kernel": {"down": np.ones((3, 1)), "up": np.ones((1, 1))}}},
+             "rows": table[3:4]}
+    scaled = adapters.scale_row_updates(small, lora)
+    np.testing.assert_array_equal(scaled["rows"], 2.0 * table[3:4])
+    assert scaled["lora"] is small["lora"]
+    replaced = adapters.with_taught_rows(small, np.zeros((1, 4), np.float32), lora)
+    np.testing.assert_array_equal(replaced["rows"], np.zeros((1, 4)))
+    untaught = adapters.Transform("full", row_lr_scale=2.0)  # no taught row: unchanged
+    assert adapters.taught_rows(tree, untaught) is None
+    assert adapters.scale_row_updates(tree, untaught) is tree
