@@ -40,7 +40,7 @@ from ddpm_jax.spec import SamplerSpec  # noqa: E402
 NEW = 9
 METHODS = {  # overrides of configs/digits.py:finetune per method
     "full": {"finetune.method": "full"},
-    "lora": {"finetune.method": "lora", "training.lr": 3e-3, "lora.rank": 1, "lora.alpha": 1.0},
+    "lora": {"finetune.method": "lora", "training.lr": 1e-2, "lora.rank": 1, "lora.alpha": 1.0},
     "embedding": {"finetune.method": "embedding", "training.lr": 1e-2,
                   "finetune.prior_weight": 0.0},
 }

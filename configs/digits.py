@@ -213,8 +213,8 @@ def _finetune(config: ml_collections.ConfigDict, tiny: bool) -> None:
     --config.finetune.base=RUN and the images with --config.finetune.images=FILE; a new class
     (the base's N classes plus one), prior preservation on 5,000 of the base's samples with
     weight 1, 1,000 steps at batch 32 (16 instance rows, 16 prior rows), EMA 0.997 from the
-    base's weights without warm-up; LoRA rank 1 (use --config.training.lr=3e-3 with
-    method=lora, 1e-2 with method=embedding). docs/finetuning.md says why each of these."""
+    base's weights without warm-up; LoRA rank 1 (use --config.training.lr=1e-2 with
+    method=lora or method=embedding). docs/finetuning.md says why each of these."""
     _class_conditional(config, tiny=False)
     # model.num_classes is replaced by the base run's (+1 for the new class) at start.
     config.finetune.method = "full"
