@@ -40,9 +40,11 @@ from ddpm_jax.spec import SamplerSpec  # noqa: E402
 NEW = 9
 METHODS = {  # overrides of configs/digits.py:finetune per method
     "full": {"finetune.method": "full"},
-    "lora": {"finetune.method": "lora", "training.lr": 1e-2, "lora.rank": 1, "lora.alpha": 1.0},
+    "lora": {"finetune.method": "lora", "training.lr": 1e-2, "finetune.row_lr_scale": 1.0,
+             "training.ema_decay": 0.997, "lora.rank": 1, "lora.alpha": 1.0},
     "embedding": {"finetune.method": "embedding", "training.lr": 1e-2,
-                  "finetune.prior_weight": 0.0},
+                  "finetune.row_lr_scale": 1.0, "finetune.prior_weight": 0.0,
+                  "training.ema_decay": 0.997, "finetune.row_ema_warmup": False},
 }
 
 
