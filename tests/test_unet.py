@@ -304,7 +304,8 @@ FLOAT_FIELDS = ("diffusion.beta_start", "diffusion.beta_end", "model.dropout", "
                 "training.grad_clip", "training.ema_decay", "training.adam_eps",
                 "training.min_snr_gamma",
                 "training.label_dropout", "sampling.eta", "eval.guidance", "distill.teacher_eta",
-                "finetune.prior_weight", "lora.alpha", "control.condition_dropout",
+                "finetune.prior_weight", "finetune.row_lr_scale", "lora.alpha",
+                "control.condition_dropout",
                 "latent.kl_weight")
 
 
