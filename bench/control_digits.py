@@ -14,6 +14,7 @@ single-stage --default run, per seed.
 Every test digit (digits/test, 360 images, never trained on) gives one control: its k x k
 low-pass (the run's control.factor; 2: the 4x4 image shown at 8x8). Rows:
   * ControlNet: the run's sampler (calls = its steps) at control scale 1 (and 0: the base),
+    and with --cn_guidance g: eps(c) + g (eps(c) - eps(base)) (two calls per step),
   * SDEdit: the base run from q(x_t0 | low-pass image), t0 = strength T, at --strengths, the
     same sampler on as many network calls below t0 as the ControlNet makes in all (--calls),
   * SR: the image-conditioned run on the same low-pass images (the run's sampler), and the
@@ -92,12 +93,15 @@ def lowpass_bound(factor: int) -> dict:
 
 
 def controlled(workdir: str, controls: np.ndarray, seed: int, batch: int, *, scale: float = 1.0,
-               condition: bool = False, guidance: float = 0.0):
+               condition: bool = False, guidance: float = 0.0, sampler: str | None = None,
+               steps: int | None = None):
     """(uint8 outputs, calls per image, seconds) of a ControlNet or image-conditioned run, with
-    guidance g on the control image (0: none, one call per step; else two)."""
+    guidance g on the control image (0: none, one call per step; else two); sampler / steps:
+    the run's own unless given."""
     config, model, params = runs.load_for_sampling(workdir, "ema")
     branch = None if condition else control.branch_from_config(config, model)
-    spec = SamplerSpec.from_config(config)
+    spec = SamplerSpec.from_config(config, **{k: v for k, v in (("sampler", sampler),
+                                                                ("steps", steps)) if v})
     sampler = make_sampler(control.ControlApply(model, branch, condition_guidance=guidance > 0),
                            config_lib.schedule_from_config(config),
                            (batch, *config_lib.image_shape(config)), spec)
@@ -190,6 +194,9 @@ def main() -> None:
     parser.add_argument("--strengths", default="0.1,0.2,0.3,0.4")
     parser.add_argument("--sr_guidance", default="0,1,3", help="SR: guidance g on the condition")
     parser.add_argument("--scales", default="1,2,0", help="ControlNet control scales")
+    parser.add_argument("--cn_guidance", default="", help="ControlNet: guidance g on the "
+                        "control (the base, i.e. the null control, as the unconditional model; "
+                        "two calls per step), a comma-separated list")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--batch_size", type=int, default=360)
     parser.add_argument("--out", default="runs/control_digits.png")
@@ -219,6 +226,9 @@ def main() -> None:
         for scale in (float(v) for v in args.scales.split(",")):
             jobs.append((f"ControlNet, control scale {scale:g}", lambda s, scale=scale:
                          controlled(args.controlnet, controls, s, args.batch_size, scale=scale)))
+        for g in (float(v) for v in args.cn_guidance.split(",") if v):
+            jobs.append((f"ControlNet, guidance {g:g} on the control", lambda s, g=g: controlled(
+                    args.controlnet, controls, s, args.batch_size, guidance=g)))
     if args.base:
         for strength in (float(v) for v in args.strengths.split(",")):
             jobs.append((f"SDEdit from the low-pass, strength {strength:g}",

@@ -7,6 +7,8 @@ and the wall time of 1,000 samples of each.
     python bench/distill_digits.py --teacher runs/digits --workdir runs/digits-distill \
         --rounds 6 --seeds 3                        # down to 1 step, three sample seeds
     python bench/distill_digits.py --teacher runs/digits --workdir runs/digits-distill --no-train
+    python bench/distill_digits.py --teacher runs/digits --workdir runs/digits-distill --no-train \
+        --rounds 0 --no-teacher_rows --chain_steps 64,128,256 --seeds 3   # the distilled chain
 
 Training runs the chain exactly as `train.py --config configs/digits.py:distill
 --config.distill.teacher=TEACHER --workdir WORKDIR` does (`loop.distillation_rounds`, each round
@@ -49,7 +51,10 @@ def teacher_training_seconds(workdir: str) -> float | None:
 
 
 def train_rounds(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """Runs (or resumes) the chain; returns (round work dir, student steps) per round."""
+    """Runs (or resumes) the chain; returns (round work dir, student steps) per round (none
+    for --rounds 0: only the teacher's rows)."""
+    if args.rounds == 0:
+        return []
     from configs import digits
     from ddpm_jax import loop
     from ddpm_jax import config as config_lib
@@ -98,6 +103,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--teacher_rows", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--chain_steps", default="", help="also score the teacher's DDIM chain "
+                        "(trailing) at these step counts, e.g. 64,128,256: the chain the "
+                        "students learn, and so the level a faithful student approaches")
     args = parser.parse_args()
     print(json.dumps(dict(row="teacher_training", workdir=args.teacher,
                           seconds=teacher_training_seconds(args.teacher))), flush=True)
@@ -107,6 +115,9 @@ def main() -> None:
         if steps <= 8:
             score(workdir, f"student_{steps}", args.seeds, train_ref, test_ref, sampler="ddim",
                   steps=steps, spacing="trailing")
+    for steps in (int(v) for v in args.chain_steps.split(",") if v):
+        score(args.teacher, "teacher_chain", args.seeds, train_ref, test_ref, sampler="ddim",
+              steps=steps, spacing="trailing")
     if not args.teacher_rows:
         return
     for steps in (1, 2, 4, 8):
