@@ -110,8 +110,11 @@ CONTROL_VARIANTS = ("controlnet", "controlnet_tiny", "sr", "sr_tiny", "sr16")
 def _control(config: ml_collections.ConfigDict, variant: str) -> None:
     """Control images (docs/control.md). controlnet: a ControlNet on the run named by
     --config.control.base (the default run or `cond`), the 4x4 low-pass as control
-    (--config.control.kind=edges for edge maps), 1,500 steps; sr: super-resolution 4x4 -> 8x8
-    by concatenation, trained from scratch with 10% null conditions, 2,000 steps; sr16: the
+    (--config.control.kind=edges for edge maps), 4,000 steps (13 min on 2 CPU cores; at 1,500
+    steps 87.5% of its held-out outputs read as the source digit, at 4,000 91.9%); sr:
+    super-resolution 4x4 -> 8x8 by concatenation, trained from scratch with 10% null
+    conditions, 2,000 steps (at 8,000 the SR alone is better, held-out digits-FID 0.76 against
+    1.37, but the 4x4 -> 8x8 cascade worse, 1.20x the default's against 1.14x); sr16: the
     16px model (`16px`) conditioned on the 8x8 digits. Neither writes periodic sample grids
     (they need control images: sample.py --control / --condition)."""
     if variant == "sr16":
@@ -120,7 +123,7 @@ def _control(config: ml_collections.ConfigDict, variant: str) -> None:
     config.control.factor = 2
     config.training.num_sample_images = 0
     if variant.startswith("controlnet"):
-        config.training.num_steps = 1500
+        config.training.num_steps = 4000
         config.training.lr = 5e-4
         config.training.warmup_steps = 50
         config.training.ema_decay = 0.995

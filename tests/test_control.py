@@ -266,6 +266,26 @@ def test_two_scale_guidance_is_instructpix2pix_formula():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_guidance_on_a_controlnet_control_moves_away_from_the_frozen_base(tiny):
+    # eps(c) + g (eps(c) - eps_base): the null control of a ControlNet is its base model.
+    model, branch, base, start = tiny
+    rng = np.random.default_rng(6)
+    trained = jax.tree.map(lambda a: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype), start)
+    params = controlnet.attach(base, trained)
+    x, t, y, c = _inputs()
+    apply_fn = control.ControlApply(model, branch, condition_guidance=True)
+    g = np.array([0.5, 3.0])
+    rows = {k: jnp.asarray(v) for k, v in control.rows(np.asarray(c), labels=np.asarray(y),
+                                                       condition_guidance=g).items()}
+    got = apply_fn.guided_model(params, rows, jnp.float32(0.0), channels=1, guided=False,
+                                mesh=None)(x, t)
+    controlled = np.asarray(controlnet.apply(model, branch, params, x, t, y, control=c), np.float64)
+    plain = np.asarray(model.apply({"params": base}, x, t, y, train=False), np.float64)
+    assert np.abs(controlled - plain).max() > 1e-4
+    want = controlled + g[:, None, None, None] * (controlled - plain)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_ddim_inversion_with_per_row_controls_round_trips():
     # An edit outside the sampler (editing.chain.ddim_encode) reads the same rows.
     from ddpm_jax.editing import chain
