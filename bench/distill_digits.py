@@ -64,6 +64,7 @@ def train_rounds(args: argparse.Namespace) -> list[tuple[str, int]]:
     config.distill.rounds = args.rounds
     config.distill.teacher_steps = args.teacher_steps
     config.training.num_steps = args.steps_per_round
+    config.distill.first_round_steps = args.first_round_steps
     config_lib.validate(config)
     out = []
     for workdir, round_config in loop.distillation_rounds(config, args.workdir):
@@ -74,7 +75,8 @@ def train_rounds(args: argparse.Namespace) -> list[tuple[str, int]]:
             loop.train_and_evaluate(round_config, workdir)
             seconds = None if done else round(time.perf_counter() - start, 1)
             print(json.dumps(dict(row="round", workdir=workdir, teacher_steps=steps * 2,
-                                  student_steps=steps, train_steps=args.steps_per_round,
+                                  student_steps=steps,
+                                  train_steps=round_config.training.num_steps,
                                   seconds=seconds, date=time.strftime("%Y-%m-%d"))), flush=True)
         out.append((workdir, steps))
     return out
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--teacher_steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps_per_round", type=int, default=500)
+    parser.add_argument("--first_round_steps", type=int, default=None,
+                        help="round 1's steps (config.distill.first_round_steps)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--teacher_rows", action=argparse.BooleanOptionalAction, default=True)

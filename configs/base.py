@@ -118,6 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
         teacher_eta=0.0,              # must be 0: a stochastic teacher chain cannot be distilled
         rounds=1,                     # halvings in one command: round k in WORKDIR/round_k learns
                                       # N / 2^k steps from round k-1 (round 1: from teacher)
+        first_round_steps=placeholder(int),  # round 1's training steps; None: training.num_steps
+                                      # (round 1 also relearns the output's meaning, eps -> v)
     )
     config.finetune = dict(           # fine-tuning a trained run (docs/finetuning.md)
         base=placeholder(str),        # the base run's work dir; None: an ordinary run. Its EMA

@@ -295,6 +295,7 @@ def _validate_distill(distill: _Checker, config: Any) -> None:
     except ValueError as error:
         raise ValueError(str(error)) from None
     rounds = distill.integer("rounds", 1)
+    distill.integer("first_round_steps", 1, optional=True)
     if steps % 2 ** rounds:
         raise distill.fail("rounds", f"teacher_steps={steps} halves only "
                            f"{(steps & -steps).bit_length() - 1} times into whole steps: use fewer "
@@ -372,7 +373,7 @@ ADDED_FIELDS = {
     "sampling.order": 2, "sampling.threshold": None, "eval.every_steps": 0, "eval.labels": "none",
     "eval.guidance": None, "distill.teacher": None, "distill.teacher_step": None,
     "distill.teacher_steps": 64, "distill.teacher_sampler": "ddim", "distill.teacher_eta": 0.0,
-    "distill.rounds": 1, "data.exclude_labels": (), "finetune.base": None,
+    "distill.rounds": 1, "distill.first_round_steps": None, "data.exclude_labels": (), "finetune.base": None,
     "finetune.base_step": None, "finetune.method": "full", "finetune.images": None,
     "finetune.grid_cells": None, "finetune.new_class": True, "finetune.label": None,
     "finetune.prior_weight": 1.0, "finetune.prior_samples": 500,

@@ -225,8 +225,10 @@ def distillation_rounds(config: ml_collections.ConfigDict, workdir: str
     workdir/round_k distils N_k = teacher_steps / 2^(k-1) steps into N_k / 2; its teacher is
     config.distill.teacher (round 1) or round k-1's work dir. Each round's config.sampling is
     its student's own chain, DDIM with eta 0 on the N_k / 2 trailing steps, so that sample
-    grids, sample.py and evaluation use it by default. Rerunning the chain resumes it: finished
-    rounds load, see they are done, and return."""
+    grids, sample.py and evaluation use it by default. Round 1 trains
+    config.distill.first_round_steps steps when set (else training.num_steps, as every later
+    round). Rerunning the chain resumes it: finished rounds load, see they are done, and
+    return."""
     d = config.distill
     rounds = []
     for k in range(1, d.rounds + 1):
@@ -236,7 +238,9 @@ def distillation_rounds(config: ml_collections.ConfigDict, workdir: str
             round_config.distill.update(
                     teacher=d.teacher if k == 1 else rounds[-1][0],
                     teacher_step=d.teacher_step if k == 1 else None,
-                    teacher_steps=teacher_steps, rounds=1)
+                    teacher_steps=teacher_steps, rounds=1, first_round_steps=None)
+            if k == 1 and d.get("first_round_steps") is not None:
+                round_config.training.num_steps = d.first_round_steps
             round_config.sampling.update(sampler="ddim", eta=0.0, steps=teacher_steps // 2,
                                          spacing="trailing")
         rounds.append((os.path.join(workdir, ROUND_DIR.format(k)), round_config))

@@ -222,6 +222,11 @@ def test_rounds_chain_their_teachers_and_sample_with_their_own_steps():
         assert (spec.sampler, spec.eta, spec.steps, spec.spacing, spec.mean_type) == (
                 "ddim", 0.0, c.distill.teacher_steps // 2, "trailing", "v")
     assert config.distill.teacher_steps == 64 and config.distill.rounds == 4  # not changed
+    assert [c.training.num_steps for _, c in rounds] == [500] * 4
+    config.distill.first_round_steps = 1500  # round 1 longer, the others as before
+    longer = loop.distillation_rounds(config, "out")
+    assert [c.training.num_steps for _, c in longer] == [1500, 500, 500, 500]
+    assert all(c.distill.first_round_steps is None for _, c in longer)  # each round: one run
 
 
 @pytest.mark.parametrize("field, value, says", [
@@ -231,6 +236,7 @@ def test_rounds_chain_their_teachers_and_sample_with_their_own_steps():
     ("teacher_sampler", "ddpm", "stochastic teacher chain"),
     ("teacher_eta", 0.5, "stochastic teacher chain"),
     ("teacher_sampler", "dpm++", "multistep"),
+    ("first_round_steps", 0, "integer >= 1"),
 ])
 def test_bad_distill_settings_are_refused_in_one_line(field, value, says):
     config = digits.get_config("distill")
