@@ -109,8 +109,7 @@ def controlled(workdir: str, controls: np.ndarray, seed: int, batch: int, *, sca
     the run's own unless given."""
     config, model, params = runs.load_for_sampling(workdir, "ema")
     branch = None if condition else control.branch_from_config(config, model)
-    spec = SamplerSpec.from_config(config, **{k: v for k, v in (("sampler", sampler),
-                                                                ("steps", steps)) if v})
+    spec = SamplerSpec.from_config(config, sampler=sampler, steps=steps)  # None: the run's
     sampler = make_sampler(control.ControlApply(model, branch, condition_guidance=guidance > 0),
                            config_lib.schedule_from_config(config),
                            (batch, *config_lib.image_shape(config)), spec)
