@@ -5,6 +5,7 @@ low-pass image at equal network calls, and super-resolution by concatenation.
         --sr runs/digits_sr --seeds 0,1
     python bench/control_digits.py --cascade runs/digits4 --sr runs/digits_sr \
         --default runs/digits --seeds 0,1,2
+    python bench/control_digits.py --size 16 --sr runs/digits_sr16 --seeds 0,1
 
 The cascade (--cascade, a `configs/digits.py:4px` run): 1,000 samples of the 4x4 run (its
 sampler), upsampled, condition the SR run (its sampler, at each --sr_guidance); digits-FID of the
@@ -24,7 +25,10 @@ the control error (RMSE in [0, 1] pixel units between the output's low-pass and 
 PSNR against the true digit (SR), and digits-FID against the 360 held-out digits. With
 --edges_controlnet, a ControlNet of kind edges under each digit's edge map (its error: the RMSE
 between the output's edge map and the control). Each score is
-the mean over --seeds with its spread (max - min). Prints JSON lines and a Markdown table.
+the mean over --seeds with its spread (max - min). --size 16: the 16px test digits (the 8x8
+ones bicubic-upsampled), their 8x8 low-pass as control, for an 8x8 -> 16x16 SR run; the
+classifier and digits-FID read the outputs 2x2-averaged to 8x8, as for every 16px model.
+Prints JSON lines and a Markdown table.
 Never run by CI.
 """
 
@@ -42,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.digits_yardstick import Yardstick  # noqa: E402
+from bench.digits_yardstick import Yardstick, to_native  # noqa: E402
 from ddpm_jax import config as config_lib, control, features, runs  # noqa: E402
 from ddpm_jax.data.builders import digits_arrays  # noqa: E402
 from ddpm_jax.images import save_image_grid, to_model_range, to_uint8  # noqa: E402
@@ -58,7 +62,9 @@ def transform(images_uint8: np.ndarray, factor: int, kind: str = "lowres") -> np
 
 
 def scores(net, yardstick, images, labels, controls, factor, truth=None, kind="lowres") -> dict:
-    _, logits = features.compute_features(net, images, progress=False)
+    """images: uint8 [N, 8k, 8k, 1]; the classifier and digits-FID read them at 8x8 (k x k block
+    means), the control error and PSNR at their own size."""
+    _, logits = features.compute_features(net, to_native(images), progress=False)
     error = transform(images, factor, kind) - controls
     out = dict(source_digit_share=float((logits.argmax(1) == labels).mean()),
                control_rmse=float(np.sqrt(np.mean(error ** 2)) / 2),
@@ -195,12 +201,16 @@ def main() -> None:
     parser.add_argument("--controlnet", default=None)
     parser.add_argument("--base", default=None)
     parser.add_argument("--sr", default=None)
+    parser.add_argument("--size", type=int, default=8, choices=(8, 16), help="the test digits' "
+                        "size: 16 for an 8x8 -> 16x16 SR run (configs/digits.py:sr16; --sr only)")
     parser.add_argument("--edges_controlnet", default=None, help="a ControlNet run of kind edges")
     parser.add_argument("--factor", type=int, default=2)
     parser.add_argument("--calls", type=int, default=20, help="SDEdit's network calls (the "
                         "ControlNet run's sampler steps: 20 for the digits default)")
     parser.add_argument("--strengths", default="0.1,0.2,0.3,0.4")
     parser.add_argument("--sr_guidance", default="0,1,3", help="SR: guidance g on the condition")
+    parser.add_argument("--sr_sampler", default=None, help="SR: a sampler other than the run's")
+    parser.add_argument("--sr_steps", type=int, default=None, help="SR: steps other than the run's")
     parser.add_argument("--scales", default="1,2,0", help="ControlNet control scales")
     parser.add_argument("--cn_guidance", default="", help="ControlNet: guidance g on the "
                         "control (the base, i.e. the null control, as the unconditional model; "
@@ -220,13 +230,16 @@ def main() -> None:
         cascade_rows(args.cascade, args.sr, args.default, seeds, args.num_samples, 500,
                      [float(v) for v in args.sr_guidance.split(",")])
         return
-    images, labels = digits_arrays(8)["test"]
+    if args.size != 8 and (args.controlnet or args.base or args.edges_controlnet):
+        parser.error("--size 16 scores an SR run (--sr) only.")
+    images, labels = digits_arrays(args.size)["test"]
+    low = args.size // args.factor
     controls = transform(images, args.factor)
     edge_maps = transform(images, args.factor, "edges")
     yardstick = Yardstick(reference_split="test")
     net = yardstick.net
     print(f"protocol: {len(images)} digits/test images, control = their {args.factor}x"
-          f"{args.factor} block means ({8 // args.factor}x{8 // args.factor} low-pass); seeds "
+          f"{args.factor} block means ({low}x{low} low-pass); seeds "
           f"{seeds}; EMA weights; scored by {yardstick.protocol()}", flush=True)
     jobs = []
     calls = args.calls
@@ -248,13 +261,14 @@ def main() -> None:
     if args.sr:
         for g in (float(v) for v in args.sr_guidance.split(",")):
             jobs.append((f"SR (concatenation), condition guidance {g:g}", lambda s, g=g: controlled(
-                    args.sr, controls, s, args.batch_size, condition=True, guidance=g)))
+                    args.sr, controls, s, args.batch_size, condition=True, guidance=g,
+                    sampler=args.sr_sampler, steps=args.sr_steps)))
     table = [dict(row="held-out digits themselves", n_calls=0,
                   **scores(net, yardstick, images, labels, controls, args.factor, images)),
              dict(row="the low-pass image (nearest upsampling)", n_calls=0,
                   **scores(net, yardstick, ((controls + 1) * 127.5).round().astype(np.uint8),
                            labels, controls, args.factor, images)),
-             *lowpass_bound(args.factor)]
+             *(lowpass_bound(args.factor) if args.size == 8 else [])]
     for row in table:
         print(json.dumps(row), flush=True)
     for name, job in jobs:
@@ -270,7 +284,8 @@ def main() -> None:
                 path = args.out.replace(".png", f"_{len(table)}.png")
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 shown = (((edge_maps if edges else controls)[:50] + 1) * 127.5).round().astype(np.uint8)
-                save_image_grid(np.stack([shown, out[:50]], 1).reshape(-1, 8, 8, 1), path, nrow=10)
+                save_image_grid(np.stack([shown, out[:50]], 1).reshape(-1, *out.shape[1:]), path,
+                                nrow=10)
         row = dict(row=name, n_calls=n_calls)
         for key in per_seed[0]:
             values = [p[key] for p in per_seed]
