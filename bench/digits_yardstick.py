@@ -68,12 +68,14 @@ class Yardstick:
 
 
 def sample_checkpoint(workdir: str, *, sampler: str, steps: int | None, num_samples: int,
-                      seed: int, batch_size: int = 500, **options: Any) -> tuple[np.ndarray, float]:
-    """(uint8 samples [N, H, W, C], seconds) from a run's EMA weights with our compiled chain."""
+                      seed: int, batch_size: int = 500, weights: str = "ema",
+                      **options: Any) -> tuple[np.ndarray, float]:
+    """(uint8 samples [N, H, W, C], seconds) from a run's `weights` ("ema" or "raw") with our
+    compiled chain."""
     from ddpm_jax import runs  # orbax: only here
     from ddpm_jax.schedule import Schedule
 
-    config, model, params = runs.load_for_sampling(workdir, weights="ema")
+    config, model, params = runs.load_for_sampling(workdir, weights=weights)
     d, data = config.diffusion, config.data
     schedule = Schedule.create(d.schedule, d.timesteps, beta_start=d.beta_start,
                                beta_end=d.beta_end)

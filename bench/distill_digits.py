@@ -17,7 +17,8 @@ already finished only loads (its time is then reported as null). The teacher's t
 comes from its metrics.jsonl (steps / steps_per_sec of each logged interval).
 
 Scores: digits-FID (bench/digits_yardstick.py) of 1,000 samples against the 1,437 train images
-(`fid`) and the 360 held-out test images (`fid_test`), per seed; `seconds` is the second of two
+(`fid`) and the 360 held-out test images (`fid_test`), per seed, from the students' EMA
+weights (`--student_weights raw`: the raw ones; every round teaches from its EMA weights); `seconds` is the second of two
 identical draws of 1,000 samples (compiled), batch 500. Prints one JSON line per row.
 Never run by CI.
 """
@@ -65,6 +66,8 @@ def train_rounds(args: argparse.Namespace) -> list[tuple[str, int]]:
     config.distill.teacher_steps = args.teacher_steps
     config.training.num_steps = args.steps_per_round
     config.distill.first_round_steps = args.first_round_steps
+    if args.batch_size is not None:
+        config.training.batch_size = args.batch_size
     config_lib.validate(config)
     out = []
     for workdir, round_config in loop.distillation_rounds(config, args.workdir):
@@ -102,10 +105,14 @@ def main() -> None:
     parser.add_argument("--teacher_steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps_per_round", type=int, default=500)
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="training.batch_size of every round (default: the config's, 64)")
     parser.add_argument("--first_round_steps", type=int, default=None,
                         help="round 1's steps (config.distill.first_round_steps)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--student_weights", choices=("ema", "raw"), default="ema",
+                        help="the students' weights scored (the teacher's are its EMA ones)")
     parser.add_argument("--teacher_rows", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--chain_steps", default="", help="also score the teacher's DDIM chain "
                         "(trailing) at these step counts, e.g. 64,128,256: the chain the "
@@ -118,7 +125,7 @@ def main() -> None:
     for workdir, steps in rounds:
         if steps <= 8:
             score(workdir, f"student_{steps}", args.seeds, train_ref, test_ref, sampler="ddim",
-                  steps=steps, spacing="trailing")
+                  steps=steps, spacing="trailing", weights=args.student_weights)
     for steps in (int(v) for v in args.chain_steps.split(",") if v):
         score(args.teacher, "teacher_chain", args.seeds, train_ref, test_ref, sampler="ddim",
               steps=steps, spacing="trailing")
