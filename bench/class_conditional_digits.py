@@ -108,7 +108,7 @@ def anagrams(args, model_apply, params, schedule, spec, image_shape, net) -> lis
 
 
 def style(args, model_apply, params, schedule, config, net) -> list[dict]:
-    test_images, _ = digits_arrays(config.data.image_size)["test"]
+    test_images, test_labels = digits_arrays(config.data.image_size)["test"]
     stats = style_statistics(test_images)
     picks = dict(slant_right=int(np.argmax(stats["slant"])), slant_left=int(np.argmin(stats["slant"])),
                  heavy=int(np.argmax(stats["ink"])), light=int(np.argmin(stats["ink"])))
@@ -122,6 +122,8 @@ def style(args, model_apply, params, schedule, config, net) -> list[dict]:
         sites = attention_sites(params, layers.split(",") if "," in layers else layers)
         for name, index in picks.items():
             ref = test_images[index]
+            if args.style_same_class:  # every image of the reference's own class
+                labels = np.full(args.style_samples, int(test_labels[index]), np.int32)
             ref_stats = {k: float(v[index]) for k, v in stats.items()}
             out = {}
             for shared in (False, True):
@@ -143,6 +145,7 @@ def style(args, model_apply, params, schedule, config, net) -> list[dict]:
                             grid_images=np.concatenate([ref[None], result["reconstruction"][None],
                                                         result["images"][:18]]), nrow=10)
             row = dict(part="style", reference=name, layers=layers, shift=shift,
+                       ref_class=int(test_labels[index]), same_class=args.style_same_class,
                        ref_slant=ref_stats["slant"],
                        ref_ink=ref_stats["ink"],
                        **{f"{k}_plain": v for k, v in out[False].items()},
@@ -201,6 +204,8 @@ def main() -> None:
     parser.add_argument("--style_samples", type=int, default=50)
     parser.add_argument("--style_steps", type=int, default=50)
     parser.add_argument("--style_layers", default="all", help="';'-separated layer choices")
+    parser.add_argument("--style_same_class", action="store_true",
+                        help="draw every image in the reference's class (default: class n mod 10)")
     parser.add_argument("--style_shifts", default="0,2", help="reference logit shifts")
     parser.add_argument("--zero_shot_samples", default="4,8,16,32")
     parser.add_argument("--zero_shot_batch", type=int, default=60)
