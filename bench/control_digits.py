@@ -24,7 +24,9 @@ Scores: the share labelled as the source digit by the digits classifier (the eva
 the control error (RMSE in [0, 1] pixel units between the output's low-pass and the control),
 PSNR against the true digit (SR), and digits-FID against the 360 held-out digits. With
 --edges_controlnet, a ControlNet of kind edges under each digit's edge map (its error: the RMSE
-between the output's edge map and the control). Each score is
+between the output's edge map and the control); with --mask_controlnet, a ControlNet of kind
+mask completing each digit from its top half (its error: the RMSE of the output's top half
+against the digit's; compare bench/inpaint_digits.py's RePaint). Each score is
 the mean over --seeds with its spread (max - min). --size 16: the 16px test digits (the 8x8
 ones bicubic-upsampled), their 8x8 low-pass as control, for an 8x8 -> 16x16 SR run; the
 classifier and digits-FID read the outputs 2x2-averaged to 8x8, as for every 16px model.
@@ -66,6 +68,8 @@ def scores(net, yardstick, images, labels, controls, factor, truth=None, kind="l
     means), the control error and PSNR at their own size."""
     _, logits = features.compute_features(net, to_native(images), progress=False)
     error = transform(images, factor, kind) - controls
+    if kind == "mask":  # the known top half's pixels (the mask channel agrees by construction)
+        error = error[:, : images.shape[1] // 2, :, : images.shape[-1]]
     out = dict(source_digit_share=float((logits.argmax(1) == labels).mean()),
                control_rmse=float(np.sqrt(np.mean(error ** 2)) / 2),
                fid=yardstick.score(images)["fid"])
@@ -204,6 +208,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8, choices=(8, 16), help="the test digits' "
                         "size: 16 for an 8x8 -> 16x16 SR run (configs/digits.py:sr16; --sr only)")
     parser.add_argument("--edges_controlnet", default=None, help="a ControlNet run of kind edges")
+    parser.add_argument("--mask_controlnet", default=None, help="a ControlNet run of kind mask "
+                        "(the top half known): scored on completing the held-out digits")
     parser.add_argument("--factor", type=int, default=2)
     parser.add_argument("--calls", type=int, default=20, help="SDEdit's network calls (the "
                         "ControlNet run's sampler steps: 20 for the digits default)")
@@ -236,6 +242,7 @@ def main() -> None:
     low = args.size // args.factor
     controls = transform(images, args.factor)
     edge_maps = transform(images, args.factor, "edges")
+    masked = transform(images, args.factor, "mask")  # [x * top-half mask, mask] channels
     yardstick = Yardstick(reference_split="test")
     net = yardstick.net
     print(f"protocol: {len(images)} digits/test images, control = their {args.factor}x"
@@ -258,6 +265,9 @@ def main() -> None:
     if args.edges_controlnet:
         jobs.append(("ControlNet on edge maps, control scale 1", lambda s: controlled(
                 args.edges_controlnet, edge_maps, s, args.batch_size)))
+    if args.mask_controlnet:
+        jobs.append(("ControlNet on the top half (mask), control scale 1", lambda s: controlled(
+                args.mask_controlnet, masked, s, args.batch_size)))
     if args.sr:
         for g in (float(v) for v in args.sr_guidance.split(",")):
             jobs.append((f"SR (concatenation), condition guidance {g:g}", lambda s, g=g: controlled(
@@ -275,15 +285,15 @@ def main() -> None:
         per_seed = []
         for seed in seeds:
             out, n_calls, seconds = job(seed)
-            edges = "edge" in name
-            per_seed.append(dict(scores(net, yardstick, out, labels,
-                                        edge_maps if edges else controls, args.factor,
+            kind = "edges" if "edge" in name else "mask" if "(mask)" in name else "lowres"
+            given = dict(edges=edge_maps, mask=masked, lowres=controls)[kind]
+            per_seed.append(dict(scores(net, yardstick, out, labels, given, args.factor,
                                         images if name.startswith("SR") else None,
-                                        kind="edges" if edges else "lowres"), seconds=seconds))
+                                        kind=kind), seconds=seconds))
             if seed == seeds[0]:
                 path = args.out.replace(".png", f"_{len(table)}.png")
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                shown = (((edge_maps if edges else controls)[:50] + 1) * 127.5).round().astype(np.uint8)
+                shown = ((given[:50, ..., : out.shape[-1]] + 1) * 127.5).round().astype(np.uint8)
                 save_image_grid(np.stack([shown, out[:50]], 1).reshape(-1, *out.shape[1:]), path,
                                 nrow=10)
         row = dict(row=name, n_calls=n_calls)
