@@ -252,27 +252,29 @@ def main() -> None:
     calls = args.calls
     if args.controlnet:
         for scale in (float(v) for v in args.scales.split(",")):
-            jobs.append((f"ControlNet, control scale {scale:g}", lambda s, scale=scale:
+            jobs.append((f"ControlNet, control scale {scale:g}", "lowres", lambda s, scale=scale:
                          controlled(args.controlnet, controls, s, args.batch_size, scale=scale)))
         for g in (float(v) for v in args.cn_guidance.split(",") if v):
-            jobs.append((f"ControlNet, guidance {g:g} on the control", lambda s, g=g: controlled(
-                    args.controlnet, controls, s, args.batch_size, guidance=g)))
+            jobs.append((f"ControlNet, guidance {g:g} on the control", "lowres",
+                         lambda s, g=g: controlled(args.controlnet, controls, s,
+                                                   args.batch_size, guidance=g)))
     if args.base:
         for strength in (float(v) for v in args.strengths.split(",")):
-            jobs.append((f"SDEdit from the low-pass, strength {strength:g}",
+            jobs.append((f"SDEdit from the low-pass, strength {strength:g}", "lowres",
                          lambda s, strength=strength: sdedit(args.base, controls, s,
                                                              args.batch_size, strength, calls)))
     if args.edges_controlnet:
-        jobs.append(("ControlNet on edge maps, control scale 1", lambda s: controlled(
+        jobs.append(("ControlNet on edge maps, control scale 1", "edges", lambda s: controlled(
                 args.edges_controlnet, edge_maps, s, args.batch_size)))
     if args.mask_controlnet:
-        jobs.append(("ControlNet on the top half (mask), control scale 1", lambda s: controlled(
-                args.mask_controlnet, masked, s, args.batch_size)))
+        jobs.append(("ControlNet on the top half (mask), control scale 1", "mask",
+                     lambda s: controlled(args.mask_controlnet, masked, s, args.batch_size)))
     if args.sr:
         for g in (float(v) for v in args.sr_guidance.split(",")):
-            jobs.append((f"SR (concatenation), condition guidance {g:g}", lambda s, g=g: controlled(
-                    args.sr, controls, s, args.batch_size, condition=True, guidance=g,
-                    sampler=args.sr_sampler, steps=args.sr_steps)))
+            jobs.append((f"SR (concatenation), condition guidance {g:g}", "lowres",
+                         lambda s, g=g: controlled(args.sr, controls, s, args.batch_size,
+                                                   condition=True, guidance=g,
+                                                   sampler=args.sr_sampler, steps=args.sr_steps)))
     table = [dict(row="held-out digits themselves", n_calls=0,
                   **scores(net, yardstick, images, labels, controls, args.factor, images)),
              dict(row="the low-pass image (nearest upsampling)", n_calls=0,
@@ -281,11 +283,10 @@ def main() -> None:
              *(lowpass_bound(args.factor) if args.size == 8 else [])]
     for row in table:
         print(json.dumps(row), flush=True)
-    for name, job in jobs:
+    for name, kind, job in jobs:  # kind: which control image the row is scored against
         per_seed = []
         for seed in seeds:
             out, n_calls, seconds = job(seed)
-            kind = "edges" if "edge" in name else "mask" if "(mask)" in name else "lowres"
             given = dict(edges=edge_maps, mask=masked, lowres=controls)[kind]
             per_seed.append(dict(scores(net, yardstick, out, labels, given, args.factor,
                                         images if name.startswith("SR") else None,

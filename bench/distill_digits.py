@@ -18,8 +18,9 @@ comes from its metrics.jsonl (steps / steps_per_sec of each logged interval).
 
 Scores: digits-FID (bench/digits_yardstick.py) of 1,000 samples against the 1,437 train images
 (`fid`) and the 360 held-out test images (`fid_test`), per seed, from the students' EMA
-weights (`--student_weights raw`: the raw ones; every round teaches from its EMA weights); `seconds` is the second of two
-identical draws of 1,000 samples (compiled), batch 500. Prints one JSON line per row.
+weights (`--student_weights raw`: the raw ones; every round teaches from its EMA weights);
+`seconds` is the second of two identical draws of 1,000 samples (compiled), batch 500. Prints
+one JSON line per row.
 Never run by CI.
 """
 
